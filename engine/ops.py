@@ -1,0 +1,174 @@
+"""The op interface the GPT-2 graph is written against, and its plain-PyTorch implementation.
+
+A backend implements every method of :class:`Ops`. The ``torch`` backend below is the CPU path and the
+correctness baseline; the ``triton`` backend (:mod:`engine.triton_ops`) runs the same graph through the
+kernels in ``kernels/``.
+
+Shapes and layouts shared by every backend:
+  * activations are 2-D ``[T, D]`` (tokens of a ragged batch packed together), or ``[T, H, hd]`` views;
+  * linear weights are ``[N, K]`` (``nn.Linear``'s ``[out, in]``); a backend may re-lay them out once at
+    load time through :meth:`Ops.prepare_weight` and then receives what that returned;
+  * the KV cache of one layer is two tensors ``[num_blocks, block_size, H, hd]``; token ``t`` of a sequence
+    lives at slot ``block_table[t // block_size] * block_size + t % block_size``; slot ``-1`` means "skip".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = (None, "gelu_tanh")
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's ``gelu_new``: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return F.gelu(x, approximate="tanh")
+
+
+class Ops:
+    """The ops of the GPT-2 forward pass. Every method is pure apart from :meth:`store_kv`."""
+
+    name = "abstract"
+
+    def prepare_weight(self, weight: torch.Tensor) -> object:
+        """Called once per linear weight ``[N, K]`` at load time; the result is what :meth:`linear` receives."""
+        return weight
+
+    def layer_norm(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        eps: float,
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h = x + residual`` (or ``x``); returns ``(LayerNorm(h), h)``. Statistics in fp32."""
+        raise NotImplementedError
+
+    def linear(
+        self,
+        x: torch.Tensor,
+        weight: object,
+        bias: torch.Tensor | None = None,
+        activation: str | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``act(x @ weight.T + bias) + residual`` for ``x [M, K]``; ``activation`` is None or "gelu_tanh"."""
+        raise NotImplementedError
+
+    def gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """Elementwise GELU-tanh."""
+        raise NotImplementedError
+
+    def store_kv(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """Write ``k, v [T, H, hd]`` (may be strided views) into the caches at ``slot_mapping [T]``."""
+        raise NotImplementedError
+
+    def prefill_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        scale: float,
+    ) -> torch.Tensor:
+        """Causal attention within each sequence of a ragged batch.
+
+        ``q, k, v`` are ``[T, H, hd]`` (strided views of the fused QKV output are fine); sequence ``i`` is
+        rows ``cu_seqlens[i]:cu_seqlens[i+1]`` (int32, ``[B+1]``). Returns a contiguous ``[T, H, hd]``.
+        """
+        raise NotImplementedError
+
+    def decode_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        max_context_len: int,
+        scale: float,
+    ) -> torch.Tensor:
+        """One query per sequence against its cached keys.
+
+        ``q [B, H, hd]``; ``block_tables [B, max_blocks]`` int32; ``context_lens [B]`` int32 counts the
+        cached tokens (the current token included, already stored). Returns a contiguous ``[B, H, hd]``.
+        """
+        raise NotImplementedError
+
+
+class TorchOps(Ops):
+    """Plain PyTorch: the CPU backend and the baseline every other backend is checked against."""
+
+    name = "torch"
+
+    def prepare_weight(self, weight: torch.Tensor) -> object:
+        if isinstance(weight, torch.Tensor) and weight.device.type == "cpu":
+            # CPU BLAS runs x @ W faster with W stored [K, N] (measured: ~25% at M=1 on gpt2-medium), so keep
+            # the logical [N, K] tensor but with column-major storage; ``linear`` passes ``weight.t()``.
+            return weight.t().contiguous().t()
+        return weight
+
+    def layer_norm(self, x, weight, bias, eps, residual=None):
+        h = x if residual is None else x + residual
+        y = F.layer_norm(h.float(), (h.shape[-1],), weight.float(), bias.float(), eps)
+        return y.to(x.dtype), h
+
+    def linear(self, x, weight, bias=None, activation=None, residual=None):
+        if not isinstance(weight, torch.Tensor):
+            weight = weight.dequantize(x.dtype)  # quantized weights: the reference path
+        wt = weight.t()
+        y = torch.addmm(bias, x, wt) if bias is not None else torch.mm(x, wt)
+        if activation == "gelu_tanh":
+            y = gelu_tanh(y)
+        elif activation is not None:
+            raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+        if residual is not None:
+            y += residual
+        return y
+
+    def gelu(self, x):
+        return gelu_tanh(x)
+
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
+        keep = slot_mapping >= 0
+        slots = slot_mapping[keep].long()
+        k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
+        v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
+
+    def prefill_attention(self, q, k, v, cu_seqlens, max_seqlen, scale):
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        bounds = cu_seqlens.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            # (T, H, hd) -> (H, T, hd) for SDPA
+            qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+            out[start:end] = o.transpose(0, 1)
+        return out
+
+    def decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, max_context_len, scale):
+        B, H, hd = q.shape
+        block_size = k_cache.shape[1]
+        n_blocks = -(-max_context_len // block_size)
+        tables = block_tables[:, :n_blocks].long()
+        # gather each sequence's blocks: (B, n_blocks, bs, H, hd) -> (B, H, S, hd)
+        keys = k_cache[tables].flatten(1, 2).permute(0, 2, 1, 3)
+        values = v_cache[tables].flatten(1, 2).permute(0, 2, 1, 3)
+        pos = torch.arange(keys.shape[2], device=q.device)
+        mask = pos[None, :] < context_lens[:, None]  # (B, S): True where a cached token exists
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], scale=scale)
+        return o.squeeze(2)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,98 @@
+"""Shared helpers for the Triton kernels: interpreter detection, autotuning, row-wise block picking,
+input validation, and the compile-gate spec each kernel module exports.
+
+Nothing here runs at import time beyond reading ``TRITON_INTERPRET``, which Triton itself reads when a
+``@triton.jit`` function is decorated, so the two always agree.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import triton
+
+
+def is_interpreter() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def autotune(configs: list[triton.Config], key: list[str], **kwargs):
+    """``triton.autotune`` that keeps only the first config under the interpreter.
+
+    Benchmarking every config in the interpreter would take minutes and measure nothing; the first
+    config of each list is therefore the small one, chosen to keep interpreted tests fast.
+    """
+    if is_interpreter():
+        configs = configs[:1]
+    return triton.autotune(configs=configs, key=key, **kwargs)
+
+
+def row_block(n_cols: int, max_block: int = 65536) -> tuple[int, int]:
+    """Pick ``(BLOCK_SIZE, num_warps)`` for a kernel that holds one row of ``n_cols`` in registers."""
+    block = triton.next_power_of_2(n_cols)
+    if block > max_block:
+        raise ValueError(f"rows of {n_cols} elements exceed the largest supported block of {max_block}")
+    num_warps = min(max(block // 256, 1), 16)
+    return block, num_warps
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    dtypes: Iterable[torch.dtype] | None = None,
+    ndim: int | None = None,
+    device: torch.device | None = None,
+    contiguous: bool = False,
+) -> None:
+    """Raise ``ValueError`` naming ``name`` when ``t`` is not a tensor of the expected kind."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in tuple(dtypes):
+        raise ValueError(f"{name} has dtype {t.dtype}; expected one of {tuple(dtypes)}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (shape {tuple(t.shape)}, stride {t.stride()})")
+
+
+def check_device(*named: tuple[str, torch.Tensor]) -> torch.device:
+    """All tensors on one device, and that device usable by Triton (CUDA, or CPU under the interpreter)."""
+    devices = {t.device for _, t in named}
+    if len(devices) != 1:
+        where = ", ".join(f"{n} on {t.device}" for n, t in named)
+        raise ValueError(f"tensors must share one device: {where}")
+    device = devices.pop()
+    if device.type == "cpu" and not is_interpreter():
+        raise ValueError("Triton kernels need CUDA tensors; CPU tensors run only with TRITON_INTERPRET=1")
+    return device
+
+
+@dataclass
+class KernelSpec:
+    """One ahead-of-time compile of one kernel, for the compile gate (``python -m engine check-kernels``).
+
+    ``signature`` maps every non-constexpr argument to a Triton type string ("*fp16", "i32", "fp32", ...);
+    ``constexprs`` gives every ``tl.constexpr`` argument (block sizes included); ``num_warps``/``num_stages``
+    come from the autotune config being checked.
+    """
+
+    name: str  # human-readable, e.g. "linear[fp16,gelu] BLOCK_M=64 BLOCK_N=128 BLOCK_K=64"
+    fn: object  # the @triton.jit function (unwrap @triton.autotune via ``.fn``)
+    signature: dict[str, str]
+    constexprs: dict[str, object] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# Every kernel module registers a function returning its KernelSpecs, for every autotune config it ships.
+SpecFactory = Callable[[], list[KernelSpec]]

@@ -1,0 +1,113 @@
+"""Shared fixtures: per-test fresh seeds, the Triton interpreter on CPU-only machines, tiny GPT-2 checkpoints.
+
+The interpreter switch must happen before anything imports ``triton``: Triton reads ``TRITON_INTERPRET``
+when a kernel is decorated, i.e. when ``kernels.*`` is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# Small but not degenerate: several heads, odd-ish widths, real GPT-2 vocabulary so text round-trips.
+# initializer_range 0.2 (not 0.02) so greedy decoding of random weights wanders instead of repeating a token.
+TINY = dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=50257, initializer_range=0.2)
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed(request):
+    """Seed torch and random with a fresh seed per test, printed so a failure can be replayed."""
+    seed = int(os.environ.get("TEST_SEED", random.SystemRandom().randrange(2**31)))
+    print(f"\n[seed] {request.node.nodeid}: TEST_SEED={seed}")
+    torch.manual_seed(seed)
+    random.seed(seed)
+    return seed
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ computed in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="session")
+def gpt2_ranks_file():
+    """tiktoken's GPT-2 BPE ranks, shipped by the openai-whisper sdist (read without importing whisper)."""
+    from engine.tokenizer import find_whisper_gpt2_ranks
+
+    path = find_whisper_gpt2_ranks()
+    if path is None:
+        pytest.fail("openai-whisper is not installed: run `pip install --no-deps openai-whisper` (see README)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_dir(tmp_path_factory, gpt2_ranks_file):
+    """A directory holding GPT-2's vocab.json and merges.txt, rebuilt from the rank file."""
+    from engine.tokenizer import read_tiktoken_file, write_hf_files
+
+    d = tmp_path_factory.mktemp("gpt2-tokenizer")
+    write_hf_files(read_tiktoken_file(gpt2_ranks_file), d)
+    return d
+
+
+def make_hf_model(**overrides):
+    """A transformers GPT2LMHeadModel with random weights (biases and LN params randomized too)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(**{**TINY, **overrides})
+    model = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)  # default init leaves these at 0/1: make them matter
+    return model
+
+
+def save_checkpoint(model, directory, tokenizer_dir=None, published_layout=False):
+    """Write ``model`` as a Hugging Face checkpoint; ``published_layout`` mimics openai-community's files."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    model.save_pretrained(directory, safe_serialization=True)
+    if published_layout:
+        # openai-community/gpt2*: no "transformer." prefix, no lm_head, attention-mask buffers stored.
+        sd = {k.removeprefix("transformer."): v.contiguous() for k, v in model.state_dict().items()}
+        sd.pop("lm_head.weight", None)
+        n_pos = model.config.n_positions
+        for i in range(model.config.n_layer):
+            sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n_pos, n_pos, dtype=torch.uint8)).view(1, 1, n_pos, n_pos)
+            sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+        save_file(sd, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer_dir is not None:
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(tokenizer_dir / name, directory / name)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    """The transformers model behind ``tiny_checkpoint`` (float32, eval mode)."""
+    torch.manual_seed(random.SystemRandom().randrange(2**31))
+    return make_hf_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, hf_model, gpt2_tokenizer_dir):
+    """A tiny random GPT-2 saved by ``save_pretrained`` (transformer. prefix, tied lm_head) plus tokenizer."""
+    return save_checkpoint(hf_model, tmp_path_factory.mktemp("tiny-gpt2"), gpt2_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_published_checkpoint(tmp_path_factory, hf_model, gpt2_tokenizer_dir):
+    """The same weights in the openai-community layout (no prefix, buffers stored, no lm_head)."""
+    return save_checkpoint(hf_model, tmp_path_factory.mktemp("tiny-gpt2-pub"), gpt2_tokenizer_dir, True)
