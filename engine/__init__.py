@@ -1,0 +1,23 @@
+"""gpt2-triton: a GPT-2 inference engine whose hot paths are hand-written Triton kernels.
+
+from engine import LLM, SamplingParams
+llm = LLM("gpt2-medium")
+print(llm.generate("Hello, I'm a language model,", SamplingParams(max_tokens=30))[0].outputs[0].text)
+"""
+
+from engine.llm import LLM
+from engine.outputs import CompletionOutput, RequestOutput, ScoreOutput, StreamDelta
+from engine.pipeline import pipeline, set_seed
+from engine.sampling import SamplingParams
+
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "ScoreOutput",
+    "StreamDelta",
+    "pipeline",
+    "set_seed",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,117 @@
+"""The GPT-2 forward pass, written once against :class:`engine.ops.Ops`.
+
+Tokens of a ragged batch are packed into one ``[T, D]`` matrix. Per block (pre-LN, Radford et al. 2019):
+    h = h + attn_proj(attention(ln_1(h)))      # residual add fused into the projection's epilogue
+    h = h + mlp_proj(gelu(fc(ln_2(h))))        # GELU fused into fc, residual into mlp_proj
+Prefill attends causally within each prompt and writes its K/V to the paged cache; decode feeds one token
+per sequence and attends over that sequence's cached blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import ModelConfig
+from engine.kv_cache import KVCache
+from engine.ops import Ops
+from engine.weights import GPT2Weights
+
+# attention(q, k, v, layer) -> [T, H, hd]; q, k, v are [T, H, hd] views of the fused QKV output
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+@dataclass
+class PrefillBatch:
+    """Tensors describing a prefill step over packed prompts (all on the model's device)."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    cu_seqlens: torch.Tensor  # [B+1] int32, prompt boundaries in the packed rows
+    max_seqlen: int
+    slot_mapping: torch.Tensor  # [T] int64, where each token's K/V goes (-1: don't cache)
+
+
+@dataclass
+class DecodeBatch:
+    """Tensors describing a decode step: one new token per sequence."""
+
+    input_ids: torch.Tensor  # [B] int64
+    positions: torch.Tensor  # [B] int64
+    slot_mapping: torch.Tensor  # [B] int64
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    context_lens: torch.Tensor  # [B] int32, tokens cached after this step's store (= positions + 1)
+    max_context_len: int
+
+
+class GPT2:
+    """GPT-2 with its weights, running on one backend's ops."""
+
+    def __init__(self, config: ModelConfig, weights: GPT2Weights, ops: Ops) -> None:
+        self.config = config
+        self.ops = ops
+        weights.map_linear(ops.prepare_weight)  # once, at load: re-layout or quantize for the backend
+        self.w = weights
+        self.lm_head = ops.prepare_weight(weights.head)
+        self.scales = [config.attn_scale(i) for i in range(config.n_layer)]
+
+    def _forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv: KVCache, attend: AttentionFn
+    ) -> torch.Tensor:
+        """Embeddings through every block; returns the residual stream *before* ln_f, ``[T, D]``."""
+        cfg, ops, w = self.config, self.ops, self.w
+        T, H, hd = input_ids.shape[0], cfg.n_head, cfg.head_dim
+        eps = cfg.layer_norm_epsilon
+        # h = wte[ids] + wpe[pos], the add fused into the first LayerNorm
+        first = w.layers[0]
+        x, h = ops.layer_norm(w.wte[input_ids], first.ln_1_weight, first.ln_1_bias, eps, residual=w.wpe[positions])
+        for i, layer in enumerate(w.layers):
+            if i > 0:
+                x, _ = ops.layer_norm(h, layer.ln_1_weight, layer.ln_1_bias, eps)
+            qkv = ops.linear(x, layer.attn_weight, layer.attn_bias)  # (T, 3D)
+            q, k, v = qkv.view(T, 3, H, hd).unbind(1)  # each (T, H, hd), strided views: no copy
+            ops.store_kv(k, v, kv.k[i], kv.v[i], slots)
+            a = attend(q, k, v, i)  # (T, H, hd)
+            h = ops.linear(a.view(T, H * hd), layer.attn_proj_weight, layer.attn_proj_bias, residual=h)
+            x, _ = ops.layer_norm(h, layer.ln_2_weight, layer.ln_2_bias, eps)
+            m = ops.linear(x, layer.fc_weight, layer.fc_bias, activation="gelu_tanh")  # (T, d_ff)
+            h = ops.linear(m, layer.mlp_proj_weight, layer.mlp_proj_bias, residual=h)
+        return h
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        """ln_f: the last hidden state (transformers' ``last_hidden_state``)."""
+        return self.ops.layer_norm(h, self.w.ln_f_weight, self.w.ln_f_bias, self.config.layer_norm_epsilon)[0]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head (tied to wte): ``[M, D]`` final hidden states -> fp32 ``[M, V]``."""
+        return self.ops.linear(hidden, self.lm_head).float()
+
+    @torch.inference_mode()
+    def prefill(self, batch: PrefillBatch, kv: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states of the packed prompts, ``[T, D]``, or only of ``rows`` when given."""
+
+        def attend(q, k, v, layer):
+            return self.ops.prefill_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, self.scales[layer])
+
+        h = self._forward(batch.input_ids, batch.positions, batch.slot_mapping, kv, attend)
+        return self.final_norm(h if rows is None else h[rows])
+
+    @torch.inference_mode()
+    def decode(self, batch: DecodeBatch, kv: KVCache) -> torch.Tensor:
+        """Final hidden state of each sequence's new token, ``[B, D]``."""
+
+        def attend(q, k, v, layer):
+            return self.ops.decode_attention(
+                q,
+                kv.k[layer],
+                kv.v[layer],
+                batch.block_tables,
+                batch.context_lens,
+                batch.max_context_len,
+                self.scales[layer],
+            )
+
+        h = self._forward(batch.input_ids, batch.positions, batch.slot_mapping, kv, attend)
+        return self.final_norm(h)

@@ -1,0 +1,144 @@
+"""The public surface: LLM arguments and request errors, the transformers-style pipeline, and the CLI."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams, pipeline, set_seed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint):
+    return LLM(str(tiny_checkpoint), backend="torch", device="cpu", progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(backend="cuda"), "backend"),
+        (dict(dtype="float64"), "dtype"),
+        (dict(device="tpu"), "device"),
+        (dict(block_size=0), "block_size"),
+        (dict(num_blocks=-3), "num_blocks"),
+        (dict(max_num_seqs=0), "max_num_seqs"),
+        (dict(load_format="pt"), "load_format"),
+        (dict(quantization="fp8"), "quantization"),
+    ],
+)
+def test_bad_llm_arguments(tiny_checkpoint, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LLM(str(tiny_checkpoint), **{"progress": False, **kwargs})
+
+
+def test_bad_requests(llm):
+    n_ctx = llm.config.n_positions
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        llm.generate([1] * (n_ctx - 3), SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate([1, llm.config.vocab_size], SamplingParams())
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate("", SamplingParams())
+    with pytest.raises(ValueError, match="one per prompt"):
+        llm.generate(["a", "b"], [SamplingParams()])
+    with pytest.raises(ValueError, match="string or a list of token ids"):
+        llm.generate([3.5], SamplingParams())
+    with pytest.raises(ValueError, match="stride"):
+        llm.score("some text to score", stride=0)
+    with pytest.raises(ValueError, match="at least 2"):
+        llm.score([5])
+    with pytest.raises(ValueError, match="context"):
+        llm.features([1] * (n_ctx + 1))
+    # nothing was left allocated by the refused requests
+    assert llm.blocks.num_free == llm.blocks.num_blocks
+
+
+def test_request_larger_than_the_whole_pool_is_refused(tiny_checkpoint):
+    llm = LLM(str(tiny_checkpoint), device="cpu", block_size=4, num_blocks=5, progress=False)
+    with pytest.raises(ValueError, match="KV blocks"):
+        llm.generate([1] * 10, SamplingParams(max_tokens=15))  # 24 cached tokens -> 6 blocks > 5
+    with pytest.raises(ValueError, match="KV blocks"):
+        llm.generate([1] * 4, SamplingParams(max_tokens=5, n=3))  # 3 x 2 blocks > 5
+    out = llm.generate([1] * 10, SamplingParams(max_tokens=11, ignore_eos=True), use_tqdm=False)  # 20: fits
+    assert len(out[0].outputs[0].token_ids) == 11
+
+
+def test_dummy_weights_run_without_files():
+    llm = LLM("gpt2", load_format="dummy", device="cpu", progress=False)
+    assert llm.config.n_layer == 12 and llm.config.n_embd == 768
+    ids = torch.randint(0, 50257, (5,)).tolist()
+    out = llm.generate(ids, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
+
+
+def test_pipeline_matches_the_model_card(tiny_checkpoint):
+    generator = pipeline("text-generation", model=str(tiny_checkpoint), device="cpu", progress=False)
+    set_seed(42)
+    prompt = "Hello, I'm a language model,"
+    out = generator(prompt, max_length=30, num_return_sequences=5)
+    assert len(out) == 5 and all(o["generated_text"].startswith(prompt) for o in out)
+    tok = generator.llm.get_tokenizer()
+    assert all(len(tok.encode(o["generated_text"])) <= 30 + 2 for o in out)  # re-tokenizing may merge a pair
+    set_seed(42)
+    again = generator(prompt, max_length=30, num_return_sequences=5)
+    assert again == out
+    with pytest.raises(ValueError, match="task"):
+        pipeline("summarization", model=str(tiny_checkpoint))
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+def test_cli_generate_prints_a_continuation(tiny_checkpoint):
+    prompt = "Hello, I'm a language model,"
+    r = run_cli("generate", prompt, "--model", str(tiny_checkpoint), "--max-new-tokens", "8", "--seed",
+                str(random.randrange(1000)), "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(prompt) and len(r.stdout.strip()) > len(prompt)
+    r = run_cli("generate", prompt, "--model", str(tiny_checkpoint), "--max-new-tokens", "8", "--temperature", "0",
+                "--stream", "--quiet")  # fmt: skip
+    greedy = (
+        LLM(str(tiny_checkpoint), device="cpu", progress=False)
+        .generate(prompt, SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)[0]
+        .outputs[0]
+    )
+    assert r.returncode == 0 and r.stdout == prompt + greedy.text + "\n"
+
+
+def test_cli_score(tiny_checkpoint, tmp_path):
+    f = tmp_path / "text.txt"
+    f.write_text("The quick brown fox jumps over the lazy dog. " * random.randint(2, 5))
+    r = run_cli("score", str(f), "--model", str(tiny_checkpoint), "--json", "--quiet")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    got = json.loads(r.stdout)
+    want = LLM(str(tiny_checkpoint), device="cpu", progress=False).score(f.read_text())[0]
+    assert got["perplexity"] == pytest.approx(want.perplexity, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["generate", "hi", "--model", "/nonexistent/dir"], "nonexistent"),
+        (["generate", "hi", "--max-new-tokens", "many"], "max-new-tokens"),
+        (["generate", "hi", "--temperature", "-1", "--load-format", "dummy", "--model", "gpt2"], "temperature"),
+        (["generate", "hi", "--n", "2", "--stream"], "--stream"),
+        (["score", "/nonexistent/file.txt"], "cannot read"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_cli_errors_are_one_line_exit_2(args, match):
+    r = run_cli(*args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and match in lines[0] and "Traceback" not in r.stderr
