@@ -1,0 +1,341 @@
+"""Linear layer ``act(x @ weight.T + bias) + residual`` as one Triton GEMM with a fused epilogue.
+
+The weight keeps ``nn.Linear``'s ``[N, K]`` layout and is read through its strides, so a transposed or
+column-major copy works without another copy. Accumulation is fp32; fp16/bf16 inputs use tensor cores and
+fp32 inputs use exact IEEE products (the parity path). Programs are ordered in groups of ``GROUP_M`` row
+blocks (the "swizzle" of Triton's matmul tutorial) so neighbouring programs share weight tiles in L2.
+
+The epilogue (:func:`_epilogue`) and the dot wrapper (:func:`_dot`) are shared with :mod:`kernels.quant`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.gelu import _gelu_tanh, gelu_ref
+from kernels.utils import FLOAT_DTYPES, KernelSpec, autotune, check_device, check_tensor, is_interpreter
+
+ACTIVATIONS = (None, "gelu_tanh")
+SMEM_LIMIT = 160 * 1024  # bytes of pipeline buffers a config may use: sm_80 allows 163 KB, sm_90 227 KB
+
+
+def m_key(m: int) -> int:
+    """Autotune bucket for the row count: powers of two, so ragged prefill batches don't retune every call."""
+    return min(triton.next_power_of_2(max(m, 1)), 16384)
+
+
+def get_configs() -> list[triton.Config]:
+    """GEMM tile configs. The first is the small one the interpreter runs; then decode, then prefill tiles."""
+
+    def cfg(bm: int, bn: int, bk: int, warps: int, stages: int, group: int = 8) -> triton.Config:
+        kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group}
+        return triton.Config(kw, num_warps=warps, num_stages=stages)
+
+    return [
+        cfg(16, 64, 64, 4, 3),  # interpreter / small decode
+        # decode, M <= 64: thin row tiles, long K steps, narrow N tiles to spread the weight over many SMs
+        cfg(16, 32, 128, 4, 4),
+        cfg(16, 64, 128, 4, 4),
+        cfg(16, 32, 256, 4, 3),
+        cfg(32, 64, 128, 4, 4),
+        cfg(64, 64, 64, 4, 4),
+        # prefill
+        cfg(64, 128, 64, 4, 4),
+        cfg(128, 64, 64, 4, 4),
+        cfg(128, 128, 64, 8, 3),
+        cfg(128, 128, 64, 8, 4),
+        # 128x256 / 256x128 tiles spill with the GELU + residual epilogue (255 regs), so they are not shipped
+    ]
+
+
+def smem_bytes(config: triton.Config, a_bytes: int, b_bytes: int) -> int:
+    """Shared memory the software pipeline needs: ``num_stages`` buffers of one A and one B tile."""
+    kw = config.kwargs
+    return config.num_stages * kw["BLOCK_K"] * (kw["BLOCK_M"] * a_bytes + kw["BLOCK_N"] * b_bytes)
+
+
+def keep(config: triton.Config, m_bucket: int, a_bytes: int, b_bytes: int) -> bool:
+    """Whether a config is worth benchmarking for this row bucket and operand widths (fits smem, no spills)."""
+    kw = config.kwargs
+    if smem_bytes(config, a_bytes, b_bytes) > SMEM_LIMIT:
+        return False
+    if a_bytes == 4 and ((kw["BLOCK_M"], kw["BLOCK_N"]) != (16, 64) or kw["BLOCK_K"] > 128):
+        return False  # fp32 IEEE dots run on CUDA cores: larger tiles spill registers on sm_80
+    if kw["BLOCK_M"] > max(16, m_bucket):
+        return False  # mostly masked rows
+    if m_bucket >= 512 and kw["BLOCK_M"] < 64:
+        return False  # thin tiles re-read the weight M/BLOCK_M times
+    return True
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    args = {**named_args, **kwargs}
+    a_bytes = args["X"].element_size()
+    kept = [c for c in configs if keep(c, args["M_KEY"], a_bytes, a_bytes)]
+    return kept or configs[:1]
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr):
+    """``acc + a @ b`` in fp32; fp32 operands use IEEE products, never TF32.
+
+    UPCAST works around the interpreter's bf16 ``tl.dot`` bug (triton #11584) by multiplying in fp32.
+    """
+    if UPCAST:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif a.dtype == tl.float32:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _epilogue(
+    acc,  # fp32 accumulator tile, shape (BLOCK_M, BLOCK_N)
+    offs_m,  # row indices of the tile, shape (BLOCK_M,)
+    offs_n,  # column indices of the tile, shape (BLOCK_N,)
+    M,  # rows of the output
+    N,  # columns of the output
+    B,  # pointer to the bias, shape (N,) (unused unless HAS_BIAS)
+    R,  # pointer to the residual, shape (M, N) (unused unless HAS_RESIDUAL)
+    Y,  # pointer to the output, shape (M, N)
+    stride_rm,  # residual row stride
+    stride_rn,  # residual column stride
+    stride_ym,  # output row stride
+    stride_yn,  # output column stride
+    HAS_BIAS: tl.constexpr,  # add B[n] to every row
+    APPLY_GELU: tl.constexpr,  # apply GELU-tanh after the bias
+    HAS_RESIDUAL: tl.constexpr,  # add R after the activation
+):
+    """``Y = act(acc + bias) + residual``, masked to the (M, N) bounds, cast to Y's dtype."""
+    mask_n = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if APPLY_GELU:
+        acc = _gelu_tanh(acc)
+    rows = offs_m.to(tl.int64)[:, None]
+    mask = (offs_m[:, None] < M) & mask_n[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(R + rows * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + rows * stride_ym + offs_n[None, :] * stride_yn, acc.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Map the 1-D program id to (pid_m, pid_n), walking GROUP_M row blocks per column for L2 reuse."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+# restore_value: tuning runs the kernel many times; with ``out=residual`` (in-place residual add) Y must be reset
+@autotune(
+    configs=get_configs(),
+    key=["M_KEY", "N", "K"],
+    prune_configs_by={"early_config_prune": _prune},
+    restore_value=["Y"],
+)
+@triton.jit
+def _linear_kernel(
+    X,  # pointer to the activations, shape (M, K)
+    W,  # pointer to the weight, shape (N, K) (nn.Linear layout, any strides)
+    B,  # pointer to the bias, shape (N,) (unused unless HAS_BIAS)
+    R,  # pointer to the residual, shape (M, N) (unused unless HAS_RESIDUAL)
+    Y,  # pointer to the output, shape (M, N)
+    M,  # rows of X and Y (tokens)
+    N,  # output features
+    K,  # input features
+    M_KEY,  # autotune bucket of M (power of two); not used by the kernel body
+    stride_xm,  # X row stride
+    stride_xk,  # X column stride
+    stride_wn,  # W row stride
+    stride_wk,  # W column stride
+    stride_rm,  # R row stride
+    stride_rn,  # R column stride
+    stride_ym,  # Y row stride
+    stride_yn,  # Y column stride
+    HAS_BIAS: tl.constexpr,  # add the bias
+    APPLY_GELU: tl.constexpr,  # GELU-tanh after the bias
+    HAS_RESIDUAL: tl.constexpr,  # add the residual after the activation
+    UPCAST: tl.constexpr,  # interpreter only: multiply in fp32 (bf16 tl.dot bug)
+    BLOCK_M: tl.constexpr,  # rows per tile
+    BLOCK_N: tl.constexpr,  # output columns per tile
+    BLOCK_K: tl.constexpr,  # reduction step
+    GROUP_M: tl.constexpr,  # row tiles per L2 group
+):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # wrap out-of-range rows/columns onto valid ones so only the K tail needs a load mask
+    rows_x = (offs_m % M).to(tl.int64)
+    rows_w = (offs_n % N).to(tl.int64)
+    x_ptrs = X + rows_x[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BLOCK_M, BLOCK_K)
+    w_ptrs = W + rows_w[None, :] * stride_wn + offs_k[:, None] * stride_wk  # (BLOCK_K, BLOCK_N): W^T tile
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = _dot(a, b, acc, UPCAST)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    _epilogue(
+        acc, offs_m, offs_n, M, N, B, R, Y, stride_rm, stride_rn, stride_ym, stride_yn,
+        HAS_BIAS, APPLY_GELU, HAS_RESIDUAL,
+    )  # fmt: skip
+
+
+def check_epilogue(
+    x: torch.Tensor,
+    n: int,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    residual: torch.Tensor | None,
+    out: torch.Tensor | None,
+) -> list[tuple[str, torch.Tensor]]:
+    """Validate x [M, K] and the epilogue operands for an output of N columns; returns them named, for devices."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
+    m = x.shape[0]
+    named = [("x", x)]
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndim=1, contiguous=True)
+        if bias.shape[0] != n:
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
+        named.append(("bias", bias))
+    for name, t in (("residual", residual), ("out", out)):
+        if t is not None:
+            check_tensor(name, t, dtypes=(x.dtype,), ndim=2)
+            if tuple(t.shape) != (m, n):
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({m}, {n})")
+            named.append((name, t))
+    return named
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``act(x @ weight.T + bias) + residual`` for ``x [M, K]``, ``weight [N, K]``; output ``[M, N]`` in x.dtype.
+
+    Any strides are read as they are (no copies); ``activation`` is None or "gelu_tanh". ``out`` may be
+    ``residual`` itself (in-place residual add: each element is read before it is written, by the same thread),
+    but must not overlap ``x``.
+    """
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=2)
+    n, k = weight.shape
+    named = check_epilogue(x, n, bias, activation, residual, out)
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    if x.shape[1] != k:
+        raise ValueError(f"x has {x.shape[1]} features but weight is {tuple(weight.shape)} (expects K={k})")
+    check_device(*named, ("weight", weight))
+    m = x.shape[0]
+    y = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    if k == 0:
+        raise ValueError("x and weight have K=0 features")
+    r = residual if residual is not None else y
+    b = bias if bias is not None else y
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    _linear_kernel[grid](
+        x, weight, b, r, y, m, n, k, m_key(m),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        r.stride(0), r.stride(1), y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, APPLY_GELU=activation == "gelu_tanh", HAS_RESIDUAL=residual is not None,
+        UPCAST=is_interpreter(),
+    )  # fmt: skip
+    return y
+
+
+def linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Torch reference in fp32 (or x's dtype if wider): act(x @ W.T + b) + residual, cast to x.dtype."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    y = x.to(wide) @ weight.to(wide).t()
+    if bias is not None:
+        y = y + bias.to(wide)
+    if activation == "gelu_tanh":
+        y = gelu_ref(y)
+    if residual is not None:
+        y = y + residual.to(wide)
+    return y.to(x.dtype)
+
+
+# Triton specializes integer arguments equal to 1 into constants at run time; contiguous operands therefore
+# compile with these unit column strides, and the compile gate checks that (vectorized, pipelined) variant.
+UNIT_STRIDES = {"stride_xk": 1, "stride_wk": 1, "stride_rn": 1, "stride_yn": 1}
+
+
+def gemm_signature(t: str, w: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Signature of a GEMM kernel with activation dtype ``t`` and weight dtype ``w``, minus ``UNIT_STRIDES``.
+
+    K and the row strides carry the ``:16`` divisibility hint the runtime gives them on GPT-2's shapes (all its
+    widths are multiples of 16); without it the K-tail mask blocks vectorized, pipelined (cp.async) loads.
+    """
+    sig = {"X": f"*{t}", "W": f"*{w}", **(extra or {}), "B": f"*{t}", "R": f"*{t}", "Y": f"*{t}"}
+    sig.update(M="i32", N="i32", K="i32:16", M_KEY="i32")
+    for name in ("stride_xm", "stride_wn", "stride_rm", "stride_ym"):
+        sig[name] = "i32:16"
+    return sig
+
+
+def config_name(c: triton.Config) -> str:
+    kw = c.kwargs
+    return f"BLOCK_M={kw['BLOCK_M']} BLOCK_N={kw['BLOCK_N']} BLOCK_K={kw['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
+
+
+def compile_specs() -> list[KernelSpec]:
+    """AOT compile specs: every config for fp16/bf16 with the full epilogue (bias+gelu+residual), the fp32
+    configs ``keep`` allows, and the bare epilogue (LM head: no bias) on the first and the largest config."""
+    specs = []
+    configs = get_configs()
+    for t, nbytes in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
+        for i, c in enumerate(configs):
+            if not any(keep(c, mb, nbytes, nbytes) for mb in (16, 64, 16384)):
+                continue
+            variants = [(True, True, True)]
+            if t != "fp32" and i in (0, len(configs) - 1):
+                variants.append((False, False, False))
+            for has_bias, gelu, res in variants:
+                epi = "bias,gelu,residual" if has_bias else "plain"
+                specs.append(
+                    KernelSpec(
+                        name=f"linear[{t},{epi}] {config_name(c)}",
+                        fn=_linear_kernel.fn,
+                        signature=gemm_signature(t, t),
+                        constexprs={
+                            "HAS_BIAS": has_bias,
+                            "APPLY_GELU": gelu,
+                            "HAS_RESIDUAL": res,
+                            "UPCAST": False,
+                            **UNIT_STRIDES,
+                            **c.kwargs,
+                        },  # fmt: skip
+                        num_warps=c.num_warps,
+                        num_stages=c.num_stages,
+                    )
+                )
+    return specs

@@ -1,0 +1,482 @@
+"""Weight-only quantized linear layers: int8 per-output-channel and int4 group-wise, dequantized in registers.
+
+Decode is bound by reading weights, so storing them in 8 or 4 bits cuts the bytes per token 2x or 4x. The
+GEMM kernels load the quantized tiles, turn them into the activation dtype in registers and feed ``tl.dot``;
+the epilogue (bias, GELU, residual) is the one :mod:`kernels.linear` uses.
+
+* int8: ``w[n, k] ~= q[n, k] * scale[n]``, ``q`` in [-127, 127] (symmetric). The scale is per output
+  channel, so it factors out of the K sum and is applied once to the fp32 accumulator.
+* int4: ``w[n, k] ~= (q[n, k] - zero[n, g]) * scale[n, g]`` with ``g = k // group_size`` and ``q`` in
+  [0, 15] (asymmetric). Two values per byte along K: byte ``j`` of a row holds ``k = 2j`` in its low nibble
+  and ``k = 2j + 1`` in its high nibble. The kernel never interleaves the nibbles: it multiplies the low
+  nibbles by the even columns of x and the high nibbles by the odd ones (two half-depth dots).
+  ``group_size`` is 64 or 128 and must divide K; :func:`quantize_int4` picks 128 when it divides K and
+  64 otherwise (GPT-2 xl's width 1600 is divisible by 64 but not 128).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.linear import (
+    SMEM_LIMIT,
+    UNIT_STRIDES,
+    _dot,
+    _epilogue,
+    _tile_ids,
+    check_epilogue,
+    config_name,
+    gemm_signature,
+    linear_ref,
+    m_key,
+)
+from kernels.utils import FLOAT_DTYPES, KernelSpec, autotune, check_device, check_tensor, is_interpreter
+
+INT4_GROUP_SIZES = (64, 128)
+FP32_TILES = ((16, 32, 32), (16, 32, 64), (16, 64, 32))  # (BLOCK_M, BLOCK_N, BLOCK_K) for fp32 activations
+
+
+@dataclass
+class Int8Weight:
+    """int8 weight ``qweight [N, K]`` with one fp32 scale per output channel ``scales [N]``."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+
+    def __post_init__(self) -> None:
+        check_tensor("qweight", self.qweight, dtypes=(torch.int8,), ndim=2)
+        check_tensor("scales", self.scales, dtypes=FLOAT_DTYPES, ndim=1, contiguous=True)
+        if self.scales.shape[0] != self.qweight.shape[0]:
+            raise ValueError(f"scales {tuple(self.scales.shape)} must be ({self.qweight.shape[0]},)")
+        if self.scales.device != self.qweight.device:
+            raise ValueError(f"scales on {self.scales.device} but qweight on {self.qweight.device}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.qweight.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight ``[N, K]`` this stands for: ``q * scale`` in fp32, cast to ``dtype``."""
+        return (self.qweight.float() * self.scales.float()[:, None]).to(dtype)
+
+    def to(self, device: torch.device | str) -> Int8Weight:
+        return Int8Weight(self.qweight.to(device), self.scales.to(device))
+
+
+@dataclass
+class Int4Weight:
+    """int4 weight packed two per byte along K, ``qweight [N, K//2]`` uint8, with per-group
+    ``scales [N, K//group_size]`` (float) and ``zeros [N, K//group_size]`` (uint8 zero points in [0, 15])."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    group_size: int
+
+    def __post_init__(self) -> None:
+        check_tensor("qweight", self.qweight, dtypes=(torch.uint8,), ndim=2)
+        if self.group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES}, got {self.group_size}")
+        n, k = self.shape
+        if k % self.group_size:
+            raise ValueError(f"K={k} is not divisible by group_size={self.group_size}")
+        check_tensor("scales", self.scales, dtypes=FLOAT_DTYPES, ndim=2)
+        check_tensor("zeros", self.zeros, dtypes=(torch.uint8, *FLOAT_DTYPES), ndim=2)
+        for name, t in (("scales", self.scales), ("zeros", self.zeros)):
+            if tuple(t.shape) != (n, k // self.group_size):
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({n}, {k // self.group_size})")
+            if t.device != self.qweight.device:
+                raise ValueError(f"{name} on {t.device} but qweight on {self.qweight.device}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.qweight.shape[0], self.qweight.shape[1] * 2)
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    def unpack(self) -> torch.Tensor:
+        """The 4-bit codes as ``int16 [N, K]`` in [0, 15]."""
+        p = self.qweight.to(torch.int16)
+        return torch.stack((p & 0xF, p >> 4), dim=-1).flatten(1)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight ``[N, K]`` this stands for: ``(q - zero) * scale`` per group in fp32, cast to ``dtype``."""
+        g = self.group_size
+        q = self.unpack().float()
+        z = self.zeros.float().repeat_interleave(g, dim=1)
+        s = self.scales.float().repeat_interleave(g, dim=1)
+        return ((q - z) * s).to(dtype)
+
+    def to(self, device: torch.device | str) -> Int4Weight:
+        return Int4Weight(self.qweight.to(device), self.scales.to(device), self.zeros.to(device), self.group_size)
+
+
+def quantize_int8(w: torch.Tensor) -> Int8Weight:
+    """Symmetric per-output-channel int8: ``scale[n] = max|w[n, :]| / 127``."""
+    check_tensor("w", w, dtypes=FLOAT_DTYPES, ndim=2)
+    wf = w.float()
+    scales = wf.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(wf / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return Int8Weight(q.contiguous(), scales.contiguous())
+
+
+def quantize_int4(w: torch.Tensor, group_size: int | None = None) -> Int4Weight:
+    """Asymmetric group-wise int4 along K: per group, ``scale = (max - min) / 15`` and an integer zero point.
+
+    ``group_size=None`` picks 128 when it divides K, else 64; an explicit size that does not divide K raises.
+    """
+    check_tensor("w", w, dtypes=FLOAT_DTYPES, ndim=2)
+    n, k = w.shape
+    if group_size is None:
+        group_size = next((g for g in (128, 64) if k % g == 0), None)
+        if group_size is None:
+            raise ValueError(f"K={k} is divisible by neither 128 nor 64: int4 groups cannot tile it")
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    if k % group_size:
+        raise ValueError(f"K={k} is not divisible by group_size={group_size} (try group_size=64 or None)")
+    wg = w.float().reshape(n, k // group_size, group_size)
+    lo = wg.amin(dim=-1).clamp(max=0.0)  # include 0 so it is exactly representable
+    hi = wg.amax(dim=-1).clamp(min=0.0)
+    scales = ((hi - lo) / 15.0).clamp(min=1e-12)
+    zeros = torch.round(-lo / scales).clamp(0, 15)
+    q = torch.round(wg / scales[..., None] + zeros[..., None]).clamp(0, 15).to(torch.uint8).reshape(n, k)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    return Int4Weight(packed.contiguous(), scales.contiguous(), zeros.to(torch.uint8).contiguous(), group_size)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# configs
+
+
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, group: int = 8) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group}, num_warps=warps, num_stages=stages
+    )
+
+
+def get_int8_configs() -> list[triton.Config]:
+    """int8 GEMM tiles: first the small interpreter one, then GEMV-shaped (BLOCK_M=16) decode tiles, then prefill."""
+    return [
+        _cfg(16, 64, 64, 4, 3),
+        _cfg(16, 32, 128, 4, 4),
+        _cfg(16, 64, 128, 4, 4),
+        _cfg(16, 32, 256, 4, 4),
+        _cfg(16, 64, 256, 8, 3),
+        _cfg(32, 64, 128, 4, 4),
+        _cfg(64, 128, 64, 8, 4),
+        _cfg(128, 64, 64, 8, 4),
+        _cfg(128, 128, 32, 8, 4),  # BLOCK_K=64 at this tile spills on sm_80 (dequantized tiles cost registers)
+        # fp32 activations (parity / CPU path): CUDA-core dots, only these small tiles avoid spills
+        _cfg(16, 32, 32, 4, 2),
+        _cfg(16, 32, 64, 4, 2),
+        _cfg(16, 64, 32, 4, 2),
+    ]
+
+
+def get_int4_configs() -> list[triton.Config]:
+    """int4 GEMM tiles; BLOCK_K must divide the group size (the first config's 64 divides both 64 and 128)."""
+    return [
+        _cfg(16, 64, 64, 4, 3),
+        _cfg(16, 32, 128, 4, 4),
+        _cfg(16, 64, 128, 4, 4),
+        _cfg(16, 128, 128, 8, 3),
+        _cfg(32, 64, 128, 4, 4),
+        _cfg(64, 128, 64, 8, 4),
+        _cfg(128, 64, 64, 8, 4),
+        _cfg(128, 128, 32, 8, 4),  # BLOCK_K=64 at this tile spills on sm_80 (dequantized tiles cost registers)
+        # fp32 activations (parity / CPU path): CUDA-core dots, only these small tiles avoid spills
+        _cfg(16, 32, 32, 4, 2),
+        _cfg(16, 32, 64, 4, 2),
+        _cfg(16, 64, 32, 4, 2),
+    ]
+
+
+def keep_quant(config: triton.Config, m_bucket: int, a_bytes: int, w_bits: int, group_size: int) -> bool:
+    """Whether a quantized-GEMM config fits (shared memory, registers, group alignment) and suits the bucket."""
+    kw = config.kwargs
+    bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    if group_size and group_size % bk:
+        return False
+    if config.num_stages * bk * (bm * a_bytes + bn * w_bits // 8) > SMEM_LIMIT:
+        return False
+    if (a_bytes == 4) != ((bm, bn, bk) in FP32_TILES):
+        return False  # fp32 IEEE dots run on CUDA cores: only small tiles avoid spills, and only fp32 needs them
+    if bm > max(16, m_bucket):
+        return False
+    if m_bucket >= 512 and bm < 64:
+        return False
+    return True
+
+
+def _prune_int8(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    args = {**named_args, **kwargs}
+    kept = [c for c in configs if keep_quant(c, args["M_KEY"], args["X"].element_size(), 8, 0)]
+    return kept or configs[:1]
+
+
+def _prune_int4(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    args = {**named_args, **kwargs}
+    kept = [c for c in configs if keep_quant(c, args["M_KEY"], args["X"].element_size(), 4, args["GROUP_SIZE"])]
+    return kept or configs[:1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# kernels
+
+
+@autotune(
+    configs=get_int8_configs(),
+    key=["M_KEY", "N", "K"],
+    prune_configs_by={"early_config_prune": _prune_int8},
+    restore_value=["Y"],  # tuning reruns the kernel; out=residual must not accumulate
+)
+@triton.jit
+def _int8_linear_kernel(
+    X,  # pointer to the activations, shape (M, K), fp16/bf16/fp32
+    W,  # pointer to the int8 weight codes, shape (N, K), any strides
+    S,  # pointer to the per-output-channel scales, shape (N,)
+    B,  # pointer to the bias, shape (N,) (unused unless HAS_BIAS)
+    R,  # pointer to the residual, shape (M, N) (unused unless HAS_RESIDUAL)
+    Y,  # pointer to the output, shape (M, N)
+    M,  # rows of X and Y (tokens)
+    N,  # output features
+    K,  # input features
+    M_KEY,  # autotune bucket of M (power of two); not used by the kernel body
+    stride_xm,  # X row stride
+    stride_xk,  # X column stride
+    stride_wn,  # W row stride
+    stride_wk,  # W column stride
+    stride_rm,  # R row stride
+    stride_rn,  # R column stride
+    stride_ym,  # Y row stride
+    stride_yn,  # Y column stride
+    HAS_BIAS: tl.constexpr,  # add the bias
+    APPLY_GELU: tl.constexpr,  # GELU-tanh after the bias
+    HAS_RESIDUAL: tl.constexpr,  # add the residual after the activation
+    UPCAST: tl.constexpr,  # interpreter only: multiply in fp32 (bf16 tl.dot bug)
+    BLOCK_M: tl.constexpr,  # rows per tile
+    BLOCK_N: tl.constexpr,  # output columns per tile
+    BLOCK_K: tl.constexpr,  # reduction step
+    GROUP_M: tl.constexpr,  # row tiles per L2 group
+):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows_x = (offs_m % M).to(tl.int64)
+    rows_w = (offs_n % N).to(tl.int64)
+    x_ptrs = X + rows_x[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BLOCK_M, BLOCK_K)
+    w_ptrs = W + rows_w[None, :] * stride_wn + offs_k[:, None] * stride_wk  # (BLOCK_K, BLOCK_N): W^T tile
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        q = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0)
+        if UPCAST:  # the interpreter's int8 -> bf16 cast is broken too; _dot multiplies in fp32 anyway
+            w = q.to(tl.float32)
+        else:
+            w = q.to(a.dtype)  # |q| <= 127 is exact in fp16 and bf16
+        acc = _dot(a, w, acc, UPCAST)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    acc *= tl.load(S + rows_w).to(tl.float32)[None, :]  # per-channel scale factors out of the K sum
+    _epilogue(
+        acc, offs_m, offs_n, M, N, B, R, Y, stride_rm, stride_rn, stride_ym, stride_yn,
+        HAS_BIAS, APPLY_GELU, HAS_RESIDUAL,
+    )  # fmt: skip
+
+
+@autotune(
+    configs=get_int4_configs(),
+    key=["M_KEY", "N", "K", "GROUP_SIZE"],
+    prune_configs_by={"early_config_prune": _prune_int4},
+    restore_value=["Y"],
+)
+@triton.jit
+def _int4_linear_kernel(
+    X,  # pointer to the activations, shape (M, K), fp16/bf16/fp32
+    W,  # pointer to the packed int4 codes, uint8, shape (N, K // 2); low nibble = even k
+    S,  # pointer to the group scales, shape (N, K // GROUP_SIZE)
+    Z,  # pointer to the group zero points, shape (N, K // GROUP_SIZE)
+    B,  # pointer to the bias, shape (N,) (unused unless HAS_BIAS)
+    R,  # pointer to the residual, shape (M, N) (unused unless HAS_RESIDUAL)
+    Y,  # pointer to the output, shape (M, N)
+    M,  # rows of X and Y (tokens)
+    N,  # output features
+    K,  # input features (multiple of GROUP_SIZE)
+    M_KEY,  # autotune bucket of M (power of two); not used by the kernel body
+    stride_xm,  # X row stride
+    stride_xk,  # X column stride
+    stride_wn,  # W row stride (bytes)
+    stride_wk,  # W column stride (bytes, one byte = two k)
+    stride_sn,  # S and Z row stride
+    stride_sg,  # S and Z group stride
+    stride_rm,  # R row stride
+    stride_rn,  # R column stride
+    stride_ym,  # Y row stride
+    stride_yn,  # Y column stride
+    HAS_BIAS: tl.constexpr,  # add the bias
+    APPLY_GELU: tl.constexpr,  # GELU-tanh after the bias
+    HAS_RESIDUAL: tl.constexpr,  # add the residual after the activation
+    UPCAST: tl.constexpr,  # interpreter only: multiply in fp32 (bf16 tl.dot bug)
+    GROUP_SIZE: tl.constexpr,  # k per scale/zero group; a multiple of BLOCK_K
+    BLOCK_M: tl.constexpr,  # rows per tile
+    BLOCK_N: tl.constexpr,  # output columns per tile
+    BLOCK_K: tl.constexpr,  # reduction step in k (BLOCK_K // 2 bytes); divides GROUP_SIZE
+    GROUP_M: tl.constexpr,  # row tiles per L2 group
+):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_p = tl.arange(0, BLOCK_K // 2)  # byte (k pair) index within the step
+    rows_x = (offs_m % M).to(tl.int64)
+    rows_w = (offs_n % N).to(tl.int64)
+    x_even = X + rows_x[:, None] * stride_xm + (2 * offs_p)[None, :] * stride_xk  # (BLOCK_M, BLOCK_K // 2)
+    w_ptrs = W + rows_w[None, :] * stride_wn + offs_p[:, None] * stride_wk  # (BLOCK_K // 2, BLOCK_N)
+    s_ptrs = S + rows_w * stride_sn  # (BLOCK_N,)
+    z_ptrs = Z + rows_w * stride_sn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K // BLOCK_K):
+        g = (k * BLOCK_K) // GROUP_SIZE
+        scale = tl.load(s_ptrs + g * stride_sg).to(tl.float32)[None, :]
+        zero = tl.load(z_ptrs + g * stride_sg).to(tl.float32)[None, :]
+        a_even = tl.load(x_even)
+        a_odd = tl.load(x_even + stride_xk)
+        packed = tl.load(w_ptrs)
+        w_lo = (((packed & 0xF).to(tl.float32) - zero) * scale).to(a_even.dtype)
+        w_hi = (((packed >> 4).to(tl.float32) - zero) * scale).to(a_even.dtype)
+        acc = _dot(a_even, w_lo, acc, UPCAST)
+        acc = _dot(a_odd, w_hi, acc, UPCAST)
+        x_even += BLOCK_K * stride_xk
+        w_ptrs += (BLOCK_K // 2) * stride_wk
+    _epilogue(
+        acc, offs_m, offs_n, M, N, B, R, Y, stride_rm, stride_rn, stride_ym, stride_yn,
+        HAS_BIAS, APPLY_GELU, HAS_RESIDUAL,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# launcher and reference
+
+
+def quant_linear(
+    x: torch.Tensor,
+    qweight: Int8Weight | Int4Weight,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``act(x @ W.T + bias) + residual`` with W stored as int8 or int4; output ``[M, N]`` in x.dtype."""
+    if not isinstance(qweight, (Int8Weight, Int4Weight)):
+        raise ValueError(f"qweight must be an Int8Weight or Int4Weight, got {type(qweight).__name__}")
+    n, k = qweight.shape
+    named = check_epilogue(x, n, bias, activation, residual, out)
+    if x.shape[1] != k:
+        raise ValueError(f"x has {x.shape[1]} features but qweight is {qweight.shape} (expects K={k})")
+    check_device(*named, ("qweight", qweight.qweight))
+    m = x.shape[0]
+    y = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    if k == 0:
+        raise ValueError("x and qweight have K=0 features")
+    r = residual if residual is not None else y
+    b = bias if bias is not None else y
+    flags = dict(
+        HAS_BIAS=bias is not None,
+        APPLY_GELU=activation == "gelu_tanh",
+        HAS_RESIDUAL=residual is not None,
+        UPCAST=is_interpreter(),
+    )
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    w = qweight.qweight
+    if isinstance(qweight, Int8Weight):
+        _int8_linear_kernel[grid](
+            x, w, qweight.scales, b, r, y, m, n, k, m_key(m),
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+            r.stride(0), r.stride(1), y.stride(0), y.stride(1),
+            **flags,
+        )  # fmt: skip
+    else:
+        s, z = qweight.scales, qweight.zeros
+        if s.stride() != z.stride():
+            z = z.contiguous()
+            s = s.contiguous()
+        _int4_linear_kernel[grid](
+            x, w, s, z, b, r, y, m, n, k, m_key(m),
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
+            r.stride(0), r.stride(1), y.stride(0), y.stride(1),
+            GROUP_SIZE=qweight.group_size, **flags,
+        )  # fmt: skip
+    return y
+
+
+def quant_linear_ref(
+    x: torch.Tensor,
+    qweight: Int8Weight | Int4Weight,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Torch reference: dequantize to fp32, then :func:`kernels.linear.linear_ref`."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    y = linear_ref(x.to(wide), qweight.dequantize(wide), bias, activation, residual)
+    return y.to(x.dtype)
+
+
+def compile_specs() -> list[KernelSpec]:
+    """AOT compile specs: every config for fp16/bf16 with the full epilogue, int4 at both group sizes' valid
+    configs (group 64 for BLOCK_K=64 tiles, 128 otherwise), the fp32 configs the pruner keeps, and the bare
+    epilogue on the first config."""
+    specs = []
+    kinds = (
+        ("int8", _int8_linear_kernel, get_int8_configs(), 8),
+        ("int4", _int4_linear_kernel, get_int4_configs(), 4),
+    )
+    for kind, kernel, configs, bits in kinds:
+        for t, nbytes in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
+            for i, c in enumerate(configs):
+                group = 0 if bits == 8 else (128 if c.kwargs["BLOCK_K"] == 128 else 64)
+                if not any(keep_quant(c, mb, nbytes, bits, group) for mb in (16, 64, 16384)):
+                    continue
+                variants = [(True, True, True)] + ([(False, False, False)] if i == 0 and t != "fp32" else [])
+                for has_bias, gelu, res in variants:
+                    if bits == 8:
+                        sig = gemm_signature(t, "i8", {"S": "*fp32"})
+                        extra = {}
+                    else:
+                        sig = gemm_signature(t, "u8", {"S": "*fp32", "Z": "*u8"})
+                        sig["stride_sn"] = "i32"  # K // group_size: 1600 // 64 = 25 is not a multiple of 16
+                        extra = {"GROUP_SIZE": group, "stride_sg": 1}
+                    epi = "bias,gelu,residual" if has_bias else "plain"
+                    specs.append(
+                        KernelSpec(
+                            name=f"{kind}_linear[{t},{epi}{f',g{group}' if group else ''}] {config_name(c)}",
+                            fn=kernel.fn,
+                            signature={name: sig[name] for name in kernel.fn.arg_names if name in sig},
+                            constexprs={
+                                "HAS_BIAS": has_bias,
+                                "APPLY_GELU": gelu,
+                                "HAS_RESIDUAL": res,
+                                "UPCAST": False,
+                                **UNIT_STRIDES,
+                                **extra,
+                                **c.kwargs,
+                            },  # fmt: skip
+                            num_warps=c.num_warps,
+                            num_stages=c.num_stages,
+                        )
+                    )
+    return specs
