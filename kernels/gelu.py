@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import FLOAT_DTYPES, KernelSpec, check_device, check_tensor
+from kernels.utils import FLOAT_DTYPES, KernelSpec, cast, check_device, check_tensor
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 BLOCK_SIZE = 1024  # elements per program: 4 warps x 32 lanes x 8 elements
@@ -40,7 +40,7 @@ def _gelu_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n_elements
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + offs, _gelu_tanh(x).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + offs, cast(_gelu_tanh(x), Y.dtype.element_ty), mask=mask)
 
 
 def gelu(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import FLOAT_DTYPES, KernelSpec, check_device, check_tensor, row_block
+from kernels.utils import FLOAT_DTYPES, KernelSpec, cast, check_device, check_tensor, row_block
 
 MAX_N = 8192  # widest row handled in one program (GPT-2 xl is 1600; 4x of that still fits)
 
@@ -39,7 +39,7 @@ def _layer_norm_fwd_kernel(
     if HAS_RESIDUAL:
         r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
         # round the sum to the activation dtype first, so y is LN of exactly the h we return
-        h = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        h = cast(x.to(tl.float32) + r.to(tl.float32), x.dtype)
         tl.store(H + row * stride_h + cols, h, mask=mask)
         x = h
     xf = x.to(tl.float32)
@@ -50,7 +50,7 @@ def _layer_norm_fwd_kernel(
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
     y = diff * rstd * w + b
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + row * stride_y + cols, cast(y, Y.dtype.element_ty), mask=mask)
 
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:

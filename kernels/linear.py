@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels.gelu import _gelu_tanh, gelu_ref
-from kernels.utils import FLOAT_DTYPES, KernelSpec, autotune, check_device, check_tensor, is_interpreter
+from kernels.utils import FLOAT_DTYPES, KernelSpec, autotune, cast, check_device, check_tensor, is_interpreter
 
 ACTIVATIONS = (None, "gelu_tanh")
 SMEM_LIMIT = 160 * 1024  # bytes of pipeline buffers a config may use: sm_80 allows 163 KB, sm_90 227 KB
@@ -120,7 +120,7 @@ def _epilogue(
     mask = (offs_m[:, None] < M) & mask_n[None, :]
     if HAS_RESIDUAL:
         acc += tl.load(R + rows * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + rows * stride_ym + offs_n[None, :] * stride_yn, acc.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows * stride_ym + offs_n[None, :] * stride_yn, cast(acc, Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit

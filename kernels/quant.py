@@ -34,7 +34,7 @@ from kernels.linear import (
     linear_ref,
     m_key,
 )
-from kernels.utils import FLOAT_DTYPES, KernelSpec, autotune, check_device, check_tensor, is_interpreter
+from kernels.utils import FLOAT_DTYPES, KernelSpec, autotune, cast, check_device, check_tensor, is_interpreter
 
 INT4_GROUP_SIZES = (64, 128)
 FP32_TILES = ((16, 32, 32), (16, 32, 64), (16, 64, 32))  # (BLOCK_M, BLOCK_N, BLOCK_K) for fp32 activations
@@ -354,8 +354,8 @@ def _int4_linear_kernel(
         a_even = tl.load(x_even)
         a_odd = tl.load(x_even + stride_xk)
         packed = tl.load(w_ptrs)
-        w_lo = (((packed & 0xF).to(tl.float32) - zero) * scale).to(a_even.dtype)
-        w_hi = (((packed >> 4).to(tl.float32) - zero) * scale).to(a_even.dtype)
+        w_lo = cast(((packed & 0xF).to(tl.float32) - zero) * scale, a_even.dtype)
+        w_hi = cast(((packed >> 4).to(tl.float32) - zero) * scale, a_even.dtype)
         acc = _dot(a_even, w_lo, acc, UPCAST)
         acc = _dot(a_odd, w_hi, acc, UPCAST)
         x_even += BLOCK_K * stride_xk

@@ -13,11 +13,31 @@ from dataclasses import dataclass, field
 
 import torch
 import triton
+import triton.language as tl
 
 
 def is_interpreter() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+# Read once, when the kernel modules are imported: the same moment Triton decides how to run @triton.jit.
+INTERPRET = tl.constexpr(is_interpreter())
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr):
+    """``x.to(dtype)`` with round-to-nearest-even for bf16 everywhere.
+
+    Triton's interpreter truncates fp32 -> bf16 (compiled code rounds), which doubles bf16 rounding error on
+    CPU; there we round the fp32 bits to the nearest bf16 value first, so the truncating cast is exact.
+    """
+    if INTERPRET:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 def autotune(configs: list[triton.Config], key: list[str], **kwargs):
