@@ -1,0 +1,111 @@
+"""The whole GPT-2 forward through the Triton kernels (``backend="triton"``), against transformers.
+
+On a CPU-only machine the kernels run in Triton's interpreter, so the model is small (but head dim 64, as in
+every GPT-2 size, and a vocabulary that is not a power of two).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import DEVICE, make_hf_model, rel_err, save_checkpoint
+
+from engine import LLM, SamplingParams
+
+SMALL = dict(n_embd=128, n_head=2, n_layer=2, vocab_size=1000, n_positions=64)
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    model = make_hf_model(**SMALL)
+    return model, save_checkpoint(model, tmp_path_factory.mktemp("small-gpt2"))
+
+
+@pytest.fixture(scope="module")
+def gpt2_init_model(tmp_path_factory):
+    """GPT-2's own init scale (0.02): the large-init test model amplifies any weight noise chaotically."""
+    model = make_hf_model(**SMALL, initializer_range=0.02)
+    return model, save_checkpoint(model, tmp_path_factory.mktemp("small-gpt2-init"))
+
+
+def triton_llm(path, dtype="float32", **kw) -> LLM:
+    return LLM(str(path), backend="triton", dtype=dtype, device=DEVICE, block_size=16, progress=False, **kw)
+
+
+def prompts(k: int) -> list[list[int]]:
+    return [torch.randint(0, SMALL["vocab_size"], (random.randint(1, 40),)).tolist() for _ in range(k)]
+
+
+def hf_logits(model, ids: list[int], dtype=torch.float32) -> torch.Tensor:
+    m = model.to(dtype)
+    with torch.no_grad():
+        out = m(torch.tensor([ids])).logits[0].double()
+    model.float()
+    return out
+
+
+def test_triton_fp32_matches_transformers(small_model):
+    model, path = small_model
+    llm = triton_llm(path)
+    assert llm.backend == "triton"
+    batch = prompts(3)
+    for ids, feats, scored in zip(batch, llm.features(batch), llm.score([p + [7] for p in batch])):
+        with torch.no_grad():
+            ref_h = model.transformer(torch.tensor([ids])).last_hidden_state[0]
+        assert rel_err(feats.cpu(), ref_h) < 1e-4
+        logp = hf_logits(model, ids + [7]).log_softmax(-1)
+        ref_lp = logp[:-1].gather(1, torch.tensor(ids[1:] + [7])[:, None]).squeeze(1)
+        assert rel_err(torch.tensor(scored.logprobs), ref_lp) < 1e-4
+    # greedy decode over the paged cache, ragged batch, equals transformers' greedy generate
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    for ids, out in zip(batch, llm.generate(batch, params, use_tqdm=False)):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)  # fmt: skip
+        assert out.outputs[0].token_ids == ref[0, len(ids) :].tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_precision_error_within_2x_of_transformers(small_model, dtype):
+    """FlashAttention's criterion: our error vs the fp32 model is at most ~2x transformers' own in ``dtype``.
+
+    Compared over whole ``[T, D]`` hidden states and ``[T, V]`` logits of a near-full context, so the ratio
+    of the two errors is stable from run to run.
+    """
+    model, path = small_model
+    llm = triton_llm(path, dtype=str(dtype).removeprefix("torch."))
+    ids = torch.randint(0, SMALL["vocab_size"], (random.randint(48, SMALL["n_positions"]),)).tolist()
+    hidden = llm.features(ids)[0]
+    logits = llm.model.logits(hidden).cpu()
+    ref_logits, their_logits = hf_logits(model, ids), hf_logits(model, ids, dtype)
+    with torch.no_grad():
+        ref_h = model.transformer(torch.tensor([ids])).last_hidden_state[0]
+        their_h = model.to(dtype).transformer(torch.tensor([ids])).last_hidden_state[0]
+    model.float()
+    ours, theirs = rel_err(hidden.cpu(), ref_h), rel_err(their_h, ref_h)
+    ours_lg, theirs_lg = rel_err(logits, ref_logits), rel_err(their_logits, ref_logits)
+    print(f"{dtype}: hidden {ours:.2e} vs transformers {theirs:.2e}; logits {ours_lg:.2e} vs {theirs_lg:.2e}")
+    assert theirs > 0  # the comparison means something: half precision does lose bits
+    assert ours <= 2 * theirs
+    assert ours_lg <= 2 * theirs_lg
+
+
+def sqnr_db(x: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double()
+    return 10 * torch.log10(ref.pow(2).sum() / (x.double() - ref).pow(2).sum()).item()
+
+
+@pytest.mark.parametrize("quantization, min_db", [("int8", 30.0), ("int4", 20.0)])
+def test_quantized_model_sqnr(gpt2_init_model, quantization, min_db):
+    """Weight-only quantization keeps the logits close to the unquantized model's (SQNR in dB)."""
+    _, path = gpt2_init_model
+    ids = prompts(1)[0] + [5]
+    base = triton_llm(path, dtype="float16")
+    quant = triton_llm(path, dtype="float16", quantization=quantization)
+    h_base, h_quant = base.features(ids)[0], quant.features(ids)[0]
+    logits_base, logits_quant = base.model.logits(h_base), quant.model.logits(h_quant)
+    db = sqnr_db(logits_quant, logits_base)
+    print(f"{quantization}: logits SQNR {db:.1f} dB")
+    assert db >= min_db
