@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return _generate(args) if args.command == "generate" else _score(args)
     except (UsageError, ValueError) as e:
-        print(f"error: {e}" if not isinstance(e, UsageError) else str(e), file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever the message held
+        print(message if isinstance(e, UsageError) else f"error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

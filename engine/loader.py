@@ -86,7 +86,9 @@ def _download(repo_id: str) -> Path:
     try:
         path = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # offline, no such repo, HTTP errors: all end the same way for the user
-        raise ValueError(f"could not fetch model {repo_id!r} from the Hugging Face hub ({e}); {fix}") from e
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        cause = f"{type(e).__name__}: {first_line}" if first_line else type(e).__name__
+        raise ValueError(f"could not fetch model {repo_id!r} from the Hugging Face hub ({cause}); {fix}") from e
     if not _has_weights(path):
         raise ValueError(f"hub repository {repo_id!r} has no config.json + safetensors weights; {fix}")
     return path
