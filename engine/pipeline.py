@@ -45,8 +45,10 @@ class TextGenerationPipeline:
         top_p: float = 1.0,
         repetition_penalty: float = 1.0,
         return_full_text: bool = True,
+        return_tensors: bool = False,
         seed: int | None = None,
-    ) -> list[dict[str, str]] | list[list[dict[str, str]]]:
+    ) -> list[dict] | list[list[dict]]:
+        """Generate like transformers' pipeline; ``return_tensors=True`` gives ``generated_token_ids`` instead."""
         single = isinstance(text_inputs, str)
         prompts = [text_inputs] if single else list(text_inputs)
         tok = self.llm.get_tokenizer()
@@ -73,10 +75,12 @@ class TextGenerationPipeline:
                 )
             )
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        results = [
-            [{"generated_text": (prompt if return_full_text else "") + c.text} for c in out.outputs]
-            for prompt, out in zip(prompts, outputs)
-        ]
+        results = []
+        for prompt, out in zip(prompts, outputs):
+            if return_tensors:  # transformers: the prompt's ids followed by the new ones
+                results.append([{"generated_token_ids": out.prompt_token_ids + c.token_ids} for c in out.outputs])
+            else:
+                results.append([{"generated_text": (prompt if return_full_text else "") + c.text} for c in out.outputs])
         return results[0] if single else results
 
 
