@@ -9,6 +9,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from engine.config import ModelConfig
+from engine.cuda_graphs import StaticDecoder
 from engine.kv_cache import BlockManager, KVCache, cdiv
 from engine.model import GPT2
 from engine.model_runner import ModelRunner
@@ -110,6 +111,7 @@ class LLM:
         max_num_batched_tokens: int | None = None,
         progress: bool = True,
         seed: int | None = None,
+        enforce_eager: bool = False,
     ) -> None:
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -141,7 +143,10 @@ class LLM:
         self.kv = KVCache.allocate(self.config, num_blocks, block_size, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, block_size)
         self.max_num_batched_tokens = max_num_batched_tokens or max(self.config.n_positions, 4096)
-        self.runner = ModelRunner(self.model, self.kv, self.blocks, self.device)
+        static = None
+        if self.device.type == "cuda" and not enforce_eager:  # decode steps replayed as CUDA graphs
+            static = StaticDecoder(self.model, self.kv, max_num_seqs, self.device, capture=True)
+        self.runner = ModelRunner(self.model, self.kv, self.blocks, self.device, static)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, self.max_num_batched_tokens)
         self.sampler = Sampler()
 

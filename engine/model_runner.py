@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.cuda_graphs import StaticDecoder
 from engine.kv_cache import BlockManager, KVCache
 from engine.model import GPT2, DecodeBatch, PrefillBatch
 from engine.sequence import Sequence
@@ -16,11 +17,19 @@ def _tensor(values: list[int], dtype: torch.dtype, device: torch.device) -> torc
 class ModelRunner:
     """Owns the model and its KV cache; every step is tensors in, fp32 logits out."""
 
-    def __init__(self, model: GPT2, kv: KVCache, blocks: BlockManager, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: GPT2,
+        kv: KVCache,
+        blocks: BlockManager,
+        device: torch.device,
+        static_decoder: StaticDecoder | None = None,
+    ) -> None:
         self.model = model
         self.kv = kv
         self.blocks = blocks
         self.device = device
+        self.static_decoder = static_decoder  # fixed-shape (CUDA-graph) decode; None: eager
 
     def pack(self, token_lists: list[list[int]], slot_lists: list[list[int]] | None = None) -> PrefillBatch:
         """Pack whole sequences (positions from 0) into one prefill batch; no slots: cache nothing."""
@@ -67,11 +76,20 @@ class ModelRunner:
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """Feed each sequence's last token; returns next-token logits ``[B, V]``."""
-        batch = self.decode_batch(seqs)
-        hidden = self.model.decode(batch, self.kv)
+        static = self.static_decoder
+        if static is not None and static.bucket_size(len(seqs)) is not None:
+            positions = [seq.num_cached for seq in seqs]
+            logits = static.decode(
+                [seq.last_token for seq in seqs],
+                positions,
+                [self.blocks.slot(s, p) for s, p in zip(seqs, positions)],
+                [seq.block_table for seq in seqs],
+            )
+        else:
+            logits = self.model.logits(self.model.decode(self.decode_batch(seqs), self.kv))
         for seq in seqs:
             seq.num_cached += 1
-        return self.model.logits(hidden)
+        return logits
 
     def hidden_states(self, token_lists: list[list[int]]) -> torch.Tensor:
         """Final hidden states of whole sequences, nothing cached (scoring, features): packed ``[T, D]``."""
