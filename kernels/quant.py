@@ -165,41 +165,29 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, group: int = 8) -> 
     )
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). The first is the small one the interpreter runs;
+# BLOCK_K 64 divides both int4 group sizes.
+_GEMV_TILES = [(16, 64, 64, 4, 3), (16, 32, 128, 4, 4), (16, 64, 128, 4, 4)]
+_PREFILL_TILES = [
+    (32, 64, 128, 4, 4),
+    (64, 128, 64, 8, 4),
+    (128, 64, 64, 8, 4),
+    (128, 128, 32, 8, 4),  # BLOCK_K=64 at this tile spills on sm_80 (dequantized tiles cost registers)
+    # fp32 activations (parity / CPU path): CUDA-core dots, only these small tiles avoid spills
+    (16, 32, 32, 4, 2),
+    (16, 32, 64, 4, 2),
+    (16, 64, 32, 4, 2),
+]
+
+
 def get_int8_configs() -> list[triton.Config]:
-    """int8 GEMM tiles: first the small interpreter one, then GEMV-shaped (BLOCK_M=16) decode tiles, then prefill."""
-    return [
-        _cfg(16, 64, 64, 4, 3),
-        _cfg(16, 32, 128, 4, 4),
-        _cfg(16, 64, 128, 4, 4),
-        _cfg(16, 32, 256, 4, 4),
-        _cfg(16, 64, 256, 8, 3),
-        _cfg(32, 64, 128, 4, 4),
-        _cfg(64, 128, 64, 8, 4),
-        _cfg(128, 64, 64, 8, 4),
-        _cfg(128, 128, 32, 8, 4),  # BLOCK_K=64 at this tile spills on sm_80 (dequantized tiles cost registers)
-        # fp32 activations (parity / CPU path): CUDA-core dots, only these small tiles avoid spills
-        _cfg(16, 32, 32, 4, 2),
-        _cfg(16, 32, 64, 4, 2),
-        _cfg(16, 64, 32, 4, 2),
-    ]
+    """int8 GEMM tiles: GEMV-shaped (BLOCK_M=16) decode tiles, deeper ones for int8's 1-byte K, then prefill."""
+    return [_cfg(*t) for t in _GEMV_TILES + [(16, 32, 256, 4, 4), (16, 64, 256, 8, 3)] + _PREFILL_TILES]
 
 
 def get_int4_configs() -> list[triton.Config]:
-    """int4 GEMM tiles; BLOCK_K must divide the group size (the first config's 64 divides both 64 and 128)."""
-    return [
-        _cfg(16, 64, 64, 4, 3),
-        _cfg(16, 32, 128, 4, 4),
-        _cfg(16, 64, 128, 4, 4),
-        _cfg(16, 128, 128, 8, 3),
-        _cfg(32, 64, 128, 4, 4),
-        _cfg(64, 128, 64, 8, 4),
-        _cfg(128, 64, 64, 8, 4),
-        _cfg(128, 128, 32, 8, 4),  # BLOCK_K=64 at this tile spills on sm_80 (dequantized tiles cost registers)
-        # fp32 activations (parity / CPU path): CUDA-core dots, only these small tiles avoid spills
-        _cfg(16, 32, 32, 4, 2),
-        _cfg(16, 32, 64, 4, 2),
-        _cfg(16, 64, 32, 4, 2),
-    ]
+    """int4 GEMM tiles; BLOCK_K must divide the group size (every BLOCK_K here divides 64 and 128)."""
+    return [_cfg(*t) for t in _GEMV_TILES + [(16, 128, 128, 8, 3)] + _PREFILL_TILES]
 
 
 def keep_quant(config: triton.Config, m_bucket: int, a_bytes: int, w_bits: int, group_size: int) -> bool:
