@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from engine.config import PRESETS, ModelConfig
+from engine.progress import progress_bar
 from engine.weights import GPT2Weights, LayerWeights
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -251,7 +251,7 @@ def load_checkpoint(
                     f"set it to false if the LM head really is untied"
                 )
         values: dict[str, torch.Tensor] = {}
-        for spec in _progress(specs, progress, f"loading {path.name}"):
+        for spec in progress_bar(specs, desc=f"loading {path.name}", unit="tensor", disable=not progress):
             key, handle, file = where[spec.name]
             tensor = _read(handle, key, file)
             tensor = tensor.to(device=device, dtype=dtype)
@@ -340,17 +340,6 @@ def _read(handle: object, key: str, file: Path) -> torch.Tensor:
         return handle.get_tensor(key)
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{file}: could not read tensor {key} (truncated or corrupt?): {e}") from None
-
-
-def _progress(items: list, enabled: bool, desc: str) -> Iterable:
-    """``items`` wrapped in a tqdm bar on stderr when tqdm is installed and ``enabled``."""
-    if not enabled:
-        return items
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=desc, unit="tensor", file=sys.stderr, leave=False)
 
 
 def _assemble(config: ModelConfig, values: dict[str, torch.Tensor]) -> GPT2Weights:
