@@ -392,9 +392,14 @@ def summary(rows: list[Row], seconds: float) -> str:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit code 2, like the rest of the CLI
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``check-kernels``: print the table and summary; exit 0 when every compile passes, 1 otherwise."""
-    p = argparse.ArgumentParser(prog="check-kernels", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="gpt2-triton check-kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="CUDA archs to compile for (80, 90)")
     p.add_argument("--filter", default=None, help="only specs whose name or module contains this substring")
     p.add_argument("--jobs", type=int, default=DEFAULT_JOBS, help="parallel compile processes")

@@ -143,6 +143,7 @@ def test_cli_score(tiny_checkpoint, tmp_path):
         (["generate", "hi", "--n", "2", "--stream"], "--stream"),
         (["score", "/nonexistent/file.txt"], "cannot read"),
         (["frobnicate"], "invalid choice"),
+        (["check-kernels", "--bogus"], "unrecognized arguments"),
     ],
 )
 def test_cli_errors_are_one_line_exit_2(args, match):
