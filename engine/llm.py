@@ -137,6 +137,7 @@ class LLM:
         self.model = GPT2(self.config, weights, self.ops)
         self._tokenizer_source = tokenizer if tokenizer is not None else self.model_path
         self._tokenizer = None
+        self._tokenizer_error: str | None = None
 
         self.block_size = block_size
         num_blocks = num_blocks or self._num_blocks_from_budget(kv_cache_memory, max_num_seqs)
@@ -187,7 +188,13 @@ class LLM:
         if self._tokenizer is None:
             from engine.tokenizer import load_tokenizer
 
-            self._tokenizer = load_tokenizer(self._tokenizer_source)
+            if self._tokenizer_error is not None:  # don't retry (a network attempt) on every call
+                raise ValueError(self._tokenizer_error)
+            try:
+                self._tokenizer = load_tokenizer(self._tokenizer_source)
+            except ValueError as e:
+                self._tokenizer_error = str(e)
+                raise
         return self._tokenizer
 
     def _token_ids(self, prompt: Prompt, what: str) -> list[int]:
