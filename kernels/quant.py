@@ -12,6 +12,9 @@ the epilogue (bias, GELU, residual) is the one :mod:`kernels.linear` uses.
   nibbles by the even columns of x and the high nibbles by the odd ones (two half-depth dots).
   ``group_size`` is 64 or 128 and must divide K; :func:`quantize_int4` picks 128 when it divides K and
   64 otherwise (GPT-2 xl's width 1600 is divisible by 64 but not 128).
+
+Small-M GEMMs with few output tiles split K as :mod:`kernels.linear` does (fp32 partials per K range, then
+:func:`kernels.linear._splitk_epilogue_kernel`); the int8 scale is applied to each split's partial sum.
 """
 
 from __future__ import annotations
@@ -24,15 +27,21 @@ import triton.language as tl
 
 from kernels.linear import (
     SMEM_LIMIT,
+    SPLIT_K_BUCKETS,
     UNIT_STRIDES,
     _dot,
     _epilogue,
+    _split_range,
+    _store_partial,
     _tile_ids,
     check_epilogue,
+    check_split_k,
     config_name,
     gemm_signature,
+    launch_split_k,
     linear_ref,
     m_key,
+    split_constexprs,
 )
 from kernels.utils import FLOAT_DTYPES, KernelSpec, autotune, cast, check_device, check_tensor, is_interpreter
 
@@ -225,7 +234,7 @@ def _prune_int4(configs: list[triton.Config], named_args: dict, **kwargs) -> lis
 
 @autotune(
     configs=get_int8_configs(),
-    key=["M_KEY", "N", "K"],
+    key=["M_KEY", "N", "K", "SPLIT_K"],
     prune_configs_by={"early_config_prune": _prune_int8},
     restore_value=["Y"],  # tuning reruns the kernel; out=residual must not accumulate
 )
@@ -237,10 +246,12 @@ def _int8_linear_kernel(
     B,  # pointer to the bias, shape (N,) (unused unless HAS_BIAS)
     R,  # pointer to the residual, shape (M, N) (unused unless HAS_RESIDUAL)
     Y,  # pointer to the output, shape (M, N)
+    P,  # pointer to the fp32 split-K partials, shape (SPLIT_K, M, N) (unused unless PARTIAL)
     M,  # rows of X and Y (tokens)
     N,  # output features
     K,  # input features
     M_KEY,  # autotune bucket of M (power of two); not used by the kernel body
+    SPLIT_K,  # K ranges (grid axis 1); 1 unless PARTIAL
     stride_xm,  # X row stride
     stride_xk,  # X column stride
     stride_wn,  # W row stride
@@ -253,6 +264,7 @@ def _int8_linear_kernel(
     APPLY_GELU: tl.constexpr,  # GELU-tanh after the bias
     HAS_RESIDUAL: tl.constexpr,  # add the residual after the activation
     UPCAST: tl.constexpr,  # interpreter only: multiply in fp32 (bf16 tl.dot bug)
+    PARTIAL: tl.constexpr,  # split-K: reduce only this program's K range and store it to P (no epilogue)
     BLOCK_M: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # output columns per tile
     BLOCK_K: tl.constexpr,  # reduction step
@@ -261,14 +273,20 @@ def _int8_linear_kernel(
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if PARTIAL:
+        k_lo, k_hi = _split_range(K, BLOCK_K, SPLIT_K)
+    else:
+        k_lo, k_hi = 0, tl.cdiv(K, BLOCK_K)
     offs_k = tl.arange(0, BLOCK_K)
     rows_x = (offs_m % M).to(tl.int64)
     rows_w = (offs_n % N).to(tl.int64)
-    x_ptrs = X + rows_x[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BLOCK_M, BLOCK_K)
-    w_ptrs = W + rows_w[None, :] * stride_wn + offs_k[:, None] * stride_wk  # (BLOCK_K, BLOCK_N): W^T tile
+    # (BLOCK_M, BLOCK_K) x tile and (BLOCK_K, BLOCK_N) W^T tile at this split's first k (the scalar offset added
+    # last: folding it into offs_k spills registers on sm_80 at 32 x 64 x 128)
+    x_ptrs = X + rows_x[:, None] * stride_xm + offs_k[None, :] * stride_xk + k_lo * BLOCK_K * stride_xk
+    w_ptrs = W + rows_w[None, :] * stride_wn + offs_k[:, None] * stride_wk + k_lo * BLOCK_K * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
+    k_left = K - k_lo * BLOCK_K  # k from this step on; only the last step of K has a tail
+    for _ in range(0, k_hi - k_lo):  # a zero-based trip count: range(k_lo, k_hi) spills a register on sm_90
         a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
         q = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0)
         if UPCAST:  # the interpreter's int8 -> bf16 cast is broken too; _dot multiplies in fp32 anyway
@@ -278,16 +296,20 @@ def _int8_linear_kernel(
         acc = _dot(a, w, acc, UPCAST)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
+        k_left -= BLOCK_K
     acc *= tl.load(S + rows_w).to(tl.float32)[None, :]  # per-channel scale factors out of the K sum
-    _epilogue(
-        acc, offs_m, offs_n, M, N, B, R, Y, stride_rm, stride_rn, stride_ym, stride_yn,
-        HAS_BIAS, APPLY_GELU, HAS_RESIDUAL,
-    )  # fmt: skip
+    if PARTIAL:
+        _store_partial(acc, offs_m, offs_n, M, N, P)
+    else:
+        _epilogue(
+            acc, offs_m, offs_n, M, N, B, R, Y, stride_rm, stride_rn, stride_ym, stride_yn,
+            HAS_BIAS, APPLY_GELU, HAS_RESIDUAL,
+        )  # fmt: skip
 
 
 @autotune(
     configs=get_int4_configs(),
-    key=["M_KEY", "N", "K", "GROUP_SIZE"],
+    key=["M_KEY", "N", "K", "SPLIT_K", "GROUP_SIZE"],
     prune_configs_by={"early_config_prune": _prune_int4},
     restore_value=["Y"],
 )
@@ -300,10 +322,12 @@ def _int4_linear_kernel(
     B,  # pointer to the bias, shape (N,) (unused unless HAS_BIAS)
     R,  # pointer to the residual, shape (M, N) (unused unless HAS_RESIDUAL)
     Y,  # pointer to the output, shape (M, N)
+    P,  # pointer to the fp32 split-K partials, shape (SPLIT_K, M, N) (unused unless PARTIAL)
     M,  # rows of X and Y (tokens)
     N,  # output features
     K,  # input features (multiple of GROUP_SIZE)
     M_KEY,  # autotune bucket of M (power of two); not used by the kernel body
+    SPLIT_K,  # K ranges (grid axis 1); 1 unless PARTIAL
     stride_xm,  # X row stride
     stride_xk,  # X column stride
     stride_wn,  # W row stride (bytes)
@@ -318,6 +342,7 @@ def _int4_linear_kernel(
     APPLY_GELU: tl.constexpr,  # GELU-tanh after the bias
     HAS_RESIDUAL: tl.constexpr,  # add the residual after the activation
     UPCAST: tl.constexpr,  # interpreter only: multiply in fp32 (bf16 tl.dot bug)
+    PARTIAL: tl.constexpr,  # split-K: reduce only this program's K range and store it to P (no epilogue)
     GROUP_SIZE: tl.constexpr,  # k per scale/zero group; a multiple of BLOCK_K
     BLOCK_M: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # output columns per tile
@@ -327,15 +352,23 @@ def _int4_linear_kernel(
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if PARTIAL:
+        k_lo, k_hi = _split_range(K, BLOCK_K, SPLIT_K)
+    else:
+        k_lo, k_hi = 0, K // BLOCK_K
     offs_p = tl.arange(0, BLOCK_K // 2)  # byte (k pair) index within the step
     rows_x = (offs_m % M).to(tl.int64)
     rows_w = (offs_n % N).to(tl.int64)
-    x_even = X + rows_x[:, None] * stride_xm + (2 * offs_p)[None, :] * stride_xk  # (BLOCK_M, BLOCK_K // 2)
-    w_ptrs = W + rows_w[None, :] * stride_wn + offs_p[:, None] * stride_wk  # (BLOCK_K // 2, BLOCK_N)
+    x_even = (
+        X + rows_x[:, None] * stride_xm + (k_lo * BLOCK_K + 2 * offs_p)[None, :] * stride_xk
+    )  # (BLOCK_M, BLOCK_K/2)
+    w_ptrs = (
+        W + rows_w[None, :] * stride_wn + (k_lo * (BLOCK_K // 2) + offs_p)[:, None] * stride_wk
+    )  # (BLOCK_K/2, BLOCK_N)
     s_ptrs = S + rows_w * stride_sn  # (BLOCK_N,)
     z_ptrs = Z + rows_w * stride_sn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, K // BLOCK_K):
+    for k in range(k_lo, k_hi):
         g = (k * BLOCK_K) // GROUP_SIZE
         scale = tl.load(s_ptrs + g * stride_sg).to(tl.float32)[None, :]
         zero = tl.load(z_ptrs + g * stride_sg).to(tl.float32)[None, :]
@@ -348,10 +381,13 @@ def _int4_linear_kernel(
         acc = _dot(a_odd, w_hi, acc, UPCAST)
         x_even += BLOCK_K * stride_xk
         w_ptrs += (BLOCK_K // 2) * stride_wk
-    _epilogue(
-        acc, offs_m, offs_n, M, N, B, R, Y, stride_rm, stride_rn, stride_ym, stride_yn,
-        HAS_BIAS, APPLY_GELU, HAS_RESIDUAL,
-    )  # fmt: skip
+    if PARTIAL:
+        _store_partial(acc, offs_m, offs_n, M, N, P)
+    else:
+        _epilogue(
+            acc, offs_m, offs_n, M, N, B, R, Y, stride_rm, stride_rn, stride_ym, stride_yn,
+            HAS_BIAS, APPLY_GELU, HAS_RESIDUAL,
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -365,8 +401,13 @@ def quant_linear(
     activation: str | None = None,
     residual: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    *,
+    split_k: int | None = None,
 ) -> torch.Tensor:
-    """``act(x @ W.T + bias) + residual`` with W stored as int8 or int4; output ``[M, N]`` in x.dtype."""
+    """``act(x @ W.T + bias) + residual`` with W stored as int8 or int4; output ``[M, N]`` in x.dtype.
+
+    ``out`` may be ``residual`` (in-place add); ``split_k`` forces the number of K splits, None picks it.
+    """
     if not isinstance(qweight, (Int8Weight, Int4Weight)):
         raise ValueError(f"qweight must be an Int8Weight or Int4Weight, got {type(qweight).__name__}")
     n, k = qweight.shape
@@ -380,34 +421,45 @@ def quant_linear(
         return y
     if k == 0:
         raise ValueError("x and qweight have K=0 features")
+    split_k = check_split_k(split_k, x.dtype, m, n, k, x.device)
     r = residual if residual is not None else y
     b = bias if bias is not None else y
-    flags = dict(
-        HAS_BIAS=bias is not None,
-        APPLY_GELU=activation == "gelu_tanh",
-        HAS_RESIDUAL=residual is not None,
-        UPCAST=is_interpreter(),
-    )
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     w = qweight.qweight
-    if isinstance(qweight, Int8Weight):
-        _int8_linear_kernel[grid](
-            x, w, qweight.scales, b, r, y, m, n, k, m_key(m),
-            x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-            r.stride(0), r.stride(1), y.stride(0), y.stride(1),
-            **flags,
-        )  # fmt: skip
+    s, z = (qweight.scales, None) if isinstance(qweight, Int8Weight) else (qweight.scales, qweight.zeros)
+    if z is not None and s.stride() != z.stride():
+        z = z.contiguous()
+        s = s.contiguous()
+
+    def launch(partials: torch.Tensor | None) -> None:
+        split = 1 if partials is None else split_k
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
+        p = y if partials is None else partials
+        flags = dict(
+            HAS_BIAS=bias is not None,
+            APPLY_GELU=activation == "gelu_tanh",
+            HAS_RESIDUAL=residual is not None,
+            UPCAST=is_interpreter(),
+            PARTIAL=partials is not None,
+        )
+        if z is None:
+            _int8_linear_kernel[grid](
+                x, w, s, b, r, y, p, m, n, k, m_key(m), split,
+                x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+                r.stride(0), r.stride(1), y.stride(0), y.stride(1),
+                **flags,
+            )  # fmt: skip
+        else:
+            _int4_linear_kernel[grid](
+                x, w, s, z, b, r, y, p, m, n, k, m_key(m), split,
+                x.stride(0), x.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
+                r.stride(0), r.stride(1), y.stride(0), y.stride(1),
+                GROUP_SIZE=qweight.group_size, **flags,
+            )  # fmt: skip
+
+    if split_k == 1:
+        launch(None)
     else:
-        s, z = qweight.scales, qweight.zeros
-        if s.stride() != z.stride():
-            z = z.contiguous()
-            s = s.contiguous()
-        _int4_linear_kernel[grid](
-            x, w, s, z, b, r, y, m, n, k, m_key(m),
-            x.stride(0), x.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
-            r.stride(0), r.stride(1), y.stride(0), y.stride(1),
-            GROUP_SIZE=qweight.group_size, **flags,
-        )  # fmt: skip
+        launch_split_k(launch, m, n, split_k, y, bias, activation, residual)
     return y
 
 
@@ -426,8 +478,9 @@ def quant_linear_ref(
 
 def compile_specs() -> list[KernelSpec]:
     """AOT compile specs: every config for fp16/bf16 with the full epilogue, int4 at both group sizes' valid
-    configs (group 64 for BLOCK_K=64 tiles, 128 otherwise), the fp32 configs the pruner keeps, and the bare
-    epilogue on the first config."""
+    configs (group 64 for BLOCK_K=64 tiles, 128 otherwise), the fp32 configs the pruner keeps, the bare
+    epilogue on the first config, and the split-K partial variant (fp16/bf16) of every config small M may use.
+    The split-K epilogue kernel is :mod:`kernels.linear`'s (its specs are there)."""
     specs = []
     kinds = (
         ("int8", _int8_linear_kernel, get_int8_configs(), 8),
@@ -439,16 +492,20 @@ def compile_specs() -> list[KernelSpec]:
                 group = 0 if bits == 8 else (128 if c.kwargs["BLOCK_K"] == 128 else 64)
                 if not any(keep_quant(c, mb, nbytes, bits, group) for mb in (16, 64, 16384)):
                     continue
-                variants = [(True, True, True)] + ([(False, False, False)] if i == 0 and t != "fp32" else [])
-                for has_bias, gelu, res in variants:
+                variants = [(True, True, True, False)]
+                if i == 0 and t != "fp32":
+                    variants.append((False, False, False, False))
+                if t != "fp32" and any(keep_quant(c, mb, nbytes, bits, group) for mb in SPLIT_K_BUCKETS):
+                    variants.append((False, False, False, True))
+                for has_bias, gelu, res, partial in variants:
                     if bits == 8:
-                        sig = gemm_signature(t, "i8", {"S": "*fp32"})
+                        sig = gemm_signature(t, "i8", {"S": "*fp32"}, partial=partial)
                         extra = {}
                     else:
-                        sig = gemm_signature(t, "u8", {"S": "*fp32", "Z": "*u8"})
+                        sig = gemm_signature(t, "u8", {"S": "*fp32", "Z": "*u8"}, partial=partial)
                         sig["stride_sn"] = "i32"  # K // group_size: 1600 // 64 = 25 is not a multiple of 16
                         extra = {"GROUP_SIZE": group, "stride_sg": 1}
-                    epi = "bias,gelu,residual" if has_bias else "plain"
+                    epi = "split-k partial" if partial else "bias,gelu,residual" if has_bias else "plain"
                     specs.append(
                         KernelSpec(
                             name=f"{kind}_linear[{t},{epi}{f',g{group}' if group else ''}] {config_name(c)}",
@@ -459,6 +516,7 @@ def compile_specs() -> list[KernelSpec]:
                                 "APPLY_GELU": gelu,
                                 "HAS_RESIDUAL": res,
                                 "UPCAST": False,
+                                **split_constexprs(partial),
                                 **UNIT_STRIDES,
                                 **extra,
                                 **c.kwargs,

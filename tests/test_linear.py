@@ -5,10 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.linear import compile_specs, get_configs, keep, linear, linear_ref
+from kernels.linear import (
+    SPLIT_K_MIN_K,
+    choose_split_k,
+    compile_specs,
+    get_configs,
+    keep,
+    linear,
+    linear_ref,
+)
 from tests.conftest import DEVICE, rel_err
 
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 1e-3), (torch.bfloat16, 1e-2)]
+HALF_DTYPES = DTYPES[1:]
+# (K, N, split_k) with the interpreter's BLOCK_K=64: 200 = 4 steps split 3 ways (2, 2, and an empty split) plus
+# a K tail; 328 = 6 steps (3, 3) with a tail; 1000 = 16 steps split 5 ways (4, 4, 4, 4, 0)
+SPLITS = [(200, 136, 3), (328, 70, 2), (1000, 40, 5)]
 EPILOGUES = [  # (bias, activation, residual)
     (False, None, False),
     (True, "gelu_tanh", False),
@@ -42,6 +54,43 @@ def test_linear(m, k, n, has_bias, activation, has_residual, dtype, tol):
     assert rel_err(y, _ref64(x, weight, bias, activation, residual)) < tol
 
 
+@pytest.mark.parametrize("m", [1, 17])
+@pytest.mark.parametrize("k, n, split_k", SPLITS)
+@pytest.mark.parametrize("has_bias, activation, has_residual", EPILOGUES)
+@pytest.mark.parametrize("dtype, tol", HALF_DTYPES)
+def test_linear_split_k(m, k, n, split_k, has_bias, activation, has_residual, dtype, tol):
+    """Split-K partial sums + the reduce/epilogue kernel equal the unsplit GEMM, including uneven/empty splits."""
+    x, weight, bias, residual = _operands(m, k, n, dtype, has_bias, has_residual)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+    y = linear(x, weight, bias, activation, residual, out=out, split_k=split_k)
+    assert y is out
+    assert rel_err(y, _ref64(x, weight, bias, activation, residual)) < tol
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("dtype, tol", HALF_DTYPES)
+def test_linear_in_place_residual(split_k, dtype, tol):
+    """``out=residual`` adds in place (the decoder's residual stream), split or not."""
+    x, weight, bias, residual = _operands(5, 200, 72, dtype, True, True)
+    ref = _ref64(x, weight, bias, "gelu_tanh", residual)
+    y = linear(x, weight, bias, "gelu_tanh", residual, out=residual, split_k=split_k)
+    assert y is residual
+    assert rel_err(y, ref) < tol
+
+
+def test_choose_split_k():
+    """Decode GEMMs with few tiles split to fill the SMs; prefill, fp32, wide outputs and short K do not."""
+    sms = 132  # H200
+    s = choose_split_k(1, 1024, 4096, sms, torch.float16)  # GPT-2 medium MLP down-projection at M=1
+    assert s > 1 and 4096 // s >= SPLIT_K_MIN_K and 16 * s >= sms  # 16 tiles of 64 columns: >= one wave
+    assert choose_split_k(64, 1024, 1024, sms, torch.bfloat16) > 1
+    assert choose_split_k(1, 1024, 4096, sms, torch.float32) == 1  # the parity path stays unsplit
+    assert choose_split_k(128, 1024, 4096, sms, torch.float16) == 1  # prefill
+    assert choose_split_k(1, 50257, 1024, sms, torch.float16) == 1  # LM head: enough tiles already
+    assert choose_split_k(1, 1024, 300, sms, torch.float16) == 1  # K too short to split
+    assert choose_split_k(1, 1024, 4096, 0, torch.float16) == 1  # no SMs: CPU / interpreter
+
+
 @pytest.mark.parametrize("dtype, tol", DTYPES)
 def test_linear_strided_operands(dtype, tol):
     """Column-major weight (TorchOps' CPU layout), x and residual column slices, out a strided view: no copies."""
@@ -54,10 +103,12 @@ def test_linear_strided_operands(dtype, tol):
     residual = torch.randn(m, 2 * n, device=DEVICE).to(dtype)[:, ::2]
     out_big = torch.full((m, n + 8), float("nan"), dtype=dtype, device=DEVICE)
     out = out_big[:, 3 : 3 + n]
-    y = linear(x, weight, bias, "gelu_tanh", residual, out=out)
-    assert y is out
-    assert rel_err(y, _ref64(x, weight, bias, "gelu_tanh", residual)) < tol
-    assert out_big[:, :3].isnan().all() and out_big[:, 3 + n :].isnan().all()  # nothing written outside
+    for split_k in (1,) if dtype == torch.float32 else (1, 2):
+        out[:] = float("nan")
+        y = linear(x, weight, bias, "gelu_tanh", residual, out=out, split_k=split_k)
+        assert y is out
+        assert rel_err(y, _ref64(x, weight, bias, "gelu_tanh", residual)) < tol
+        assert out_big[:, :3].isnan().all() and out_big[:, 3 + n :].isnan().all()  # nothing written outside
 
 
 def test_linear_tied_lm_head_shape():
@@ -78,11 +129,13 @@ def test_linear_tied_lm_head_shape():
         ("bias_shape", "bias"),
         ("residual_shape", "residual"),
         ("out_dtype", "out has dtype"),
+        ("split_k_zero", "split_k must be"),
+        ("split_k_fp32", "split_k=2 needs"),
     ],
 )
 def test_linear_bad_inputs(case, match):
     x, weight, bias, residual = _operands(4, 32, 16, torch.float32, True, True)
-    activation, out = None, None
+    activation, out, split_k = None, None, None
     if case == "x_3d":
         x = x[None]
     elif case == "k_mismatch":
@@ -97,8 +150,12 @@ def test_linear_bad_inputs(case, match):
         residual = residual.t()
     elif case == "out_dtype":
         out = torch.empty(4, 16, device=DEVICE, dtype=torch.float16)
+    elif case == "split_k_zero":
+        split_k = 0
+    elif case == "split_k_fp32":
+        split_k = 2
     with pytest.raises(ValueError, match=match):
-        linear(x, weight, bias, activation, residual, out=out)
+        linear(x, weight, bias, activation, residual, out=out, split_k=split_k)
 
 
 def test_configs_and_specs():
@@ -110,5 +167,10 @@ def test_configs_and_specs():
             assert any(keep(c, m_bucket, nbytes, nbytes) for c in configs) or nbytes == 4
     specs = compile_specs()
     assert len({s.name for s in specs}) == len(specs)
+    names = " ".join(s.name for s in specs)
+    for t in ("fp16", "bf16"):  # split-K: the partial GEMM on the first (interpreter / decode) tile, and the reduce
+        assert f"linear[{t},split-k partial] BLOCK_M=16 BLOCK_N=64 BLOCK_K=64" in names
+        assert f"splitk_epilogue[{t},bias,gelu,residual]" in names
+    assert "fp32,split-k" not in names
     for s in specs:
         assert set(s.signature) | set(s.constexprs) == set(s.fn.arg_names), s.name

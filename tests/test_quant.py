@@ -38,12 +38,12 @@ def _ref64(x, qweight, bias, activation, residual):
     return linear_ref(x.double(), qweight.dequantize(torch.float64), as64(bias), activation, as64(residual))
 
 
-def _run(m, k, n, dtype, qweight, has_bias, activation, has_residual):
+def _run(m, k, n, dtype, qweight, has_bias, activation, has_residual, split_k=None):
     x = torch.randn(m, k, device=DEVICE).to(dtype)
     bias = torch.randn(n, device=DEVICE).to(dtype) if has_bias else None
     residual = torch.randn(m, n, device=DEVICE).to(dtype) if has_residual else None
     out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
-    y = quant_linear(x, qweight, bias, activation, residual, out=out)
+    y = quant_linear(x, qweight, bias, activation, residual, out=out, split_k=split_k)
     assert y is out
     return y, _ref64(x, qweight, bias, activation, residual), (x, bias, residual)
 
@@ -139,6 +139,42 @@ def test_int4_linear(m, k, n, group_size, has_bias, activation, has_residual, dt
     assert rel_err(y, ref) < tol
 
 
+# (kind, K, N, group_size, split_k) with the interpreter's BLOCK_K=64: int8 200 = 4 steps in 3 splits (2, 2, empty)
+# plus a K tail, 328 = 6 steps in 2; int4 192 = 3 steps in 2 (2, 1) crossing a 64-group, 640 = 10 steps in 4
+# (3, 3, 3, 1) over 128-groups
+SPLITS = [("int8", 200, 136, 0, 3), ("int8", 328, 70, 0, 2), ("int4", 192, 96, 64, 2), ("int4", 640, 40, 128, 4)]
+
+
+@pytest.mark.parametrize("m", [1, 17])
+@pytest.mark.parametrize("kind, k, n, group_size, split_k", SPLITS)
+@pytest.mark.parametrize("has_bias, activation, has_residual", EPILOGUES)
+@pytest.mark.parametrize("dtype, tol", DTYPES[1:])
+def test_quant_linear_split_k(m, kind, k, n, group_size, split_k, has_bias, activation, has_residual, dtype, tol):
+    """Split-K (per-split int8 scaling / int4 groups, fp32 partials, reduce + epilogue) equals the reference."""
+    w = torch.randn(n, k, device=DEVICE) / k**0.5
+    qweight = quantize_int8(w) if kind == "int8" else quantize_int4(w, group_size)
+    y, ref, _ = _run(m, k, n, dtype, qweight, has_bias, activation, has_residual, split_k=split_k)
+    assert rel_err(y, ref) < tol
+
+
+def test_quant_linear_split_k_in_place_and_checks():
+    """``out=residual`` adds in place when split; a bad or fp32 split_k raises naming split_k."""
+    k, n = 256, 48
+    for qw in (
+        quantize_int8(torch.randn(n, k, device=DEVICE) / 16),
+        quantize_int4(torch.randn(n, k, device=DEVICE) / 16),
+    ):
+        x = torch.randn(3, k, device=DEVICE).half()
+        residual = torch.randn(3, n, device=DEVICE).half()
+        ref = _ref64(x, qw, None, "gelu_tanh", residual)
+        y = quant_linear(x, qw, None, "gelu_tanh", residual, out=residual, split_k=3)
+        assert y is residual and rel_err(y, ref) < 1e-3
+        with pytest.raises(ValueError, match="split_k must be"):
+            quant_linear(x, qw, split_k=-1)
+        with pytest.raises(ValueError, match="split_k=2 needs"):
+            quant_linear(x.float(), qw, split_k=2)
+
+
 def test_quant_linear_ref_and_strided_operands():
     """Strided x / out views and a transposed int8 code matrix are read in place; the torch reference agrees."""
     m, k, n = 5, 128, 72
@@ -195,6 +231,11 @@ def test_configs_and_specs():
                     assert kept or (nbytes == 4 and m_bucket >= 512), (bits, nbytes, group, m_bucket)
     assert all(len(t) == 3 for t in FP32_TILES)
     specs = compile_specs()
-    assert len({s.name for s in specs}) == len(specs) <= 60
+    assert len({s.name for s in specs}) == len(specs) <= 80
+    names = " ".join(s.name for s in specs)
+    for kind in ("int8", "int4"):  # the interpreter's first tile also ships split
+        for t in ("fp16", "bf16"):
+            assert f"{kind}_linear[{t},split-k partial" in names
+            assert f"{kind}_linear[fp32,split-k" not in names
     for s in specs:
         assert set(s.signature) | set(s.constexprs) == set(s.fn.arg_names), s.name
