@@ -359,7 +359,7 @@ class LLM:
     ) -> Iterator[StreamDelta]:
         """Yield text deltas as tokens are produced; a stop string is never partly emitted."""
         self.get_tokenizer()
-        requests, seqs = self._make_sequences(prompts, params)
+        _, seqs = self._make_sequences(prompts, params)
         for stepped in self._run(seqs, want_text=True):
             for seq in stepped:
                 if seq.is_finished:
