@@ -12,8 +12,9 @@ programs, each streaming its weight columns alone, far from memory bandwidth. Th
 order (deterministic, no atomics) and applies the epilogue, which must follow the full sum since GELU is not
 linear. fp32 inputs (the parity path) never split by default.
 
-The epilogue (:func:`_epilogue`), the dot wrapper (:func:`_dot`), the split helpers (:func:`_split_range`,
-:func:`_store_partial`), and :func:`_splitk_epilogue_kernel` are shared with :mod:`kernels.quant`.
+The GEMM body (:func:`_gemm_kernel`, whose ``W_INT8`` variant is :mod:`kernels.quant`'s int8 kernel), the
+tile helpers (:func:`_tile_setup`, :func:`_dot`, :func:`_write_tile`) and :func:`_splitk_epilogue_kernel` are
+shared with :mod:`kernels.quant`.
 """
 
 from __future__ import annotations
@@ -271,17 +272,65 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
     return pid_m, pid_n
 
 
-# restore_value: tuning runs the kernel many times; with ``out=residual`` (in-place residual add) Y must be reset
-@autotune(
-    configs=get_configs(),
-    key=["M_KEY", "N", "K", "SPLIT_K"],
-    prune_configs_by={"early_config_prune": _prune},
-    restore_value=["Y"],
-)
 @triton.jit
-def _linear_kernel(
+def _tile_setup(
+    M,  # rows of the output
+    N,  # columns of the output
+    K,  # reduction depth
+    SPLIT_K,  # K ranges (grid axis 1); read only if PARTIAL
+    PARTIAL: tl.constexpr,  # reduce only this program's K range
+    BLOCK_M: tl.constexpr,  # rows per tile
+    BLOCK_N: tl.constexpr,  # columns per tile
+    BLOCK_K: tl.constexpr,  # reduction step
+    GROUP_M: tl.constexpr,  # row tiles per L2 group
+):
+    """This program's tile: row and column indices, its ``BLOCK_K`` steps ``[k_lo, k_hi)``, and the rows of X and
+    of the weight to read, out-of-range ones wrapped onto valid ones so only the K tail needs a load mask."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if PARTIAL:
+        k_lo, k_hi = _split_range(K, BLOCK_K, SPLIT_K)
+    else:
+        k_lo, k_hi = 0, tl.cdiv(K, BLOCK_K)
+    return offs_m, offs_n, k_lo, k_hi, (offs_m % M).to(tl.int64), (offs_n % N).to(tl.int64)
+
+
+@triton.jit
+def _write_tile(
+    acc,  # fp32 accumulator tile, shape (BLOCK_M, BLOCK_N)
+    offs_m,  # row indices of the tile, shape (BLOCK_M,)
+    offs_n,  # column indices of the tile, shape (BLOCK_N,)
+    M,  # rows of the output
+    N,  # columns of the output
+    B,  # pointer to the bias, shape (N,) (unused unless HAS_BIAS)
+    R,  # pointer to the residual, shape (M, N) (unused unless HAS_RESIDUAL)
+    Y,  # pointer to the output, shape (M, N)
+    P,  # pointer to the fp32 split-K partials, shape (SPLIT_K, M, N) (unused unless PARTIAL)
+    stride_rm,  # residual row stride
+    stride_rn,  # residual column stride
+    stride_ym,  # output row stride
+    stride_yn,  # output column stride
+    HAS_BIAS: tl.constexpr,  # add B[n] to every row
+    APPLY_GELU: tl.constexpr,  # apply GELU-tanh after the bias
+    HAS_RESIDUAL: tl.constexpr,  # add R after the activation
+    PARTIAL: tl.constexpr,  # split-K: store the partial sum to P (the epilogue runs after the reduction)
+):
+    """Finish a GEMM tile: the split's fp32 partial to P, or the epilogue into Y."""
+    if PARTIAL:
+        _store_partial(acc, offs_m, offs_n, M, N, P)
+    else:
+        _epilogue(
+            acc, offs_m, offs_n, M, N, B, R, Y, stride_rm, stride_rn, stride_ym, stride_yn,
+            HAS_BIAS, APPLY_GELU, HAS_RESIDUAL,
+        )  # fmt: skip
+
+
+@triton.jit
+def _gemm_kernel(
     X,  # pointer to the activations, shape (M, K)
-    W,  # pointer to the weight, shape (N, K) (nn.Linear layout, any strides)
+    W,  # pointer to the weight, shape (N, K) (nn.Linear layout, any strides): X's dtype, or int8 codes if W_INT8
+    S,  # pointer to the int8 per-output-channel scales, shape (N,) (unused unless W_INT8)
     B,  # pointer to the bias, shape (N,) (unused unless HAS_BIAS)
     R,  # pointer to the residual, shape (M, N) (unused unless HAS_RESIDUAL)
     Y,  # pointer to the output, shape (M, N)
@@ -304,40 +353,57 @@ def _linear_kernel(
     HAS_RESIDUAL: tl.constexpr,  # add the residual after the activation
     UPCAST: tl.constexpr,  # interpreter only: multiply in fp32 (bf16 tl.dot bug)
     PARTIAL: tl.constexpr,  # split-K: reduce only this program's K range and store it to P (no epilogue)
+    W_INT8: tl.constexpr,  # W holds int8 codes: convert them in registers, scale the sum by S[n]
     BLOCK_M: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # output columns per tile
     BLOCK_K: tl.constexpr,  # reduction step
     GROUP_M: tl.constexpr,  # row tiles per L2 group
 ):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if PARTIAL:
-        k_lo, k_hi = _split_range(K, BLOCK_K, SPLIT_K)
-    else:
-        k_lo, k_hi = 0, tl.cdiv(K, BLOCK_K)
+    """One GEMM body for float weights (:func:`linear`) and int8 weights (:func:`kernels.quant.quant_linear`)."""
+    offs_m, offs_n, k_lo, k_hi, rows_x, rows_w = _tile_setup(
+        M, N, K, SPLIT_K, PARTIAL, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
+    )
     offs_k = tl.arange(0, BLOCK_K)
-    # wrap out-of-range rows/columns onto valid ones so only the K tail needs a load mask
-    rows_x = (offs_m % M).to(tl.int64)
-    rows_w = (offs_n % N).to(tl.int64)
-    x_ptrs = X + rows_x[:, None] * stride_xm + (k_lo * BLOCK_K + offs_k)[None, :] * stride_xk  # (BLOCK_M, BLOCK_K)
-    w_ptrs = W + rows_w[None, :] * stride_wn + (k_lo * BLOCK_K + offs_k)[:, None] * stride_wk  # (BLOCK_K, BLOCK_N)
+    # (BLOCK_M, BLOCK_K) x tile and (BLOCK_K, BLOCK_N) W^T tile at this split's first k. Where the split's scalar
+    # offset goes matters for registers: int8 must add it last (folded into offs_k it spills on sm_80 at
+    # 32 x 64 x 128), float weights must fold it (added last it spills on sm_90 at 16 x 32 x 256 with triton 3.6)
+    if W_INT8:
+        x_ptrs = X + rows_x[:, None] * stride_xm + offs_k[None, :] * stride_xk + k_lo * BLOCK_K * stride_xk
+        w_ptrs = W + rows_w[None, :] * stride_wn + offs_k[:, None] * stride_wk + k_lo * BLOCK_K * stride_wk
+    else:
+        x_ptrs = X + rows_x[:, None] * stride_xm + (k_lo * BLOCK_K + offs_k)[None, :] * stride_xk
+        w_ptrs = W + rows_w[None, :] * stride_wn + (k_lo * BLOCK_K + offs_k)[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_left = K - k_lo * BLOCK_K  # k from this step on; only the last step of K has a tail
     for _ in range(0, k_hi - k_lo):  # a zero-based trip count: range(k_lo, k_hi) spills a register on sm_90
         a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if W_INT8:
+            q = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0)
+            if UPCAST:  # the interpreter's int8 -> bf16 cast is broken too; _dot multiplies in fp32 anyway
+                b = q.to(tl.float32)
+            else:
+                b = q.to(a.dtype)  # |q| <= 127 is exact in fp16 and bf16
+        else:
+            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         acc = _dot(a, b, acc, UPCAST)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
         k_left -= BLOCK_K
-    if PARTIAL:
-        _store_partial(acc, offs_m, offs_n, M, N, P)
-    else:
-        _epilogue(
-            acc, offs_m, offs_n, M, N, B, R, Y, stride_rm, stride_rn, stride_ym, stride_yn,
-            HAS_BIAS, APPLY_GELU, HAS_RESIDUAL,
-        )  # fmt: skip
+    if W_INT8:
+        acc *= tl.load(S + rows_w).to(tl.float32)[None, :]  # per-channel scale factors out of the K sum
+    _write_tile(
+        acc, offs_m, offs_n, M, N, B, R, Y, P, stride_rm, stride_rn, stride_ym, stride_yn,
+        HAS_BIAS, APPLY_GELU, HAS_RESIDUAL, PARTIAL,
+    )  # fmt: skip
+
+
+# restore_value: tuning runs the kernel many times; with ``out=residual`` (in-place residual add) Y must be reset
+_linear_kernel = autotune(
+    configs=get_configs(),
+    key=["M_KEY", "N", "K", "SPLIT_K"],
+    prune_configs_by={"early_config_prune": _prune},
+    restore_value=["Y"],
+)(_gemm_kernel)
 
 
 def check_epilogue(
@@ -406,11 +472,11 @@ def linear(
         split = 1 if partials is None else split_k
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
         _linear_kernel[grid](
-            x, weight, b, r, y, y if partials is None else partials, m, n, k, m_key(m), split,
+            x, weight, y, b, r, y, y if partials is None else partials, m, n, k, m_key(m), split,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
             r.stride(0), r.stride(1), y.stride(0), y.stride(1),
             HAS_BIAS=bias is not None, APPLY_GELU=activation == "gelu_tanh", HAS_RESIDUAL=residual is not None,
-            UPCAST=is_interpreter(), PARTIAL=partials is not None,
+            UPCAST=is_interpreter(), PARTIAL=partials is not None, W_INT8=False,
         )  # fmt: skip
 
     if split_k == 1:
@@ -519,14 +585,15 @@ def compile_specs() -> list[KernelSpec]:
                 specs.append(
                     KernelSpec(
                         name=f"linear[{t},{epi}] {config_name(c)}",
-                        fn=_linear_kernel.fn,
-                        signature=gemm_signature(t, t, partial=partial),
+                        fn=_gemm_kernel,
+                        signature=gemm_signature(t, t, {"S": f"*{t}"}, partial=partial),
                         constexprs={
                             "HAS_BIAS": has_bias,
                             "APPLY_GELU": gelu,
                             "HAS_RESIDUAL": res,
                             "UPCAST": False,
                             **split_constexprs(partial),
+                            "W_INT8": False,
                             **UNIT_STRIDES,
                             **c.kwargs,
                         },  # fmt: skip

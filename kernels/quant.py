@@ -30,10 +30,9 @@ from kernels.linear import (
     SPLIT_K_BUCKETS,
     UNIT_STRIDES,
     _dot,
-    _epilogue,
-    _split_range,
-    _store_partial,
-    _tile_ids,
+    _gemm_kernel,
+    _tile_setup,
+    _write_tile,
     check_epilogue,
     check_split_k,
     config_name,
@@ -232,79 +231,14 @@ def _prune_int4(configs: list[triton.Config], named_args: dict, **kwargs) -> lis
 # kernels
 
 
-@autotune(
+# the int8 GEMM is kernels.linear's body with W_INT8 (codes converted in registers, per-channel scale applied
+# once after the K loop), tuned over int8's own tiles; restore_value: out=residual must not accumulate
+_int8_linear_kernel = autotune(
     configs=get_int8_configs(),
     key=["M_KEY", "N", "K", "SPLIT_K"],
     prune_configs_by={"early_config_prune": _prune_int8},
-    restore_value=["Y"],  # tuning reruns the kernel; out=residual must not accumulate
-)
-@triton.jit
-def _int8_linear_kernel(
-    X,  # pointer to the activations, shape (M, K), fp16/bf16/fp32
-    W,  # pointer to the int8 weight codes, shape (N, K), any strides
-    S,  # pointer to the per-output-channel scales, shape (N,)
-    B,  # pointer to the bias, shape (N,) (unused unless HAS_BIAS)
-    R,  # pointer to the residual, shape (M, N) (unused unless HAS_RESIDUAL)
-    Y,  # pointer to the output, shape (M, N)
-    P,  # pointer to the fp32 split-K partials, shape (SPLIT_K, M, N) (unused unless PARTIAL)
-    M,  # rows of X and Y (tokens)
-    N,  # output features
-    K,  # input features
-    M_KEY,  # autotune bucket of M (power of two); not used by the kernel body
-    SPLIT_K,  # K ranges (grid axis 1); 1 unless PARTIAL
-    stride_xm,  # X row stride
-    stride_xk,  # X column stride
-    stride_wn,  # W row stride
-    stride_wk,  # W column stride
-    stride_rm,  # R row stride
-    stride_rn,  # R column stride
-    stride_ym,  # Y row stride
-    stride_yn,  # Y column stride
-    HAS_BIAS: tl.constexpr,  # add the bias
-    APPLY_GELU: tl.constexpr,  # GELU-tanh after the bias
-    HAS_RESIDUAL: tl.constexpr,  # add the residual after the activation
-    UPCAST: tl.constexpr,  # interpreter only: multiply in fp32 (bf16 tl.dot bug)
-    PARTIAL: tl.constexpr,  # split-K: reduce only this program's K range and store it to P (no epilogue)
-    BLOCK_M: tl.constexpr,  # rows per tile
-    BLOCK_N: tl.constexpr,  # output columns per tile
-    BLOCK_K: tl.constexpr,  # reduction step
-    GROUP_M: tl.constexpr,  # row tiles per L2 group
-):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if PARTIAL:
-        k_lo, k_hi = _split_range(K, BLOCK_K, SPLIT_K)
-    else:
-        k_lo, k_hi = 0, tl.cdiv(K, BLOCK_K)
-    offs_k = tl.arange(0, BLOCK_K)
-    rows_x = (offs_m % M).to(tl.int64)
-    rows_w = (offs_n % N).to(tl.int64)
-    # (BLOCK_M, BLOCK_K) x tile and (BLOCK_K, BLOCK_N) W^T tile at this split's first k (the scalar offset added
-    # last: folding it into offs_k spills registers on sm_80 at 32 x 64 x 128)
-    x_ptrs = X + rows_x[:, None] * stride_xm + offs_k[None, :] * stride_xk + k_lo * BLOCK_K * stride_xk
-    w_ptrs = W + rows_w[None, :] * stride_wn + offs_k[:, None] * stride_wk + k_lo * BLOCK_K * stride_wk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_left = K - k_lo * BLOCK_K  # k from this step on; only the last step of K has a tail
-    for _ in range(0, k_hi - k_lo):  # a zero-based trip count: range(k_lo, k_hi) spills a register on sm_90
-        a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        q = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0)
-        if UPCAST:  # the interpreter's int8 -> bf16 cast is broken too; _dot multiplies in fp32 anyway
-            w = q.to(tl.float32)
-        else:
-            w = q.to(a.dtype)  # |q| <= 127 is exact in fp16 and bf16
-        acc = _dot(a, w, acc, UPCAST)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
-        k_left -= BLOCK_K
-    acc *= tl.load(S + rows_w).to(tl.float32)[None, :]  # per-channel scale factors out of the K sum
-    if PARTIAL:
-        _store_partial(acc, offs_m, offs_n, M, N, P)
-    else:
-        _epilogue(
-            acc, offs_m, offs_n, M, N, B, R, Y, stride_rm, stride_rn, stride_ym, stride_yn,
-            HAS_BIAS, APPLY_GELU, HAS_RESIDUAL,
-        )  # fmt: skip
+    restore_value=["Y"],
+)(_gemm_kernel)
 
 
 @autotune(
@@ -349,16 +283,10 @@ def _int4_linear_kernel(
     BLOCK_K: tl.constexpr,  # reduction step in k (BLOCK_K // 2 bytes); divides GROUP_SIZE
     GROUP_M: tl.constexpr,  # row tiles per L2 group
 ):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if PARTIAL:
-        k_lo, k_hi = _split_range(K, BLOCK_K, SPLIT_K)
-    else:
-        k_lo, k_hi = 0, K // BLOCK_K
+    offs_m, offs_n, k_lo, k_hi, rows_x, rows_w = _tile_setup(
+        M, N, K, SPLIT_K, PARTIAL, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
+    )
     offs_p = tl.arange(0, BLOCK_K // 2)  # byte (k pair) index within the step
-    rows_x = (offs_m % M).to(tl.int64)
-    rows_w = (offs_n % N).to(tl.int64)
     x_even = (
         X + rows_x[:, None] * stride_xm + (k_lo * BLOCK_K + 2 * offs_p)[None, :] * stride_xk
     )  # (BLOCK_M, BLOCK_K/2)
@@ -381,13 +309,10 @@ def _int4_linear_kernel(
         acc = _dot(a_odd, w_hi, acc, UPCAST)
         x_even += BLOCK_K * stride_xk
         w_ptrs += (BLOCK_K // 2) * stride_wk
-    if PARTIAL:
-        _store_partial(acc, offs_m, offs_n, M, N, P)
-    else:
-        _epilogue(
-            acc, offs_m, offs_n, M, N, B, R, Y, stride_rm, stride_rn, stride_ym, stride_yn,
-            HAS_BIAS, APPLY_GELU, HAS_RESIDUAL,
-        )  # fmt: skip
+    _write_tile(
+        acc, offs_m, offs_n, M, N, B, R, Y, P, stride_rm, stride_rn, stride_ym, stride_yn,
+        HAS_BIAS, APPLY_GELU, HAS_RESIDUAL, PARTIAL,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -446,7 +371,7 @@ def quant_linear(
                 x, w, s, b, r, y, p, m, n, k, m_key(m), split,
                 x.stride(0), x.stride(1), w.stride(0), w.stride(1),
                 r.stride(0), r.stride(1), y.stride(0), y.stride(1),
-                **flags,
+                W_INT8=True, **flags,
             )  # fmt: skip
         else:
             _int4_linear_kernel[grid](
@@ -500,7 +425,7 @@ def compile_specs() -> list[KernelSpec]:
                 for has_bias, gelu, res, partial in variants:
                     if bits == 8:
                         sig = gemm_signature(t, "i8", {"S": "*fp32"}, partial=partial)
-                        extra = {}
+                        extra = {"W_INT8": True}
                     else:
                         sig = gemm_signature(t, "u8", {"S": "*fp32", "Z": "*u8"}, partial=partial)
                         sig["stride_sn"] = "i32"  # K // group_size: 1600 // 64 = 25 is not a multiple of 16
