@@ -233,8 +233,8 @@ def _splitk_epilogue_kernel(
     )  # fmt: skip
 
 
-def launch_split_k(
-    kernel_launch: Callable[[torch.Tensor], None],
+def launch_gemm(
+    kernel_launch: Callable[[torch.Tensor | None], None],
     m: int,
     n: int,
     split_k: int,
@@ -243,8 +243,12 @@ def launch_split_k(
     activation: str | None,
     residual: torch.Tensor | None,
 ) -> None:
-    """Run a GEMM split ``split_k`` ways: ``kernel_launch(partials)`` fills ``partials [split_k, M, N]`` (fp32),
-    then the epilogue kernel reduces them into ``y`` with bias / activation / residual."""
+    """Run a GEMM: unsplit, ``kernel_launch(None)`` writes ``y`` with its own epilogue; split ``split_k`` ways,
+    ``kernel_launch(partials)`` fills ``partials [split_k, M, N]`` (fp32) and the epilogue kernel reduces them
+    into ``y`` with bias / activation / residual."""
+    if split_k == 1:
+        kernel_launch(None)
+        return
     partials = torch.empty((split_k, m, n), dtype=torch.float32, device=y.device)
     kernel_launch(partials)
     r = residual if residual is not None else y
@@ -479,10 +483,7 @@ def linear(
             UPCAST=is_interpreter(), PARTIAL=partials is not None, W_INT8=False,
         )  # fmt: skip
 
-    if split_k == 1:
-        launch(None)
-    else:
-        launch_split_k(launch, m, n, split_k, y, bias, activation, residual)
+    launch_gemm(launch, m, n, split_k, y, bias, activation, residual)
     return y
 
 

@@ -37,7 +37,7 @@ from kernels.linear import (
     check_split_k,
     config_name,
     gemm_signature,
-    launch_split_k,
+    launch_gemm,
     linear_ref,
     m_key,
     split_constexprs,
@@ -381,10 +381,7 @@ def quant_linear(
                 GROUP_SIZE=qweight.group_size, **flags,
             )  # fmt: skip
 
-    if split_k == 1:
-        launch(None)
-    else:
-        launch_split_k(launch, m, n, split_k, y, bias, activation, residual)
+    launch_gemm(launch, m, n, split_k, y, bias, activation, residual)
     return y
 
 
