@@ -10,11 +10,13 @@ partition the first kernel normalizes and writes the output itself, and the merg
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import FLOAT_DTYPES, KernelSpec, autotune, cast, check_device, check_tensor
+from kernels.utils import FLOAT_DTYPES, KernelSpec, cast, check_device, check_tensor, is_interpreter
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
@@ -22,20 +24,36 @@ BLOCK_P = 16  # partials merged per step by the reduction kernel
 TARGET_PROGRAMS = 1024  # enough (b, h, partition) programs to keep every SM of a large GPU streaming
 
 
-def get_configs() -> list[triton.Config]:
-    """Tokens per step and launch shape; the first (small) one is the only one the interpreter runs."""
-    shapes = [
-        # (BLOCK_N, num_warps, num_stages)
-        (16, 2, 1),
-        (32, 4, 2),
-        (64, 8, 2),
-        (128, 4, 2),
-        (128, 8, 2),
-    ]
-    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in shapes]
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch shape of the partition kernel: tokens per step, warps, software-pipeline stages."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
 
 
-@autotune(configs=get_configs(), key=["HEAD_DIM", "BLOCK_SIZE", "SINGLE"])
+# Not autotuned: in serving the kernel runs inside CUDA graphs captured on padding rows (context 0), and the
+# context grows every step, so there is no representative input to tune on. The first config keeps the
+# interpreter's loops short-stepped (more online-softmax steps per test); the default is the usual flash-decoding
+# shape for hd=64 (64 tokens x 64 dims of K and V per step, 4 warps, double-buffered), and
+# ``bench/gpu_check.py`` times all of them on the GPU.
+CONFIGS = (
+    DecodeConfig(16, 2, 1),
+    DecodeConfig(32, 4, 2),
+    DecodeConfig(64, 4, 2),
+    DecodeConfig(64, 8, 2),
+    DecodeConfig(128, 4, 2),
+    DecodeConfig(128, 8, 2),
+)
+DEFAULT_CONFIG = CONFIGS[2]
+
+
+def default_config() -> DecodeConfig:
+    """The interpreter runs the small first config; compiled code runs ``DEFAULT_CONFIG``."""
+    return CONFIGS[0] if is_interpreter() else DEFAULT_CONFIG
+
+
 @triton.jit
 def _decode_partition_kernel(
     Q,  # pointer to the queries, shape (B, H, HEAD_DIM), last dim contiguous
@@ -170,12 +188,14 @@ def decode_attention(
     scale: float,
     out: torch.Tensor | None = None,
     partition_size: int | None = None,
+    config: DecodeConfig | None = None,
 ) -> torch.Tensor:
     """One query per sequence against its paged cache: ``q [B, H, hd]`` -> ``[B, H, hd]``.
 
     ``block_tables [B, max_blocks]`` and ``context_lens [B]`` are int32; ``context_lens`` must not exceed
     ``max_context_len`` (tokens past it are ignored), which must fit in the table. ``partition_size``
-    (tokens per program) defaults to a pick from the batch shape; a context of length 0 yields zeros.
+    (tokens per program) defaults to a pick from the batch shape; ``config`` (one of ``CONFIGS``, for sweeps)
+    to :func:`default_config`. A context of length 0 yields zeros.
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
     check_tensor("k_cache", k_cache, dtypes=(q.dtype,), ndim=4, contiguous=True)
@@ -213,6 +233,10 @@ def decode_attention(
         partition_size = pick_partition_size(B, H, max_context_len)
     elif not isinstance(partition_size, int) or partition_size < 1:
         raise ValueError(f"partition_size={partition_size!r} must be a positive int")
+    if config is None:
+        config = default_config()
+    elif config not in CONFIGS:
+        raise ValueError(f"config={config!r} is not one of the shipped CONFIGS")
     if out is None:
         out = torch.empty((B, H, hd), dtype=q.dtype, device=q.device)
     elif out.shape != q.shape:
@@ -233,6 +257,7 @@ def decode_attention(
         q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         H, num_partitions, partition_size, max_context_len, scale * LOG2E,
         HEAD_DIM=hd, BLOCK_SIZE=block_size, SINGLE=single,
+        BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if not single:
         _decode_reduce_kernel[(B, H)](
@@ -281,16 +306,15 @@ def compile_specs() -> list[KernelSpec]:
         signature |= {"part_acc": "*fp32", "stride_qb": "i32:16", "stride_qh": "i32:16", "stride_bt": "i32"}
         signature |= {"stride_ob": "i32:16", "stride_oh": "i32:16", "H": "i32", "num_partitions": "i32"}
         signature |= {"partition_size": "i32", "max_context_len": "i32", "qk_scale": "fp32"}
-        for config in get_configs():
+        for config in CONFIGS:
             for block_size, single in ((16, False), (32, True)):
-                n = config.kwargs["BLOCK_N"]
                 specs.append(
                     KernelSpec(
-                        name=f"decode_attention[{t},hd=64,bs={block_size},single={single}] BLOCK_N={n} "
+                        name=f"decode_attention[{t},hd=64,bs={block_size},single={single}] BLOCK_N={config.block_n} "
                         f"warps={config.num_warps} stages={config.num_stages}",
-                        fn=_decode_partition_kernel.fn,
+                        fn=_decode_partition_kernel,
                         signature=dict(signature),
-                        constexprs=dict(config.kwargs, HEAD_DIM=64, BLOCK_SIZE=block_size, SINGLE=single),
+                        constexprs=dict(HEAD_DIM=64, BLOCK_SIZE=block_size, SINGLE=single, BLOCK_N=config.block_n),
                         num_warps=config.num_warps,
                         num_stages=config.num_stages,
                     )

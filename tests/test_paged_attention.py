@@ -13,7 +13,7 @@ import torch
 from conftest import DEVICE, rel_err
 
 from engine.ops import TorchOps
-from kernels.paged_attention import decode_attention, decode_attention_ref
+from kernels.paged_attention import CONFIGS, DecodeConfig, decode_attention, decode_attention_ref
 
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)]
 
@@ -89,6 +89,20 @@ def test_decode_matches_reference(B, max_len, partition_size, block_size, dtype,
     assert rel_err(out, ref) < tol
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"N{c.block_n}w{c.num_warps}s{c.num_stages}")
+@pytest.mark.parametrize("partition_size", [None, 48])
+def test_every_config_matches_reference(config, partition_size):
+    """Each shipped launch shape (gpu_check sweeps them): steps wider than a KV block and than a partition tail."""
+    lens = random_context_lens(3, 150)
+    k_cache, v_cache, tables, context_lens = paged_cache(lens, 2, 64, 16, torch.float16)
+    q = fused_q(3, 2, 64, torch.float16)
+    out = torch.full_like(q, float("nan")).contiguous()
+    decode_attention(q, k_cache, v_cache, tables, context_lens, 150, 0.125, out=out, partition_size=partition_size,
+                     config=config)  # fmt: skip
+    ref = decode_attention_ref(q, k_cache, v_cache, tables, context_lens, 0.125)
+    assert rel_err(out, ref) < 2e-3
+
+
 @pytest.mark.parametrize("hd", [16, 32, 128])
 def test_decode_other_head_dims(hd):
     lens = random_context_lens(3, 70)
@@ -141,3 +155,5 @@ def test_bad_inputs_raise():
         decode_attention(q3, c3, c3.clone(), tables, lens, 9, 0.125)
     with pytest.raises(ValueError, match="partition_size"):
         decode_attention(q, k_cache, v_cache, tables, lens, 9, 0.125, partition_size=0)
+    with pytest.raises(ValueError, match="config"):
+        decode_attention(q, k_cache, v_cache, tables, lens, 9, 0.125, config=DecodeConfig(24, 4, 2))
