@@ -15,6 +15,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,6 +36,52 @@ def timed(fn, *args, repeats: int) -> float:
     return statistics.median(times)
 
 
+def build(config: dict, device: str, dtype: str, backends: list[str], max_batch: int) -> tuple[object, dict]:
+    """transformers' GPT-2 with random weights, and an ``LLM`` per backend loading the very same weights.
+
+    The transformers model is returned in float32 on ``device`` (callers cast it as they need).
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(**config)).eval().to(device)
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        llms = {b: LLM(d, backend=b, device=device, dtype=dtype, progress=False, max_num_seqs=max_batch)
+                for b in backends}  # fmt: skip
+    return hf, llms
+
+
+def ours(llm: LLM) -> Callable[[list[list[int]], int], list[list[int]]]:
+    """Greedy generation of ``n`` tokens per prompt with our engine."""
+
+    def run(ids: list[list[int]], n: int) -> list[list[int]]:
+        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        return [o.outputs[0].token_ids for o in llm.generate(ids, params, use_tqdm=False)]
+
+    return run
+
+
+def theirs(hf) -> Callable[[list[list[int]], int], list[list[int]]]:
+    """Greedy generation of ``n`` tokens per prompt with transformers' ``generate`` (its KV cache)."""
+
+    def run(ids: list[list[int]], n: int) -> list[list[int]]:
+        x = torch.tensor(ids, device=hf.device)
+        with torch.inference_mode():
+            out = hf.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                              pad_token_id=0, attention_mask=torch.ones_like(x))  # fmt: skip
+        return out[:, x.shape[1] :].tolist()
+
+    return run
+
+
+def decode_rate(fn, ids: list[list[int]], new_tokens: int, repeats: int) -> float:
+    """Decode tokens/s without the prefill: ``B * (N - 1) / (t(N new tokens) - t(1 new token))``."""
+    t_n = timed(fn, ids, new_tokens, repeats=repeats)
+    t_1 = timed(fn, ids, 1, repeats=repeats)
+    return len(ids) * (new_tokens - 1) / (t_n - t_1) if t_n > t_1 else float("nan")  # nan: lost in the noise
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gpt2-medium", choices=list(PRESETS))
@@ -47,42 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args(argv)
 
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(**PRESETS[args.model])).eval()
-    dtype = getattr(torch, args.dtype)
-    hf = hf.to(device=args.device, dtype=dtype)
-    with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d)
-        llm = LLM(d, backend=args.backend, device=args.device, dtype=args.dtype, progress=False,
-                  max_num_seqs=max(args.batch))  # fmt: skip
-
-    def ours(ids: list[list[int]], n: int) -> list[list[int]]:
-        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-        return [o.outputs[0].token_ids for o in llm.generate(ids, params, use_tqdm=False)]
-
-    def theirs(ids: list[list[int]], n: int) -> list[list[int]]:
-        x = torch.tensor(ids, device=args.device)
-        with torch.inference_mode():
-            out = hf.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
-                              pad_token_id=0, attention_mask=torch.ones_like(x))  # fmt: skip
-        return out[:, x.shape[1] :].tolist()
-
+    hf, llms = build(PRESETS[args.model], args.device, args.dtype, [args.backend], max(args.batch))
+    llm = llms[args.backend]
+    hf = hf.to(getattr(torch, args.dtype))
     print(f"{args.model} {args.dtype} on {args.device}, backend={llm.backend}, threads={torch.get_num_threads()}, "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, median of {args.repeats}")  # fmt: skip
     print(f"{'batch':>5} {'ours tok/s':>11} {'transformers tok/s':>19} {'ratio':>6}")
     for B in args.batch:
-        ids = torch.randint(0, 50257, (B, args.prompt_len)).tolist()
-        a, b = ours(ids, 8), theirs(ids, 8)
+        ids = torch.randint(0, hf.config.vocab_size, (B, args.prompt_len)).tolist()
+        a, b = ours(llm)(ids, 8), theirs(hf)(ids, 8)
         agree = sum(x == y for x, y in zip(a, b))
         if agree < B:
             print(f"  warning: greedy tokens differ for {B - agree}/{B} prompts (fp near-ties?)", file=sys.stderr)
-        rates = []
-        for fn in (ours, theirs):
-            t_n = timed(fn, ids, args.new_tokens, repeats=args.repeats)
-            t_1 = timed(fn, ids, 1, repeats=args.repeats)
-            rates.append(B * (args.new_tokens - 1) / (t_n - t_1))
+        rates = [decode_rate(fn, ids, args.new_tokens, args.repeats) for fn in (ours(llm), theirs(hf))]
         print(f"{B:>5} {rates[0]:>11.1f} {rates[1]:>19.1f} {rates[0] / rates[1]:>5.2f}x")
     return 0
 

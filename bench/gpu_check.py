@@ -5,11 +5,15 @@
     python bench/gpu_check.py --dry-run          # CPU: every section on tiny shapes under the Triton interpreter
 
 Every kernel is first checked against a float32 reference on the same inputs, then timed with
-``triton.testing.do_bench`` (median; CUDA-graph replay for kernels under ~100 us) next to its peer:
-cuBLAS ``addmm`` plus torch's separate GELU / residual add for the linear layers, fp16 cuBLAS for the
-int8/int4 GEMVs, ``scaled_dot_product_attention`` for prefill and (over the pre-gathered cache) decode, and
-torch's own LayerNorm / GELU / index-put. Shapes are GPT-2 Medium's. Rows are written to
-``bench/results/gpu_check_<gpu>_<date>.json`` after every section, so a crash loses nothing already measured.
+``triton.testing.do_bench`` (median, L2 flushed; kernels under ~100 us are re-timed as CUDA-graph replays
+cycling through copies of their weights or caches, so launch overhead is hidden and operands still come from
+device memory) next to its peer: cuBLAS ``addmm`` plus torch's separate GELU / residual add for the linear
+layers, fp16 cuBLAS for the int8/int4 GEMVs, ``scaled_dot_product_attention`` for prefill and (over the
+pre-gathered cache) decode, and torch's own LayerNorm / GELU / index-put. Shapes are GPT-2 Medium's. Then the
+engine end to end (decode tokens/s vs our torch backend and transformers), and two sweeps for tuning: every
+decode-attention launch config, and forced split-K depths of the M=1 GEMMs. Rows are written to
+``bench/results/gpu_check_<gpu>_<date>.json`` (``--results-dir``) after every section, with the configs the
+autotuner picked, so a crash loses nothing already measured.
 
 Exit codes: 0 all validations (and tests) passed, 1 something was wrong, 2 no CUDA GPU (and not --dry-run).
 Performance goals print PASS/MISS but never change the exit code.
@@ -18,8 +22,12 @@ Performance goals print PASS/MISS but never change the exit code.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime as _dt
+import importlib
+import importlib.util
+import itertools
 import json
 import math
 import os
@@ -49,8 +57,12 @@ GPU_TESTS = (
     "test_kv_cache.py",
     "test_triton_model.py",
 )
+TEST_WORKERS = 8  # pytest-xdist processes sharing the GPU, when xdist is installed
 TOL = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}  # relative-norm error vs the float32 reference
 GRAPH_BELOW_MS = 0.1  # kernels faster than this are re-timed with CUDA-graph replay (launch overhead hidden)
+GRAPH_REP_MS = 20  # replay time per graph timing
+ROTATE_BYTES = 256 << 20  # operand copies cycled through per graph timing: ~4x the 60 MB L2 of an H200
+MAX_COPIES = 512
 
 
 @dataclass
@@ -72,6 +84,11 @@ class Shapes:
     gelu_rows: int = 16384
     copy_bytes: int = 1 << 30
     store_tokens: tuple[int, ...] = (64, 8192)
+    engine_model: dict = field(default_factory=lambda: dict(n_embd=1024, n_layer=24, n_head=16))  # gpt2-medium
+    engine_batch: tuple[int, ...] = (1, 32)
+    engine_prompt: int = 64
+    engine_new_tokens: int = 64
+    engine_repeats: int = 3
 
     @classmethod
     def tiny(cls) -> Shapes:
@@ -90,6 +107,11 @@ class Shapes:
             gelu_rows=33,
             copy_bytes=1 << 20,
             store_tokens=(5,),
+            engine_model=dict(n_embd=64, n_layer=2, n_head=1, n_positions=64, vocab_size=500),
+            engine_batch=(1, 2),
+            engine_prompt=5,
+            engine_new_tokens=3,
+            engine_repeats=1,
         )
 
     def layers(self) -> list[tuple[str, int, int, bool, str | None, bool]]:
@@ -152,8 +174,25 @@ def _wall_ms(fn: Callable[[], object], reps: int = 3) -> float:
     return statistics.median(times)
 
 
-def time_pair(ck: Check, ours: Callable[[], object], peer: Callable[[], object]) -> tuple[float, float, str]:
-    """Median ms of ours and of the peer, measured the same way; CUDA graphs when either is very short."""
+def _cycling(fns: list[Callable[[], object]]) -> Callable[[], object]:
+    """One callable that runs ``fns`` in turn: captured into a CUDA graph, consecutive calls use other copies."""
+    it = itertools.cycle(fns)
+    return lambda: next(it)()
+
+
+def time_pair(
+    ck: Check,
+    ours: Callable[[], object],
+    peer: Callable[[], object],
+    copies: tuple[Callable[[], tuple[Callable, Callable]], int] | None = None,
+) -> tuple[float, float, str]:
+    """Median ms of ours and of the peer, measured the same way.
+
+    ``do_bench`` flushes L2 before every call. When either side runs under ``GRAPH_BELOW_MS``, both are re-timed
+    as CUDA-graph replays, which hide launch overhead but keep L2 warm; ``copies = (make, nbytes)`` then builds
+    fresh ``(ours, peer)`` pairs over copies of the big operands (``nbytes`` each), cycled through so that
+    every call reads its operands from device memory, as a decode step reads each layer's weights.
+    """
     if ck.dry_run:
         return _wall_ms(ours, 1), _wall_ms(peer, 1), "wallclock-interpreter"
     import torch
@@ -163,13 +202,22 @@ def time_pair(ck: Check, ours: Callable[[], object], peer: Callable[[], object])
     t_peer = do_bench(peer, return_mode="median")
     if min(t_ours, t_peer) >= GRAPH_BELOW_MS:
         return t_ours, t_peer, "do_bench"
+    ours_fns, peer_fns, method = [ours], [peer], "cudagraph"
+    if copies is not None:
+        make, nbytes = copies
+        n = max(1, min(MAX_COPIES, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
+        for _ in range(n - 1):
+            o, p = make()
+            ours_fns.append(o)
+            peer_fns.append(p)
+        method = f"cudagraph, {n} operand copies"
     try:
-        g_ours = do_bench_cudagraph(ours, rep=50, return_mode="median")
-        g_peer = do_bench_cudagraph(peer, rep=50, return_mode="median")
-        return g_ours, g_peer, "cudagraph"
+        g_ours = do_bench_cudagraph(_cycling(ours_fns), rep=GRAPH_REP_MS, return_mode="median")
+        g_peer = do_bench_cudagraph(_cycling(peer_fns), rep=GRAPH_REP_MS, return_mode="median")
+        return g_ours, g_peer, method
     except Exception as e:  # noqa: BLE001 - e.g. a launcher that syncs: keep the plain timing, say why
         torch.cuda.synchronize()
-        return t_ours, t_peer, f"do_bench (graph failed: {type(e).__name__})"
+        return t_ours, t_peer, f"do_bench (graph failed: {type(e).__name__}: {str(e)[:120]})"
 
 
 def bench_case(
@@ -183,9 +231,13 @@ def bench_case(
     flops: float = 0.0,
     nbytes: float = 0.0,
     peer_flops: float | None = None,
+    copies: tuple[Callable[[], tuple[Callable, Callable]], int] | None = None,
     **extra,
 ) -> dict:
-    """Validate ours (``check`` returns ``(err, tol)``), then time ours and the peer; one row either way."""
+    """Validate ours (``check`` returns ``(err, tol)``), then time ours and the peer; one row either way.
+
+    ``copies``: see :func:`time_pair`.
+    """
     row = dict(section=section, name=name, **extra)
     if ck.left() < 0:
         row.update(status="SKIP", reason="time budget spent")
@@ -197,7 +249,7 @@ def bench_case(
             row.update(status="FAIL", reason=f"rel err {err:.3g} > tol {tol:.1g}")
             print(f"  {section:8s} {name:40s} FAIL rel_err={err:.3g} > {tol:.1g}", flush=True)
             return ck.add(**row)
-        t_ours, t_peer, method = time_pair(ck, ours, peer)
+        t_ours, t_peer, method = time_pair(ck, ours, peer, copies)
     except Exception as e:  # noqa: BLE001 - one broken case must not lose the others
         row.update(status="ERROR", reason=f"{type(e).__name__}: {e}"[:500], traceback=traceback.format_exc()[-3000:])
         print(f"  {section:8s} {name:40s} ERROR {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -226,8 +278,12 @@ def _randn(ck: Check, *shape, scale: float = 1.0):
     return (torch.randn(*shape, device=ck.device, dtype=torch.float32) * scale).to(ck.dtype)
 
 
+def _dtype_name(ck: Check) -> str:
+    return str(ck.dtype).removeprefix("torch.")
+
+
 def _tol(ck: Check) -> float:
-    return TOL[str(ck.dtype).removeprefix("torch.")]
+    return TOL[_dtype_name(ck)]
 
 
 # ------------------------------------------------------------------------------------------------ sections
@@ -240,9 +296,11 @@ def section_tests(ck: Check, files: list[str], timeout: float) -> None:
     if not paths:
         ck.add(section="tests", name="pytest", status="ERROR", reason=f"no test files found: {files}")
         return
-    cmd = [sys.executable, "-m", "pytest", *paths, "-x", "-q", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", *paths, "-q", "-p", "no:cacheprovider"]
     if ck.dry_run:
         cmd.append("--collect-only")  # the interpreter would take many minutes: prove the plumbing only
+    elif importlib.util.find_spec("xdist") is not None:
+        cmd += ["-n", str(TEST_WORKERS)]  # compiling the kernels' variants dominates: spread it over CPU cores
     env = dict(os.environ)
     print(f"[tests] {' '.join(Path(p).name for p in paths)} (cap {timeout:.0f} s)", flush=True)
     start = time.monotonic()
@@ -322,6 +380,12 @@ def section_layernorm(ck: Check) -> None:
             h = x if res is None else x + res
             return F.layer_norm(h, (d,), w, b, eps), h
 
+        def fresh(res=res):  # the same op over copies of the rows (see time_pair)
+            x2, r2 = x.clone(), None if res is None else res.clone()
+            return lambda: layer_norm(x2, w, b, eps, r2), lambda: F.layer_norm(
+                x2 if r2 is None else x2 + r2, (d,), w, b, eps
+            )
+
         moved = (2 if res is None else 4) * rows * d * elt  # x (+r) in, y (+h) out
         bench_case(
             ck,
@@ -331,6 +395,7 @@ def section_layernorm(ck: Check) -> None:
             peer=peer,
             check=check,
             nbytes=moved,
+            copies=(fresh, moved // 2),
             rows=rows,
         )
 
@@ -342,6 +407,11 @@ def section_gelu(ck: Check) -> None:
 
     s = ck.shapes
     x = _randn(ck, s.gelu_rows, s.d_ff)
+
+    def fresh():  # the same op over a copy of x (see time_pair)
+        x2 = x.clone()
+        return lambda: gelu(x2), lambda: F.gelu(x2, approximate="tanh")
+
     bench_case(
         ck,
         "gelu",
@@ -350,6 +420,7 @@ def section_gelu(ck: Check) -> None:
         peer=lambda: F.gelu(x, approximate="tanh"),
         check=lambda: (rel_err(gelu(x), F.gelu(x.float(), approximate="tanh")), _tol(ck)),
         nbytes=2 * x.numel() * x.element_size(),
+        copies=(fresh, x.nbytes),
     )
 
 
@@ -391,6 +462,11 @@ def section_linear(ck: Check) -> None:
             x = _randn(ck, m, k)
             res = _randn(ck, m, n) if has_res else None
             elt = x.element_size()
+
+            def fresh(x=x, w=w, bias=bias, act=act, res=res):  # the same layer over a copy of the weight
+                w2 = w.clone()
+                return lambda: linear(x, w2, bias, act, res), lambda: _torch_linear(x, w2, bias, act, res)
+
             bench_case(
                 ck,
                 "linear",
@@ -403,10 +479,24 @@ def section_linear(ck: Check) -> None:
                 ),
                 flops=2.0 * m * n * k,
                 nbytes=(n * k + m * k + m * n * (2 if has_res else 1)) * elt,
+                copies=(fresh, w.nbytes),
                 m=m,
                 layer=name,
             )
             del w, x, res
+
+
+def _tensor_fields(obj) -> dict:
+    """The tensor fields of a dataclass (a quantized weight's codes, scales, zero points)."""
+    import torch
+
+    fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    return {name: v for name, v in fields.items() if isinstance(v, torch.Tensor)}
+
+
+def _clone_tensors(obj):
+    """A copy of a quantized weight with its own storage."""
+    return dataclasses.replace(obj, **{name: t.clone() for name, t in _tensor_fields(obj).items()})
 
 
 def section_quant(ck: Check) -> None:
@@ -421,11 +511,15 @@ def section_quant(ck: Check) -> None:
         for bits, quantize in ((8, quantize_int8), (4, quantize_int4)):
             qw = quantize(w)
             w_deq = qw.dequantize(torch.float32)  # the reference multiplies by exactly the stored weight
-            parts = [getattr(qw, f.name) for f in dataclasses.fields(qw)]
-            wbytes = sum(t.numel() * t.element_size() for t in parts if isinstance(t, torch.Tensor))
+            wbytes = sum(t.nbytes for t in _tensor_fields(qw).values())
             for m in s.quant_m:
                 x = _randn(ck, m, k)
                 res = _randn(ck, m, n) if has_res else None
+
+                def fresh(x=x, qw=qw, w=w, bias=bias, act=act, res=res):  # copies of both weights (see time_pair)
+                    q2, w2 = _clone_tensors(qw), w.clone()
+                    return lambda: quant_linear(x, q2, bias, act, res), lambda: _torch_linear(x, w2, bias, act, res)
+
                 bench_case(
                     ck,
                     "quant",
@@ -439,6 +533,7 @@ def section_quant(ck: Check) -> None:
                     ),
                     flops=2.0 * m * n * k,
                     nbytes=wbytes + (m * k + m * n) * x.element_size(),
+                    copies=(fresh, wbytes),
                     m=m,
                     bits=bits,
                     layer=name,
@@ -513,6 +608,14 @@ def section_decode(ck: Check) -> None:
         keys = k_cache[tables.long()].flatten(1, 2)[:, :ctx].permute(0, 2, 1, 3).contiguous()  # (B, H, S, hd)
         values = v_cache[tables.long()].flatten(1, 2)[:, :ctx].permute(0, 2, 1, 3).contiguous()
         ref = TorchOps().decode_attention(q.float(), k_cache.float(), v_cache.float(), tables, lens, ctx, scale)
+
+        def fresh(q=q, kc=k_cache, vc=v_cache, t=tables, ln=lens, kk=keys, vv=values):  # copies of both caches
+            kc, vc, kk, vv = kc.clone(), vc.clone(), kk.clone(), vv.clone()
+            return (
+                lambda: decode_attention(q, kc, vc, t, ln, ctx, scale),
+                lambda: F.scaled_dot_product_attention(q.unsqueeze(2), kk, vv, scale=scale),
+            )
+
         bench_case(
             ck,
             "decode",
@@ -525,10 +628,163 @@ def section_decode(ck: Check) -> None:
             ),
             flops=4.0 * bsz * h * ctx * hd,
             nbytes=2 * bsz * ctx * h * hd * q.element_size(),  # every cached K and V read once
+            copies=(fresh, keys.nbytes + values.nbytes),
             batch=bsz,
             ctx=ctx,
         )
         del k_cache, v_cache, keys, values
+
+
+def section_decode_configs(ck: Check) -> None:
+    """Every shipped launch shape of the decode kernel timed against the default (x > 1: a better default)."""
+    from engine.ops import TorchOps
+    from kernels.paged_attention import CONFIGS, DEFAULT_CONFIG, decode_attention
+
+    s = ck.shapes
+    ctx, h, hd = s.decode_ctx, s.heads, s.head_dim
+    scale = hd**-0.5
+    for bsz in s.decode_batch:
+        k_cache, v_cache, tables, lens = _paged_cache(ck, bsz, ctx)
+        q = _randn(ck, bsz, h, hd)
+        ref = TorchOps().decode_attention(q.float(), k_cache.float(), v_cache.float(), tables, lens, ctx, scale)
+        for cfg in CONFIGS:
+            if cfg == DEFAULT_CONFIG:
+                continue
+
+            def fresh(q=q, kc=k_cache, vc=v_cache, t=tables, ln=lens, cfg=cfg):  # copies of the caches
+                kc, vc = kc.clone(), vc.clone()
+                return (
+                    lambda: decode_attention(q, kc, vc, t, ln, ctx, scale, config=cfg),
+                    lambda: decode_attention(q, kc, vc, t, ln, ctx, scale, config=DEFAULT_CONFIG),
+                )
+
+            ours, peer = fresh()
+            bench_case(
+                ck,
+                "decode_cfg",
+                f"B={bsz} N{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} vs default",
+                ours=ours,
+                peer=peer,
+                check=lambda ours=ours, ref=ref: (rel_err(ours(), ref), _tol(ck)),
+                nbytes=2 * k_cache.nbytes * ctx // (k_cache.shape[0] * s.block_size),  # the cached K and V read
+                copies=(fresh, 2 * k_cache.nbytes),
+                batch=bsz,
+                config=dataclasses.asdict(cfg),
+            )
+        del k_cache, v_cache
+
+
+SPLITS = (1, 2, 4, 8, 16)
+
+
+def section_splitk(ck: Check) -> None:
+    """Forced split-K depths of M=1 (decode) GEMMs timed against the launcher's own pick (x > 1: a better pick)."""
+    from kernels.linear import choose_split_k, linear, sm_count
+
+    s = ck.shapes
+    m = 1
+    for name, k, n, has_bias, act, has_res in s.layers():
+        w = _randn(ck, n, k, scale=k**-0.5)
+        bias = _randn(ck, n, scale=0.1) if has_bias else None
+        x = _randn(ck, m, k)
+        res = _randn(ck, m, n) if has_res else None
+        pick = choose_split_k(m, n, k, sm_count(x.device), x.dtype)
+        for split in SPLITS:
+            if split == pick or k // split < 64:
+                continue
+
+            def fresh(x=x, w=w, bias=bias, act=act, res=res, split=split):  # copies of the weight
+                w2 = w.clone()
+                return (
+                    lambda: linear(x, w2, bias, act, res, split_k=split),
+                    lambda: linear(x, w2, bias, act, res),
+                )
+
+            ours, peer = fresh()
+            bench_case(
+                ck,
+                "splitk",
+                f"{name} M={m} N={n} K={k} split {split} vs {pick}",
+                ours=ours,
+                peer=peer,
+                check=lambda ours=ours, x=x, w=w, bias=bias, act=act, res=res: (
+                    rel_err(ours(), _linear_ref(x, w, bias, act, res)),
+                    _tol(ck),
+                ),
+                nbytes=w.nbytes,
+                copies=(fresh, w.nbytes),
+                layer=name,
+                split=split,
+                pick=pick,
+            )
+        del w, x, res
+
+
+def section_engine(ck: Check) -> None:
+    """End to end: greedy decode tokens/s of the Triton backend (CUDA graphs on a GPU) against our own torch
+    backend (cuBLAS + SDPA, same engine) and transformers' ``generate``, on random GPT-2 Medium weights.
+
+    Validated first: log-probs of the prompts through our engine (``score``) against transformers in float32,
+    within twice the error of transformers itself in the benchmark dtype.
+    """
+    import torch
+    from bench_decode import build, decode_rate, ours, theirs
+
+    s = ck.shapes
+    vocab = s.engine_model.get("vocab_size", 50257)
+    hf32, llms = build(s.engine_model, str(ck.device), _dtype_name(ck), ["triton", "torch"], max(s.engine_batch))
+    hf = copy.deepcopy(hf32).to(ck.dtype)
+    ids = torch.randint(0, vocab, (max(s.engine_batch), s.engine_prompt)).tolist()
+
+    def hf_logprobs(model) -> torch.Tensor:
+        x = torch.tensor(ids, device=ck.device)
+        with torch.inference_mode():
+            logp = model(x).logits[:, :-1].double().log_softmax(-1)
+        return logp.gather(2, x[:, 1:, None]).flatten().cpu()
+
+    ref = hf_logprobs(hf32)
+    hf_err = rel_err(hf_logprobs(hf), ref)
+    tol = max(2 * hf_err, 1e-6)
+    errs = {b: rel_err(torch.tensor([v for o in llm.score(ids) for v in o.logprobs]), ref) for b, llm in llms.items()}
+    del hf32
+    gens = {"triton": ours(llms["triton"]), "torch": ours(llms["torch"]), "transformers": theirs(hf)}
+    for bsz in s.engine_batch:
+        rates = {}
+        for label, fn in gens.items():
+            if ck.left() > 0 and errs["triton"] <= tol:
+                fn(ids[:bsz], 2)  # warm-up: autotuning, CUDA-graph capture of this batch's bucket
+                rates[label] = decode_rate(fn, ids[:bsz], s.engine_new_tokens, s.engine_repeats)
+        for peer in ("torch", "transformers"):
+            row = dict(section="engine", name=f"decode B={bsz} triton vs {peer}", batch=bsz, rel_err=errs["triton"],
+                       tol=tol, transformers_rel_err=hf_err, torch_backend_rel_err=errs["torch"])  # fmt: skip
+            if not errs["triton"] <= tol:
+                row.update(status="FAIL", reason=f"log-prob rel err {errs['triton']:.3g} > tol {tol:.3g}")
+            elif "triton" not in rates or peer not in rates:
+                row.update(status="SKIP", reason="time budget spent")
+            else:
+                t_ours, t_peer = bsz / rates["triton"], bsz / rates[peer]  # seconds per decode step
+                row.update(status="OK", ours_tok_s=rates["triton"], peer_tok_s=rates[peer], speedup=t_peer / t_ours)
+                row.update(ours_ms=1e3 * t_ours, peer_ms=1e3 * t_peer, method="wallclock, greedy generate")
+            ck.add(**row)
+            if row["status"] == "OK":
+                result = f"{rates['triton']:8.0f} vs {rates[peer]:8.0f} tok/s  x{row['speedup']:.2f}"
+            else:
+                result = row["status"] + " " + row["reason"]
+            print(f"  engine   {row['name']:40s} {result}  err {errs['triton']:.1e} (tol {tol:.1e})", flush=True)
+
+
+def autotune_picks() -> dict[str, dict[str, str]]:
+    """The config each autotuned kernel chose, per key: what to ship as defaults, read back after a GPU run."""
+    picks = {}
+    for module, attr in (
+        ("linear", "_linear_kernel"),
+        ("quant", "_int8_linear_kernel"),
+        ("quant", "_int4_linear_kernel"),
+        ("attention", "_prefill_attention_kernel"),
+    ):
+        kernel = getattr(importlib.import_module(f"kernels.{module}"), attr)
+        picks[attr.strip("_")] = {str(key): str(cfg) for key, cfg in getattr(kernel, "cache", {}).items()}
+    return picks
 
 
 def _torch_store(k, v, k_cache, v_cache, slots) -> None:
@@ -663,22 +919,23 @@ def print_summary(ck: Check, scored: list[dict]) -> None:
 
 # ---------------------------------------------------------------------------------------------------- main
 
-SECTIONS = {  # in run order: the goals first, the big linear sweep after the quick quant GEMVs
+SECTIONS = {  # in run order: the goals first, the big linear sweep after the quick quant GEMVs, the sweeps last
     "copy": section_copy,
     "layernorm": section_layernorm,
     "decode": section_decode,
     "prefill": section_prefill,
     "quant": section_quant,
     "linear": section_linear,
+    "engine": section_engine,
     "gelu": section_gelu,
     "store_kv": section_store_kv,
+    "decode_cfg": section_decode_configs,
+    "splitk": section_splitk,
 }
 
 
 def _check_imports() -> list[str]:
     """Import every kernel module and the op interface; return the failures."""
-    import importlib
-
     bad = []
     for mod in ("engine.ops", *(f"kernels.{m}" for m in KERNEL_MODULES)):
         try:
@@ -694,10 +951,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-tests", action="store_true", help="benchmarks only")
     ap.add_argument("--tests", nargs="+", default=list(GPU_TESTS), help="test files under tests/ to run first")
     ap.add_argument("--test-timeout", type=float, default=120.0, help="seconds before the test run is killed")
-    ap.add_argument("--budget", type=float, default=285.0, help="seconds for the whole check; later cases skip")
+    ap.add_argument("--budget", type=float, default=330.0, help="seconds for the whole check; later cases skip")
     ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS), help="what to time")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    ap.add_argument("--out", default=None, help="JSON path (default bench/results/gpu_check_<gpu>_<date>.json)")
+    ap.add_argument("--out", default=None, help="JSON path (default <results-dir>/gpu_check_<gpu>_<date>.json)")
+    ap.add_argument("--results-dir", default=str(RESULTS), help="folder for the default JSON path")
     args = ap.parse_args(argv)
     start = time.monotonic()
 
@@ -727,7 +985,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.dry_run:
         out_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"gpu_check_dryrun_{now:%Y%m%d-%H%M%S}.json"
     else:
-        out_path = RESULTS / f"gpu_check_{slug}_{now:%Y%m%d-%H%M%S}.json"
+        out_path = Path(args.results_dir) / f"gpu_check_{slug}_{now:%Y%m%d-%H%M%S}.json"
     meta = dict(
         gpu=gpu,
         torch=torch.__version__,
@@ -774,6 +1032,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.dry_run:
                 torch.cuda.empty_cache()
         ck.meta["seconds"] = time.monotonic() - start
+        ck.meta["autotune"] = autotune_picks()
         ck.save()
 
     scored = goals(ck.rows)
