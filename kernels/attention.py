@@ -18,6 +18,7 @@ from kernels.utils import FLOAT_DTYPES, KernelSpec, autotune, cast, check_device
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
+MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2
 
 
 def get_configs() -> list[triton.Config]:
@@ -201,15 +202,20 @@ def prefill_attention(
     B = cu_seqlens.shape[0] - 1
     if B == 0 or T == 0 or max_seqlen == 0:
         return out
-    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), B * H)
-    _prefill_attention_kernel[grid](
-        q, k, v, out, cu_seqlens,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        H, scale * LOG2E, triton.next_power_of_2(max_seqlen),
-        HEAD_DIM=hd,
-        UPCAST=is_interpreter() and q.dtype == torch.bfloat16,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-    )  # fmt: skip
+    # Grid axis 1 holds (sequence, head) and CUDA caps it at 65535: many short sequences (4096 one-token texts
+    # of GPT-2 Medium's 16 heads) launch in chunks of sequences, each reading its slice of cu_seqlens.
+    seqs_per_launch = max(MAX_GRID_Y // H, 1)
+    for first in range(0, B, seqs_per_launch):
+        n_seqs = min(seqs_per_launch, B - first)
+        grid = lambda meta, n_seqs=n_seqs: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), n_seqs * H)
+        _prefill_attention_kernel[grid](
+            q, k, v, out, cu_seqlens[first : first + n_seqs + 1],
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+            H, scale * LOG2E, triton.next_power_of_2(max_seqlen),
+            HEAD_DIM=hd,
+            UPCAST=is_interpreter() and q.dtype == torch.bfloat16,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        )  # fmt: skip
     return out
 
 

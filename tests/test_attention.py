@@ -9,6 +9,7 @@ import torch
 from conftest import DEVICE, rel_err
 
 from engine.ops import TorchOps
+from kernels import attention
 from kernels.attention import prefill_attention, prefill_attention_ref
 
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)]
@@ -56,6 +57,17 @@ def test_prefill_other_head_dims(hd):
     out = prefill_attention(q, k, v, cu, 37, 0.3)
     assert out.shape == q.shape and out.is_contiguous()
     assert rel_err(out, prefill_attention_ref(q, k, v, cu, 0.3)) < 2e-3
+
+
+def test_prefill_launches_in_chunks_past_the_grid_limit(monkeypatch):
+    """(sequence, head) pairs past CUDA's 65535 grid rows launch in chunks of sequences: here 3 heads and a
+    limit of 7 give chunks of 2 sequences out of 5, the last one alone."""
+    monkeypatch.setattr(attention, "MAX_GRID_Y", 7)
+    lens, cu = ragged_batch(5, 30)
+    q, k, v = fused_qkv(sum(lens), 3, 64, torch.float16)
+    out = torch.full_like(q, float("nan")).contiguous()
+    prefill_attention(q, k, v, cu, 30, 0.125, out=out)
+    assert rel_err(out, prefill_attention_ref(q, k, v, cu, 0.125)) < 2e-3
 
 
 def test_prefill_matches_torch_backend():
