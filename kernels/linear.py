@@ -27,7 +27,16 @@ import triton
 import triton.language as tl
 
 from kernels.gelu import _gelu_tanh, gelu_ref
-from kernels.utils import FLOAT_DTYPES, KernelSpec, autotune, cast, check_device, check_tensor, is_interpreter
+from kernels.utils import (
+    FLOAT_DTYPES,
+    KernelSpec,
+    RestoreAliasedOutput,
+    autotune,
+    cast,
+    check_device,
+    check_tensor,
+    is_interpreter,
+)
 
 ACTIVATIONS = (None, "gelu_tanh")
 SMEM_LIMIT = 160 * 1024  # bytes of pipeline buffers a config may use: sm_80 allows 163 KB, sm_90 227 KB
@@ -401,12 +410,11 @@ def _gemm_kernel(
     )  # fmt: skip
 
 
-# restore_value: tuning runs the kernel many times; with ``out=residual`` (in-place residual add) Y must be reset
 _linear_kernel = autotune(
     configs=get_configs(),
     key=["M_KEY", "N", "K", "SPLIT_K"],
     prune_configs_by={"early_config_prune": _prune},
-    restore_value=["Y"],
+    **RestoreAliasedOutput().kwargs(),  # tuning an in-place residual add (out=residual) must not accumulate
 )(_gemm_kernel)
 
 

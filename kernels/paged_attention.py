@@ -47,11 +47,21 @@ CONFIGS = (
     DecodeConfig(128, 8, 2),
 )
 DEFAULT_CONFIG = CONFIGS[2]
+# fp32 K/V tiles take twice the registers: 64 tokens on 4 warps spill on sm_80 with triton 3.6 (the compile gate)
+FP32_CONFIGS = tuple(c for c in CONFIGS if c.block_n <= 32 or c.num_warps == 8)
+FP32_DEFAULT_CONFIG = DecodeConfig(64, 8, 2)
 
 
-def default_config() -> DecodeConfig:
-    """The interpreter runs the small first config; compiled code runs ``DEFAULT_CONFIG``."""
-    return CONFIGS[0] if is_interpreter() else DEFAULT_CONFIG
+def configs_for(dtype: torch.dtype) -> tuple[DecodeConfig, ...]:
+    """The launch configs shipped for cache/query ``dtype`` (each passes the compile gate)."""
+    return FP32_CONFIGS if dtype == torch.float32 else CONFIGS
+
+
+def default_config(dtype: torch.dtype) -> DecodeConfig:
+    """The interpreter runs the small first config; compiled code the default for ``dtype``."""
+    if is_interpreter():
+        return CONFIGS[0]
+    return FP32_DEFAULT_CONFIG if dtype == torch.float32 else DEFAULT_CONFIG
 
 
 @triton.jit
@@ -194,8 +204,8 @@ def decode_attention(
 
     ``block_tables [B, max_blocks]`` and ``context_lens [B]`` are int32; ``context_lens`` must not exceed
     ``max_context_len`` (tokens past it are ignored), which must fit in the table. ``partition_size``
-    (tokens per program) defaults to a pick from the batch shape; ``config`` (one of ``CONFIGS``, for sweeps)
-    to :func:`default_config`. A context of length 0 yields zeros.
+    (tokens per program) defaults to a pick from the batch shape; ``config`` (one of ``configs_for(q.dtype)``,
+    for sweeps) to :func:`default_config`. A context of length 0 yields zeros.
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
     check_tensor("k_cache", k_cache, dtypes=(q.dtype,), ndim=4, contiguous=True)
@@ -234,9 +244,9 @@ def decode_attention(
     elif not isinstance(partition_size, int) or partition_size < 1:
         raise ValueError(f"partition_size={partition_size!r} must be a positive int")
     if config is None:
-        config = default_config()
-    elif config not in CONFIGS:
-        raise ValueError(f"config={config!r} is not one of the shipped CONFIGS")
+        config = default_config(q.dtype)
+    elif config not in configs_for(q.dtype):
+        raise ValueError(f"config={config!r} is not one of the configs shipped for {q.dtype}: {configs_for(q.dtype)}")
     if out is None:
         out = torch.empty((B, H, hd), dtype=q.dtype, device=q.device)
     elif out.shape != q.shape:
@@ -306,7 +316,7 @@ def compile_specs() -> list[KernelSpec]:
         signature |= {"part_acc": "*fp32", "stride_qb": "i32:16", "stride_qh": "i32:16", "stride_bt": "i32"}
         signature |= {"stride_ob": "i32:16", "stride_oh": "i32:16", "H": "i32", "num_partitions": "i32"}
         signature |= {"partition_size": "i32", "max_context_len": "i32", "qk_scale": "fp32"}
-        for config in CONFIGS:
+        for config in configs_for(dtype):
             for block_size, single in ((16, False), (32, True)):
                 specs.append(
                     KernelSpec(

@@ -42,7 +42,16 @@ from kernels.linear import (
     m_key,
     split_constexprs,
 )
-from kernels.utils import FLOAT_DTYPES, KernelSpec, autotune, cast, check_device, check_tensor, is_interpreter
+from kernels.utils import (
+    FLOAT_DTYPES,
+    KernelSpec,
+    RestoreAliasedOutput,
+    autotune,
+    cast,
+    check_device,
+    check_tensor,
+    is_interpreter,
+)
 
 INT4_GROUP_SIZES = (64, 128)
 FP32_TILES = ((16, 32, 32), (16, 32, 64), (16, 64, 32))  # (BLOCK_M, BLOCK_N, BLOCK_K) for fp32 activations
@@ -232,12 +241,12 @@ def _prune_int4(configs: list[triton.Config], named_args: dict, **kwargs) -> lis
 
 
 # the int8 GEMM is kernels.linear's body with W_INT8 (codes converted in registers, per-channel scale applied
-# once after the K loop), tuned over int8's own tiles; restore_value: out=residual must not accumulate
+# once after the K loop), tuned over int8's own tiles; the hooks keep tuning of out=residual from accumulating
 _int8_linear_kernel = autotune(
     configs=get_int8_configs(),
     key=["M_KEY", "N", "K", "SPLIT_K"],
     prune_configs_by={"early_config_prune": _prune_int8},
-    restore_value=["Y"],
+    **RestoreAliasedOutput().kwargs(),
 )(_gemm_kernel)
 
 
@@ -245,7 +254,7 @@ _int8_linear_kernel = autotune(
     configs=get_int4_configs(),
     key=["M_KEY", "N", "K", "SPLIT_K", "GROUP_SIZE"],
     prune_configs_by={"early_config_prune": _prune_int4},
-    restore_value=["Y"],
+    **RestoreAliasedOutput().kwargs(),
 )
 @triton.jit
 def _int4_linear_kernel(

@@ -40,15 +40,50 @@ def cast(x, dtype: tl.constexpr):
     return x.to(dtype)
 
 
+# ``GPT2_TRITON_AUTOTUNE=first``: run every autotuned kernel with its first config, as the interpreter does.
+# For correctness runs on a GPU (``bench/gpu_check.py`` sets it for its test run): tuning every config of every
+# new shape would spend minutes compiling and timing configs the tests don't need.
+AUTOTUNE_ENV = "GPT2_TRITON_AUTOTUNE"
+
+
 def autotune(configs: list[triton.Config], key: list[str], **kwargs):
-    """``triton.autotune`` that keeps only the first config under the interpreter.
+    """``triton.autotune`` that keeps only the first config under the interpreter (or ``AUTOTUNE_ENV=first``).
 
     Benchmarking every config in the interpreter would take minutes and measure nothing; the first
     config of each list is therefore the small one, chosen to keep interpreted tests fast.
     """
-    if is_interpreter():
+    if is_interpreter() or os.environ.get(AUTOTUNE_ENV, "").lower() == "first":
         configs = configs[:1]
     return triton.autotune(configs=configs, key=key, **kwargs)
+
+
+class RestoreAliasedOutput:
+    """Autotuner hooks for a GEMM whose output ``Y`` may be its residual input ``R`` (``out=residual``).
+
+    Tuning runs the kernel once per config and repeat, so an in-place residual add would accumulate; the
+    pre-hook saves ``Y`` and the post-hook puts it back, but only when ``Y`` really is ``R`` and this launch
+    writes ``Y`` (not split-K partials). ``restore_value=["Y"]`` would clone ``Y`` around every timed run of
+    every launch, adding two copies to each timing (for a decode GEMV, more than the GEMV itself).
+    """
+
+    def __init__(self) -> None:
+        self.saved: torch.Tensor | None = None
+
+    def pre_hook(self, nargs: dict, reset_only: bool = False) -> None:
+        if reset_only:  # called once more after tuning, before the real launch: nothing to reset
+            return
+        y, r = nargs["Y"], nargs["R"]
+        aliased = nargs["HAS_RESIDUAL"] and not nargs["PARTIAL"] and y.data_ptr() == r.data_ptr()
+        self.saved = y.clone() if aliased else None
+
+    def post_hook(self, nargs: dict, exception: BaseException | None) -> None:
+        if self.saved is not None:
+            nargs["Y"].copy_(self.saved)
+            self.saved = None
+
+    def kwargs(self) -> dict:
+        """The hooks as ``triton.autotune`` keyword arguments."""
+        return {"pre_hook": self.pre_hook, "post_hook": self.post_hook}
 
 
 def row_block(n_cols: int, max_block: int = 65536) -> tuple[int, int]:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -14,6 +18,7 @@ from kernels.linear import (
     linear,
     linear_ref,
 )
+from kernels.utils import AUTOTUNE_ENV, RestoreAliasedOutput
 from tests.conftest import DEVICE, rel_err
 
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 1e-3), (torch.bfloat16, 1e-2)]
@@ -174,3 +179,33 @@ def test_configs_and_specs():
     assert "fp32,split-k" not in names
     for s in specs:
         assert set(s.signature) | set(s.constexprs) == set(s.fn.arg_names), s.name
+
+
+@pytest.mark.parametrize("partial", [False, True])
+@pytest.mark.parametrize("has_residual", [False, True])
+@pytest.mark.parametrize("aliased", [False, True])
+def test_tuning_hooks_restore_only_an_aliased_output(aliased, has_residual, partial):
+    """Autotuning runs a config many times: an in-place residual add (out=residual) is saved and put back, and
+    only then, so the other launches' timings carry no copies."""
+    hooks = RestoreAliasedOutput()
+    y = torch.randn(5, 7, device=DEVICE)
+    r = y if aliased else torch.randn(5, 7, device=DEVICE)
+    before = y.clone()
+    nargs = {"Y": y, "R": r, "HAS_RESIDUAL": has_residual, "PARTIAL": partial}
+    hooks.pre_hook(nargs)
+    y.add_(torch.randn_like(y))  # what one timed run of the kernel would do
+    hooks.post_hook(nargs, exception=None)
+    restored = aliased and has_residual and not partial
+    assert torch.equal(y, before) == restored
+    hooks.pre_hook(nargs, reset_only=True)  # the autotuner's call after tuning must not save anything
+    assert hooks.saved is None
+
+
+@pytest.mark.parametrize("knob, expected", [("first", 1), ("", len(get_configs()))])
+def test_autotune_knob_keeps_the_first_config(knob, expected):
+    """GPT2_TRITON_AUTOTUNE=first (set by gpu_check for its test run) tunes nothing, as the interpreter does."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", AUTOTUNE_ENV)}
+    env[AUTOTUNE_ENV] = knob
+    code = "import kernels.linear as m; print(len(m._linear_kernel.configs))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(out.stdout) == expected

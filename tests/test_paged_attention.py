@@ -13,7 +13,7 @@ import torch
 from conftest import DEVICE, rel_err
 
 from engine.ops import TorchOps
-from kernels.paged_attention import CONFIGS, DecodeConfig, decode_attention, decode_attention_ref
+from kernels.paged_attention import CONFIGS, FP32_CONFIGS, DecodeConfig, decode_attention, decode_attention_ref
 
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)]
 
@@ -157,3 +157,6 @@ def test_bad_inputs_raise():
         decode_attention(q, k_cache, v_cache, tables, lens, 9, 0.125, partition_size=0)
     with pytest.raises(ValueError, match="config"):
         decode_attention(q, k_cache, v_cache, tables, lens, 9, 0.125, config=DecodeConfig(24, 4, 2))
+    not_fp32 = next(c for c in CONFIGS if c not in FP32_CONFIGS)  # shipped for 16-bit caches only
+    with pytest.raises(ValueError, match="config"):
+        decode_attention(q.float(), k_cache.float(), v_cache.float(), tables, lens, 9, 0.125, config=not_fp32)
