@@ -36,8 +36,9 @@ def timed(fn, *args, repeats: int) -> float:
     return statistics.median(times)
 
 
-def build(config: dict, device: str, dtype: str, backends: list[str], max_batch: int) -> tuple[object, dict]:
-    """transformers' GPT-2 with random weights, and an ``LLM`` per backend loading the very same weights.
+def build(config: dict, device: str, dtype: str, engines: dict[str, dict], max_batch: int) -> tuple[object, dict]:
+    """transformers' GPT-2 with random weights, and an ``LLM`` per entry of ``engines`` (label -> ``LLM``
+    keyword arguments, e.g. ``{"triton": dict(backend="triton")}``) loading the very same weights.
 
     The transformers model is returned in float32 on ``device`` (callers cast it as they need).
     """
@@ -47,8 +48,8 @@ def build(config: dict, device: str, dtype: str, backends: list[str], max_batch:
     hf = GPT2LMHeadModel(GPT2Config(**config)).eval().to(device)
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        llms = {b: LLM(d, backend=b, device=device, dtype=dtype, progress=False, max_num_seqs=max_batch)
-                for b in backends}  # fmt: skip
+        llms = {label: LLM(d, device=device, dtype=dtype, progress=False, max_num_seqs=max_batch, **kw)
+                for label, kw in engines.items()}  # fmt: skip
     return hf, llms
 
 
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args(argv)
 
-    hf, llms = build(PRESETS[args.model], args.device, args.dtype, [args.backend], max(args.batch))
+    hf, llms = build(PRESETS[args.model], args.device, args.dtype, {args.backend: dict(backend=args.backend)},
+                     max(args.batch))  # fmt: skip
     llm = llms[args.backend]
     hf = hf.to(getattr(torch, args.dtype))
     print(f"{args.model} {args.dtype} on {args.device}, backend={llm.backend}, threads={torch.get_num_threads()}, "

@@ -145,7 +145,7 @@ class LLM:
         self.blocks = BlockManager(num_blocks, block_size)
         self.max_num_batched_tokens = max_num_batched_tokens or max(self.config.n_positions, 4096)
         static = None
-        if self.device.type == "cuda" and not enforce_eager:  # decode steps replayed as CUDA graphs
+        if self.device.type == "cuda" and self.ops.cuda_graphs and not enforce_eager:  # decode as CUDA graphs
             static = StaticDecoder(self.model, self.kv, max_num_seqs, self.device, capture=True)
         self.runner = ModelRunner(self.model, self.kv, self.blocks, self.device, static)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, self.max_num_batched_tokens)

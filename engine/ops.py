@@ -31,6 +31,9 @@ class Ops:
     """The ops of the GPT-2 forward pass. Every method is pure apart from :meth:`store_kv`."""
 
     name = "abstract"
+    # Whether a decode step through these ops can be captured as a CUDA graph: no host syncs, no shapes that
+    # depend on tensor values, and padding rows (slot -1, context 0) handled on the device.
+    cuda_graphs = False
 
     def prepare_weight(self, weight: torch.Tensor) -> object:
         """Called once per linear weight ``[N, K]`` at load time; the result is what :meth:`linear` receives."""
@@ -122,7 +125,11 @@ def _pack_for_onednn(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 class TorchOps(Ops):
-    """Plain PyTorch: the CPU backend and the baseline every other backend is checked against."""
+    """Plain PyTorch: the CPU backend and the baseline every other backend is checked against.
+
+    Not capturable as a CUDA graph (``store_kv`` selects the valid slots with a boolean mask, a host sync), so
+    on CUDA it decodes eagerly.
+    """
 
     name = "torch"
 

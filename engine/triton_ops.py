@@ -37,6 +37,7 @@ class TritonOps(Ops):
     """Hand-written Triton kernels behind the op interface."""
 
     name = "triton"
+    cuda_graphs = True
 
     def __init__(self, device: torch.device) -> None:
         k = _import_kernels(device)
