@@ -942,7 +942,7 @@ def print_summary(ck: Check, scored: list[dict]) -> None:
 
 # ---------------------------------------------------------------------------------------------------- main
 
-SECTIONS = {  # in run order: the goals first, the big linear sweep after the quick quant GEMVs, the sweeps last
+SECTIONS = {  # run order: the goals first, the big linear sweep after the quick quant GEMVs, tuning sweeps late
     "copy": section_copy,
     "layernorm": section_layernorm,
     "decode": section_decode,
@@ -951,9 +951,9 @@ SECTIONS = {  # in run order: the goals first, the big linear sweep after the qu
     "linear": section_linear,
     "engine": section_engine,
     "gelu": section_gelu,
-    "store_kv": section_store_kv,
     "decode_cfg": section_decode_configs,
     "splitk": section_splitk,
+    "store_kv": section_store_kv,
 }
 
 
