@@ -82,9 +82,10 @@ class Shapes:
     decode_batch: tuple[int, ...] = (1, 32, 64)
     decode_ctx: int = 1024
     block_size: int = 16
-    ln_rows: int = 16384
+    ln_shapes: tuple[tuple[int, int], ...] = ((16384, 1024), (4096, 8192))  # GPT-2 Medium, the widest supported
     gelu_rows: int = 16384
     copy_bytes: int = 1 << 30
+    matmul_size: int = 8192
     store_tokens: tuple[int, ...] = (64, 8192)
     engine_model: dict = field(default_factory=lambda: dict(n_embd=1024, n_layer=24, n_head=16))  # gpt2-medium
     engine_batch: tuple[int, ...] = (1, 32)
@@ -105,9 +106,10 @@ class Shapes:
             prefill=(2, 40),
             decode_batch=(1, 3),
             decode_ctx=40,
-            ln_rows=33,
+            ln_shapes=((33, 128), (5, 1600)),
             gelu_rows=33,
             copy_bytes=1 << 20,
+            matmul_size=64,
             store_tokens=(5,),
             engine_model=dict(n_embd=64, n_layer=2, n_head=1, n_positions=64, vocab_size=500),
             engine_batch=(1, 2),
@@ -140,7 +142,8 @@ class Check:
     out_path: Path
     meta: dict
     rows: list[dict] = field(default_factory=list)
-    copy_gbps: float | None = None
+    copy_gbps: float | None = None  # measured ceilings (section "copy")
+    matmul_tflops: float | None = None
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -263,15 +266,30 @@ def bench_case(
         row.update(gbps=nbytes / t_ours * 1e-6, peer_gbps=nbytes / t_peer * 1e-6)
         if ck.copy_gbps:
             row["pct_copy_bw"] = 100.0 * row["gbps"] / ck.copy_gbps
+    floor = roofline_ms(ck, flops, nbytes)
+    if floor:
+        row.update(roofline_ms=floor, pct_roofline=100.0 * floor / t_ours)
     perf = f"{row['tflops']:7.2f} TF/s" if flops and not nbytes or section in ("linear", "prefill") else ""
     if not perf:
         perf = f"{row['gbps']:7.0f} GB/s" + (f" {row['pct_copy_bw']:5.1f}% copy" if "pct_copy_bw" in row else "")
+    roof = f"  {row['pct_roofline']:5.1f}% roofline" if floor else ""
     print(
         f"  {section:8s} {name:40s} ours {t_ours * 1e3:9.1f} us  peer {t_peer * 1e3:9.1f} us  "
-        f"x{row['speedup']:.2f}  {perf}  err {err:.1e}",
+        f"x{row['speedup']:.2f}  {perf}{roof}  err {err:.1e}",
         flush=True,
     )
     return ck.add(**row)
+
+
+def roofline_ms(ck: Check, flops: float, nbytes: float) -> float | None:
+    """The floor set by the measured ceilings: bytes over copy bandwidth, or flops over the matmul rate,
+    whichever is larger (METHOD.md's "two numbers"); None until the ceilings are measured."""
+    times = []
+    if nbytes and ck.copy_gbps:
+        times.append(nbytes / (ck.copy_gbps * 1e6))
+    if flops and ck.matmul_tflops:
+        times.append(flops / (ck.matmul_tflops * 1e9))
+    return max(times) if times else None
 
 
 def _randn(ck: Check, *shape, scale: float = 1.0):
@@ -337,7 +355,8 @@ def section_tests(ck: Check, files: list[str], timeout: float) -> None:
 
 
 def section_copy(ck: Check) -> None:
-    """Device copy bandwidth (read + write) of a large torch copy: the roofline for memory-bound kernels."""
+    """The two ceilings, measured: device copy bandwidth (read + write) of a large ``copy_``, the roofline for
+    memory-bound kernels, and a large square matmul through cuBLAS, the one for compute-bound ones."""
     import torch
 
     n = ck.shapes.copy_bytes
@@ -354,7 +373,19 @@ def section_copy(ck: Check) -> None:
     )
     ck.copy_gbps = row.get("gbps")
     if ck.copy_gbps:
-        row["pct_copy_bw"] = 100.0
+        row.update(pct_copy_bw=100.0, pct_roofline=100.0)
+    m = ck.shapes.matmul_size
+    a, b = _randn(ck, m, m), _randn(ck, m, m)
+    row = bench_case(
+        ck,
+        "copy",
+        f"torch matmul {m}^3",
+        ours=lambda: a @ b,
+        peer=lambda: a @ b,
+        check=lambda: (rel_err(a @ b, a.float() @ b.float()), _tol(ck)),
+        flops=2.0 * m**3,
+    )
+    ck.matmul_tflops = row.get("tflops")
 
 
 def section_layernorm(ck: Check) -> None:
@@ -362,46 +393,42 @@ def section_layernorm(ck: Check) -> None:
 
     from kernels.layernorm import layer_norm
 
-    s = ck.shapes
-    rows, d, eps = s.ln_rows, s.d, 1e-5
-    x, r = _randn(ck, rows, d), _randn(ck, rows, d)
-    w, b = _randn(ck, d, scale=0.1) + 1, _randn(ck, d, scale=0.1)
-    elt = x.element_size()
+    eps = 1e-5
+    for rows, d in ck.shapes.ln_shapes:
+        x, r = _randn(ck, rows, d), _randn(ck, rows, d)
+        w, b = _randn(ck, d, scale=0.1) + 1, _randn(ck, d, scale=0.1)
+        for res in (None, r):
 
-    def ref(res):
-        h = x.float() + (res.float() if res is not None else 0)
-        return F.layer_norm(h, (d,), w.float(), b.float(), eps)
+            def check(x=x, w=w, b=b, res=res, d=d):
+                y, h = layer_norm(x, w, b, eps, res)
+                h_ref = x.float() if res is None else x.float() + res.float()
+                err_h = 0.0 if res is None else rel_err(h, h_ref)  # the new residual stream
+                return max(rel_err(y, F.layer_norm(h_ref, (d,), w.float(), b.float(), eps)), err_h), _tol(ck)
 
-    for res in (None, r):
-        tag = "+residual" if res is not None else ""
+            def fresh(x=x, w=w, b=b, res=res, d=d):  # the same op over copies of the rows (see time_pair)
+                x2, r2 = x.clone(), None if res is None else res.clone()
 
-        def check(res=res):
-            y, h = layer_norm(x, w, b, eps, res)
-            err_h = 0.0 if res is None else rel_err(h, x.float() + res.float())
-            return max(rel_err(y, ref(res)), err_h), _tol(ck)
+                def torch_ln():  # the residual add, then LayerNorm
+                    h = x2 if r2 is None else x2 + r2
+                    return F.layer_norm(h, (d,), w, b, eps), h
 
-        def peer(res=res):
-            h = x if res is None else x + res
-            return F.layer_norm(h, (d,), w, b, eps), h
+                return lambda: layer_norm(x2, w, b, eps, r2), torch_ln
 
-        def fresh(res=res):  # the same op over copies of the rows (see time_pair)
-            x2, r2 = x.clone(), None if res is None else res.clone()
-            return lambda: layer_norm(x2, w, b, eps, r2), lambda: F.layer_norm(
-                x2 if r2 is None else x2 + r2, (d,), w, b, eps
+            ours, peer = fresh()
+            moved = (2 if res is None else 4) * rows * d * x.element_size()  # x (+r) in, y (+h) out
+            bench_case(
+                ck,
+                "layernorm",
+                f"layer_norm{'' if res is None else '+residual'} {rows}x{d}",
+                ours=ours,
+                peer=peer,
+                check=check,
+                nbytes=moved,
+                copies=(fresh, moved // 2),
+                rows=rows,
+                width=d,
             )
-
-        moved = (2 if res is None else 4) * rows * d * elt  # x (+r) in, y (+h) out
-        bench_case(
-            ck,
-            "layernorm",
-            f"layer_norm{tag} {rows}x{d}",
-            ours=lambda res=res: layer_norm(x, w, b, eps, res),
-            peer=peer,
-            check=check,
-            nbytes=moved,
-            copies=(fresh, moved // 2),
-            rows=rows,
-        )
+        del x, r
 
 
 def section_gelu(ck: Check) -> None:
@@ -912,8 +939,8 @@ def print_summary(ck: Check, scored: list[dict]) -> None:
     """The short table printed last: one line per section, then the goals."""
     print("\n== gpu_check summary " + ("(DRY RUN: interpreter on CPU, timings meaningless) " if ck.dry_run else ""))
     print(f"{ck.meta.get('gpu')} | torch {ck.meta.get('torch')} | triton {ck.meta.get('triton')} | {ck.meta['date']}")
-    if ck.copy_gbps:
-        print(f"copy bandwidth: {ck.copy_gbps:.0f} GB/s")
+    if ck.copy_gbps or ck.matmul_tflops:
+        print(f"ceilings: copy {ck.copy_gbps or 0:.0f} GB/s, matmul {ck.matmul_tflops or 0:.0f} TFLOP/s")
     sections = []
     for r in ck.rows:
         if r["section"] not in sections:
@@ -1056,6 +1083,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
         ck.meta["seconds"] = time.monotonic() - start
         ck.meta["autotune"] = autotune_picks()
+        ck.meta["ceilings"] = dict(copy_gbps=ck.copy_gbps, matmul_tflops=ck.matmul_tflops)
         ck.save()
 
     scored = goals(ck.rows)
