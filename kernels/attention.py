@@ -34,6 +34,8 @@ def get_configs() -> list[triton.Config]:
         (64, 64, 8, 3),
         (128, 32, 8, 3),
         (128, 64, 8, 3),
+        (128, 64, 8, 4),
+        (128, 128, 8, 3),  # the Triton tutorial's Hopper tile for hd <= 64
     ]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
@@ -47,12 +49,13 @@ def fits(config: triton.Config, head_dim: int, fp32: bool) -> bool:
     """Whether a tile compiles without register spills on sm_80 and sm_90 (rules read off the compile gate).
 
     fp32 runs both dots on FMA units with whole operands in registers: 8 warps and small tiles only. For
-    fp16/bf16 the Q tile and accumulator (BLOCK_M x HEAD_DIM) and the score tile stay within 128 x 64.
+    fp16/bf16 the Q tile and accumulator (BLOCK_M x HEAD_DIM) stay within 128 x 64, and the score tile too,
+    or within 128 x 128 on 8 warps.
     """
     m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     if fp32:
         return config.num_warps == 8 and m * n <= 2048 and (m + n) * head_dim <= 6144
-    return m * head_dim <= 128 * 64 and m * n <= 128 * 64
+    return m * head_dim <= 128 * 64 and (m * n <= 128 * 64 or (m * n <= 128 * 128 and config.num_warps == 8))
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
