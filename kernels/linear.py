@@ -107,7 +107,9 @@ def get_configs() -> list[triton.Config]:
         cfg(128, 64, 64, 4, 4),
         cfg(128, 128, 64, 8, 3),
         cfg(128, 128, 64, 8, 4),
-        # 128x256 / 256x128 tiles spill with the GELU + residual epilogue (255 regs), so they are not shipped
+        # the Triton tutorial's Hopper tile; it spills with a residual epilogue (255 registers), so ``keep``
+        # offers it only to layers without one (QKV, MLP up + GELU, LM head). 256 x 128 spills with GELU too.
+        cfg(128, 256, 64, 8, 3),
     ]
 
 
@@ -117,11 +119,14 @@ def smem_bytes(config: triton.Config, a_bytes: int, b_bytes: int) -> int:
     return config.num_stages * kw["BLOCK_K"] * (kw["BLOCK_M"] * a_bytes + kw["BLOCK_N"] * b_bytes)
 
 
-def keep(config: triton.Config, m_bucket: int, a_bytes: int, b_bytes: int) -> bool:
-    """Whether a config is worth benchmarking for this row bucket and operand widths (fits smem, no spills)."""
+def keep(config: triton.Config, m_bucket: int, a_bytes: int, b_bytes: int, residual: bool = True) -> bool:
+    """Whether a config is worth benchmarking for this row bucket, operand widths and epilogue (fits smem, no
+    spills); ``residual``: the epilogue adds a residual."""
     kw = config.kwargs
     if smem_bytes(config, a_bytes, b_bytes) > SMEM_LIMIT:
         return False
+    if residual and kw["BLOCK_M"] * kw["BLOCK_N"] > 128 * 128:
+        return False  # the residual tile's registers on top of the accumulator spill
     if a_bytes == 4 and ((kw["BLOCK_M"], kw["BLOCK_N"]) != (16, 64) or kw["BLOCK_K"] > 128):
         return False  # fp32 IEEE dots run on CUDA cores: larger tiles spill registers on sm_80
     if kw["BLOCK_M"] > max(16, m_bucket):
@@ -134,7 +139,7 @@ def keep(config: triton.Config, m_bucket: int, a_bytes: int, b_bytes: int) -> bo
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     args = {**named_args, **kwargs}
     a_bytes = args["X"].element_size()
-    kept = [c for c in configs if keep(c, args["M_KEY"], a_bytes, a_bytes)]
+    kept = [c for c in configs if keep(c, args["M_KEY"], a_bytes, a_bytes, args["HAS_RESIDUAL"])]
     return kept or configs[:1]
 
 
@@ -575,22 +580,24 @@ def config_name(c: triton.Config) -> str:
 
 
 def compile_specs() -> list[KernelSpec]:
-    """AOT compile specs: every config for fp16/bf16 with the full epilogue (bias+gelu+residual), the fp32
-    configs ``keep`` allows, the bare epilogue (LM head: no bias) on the first and the largest config, the
-    split-K partial variant (fp16/bf16) of every config small M may use, and the split-K epilogue kernel."""
+    """AOT compile specs: every config for fp16/bf16 with the fullest epilogue ``keep`` offers it (bias + gelu
+    + residual, or bias + gelu for the largest tile), the fp32 configs ``keep`` allows, the bare epilogue (LM
+    head: no bias) on the first and the largest config, the split-K partial variant (fp16/bf16) of every config
+    small M may use, and the split-K epilogue kernel."""
     specs = []
     configs = get_configs()
     for t, nbytes in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
         for i, c in enumerate(configs):
-            if not any(keep(c, mb, nbytes, nbytes) for mb in (16, 64, 16384)):
+            offered = [r for r in (True, False) if any(keep(c, mb, nbytes, nbytes, r) for mb in (16, 64, 16384))]
+            if not offered:
                 continue
-            variants = [(True, True, True, False)]
+            variants = [(True, True, offered[0], False)]
             if t != "fp32" and i in (0, len(configs) - 1):
                 variants.append((False, False, False, False))
             if t != "fp32" and any(keep(c, mb, nbytes, nbytes) for mb in SPLIT_K_BUCKETS):
                 variants.append((False, False, False, True))
             for has_bias, gelu, res, partial in variants:
-                epi = "split-k partial" if partial else "bias,gelu,residual" if has_bias else "plain"
+                epi = "split-k partial" if partial else "plain" if not has_bias else "bias,gelu" + ",residual" * res
                 specs.append(
                     KernelSpec(
                         name=f"linear[{t},{epi}] {config_name(c)}",

@@ -13,6 +13,7 @@ from kernels.linear import (
     SPLIT_K_MIN_K,
     choose_split_k,
     compile_specs,
+    config_name,
     get_configs,
     keep,
     linear,
@@ -177,6 +178,10 @@ def test_configs_and_specs():
         assert f"linear[{t},split-k partial] BLOCK_M=16 BLOCK_N=64 BLOCK_K=64" in names
         assert f"splitk_epilogue[{t},bias,gelu,residual]" in names
     assert "fp32,split-k" not in names
+    big = next(c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 128)
+    assert keep(big, 16384, 2, 2, residual=False) and not keep(big, 16384, 2, 2, residual=True)
+    assert f"linear[fp16,bias,gelu] {config_name(big)}" in names  # compiled with what it is offered for
+    assert f"linear[fp16,bias,gelu,residual] {config_name(big)}" not in names
     for s in specs:
         assert set(s.signature) | set(s.constexprs) == set(s.fn.arg_names), s.name
 
