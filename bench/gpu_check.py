@@ -704,7 +704,7 @@ def section_decode_configs(ck: Check) -> None:
                 ours=ours,
                 peer=peer,
                 check=lambda ours=ours, ref=ref: (rel_err(ours(), ref), _tol(ck)),
-                nbytes=2 * k_cache.nbytes * ctx // (k_cache.shape[0] * s.block_size),  # the cached K and V read
+                nbytes=2 * bsz * ctx * s.heads * s.head_dim * q.element_size(),  # every cached K and V read once
                 copies=(fresh, 2 * k_cache.nbytes),
                 batch=bsz,
                 config=dataclasses.asdict(cfg),

@@ -47,9 +47,10 @@ CONFIGS = (
     DecodeConfig(128, 8, 2),
 )
 DEFAULT_CONFIG = CONFIGS[2]
-# fp32 K/V tiles take twice the registers: 64 tokens on 4 warps spill on sm_80 with triton 3.6 (the compile gate)
+# fp32 K/V tiles take twice the registers: on 4 warps fp32 keeps to 32 tokens per step (64 spill on sm_80 with
+# triton 3.6, the compile gate found), and its default runs 64 tokens on 8 warps
 FP32_CONFIGS = tuple(c for c in CONFIGS if c.block_n <= 32 or c.num_warps == 8)
-FP32_DEFAULT_CONFIG = DecodeConfig(64, 8, 2)
+FP32_DEFAULT_CONFIG = CONFIGS[3]
 
 
 def configs_for(dtype: torch.dtype) -> tuple[DecodeConfig, ...]:
