@@ -19,7 +19,8 @@ from engine.kv_cache import KVCache
 from engine.ops import Ops
 from engine.weights import GPT2Weights
 
-# attention(q, k, v, layer) -> [T, H, hd]; q, k, v are [T, H, hd] views of the fused QKV output
+# attention(q, k, v, layer) -> [T, H, hd], storing k and v in the layer's paged cache on the way; q, k, v are
+# [T, H, hd] views of the fused QKV output
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
@@ -57,9 +58,7 @@ class GPT2:
         self.lm_head = ops.prepare_weight(weights.head)
         self.scales = [config.attn_scale(i) for i in range(config.n_layer)]
 
-    def _forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv: KVCache, attend: AttentionFn
-    ) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttentionFn) -> torch.Tensor:
         """Embeddings through every block; returns the residual stream *before* ln_f, ``[T, D]``."""
         cfg, ops, w = self.config, self.ops, self.w
         T, H, hd = input_ids.shape[0], cfg.n_head, cfg.head_dim
@@ -72,8 +71,7 @@ class GPT2:
                 x, _ = ops.layer_norm(h, layer.ln_1_weight, layer.ln_1_bias, eps)
             qkv = ops.linear(x, layer.attn_weight, layer.attn_bias)  # (T, 3D)
             q, k, v = qkv.view(T, 3, H, hd).unbind(1)  # each (T, H, hd), strided views: no copy
-            ops.store_kv(k, v, kv.k[i], kv.v[i], slots)
-            a = attend(q, k, v, i)  # (T, H, hd)
+            a = attend(q, k, v, i)  # (T, H, hd); stores k, v in the paged cache
             h = ops.linear(a.view(T, H * hd), layer.attn_proj_weight, layer.attn_proj_bias, residual=h)
             x, _ = ops.layer_norm(h, layer.ln_2_weight, layer.ln_2_bias, eps)
             m = ops.linear(x, layer.fc_weight, layer.fc_bias, activation="gelu_tanh")  # (T, d_ff)
@@ -92,17 +90,21 @@ class GPT2:
     def prefill(self, batch: PrefillBatch, kv: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states of the packed prompts, ``[T, D]``, or only of ``rows`` when given."""
 
-        def attend(q, k, v, layer):
-            return self.ops.prefill_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, self.scales[layer])
+        def attend(q, k, v, layer):  # K/V go to the cache within the attention call (in the same pass on Triton)
+            cache = (kv.k[layer], kv.v[layer], batch.slot_mapping)
+            return self.ops.prefill_attention(
+                q, k, v, batch.cu_seqlens, batch.max_seqlen, self.scales[layer], kv_cache=cache
+            )
 
-        h = self._forward(batch.input_ids, batch.positions, batch.slot_mapping, kv, attend)
+        h = self._forward(batch.input_ids, batch.positions, attend)
         return self.final_norm(h if rows is None else h[rows])
 
     @torch.inference_mode()
     def decode(self, batch: DecodeBatch, kv: KVCache) -> torch.Tensor:
         """Final hidden state of each sequence's new token, ``[B, D]``."""
 
-        def attend(q, k, v, layer):
+        def attend(q, k, v, layer):  # store this token's K/V first: it attends to itself
+            self.ops.store_kv(k, v, kv.k[layer], kv.v[layer], batch.slot_mapping)
             return self.ops.decode_attention(
                 q,
                 kv.k[layer],
@@ -113,5 +115,5 @@ class GPT2:
                 self.scales[layer],
             )
 
-        h = self._forward(batch.input_ids, batch.positions, batch.slot_mapping, kv, attend)
+        h = self._forward(batch.input_ids, batch.positions, attend)
         return self.final_norm(h)

@@ -84,11 +84,14 @@ class Ops:
         cu_seqlens: torch.Tensor,
         max_seqlen: int,
         scale: float,
+        kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Causal attention within each sequence of a ragged batch.
 
         ``q, k, v`` are ``[T, H, hd]`` (strided views of the fused QKV output are fine); sequence ``i`` is
         rows ``cu_seqlens[i]:cu_seqlens[i+1]`` (int32, ``[B+1]``). Returns a contiguous ``[T, H, hd]``.
+        ``kv_cache = (k_cache, v_cache, slot_mapping)``: also :meth:`store_kv` the keys and values (a backend
+        may do it in the same pass).
         """
         raise NotImplementedError
 
@@ -177,7 +180,9 @@ class TorchOps(Ops):
         k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
         v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
 
-    def prefill_attention(self, q, k, v, cu_seqlens, max_seqlen, scale):
+    def prefill_attention(self, q, k, v, cu_seqlens, max_seqlen, scale, kv_cache=None):
+        if kv_cache is not None:
+            self.store_kv(k, v, *kv_cache)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         bounds = cu_seqlens.tolist()
         for start, end in zip(bounds[:-1], bounds[1:]):

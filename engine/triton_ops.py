@@ -62,8 +62,8 @@ class TritonOps(Ops):
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
         self._store(k, v, k_cache, v_cache, slot_mapping)
 
-    def prefill_attention(self, q, k, v, cu_seqlens, max_seqlen, scale):
-        return self._prefill(q, k, v, cu_seqlens, max_seqlen, scale)
+    def prefill_attention(self, q, k, v, cu_seqlens, max_seqlen, scale, kv_cache=None):
+        return self._prefill(q, k, v, cu_seqlens, max_seqlen, scale, kv_cache=kv_cache)  # K/V stored in the pass
 
     def decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, max_context_len, scale):
         return self._decode(q, k_cache, v_cache, block_tables, context_lens, max_context_len, scale)

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.kv_cache import check_kv_cache
 from kernels.utils import FLOAT_DTYPES, KernelSpec, autotune, cast, check_device, check_tensor, is_interpreter
 
 LOG2E = 1.4426950408889634
@@ -77,6 +78,9 @@ def _prefill_attention_kernel(
     V,  # pointer to values, shape (T, H, HEAD_DIM), last dim contiguous
     Out,  # pointer to the output, shape (T, H, HEAD_DIM), last dim contiguous
     cu_seqlens,  # pointer to sequence boundaries, shape (B + 1,), int32: sequence b is rows [cu[b], cu[b+1])
+    K_cache,  # pointer to the paged key cache, contiguous (num_blocks, block_size, H, HEAD_DIM) (if STORE_KV)
+    V_cache,  # pointer to the paged value cache, same layout (if STORE_KV)
+    slot_mapping,  # pointer to each token's cache slot, shape (T,), int32/int64; -1: not cached (if STORE_KV)
     stride_qt,  # elements between consecutive tokens of Q
     stride_qh,  # elements between consecutive heads of Q
     stride_kt,  # elements between consecutive tokens of K
@@ -93,6 +97,7 @@ def _prefill_attention_kernel(
     BLOCK_N: tl.constexpr,  # key/value rows per inner step; divides BLOCK_M
     UPCAST: tl.constexpr,  # interpreter only: run tl.dot in fp32 (its bf16 dot is broken, triton #11584)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32), else "tf32" (ignored for fp16/bf16)
+    STORE_KV: tl.constexpr,  # also write the K/V rows of this query block into the paged cache
 ):
     # The longest query blocks do the most work: hand them out first.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -139,12 +144,19 @@ def _prefill_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    # Diagonal tiles: causal mask, and keys past the end of the sequence are masked out.
+    # Diagonal tiles: causal mask, and keys past the end of the sequence are masked out. Their keys are this
+    # block's own rows: each K/V row of a sequence passes through exactly one program's diagonal (per head),
+    # which is where STORE_KV writes it to the paged cache, with no extra read.
     end_n = tl.minimum(start_m + BLOCK_M, seq_len)
     for start_n in range(start_m, end_n, BLOCK_N):
         cols = start_n + offs_n
         kt = tl.load(Kb + cols[None, :] * stride_kt + offs_d[:, None], mask=cols[None, :] < seq_len, other=0.0)
         v = tl.load(Vb + cols[:, None] * stride_vt + offs_d[None, :], mask=cols[:, None] < seq_len, other=0.0)
+        if STORE_KV:
+            slot = tl.load(slot_mapping + row0 + cols, mask=cols < seq_len, other=-1).to(tl.int64)
+            cache_row = slot * (H * HEAD_DIM) + h * HEAD_DIM  # the cache's (slot, h) row
+            tl.store(K_cache + cache_row[None, :] + offs_d[:, None], kt, mask=slot[None, :] >= 0)
+            tl.store(V_cache + cache_row[:, None] + offs_d[None, :], v, mask=slot[:, None] >= 0)
         if UPCAST:
             kt = kt.to(tl.float32)
             v = v.to(tl.float32)
@@ -172,11 +184,15 @@ def prefill_attention(
     max_seqlen: int,
     scale: float,
     out: torch.Tensor | None = None,
+    kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention within each sequence of a ragged batch: ``q, k, v [T, H, hd]`` -> ``[T, H, hd]``.
 
     ``cu_seqlens [B+1]`` (int32) bounds the sequences; ``max_seqlen`` must be at least the longest of them
     (not checked on the device, which would cost a sync). ``out`` (contiguous ``[T, H, hd]``) is optional.
+    ``kv_cache = (k_cache, v_cache, slot_mapping)``: also store every token's K/V in the paged cache, as
+    :func:`kernels.kv_cache.store_kv` would (``[num_blocks, block_size, H, hd]`` each, slot ``-1``: skip), in the
+    same pass.
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
     check_tensor("k", k, dtypes=(q.dtype,), ndim=3)
@@ -186,6 +202,8 @@ def prefill_attention(
     if out is not None:
         check_tensor("out", out, dtypes=(q.dtype,), ndim=3, contiguous=True)
         named.append(("out", out))
+    if kv_cache is not None:
+        named += check_kv_cache(k, *kv_cache)
     check_device(*named)
     T, H, hd = q.shape
     if k.shape != q.shape or v.shape != q.shape:
@@ -207,17 +225,19 @@ def prefill_attention(
         return out
     # Grid axis 1 holds (sequence, head) and CUDA caps it at 65535: many short sequences (4096 one-token texts
     # of GPT-2 Medium's 16 heads) launch in chunks of sequences, each reading its slice of cu_seqlens.
+    k_cache, v_cache, slots = kv_cache if kv_cache is not None else (out, out, cu_seqlens)  # unused if no cache
     seqs_per_launch = max(MAX_GRID_Y // H, 1)
     for first in range(0, B, seqs_per_launch):
         n_seqs = min(seqs_per_launch, B - first)
         grid = lambda meta, n_seqs=n_seqs: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), n_seqs * H)
         _prefill_attention_kernel[grid](
-            q, k, v, out, cu_seqlens[first : first + n_seqs + 1],
+            q, k, v, out, cu_seqlens[first : first + n_seqs + 1], k_cache, v_cache, slots,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
             H, scale * LOG2E, triton.next_power_of_2(max_seqlen),
             HEAD_DIM=hd,
             UPCAST=is_interpreter() and q.dtype == torch.bfloat16,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            STORE_KV=kv_cache is not None,
         )  # fmt: skip
     return out
 
@@ -240,20 +260,21 @@ def prefill_attention_ref(
 _TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def _spec(config: triton.Config, dtype: torch.dtype, head_dim: int) -> KernelSpec:
+def _spec(config: triton.Config, dtype: torch.dtype, head_dim: int, store_kv: bool = False) -> KernelSpec:
     t = _TL_TYPES[dtype]
     signature = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "Out": f"*{t}", "cu_seqlens": "*i32"}
+    signature |= {"K_cache": f"*{t}", "V_cache": f"*{t}", "slot_mapping": "*i64" if store_kv else "*i32"}
     # Strides are multiples of 16 for every GPT-2 width (the runtime specializes them so); H is not (gpt2-xl: 25).
     signature |= {name: "i32:16" for name in ("stride_qt", "stride_qh", "stride_kt", "stride_kh")}
     signature |= {name: "i32:16" for name in ("stride_vt", "stride_vh", "stride_ot", "stride_oh")}
     signature |= {"H": "i32"}
     signature |= {"qk_scale": "fp32", "seqlen_bucket": "i32"}
-    constexprs = dict(config.kwargs, HEAD_DIM=head_dim, UPCAST=False)
+    constexprs = dict(config.kwargs, HEAD_DIM=head_dim, UPCAST=False, STORE_KV=store_kv)
     constexprs["DOT_PRECISION"] = "ieee" if dtype == torch.float32 else "tf32"
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     return KernelSpec(
-        name=f"prefill_attention[{t},hd={head_dim}] BLOCK_M={bm} BLOCK_N={bn} warps={config.num_warps} "
-        f"stages={config.num_stages}",
+        name=f"prefill_attention[{t},hd={head_dim}{',store_kv' * store_kv}] BLOCK_M={bm} BLOCK_N={bn} "
+        f"warps={config.num_warps} stages={config.num_stages}",
         fn=_prefill_attention_kernel.fn,
         signature=signature,
         constexprs=constexprs,
@@ -263,12 +284,14 @@ def _spec(config: triton.Config, dtype: torch.dtype, head_dim: int) -> KernelSpe
 
 
 def compile_specs() -> list[KernelSpec]:
-    """Every config autotuning may pick: all dtypes at GPT-2's head dim 64, fp16 and fp32 at 128, the
-    smallest and largest tile at head dims 16 and 32."""
+    """Every config autotuning may pick: all dtypes at GPT-2's head dim 64, with and without the cache store
+    (the engine's prefill stores, scoring-only callers need not), fp16 and fp32 at 128, the smallest and
+    largest tile at head dims 16 and 32."""
     configs = [c for c in get_configs() if keep(c)]
     specs = []
     for dtype in FLOAT_DTYPES:
-        specs += [_spec(c, dtype, 64) for c in configs if fits(c, 64, dtype == torch.float32)]
+        for store_kv in (False, True):
+            specs += [_spec(c, dtype, 64, store_kv) for c in configs if fits(c, 64, dtype == torch.float32)]
     for dtype in (torch.float16, torch.float32):
         specs += [_spec(c, dtype, 128) for c in configs if fits(c, 128, dtype == torch.float32)]
     for head_dim in (16, 32):

@@ -47,6 +47,24 @@ def _store_kv_kernel(
     tl.store(V_cache + slot * row_size + offs, v, mask=mask)
 
 
+def check_kv_cache(
+    k: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> list[tuple[str, torch.Tensor]]:
+    """Validate a paged cache pair and the slots of ``k``'s tokens (``[T, H, hd]``); returns them named."""
+    check_tensor("k_cache", k_cache, dtypes=(k.dtype,), ndim=4, contiguous=True)
+    check_tensor("v_cache", v_cache, dtypes=(k.dtype,), ndim=4, contiguous=True)
+    check_tensor("slot_mapping", slot_mapping, dtypes=SLOT_DTYPES, ndim=1)
+    T, H, hd = k.shape
+    if k_cache.shape[2:] != (H, hd) or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"k_cache {tuple(k_cache.shape)} / v_cache {tuple(v_cache.shape)} must both be "
+            f"[num_blocks, block_size, {H}, {hd}]"
+        )
+    if slot_mapping.shape[0] != T:
+        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries for {T} tokens")
+    return [("k_cache", k_cache), ("v_cache", v_cache), ("slot_mapping", slot_mapping)]
+
+
 def store_kv(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -57,20 +75,10 @@ def store_kv(
     """Write ``k, v [T, H, hd]`` into ``k_cache, v_cache [num_blocks, block_size, H, hd]`` at ``slot_mapping``."""
     check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=3)
     check_tensor("v", v, dtypes=(k.dtype,), ndim=3)
-    check_tensor("k_cache", k_cache, dtypes=(k.dtype,), ndim=4, contiguous=True)
-    check_tensor("v_cache", v_cache, dtypes=(k.dtype,), ndim=4, contiguous=True)
-    check_tensor("slot_mapping", slot_mapping, dtypes=SLOT_DTYPES, ndim=1)
-    check_device(("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache), ("slot_mapping", slot_mapping))
+    check_device(("k", k), ("v", v), *check_kv_cache(k, k_cache, v_cache, slot_mapping))
     T, H, hd = k.shape
     if v.shape != k.shape:
         raise ValueError(f"v has shape {tuple(v.shape)}, expected k's {tuple(k.shape)}")
-    if k_cache.shape[2:] != (H, hd) or v_cache.shape != k_cache.shape:
-        raise ValueError(
-            f"k_cache {tuple(k_cache.shape)} / v_cache {tuple(v_cache.shape)} must both be "
-            f"[num_blocks, block_size, {H}, {hd}]"
-        )
-    if slot_mapping.shape[0] != T:
-        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries for {T} tokens")
     if k.stride(2) != 1 or v.stride(2) != 1:
         raise ValueError(f"k and v need a contiguous last dim (strides {k.stride()}, {v.stride()})")
     if T == 0:

@@ -11,6 +11,7 @@ from conftest import DEVICE, rel_err
 from engine.ops import TorchOps
 from kernels import attention
 from kernels.attention import prefill_attention, prefill_attention_ref
+from kernels.kv_cache import store_kv_ref
 
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)]
 
@@ -59,15 +60,47 @@ def test_prefill_other_head_dims(hd):
     assert rel_err(out, prefill_attention_ref(q, k, v, cu, 0.3)) < 2e-3
 
 
+def paged_cache(T: int, H: int, hd: int, dtype: torch.dtype, slot_dtype=torch.int64, block_size: int = 16):
+    """A K/V cache pair with stale random contents, and distinct random slots for T tokens, about a third -1."""
+    num_blocks = -(-T // block_size) + 2
+    k_cache = torch.randn(num_blocks, block_size, H, hd, device=DEVICE).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, H, hd, device=DEVICE).to(dtype)
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:T]
+    slots = torch.where(torch.rand(T, device=DEVICE) < 0.33, -1, slots).to(slot_dtype)
+    return k_cache, v_cache, slots
+
+
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+def test_prefill_stores_kv_in_the_same_pass(dtype, tol, slot_dtype):
+    """kv_cache=...: every token with a slot lands in the cache exactly as store_kv puts it, every other slot
+    keeps its contents, and the attention output is unchanged."""
+    lens, cu = ragged_batch(3, 45)
+    T, H, hd = sum(lens), 2, 64
+    q, k, v = fused_qkv(T, H, hd, dtype)
+    k_cache, v_cache, slots = paged_cache(T, H, hd, dtype, slot_dtype)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    store_kv_ref(k, v, k_ref, v_ref, slots)
+
+    out = prefill_attention(q, k, v, cu, 45, 0.125, kv_cache=(k_cache, v_cache, slots))
+
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    assert rel_err(out, prefill_attention_ref(q, k, v, cu, 0.125)) < tol
+
+
 def test_prefill_launches_in_chunks_past_the_grid_limit(monkeypatch):
     """(sequence, head) pairs past CUDA's 65535 grid rows launch in chunks of sequences: here 3 heads and a
-    limit of 7 give chunks of 2 sequences out of 5, the last one alone."""
+    limit of 7 give chunks of 2 sequences out of 5, the last one alone; the cache store follows the chunks."""
     monkeypatch.setattr(attention, "MAX_GRID_Y", 7)
     lens, cu = ragged_batch(5, 30)
     q, k, v = fused_qkv(sum(lens), 3, 64, torch.float16)
+    k_cache, v_cache, slots = paged_cache(sum(lens), 3, 64, torch.float16)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    store_kv_ref(k, v, k_ref, v_ref, slots)
     out = torch.full_like(q, float("nan")).contiguous()
-    prefill_attention(q, k, v, cu, 30, 0.125, out=out)
+    prefill_attention(q, k, v, cu, 30, 0.125, out=out, kv_cache=(k_cache, v_cache, slots))
     assert rel_err(out, prefill_attention_ref(q, k, v, cu, 0.125)) < 2e-3
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
 
 
 def test_prefill_matches_torch_backend():
@@ -108,3 +141,8 @@ def test_bad_inputs_raise():
         prefill_attention(q, k, v, cu, 9, 0.125)
     with pytest.raises(ValueError, match="out"):
         prefill_attention(q, k, v, cu, 5, 0.125, out=torch.empty(8, 2, 32, device=DEVICE, dtype=torch.float16))
+    k_cache, v_cache, slots = paged_cache(8, 2, 64, torch.float16)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        prefill_attention(q, k, v, cu, 5, 0.125, kv_cache=(k_cache, v_cache, slots[:5]))
+    with pytest.raises(ValueError, match="k_cache"):
+        prefill_attention(q, k, v, cu, 5, 0.125, kv_cache=(k_cache.float(), v_cache, slots))
