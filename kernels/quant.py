@@ -9,7 +9,9 @@ the epilogue (bias, GELU, residual) is the one :mod:`kernels.linear` uses.
 * int4: ``w[n, k] ~= (q[n, k] - zero[n, g]) * scale[n, g]`` with ``g = k // group_size`` and ``q`` in
   [0, 15] (asymmetric). Two values per byte along K: byte ``j`` of a row holds ``k = 2j`` in its low nibble
   and ``k = 2j + 1`` in its high nibble. The kernel never interleaves the nibbles: it multiplies the low
-  nibbles by the even columns of x and the high nibbles by the odd ones (two half-depth dots).
+  nibbles by the even columns of x and the high nibbles by the odd ones (two half-depth dots). Codes turn into
+  floats by bit operations (:func:`kernels.utils.magic_uint_to_float`), not int-to-float conversions, whose
+  low throughput would otherwise cap a decode GEMV below memory bandwidth.
   ``group_size`` is 64 or 128 and must divide K; :func:`quantize_int4` picks 128 when it divides K and
   64 otherwise (GPT-2 xl's width 1600 is divisible by 64 but not 128).
 
@@ -47,13 +49,17 @@ from kernels.utils import (
     KernelSpec,
     RestoreAliasedOutput,
     autotune,
-    cast,
     check_device,
     check_tensor,
     is_interpreter,
+    magic_base,
+    magic_uint_to_float,
 )
 
 INT4_GROUP_SIZES = (64, 128)
+SCALED_PARTIAL_TILE = tl.constexpr(
+    32 * 64
+)  # int4 tiles up to this many outputs scale per-step partial sums (see the kernel)
 FP32_TILES = ((16, 32, 32), (16, 32, 64), (16, 64, 32))  # (BLOCK_M, BLOCK_N, BLOCK_K) for fp32 activations
 
 
@@ -106,7 +112,7 @@ class Int4Weight:
         if k % self.group_size:
             raise ValueError(f"K={k} is not divisible by group_size={self.group_size}")
         check_tensor("scales", self.scales, dtypes=FLOAT_DTYPES, ndim=2)
-        check_tensor("zeros", self.zeros, dtypes=(torch.uint8, *FLOAT_DTYPES), ndim=2)
+        check_tensor("zeros", self.zeros, dtypes=(torch.uint8,), ndim=2)  # integers: the kernel subtracts exactly
         for name, t in (("scales", self.scales), ("zeros", self.zeros)):
             if tuple(t.shape) != (n, k // self.group_size):
                 raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({n}, {k // self.group_size})")
@@ -304,18 +310,32 @@ def _int4_linear_kernel(
     )  # (BLOCK_K/2, BLOCK_N)
     s_ptrs = S + rows_w * stride_sn  # (BLOCK_N,)
     z_ptrs = Z + rows_w * stride_sn
+    # Codes become the exact integers q - zero in the activation dtype (fp32 for the interpreter's bf16, see
+    # _dot) by bit operations, not int-to-float conversions, which run at a sixteenth of the FMA rate and would
+    # cap a decode GEMV well below memory bandwidth (two per byte). Each step lies inside one group (BLOCK_K
+    # divides GROUP_SIZE): decode tiles keep the weights exact and scale the step's fp32 partial sum; larger
+    # tiles, where a second accumulator would spill, scale the weights (the scale rounded to the dtype).
+    if UPCAST:
+        DQ: tl.constexpr = tl.float32
+    else:
+        DQ: tl.constexpr = X.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_lo, k_hi):
         g = (k * BLOCK_K) // GROUP_SIZE
         scale = tl.load(s_ptrs + g * stride_sg).to(tl.float32)[None, :]
-        zero = tl.load(z_ptrs + g * stride_sg).to(tl.float32)[None, :]
+        zero = (tl.load(z_ptrs + g * stride_sg).to(tl.float32) + magic_base(DQ)).to(DQ)[None, :]  # 2^m + zero
         a_even = tl.load(x_even)
         a_odd = tl.load(x_even + stride_xk)
         packed = tl.load(w_ptrs)
-        w_lo = cast(((packed & 0xF).to(tl.float32) - zero) * scale, a_even.dtype)
-        w_hi = cast(((packed >> 4).to(tl.float32) - zero) * scale, a_even.dtype)
-        acc = _dot(a_even, w_lo, acc, UPCAST)
-        acc = _dot(a_odd, w_hi, acc, UPCAST)
+        w_lo = magic_uint_to_float(packed & 0xF, DQ) - zero  # (2^m + q) - (2^m + zero): exact
+        w_hi = magic_uint_to_float(packed >> 4, DQ) - zero
+        if BLOCK_M * BLOCK_N <= SCALED_PARTIAL_TILE:
+            part = _dot(a_even, w_lo, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST)
+            acc += _dot(a_odd, w_hi, part, UPCAST) * scale
+        else:
+            scale_dq = scale.to(DQ)
+            acc = _dot(a_even, w_lo * scale_dq, acc, UPCAST)
+            acc = _dot(a_odd, w_hi * scale_dq, acc, UPCAST)
         x_even += BLOCK_K * stride_xk
         w_ptrs += (BLOCK_K // 2) * stride_wk
     _write_tile(
@@ -337,10 +357,12 @@ def quant_linear(
     out: torch.Tensor | None = None,
     *,
     split_k: int | None = None,
+    config: triton.Config | None = None,
 ) -> torch.Tensor:
     """``act(x @ W.T + bias) + residual`` with W stored as int8 or int4; output ``[M, N]`` in x.dtype.
 
-    ``out`` may be ``residual`` (in-place add); ``split_k`` forces the number of K splits, None picks it.
+    ``out`` may be ``residual`` (in-place add); ``split_k`` forces the number of K splits, None picks it;
+    ``config`` (one of ``get_int8_configs()`` / ``get_int4_configs()``) runs that tile instead of autotuning.
     """
     if not isinstance(qweight, (Int8Weight, Int4Weight)):
         raise ValueError(f"qweight must be an Int8Weight or Int4Weight, got {type(qweight).__name__}")
@@ -363,6 +385,18 @@ def quant_linear(
     if z is not None and s.stride() != z.stride():
         z = z.contiguous()
         s = s.contiguous()
+    kind, tuned, shipped = (
+        ("int8", _int8_linear_kernel, get_int8_configs)
+        if z is None
+        else ("int4", _int4_linear_kernel, get_int4_configs)
+    )
+    kernel, tile = tuned, {}
+    if config is not None:
+        if config not in shipped():
+            raise ValueError(f"config {config} is not one of the shipped {kind} configs")
+        if z is not None and qweight.group_size % config.kwargs["BLOCK_K"]:
+            raise ValueError(f"config BLOCK_K={config.kwargs['BLOCK_K']} does not divide group {qweight.group_size}")
+        kernel, tile = tuned.fn, config.all_kwargs()  # the jitted kernel itself, bypassing the autotuner
 
     def launch(partials: torch.Tensor | None) -> None:
         split = 1 if partials is None else split_k
@@ -372,22 +406,22 @@ def quant_linear(
             HAS_BIAS=bias is not None,
             APPLY_GELU=activation == "gelu_tanh",
             HAS_RESIDUAL=residual is not None,
-            UPCAST=is_interpreter(),
+            UPCAST=is_interpreter() and x.dtype == torch.bfloat16,  # interpreter bf16: tl.dot and int8 casts
             PARTIAL=partials is not None,
         )
         if z is None:
-            _int8_linear_kernel[grid](
+            kernel[grid](
                 x, w, s, b, r, y, p, m, n, k, m_key(m), split,
                 x.stride(0), x.stride(1), w.stride(0), w.stride(1),
                 r.stride(0), r.stride(1), y.stride(0), y.stride(1),
-                W_INT8=True, **flags,
+                W_INT8=True, **flags, **tile,
             )  # fmt: skip
         else:
-            _int4_linear_kernel[grid](
+            kernel[grid](
                 x, w, s, z, b, r, y, p, m, n, k, m_key(m), split,
                 x.stride(0), x.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
                 r.stride(0), r.stride(1), y.stride(0), y.stride(1),
-                GROUP_SIZE=qweight.group_size, **flags,
+                GROUP_SIZE=qweight.group_size, **flags, **tile,
             )  # fmt: skip
 
     launch_gemm(launch, m, n, split_k, y, bias, activation, residual)

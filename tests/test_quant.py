@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kernels.linear import linear_ref
 from kernels.quant import (
@@ -21,6 +23,7 @@ from kernels.quant import (
     quantize_int4,
     quantize_int8,
 )
+from kernels.utils import magic_base, magic_uint_to_float
 from tests.conftest import DEVICE, rel_err
 
 # The GEMM must equal dequantize-then-matmul; bf16's own output rounding is ~1e-3 (4e-3 in the interpreter,
@@ -137,6 +140,54 @@ def test_int4_linear(m, k, n, group_size, has_bias, activation, has_residual, dt
     qweight = quantize_int4(torch.randn(n, k, device=DEVICE) / k**0.5, group_size)
     y, ref, _ = _run(m, k, n, dtype, qweight, has_bias, activation, has_residual)
     assert rel_err(y, ref) < tol
+
+
+@triton.jit
+def _magic_kernel(U, OUT, N: tl.constexpr, DT: tl.constexpr):
+    offs = tl.arange(0, N)
+    f = magic_uint_to_float(tl.load(U + offs), DT) - magic_base(DT).to(DT)
+    tl.store(OUT + offs, f.to(tl.float32))
+
+
+# The interpreter's bitcast to bf16 is broken (like its bf16 dot): there the kernels dequantize bf16 in fp32.
+MAGIC_DTYPES = [(torch.float16, tl.float16), (torch.float32, tl.float32)]
+MAGIC_DTYPES += [(torch.bfloat16, tl.bfloat16)] if DEVICE.type == "cuda" else []
+
+
+@pytest.mark.parametrize("dtype, tl_dtype", MAGIC_DTYPES, ids=lambda d: str(d))
+def test_magic_conversion_is_exact(dtype, tl_dtype):
+    """The bit trick behind int4 dequantization gives every code 0..127 exactly (int4 uses 0..15)."""
+    u = torch.randperm(128, device=DEVICE).to(torch.uint8)
+    out = torch.full((128,), float("nan"), device=DEVICE)
+    _magic_kernel[(1,)](u, out, N=128, DT=tl_dtype)
+    assert torch.equal(out, u.float())
+
+
+def _tile_name(c) -> str:
+    kw = c.kwargs
+    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}w{c.num_warps}"
+
+
+@pytest.mark.parametrize("config", [c for c in get_int4_configs() if c.kwargs["BLOCK_M"] >= 32], ids=_tile_name)
+def test_int4_prefill_tiles(config):
+    """Prefill tiles, each run by name: the interpreter's autotuner runs only the first config, and tiles past
+    SCALED_PARTIAL_TILE (64x128 and up) take the kernel's other branch, scaling the weights themselves."""
+    k, n = 256, 136
+    group = 128 if config.kwargs["BLOCK_K"] == 128 else 64
+    qweight = quantize_int4(torch.randn(n, k, device=DEVICE) / k**0.5, group)
+    x = torch.randn(70, k, device=DEVICE).to(torch.float16)
+    out = torch.full((70, n), float("nan"), dtype=torch.float16, device=DEVICE)
+    quant_linear(x, qweight, out=out, config=config)
+    assert rel_err(out, _ref64(x, qweight, None, None, None)) < 1e-3
+
+
+def test_quant_linear_config_checks():
+    q4 = quantize_int4(torch.randn(64, 128, device=DEVICE), 64)
+    x = torch.randn(3, 128, device=DEVICE).half()
+    with pytest.raises(ValueError, match="not one of the shipped int4 configs"):
+        quant_linear(x, q4, config=next(c for c in get_int8_configs() if c not in get_int4_configs()))
+    with pytest.raises(ValueError, match="does not divide group 64"):
+        quant_linear(x, q4, config=next(c for c in get_int4_configs() if c.kwargs["BLOCK_K"] == 128))
 
 
 # (kind, K, N, group_size, split_k) with the interpreter's BLOCK_K=64: int8 200 = 4 steps in 3 splits (2, 2, empty)
