@@ -1020,7 +1020,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS), help="what to time")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     ap.add_argument("--out", default=None, help="JSON path (default <results-dir>/gpu_check_<gpu>_<date>.json)")
-    ap.add_argument("--results-dir", default=str(RESULTS), help="folder for the default JSON path")
+    ap.add_argument("--results-dir", default=None, help="folder for the JSON (default bench/results; dry run $TMPDIR)")
     args = ap.parse_args(argv)
     start = time.monotonic()
 
@@ -1047,10 +1047,9 @@ def main(argv: list[str] | None = None) -> int:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
     if args.out:
         out_path = Path(args.out)
-    elif args.dry_run:
-        out_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"gpu_check_dryrun_{now:%Y%m%d-%H%M%S}.json"
-    else:
-        out_path = Path(args.results_dir) / f"gpu_check_{slug}_{now:%Y%m%d-%H%M%S}.json"
+    else:  # a dry run's numbers mean nothing: they stay out of bench/results unless asked for
+        folder = args.results_dir or (os.environ.get("TMPDIR", "/tmp") if args.dry_run else RESULTS)
+        out_path = Path(folder) / f"gpu_check_{'dryrun' if args.dry_run else slug}_{now:%Y%m%d-%H%M%S}.json"
     meta = dict(
         gpu=gpu,
         torch=torch.__version__,

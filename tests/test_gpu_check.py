@@ -23,6 +23,14 @@ def test_without_cuda_it_says_it_needs_one():
     assert "needs a CUDA GPU" in r.stdout and "imports OK" in r.stdout
 
 
+def test_dry_run_writes_to_the_results_dir(tmp_path):
+    """--results-dir (``$OUT`` on a lent device machine) receives the JSON; a quick section is enough."""
+    r = run("--dry-run", "--skip-tests", "--sections", "gelu", "--results-dir", str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (written,) = tmp_path.glob("gpu_check_dryrun_*.json")
+    assert [row["section"] for row in json.loads(written.read_text())["rows"]] == ["gelu"]
+
+
 def test_dry_run_validates_every_section(tmp_path):
     """Tiny shapes under the interpreter: each kernel is checked against its reference and 'timed'."""
     out = tmp_path / "dry.json"
