@@ -443,13 +443,14 @@ def section_gelu(ck: Check) -> None:
         x2 = x.clone()
         return lambda: gelu(x2), lambda: F.gelu(x2, approximate="tanh")
 
+    ours, peer = fresh()
     bench_case(
         ck,
         "gelu",
         f"gelu {s.gelu_rows}x{s.d_ff}",
-        ours=lambda: gelu(x),
-        peer=lambda: F.gelu(x, approximate="tanh"),
-        check=lambda: (rel_err(gelu(x), F.gelu(x.float(), approximate="tanh")), _tol(ck)),
+        ours=ours,
+        peer=peer,
+        check=lambda: (rel_err(ours(), F.gelu(x.float(), approximate="tanh")), _tol(ck)),
         nbytes=2 * x.numel() * x.element_size(),
         copies=(fresh, x.nbytes),
     )
@@ -498,14 +499,15 @@ def section_linear(ck: Check) -> None:
                 w2 = w.clone()
                 return lambda: linear(x, w2, bias, act, res), lambda: _torch_linear(x, w2, bias, act, res)
 
+            ours, peer = fresh()
             bench_case(
                 ck,
                 "linear",
                 f"{name} M={m} K={k} N={n}",
-                ours=lambda x=x, w=w, bias=bias, act=act, res=res: linear(x, w, bias, act, res),
-                peer=lambda x=x, w=w, bias=bias, act=act, res=res: _torch_linear(x, w, bias, act, res),
-                check=lambda x=x, w=w, bias=bias, act=act, res=res: (
-                    rel_err(linear(x, w, bias, act, res), _linear_ref(x, w, bias, act, res)),
+                ours=ours,
+                peer=peer,
+                check=lambda ours=ours, x=x, w=w, bias=bias, act=act, res=res: (
+                    rel_err(ours(), _linear_ref(x, w, bias, act, res)),
                     _tol(ck),
                 ),
                 flops=2.0 * m * n * k,
@@ -551,15 +553,15 @@ def section_quant(ck: Check) -> None:
                     q2, w2 = _clone_tensors(qw), w.clone()
                     return lambda: quant_linear(x, q2, bias, act, res), lambda: _torch_linear(x, w2, bias, act, res)
 
+                ours, peer = fresh()  # the peer is the fp16 model: cuBLAS on the unquantized weight, torch epilogue
                 bench_case(
                     ck,
                     "quant",
                     f"int{bits} {name} M={m} K={k} N={n}",
-                    ours=lambda x=x, qw=qw, bias=bias, act=act, res=res: quant_linear(x, qw, bias, act, res),
-                    # the peer is the fp16 model: cuBLAS on the unquantized weight, torch epilogue
-                    peer=lambda x=x, w=w, bias=bias, act=act, res=res: _torch_linear(x, w, bias, act, res),
-                    check=lambda x=x, qw=qw, w_deq=w_deq, bias=bias, act=act, res=res: (
-                        rel_err(quant_linear(x, qw, bias, act, res), _linear_ref(x, w_deq, bias, act, res)),
+                    ours=ours,
+                    peer=peer,
+                    check=lambda ours=ours, x=x, w_deq=w_deq, bias=bias, act=act, res=res: (
+                        rel_err(ours(), _linear_ref(x, w_deq, bias, act, res)),
                         _tol(ck),
                     ),
                     flops=2.0 * m * n * k,
@@ -672,16 +674,14 @@ def section_decode(ck: Check) -> None:
                 lambda: F.scaled_dot_product_attention(q.unsqueeze(2), kk, vv, scale=scale),
             )
 
+        ours, peer = fresh()
         bench_case(
             ck,
             "decode",
             f"decode B={bsz} ctx={ctx} bs={s.block_size}",
-            ours=lambda q=q, kc=k_cache, vc=v_cache, t=tables, ln=lens: decode_attention(q, kc, vc, t, ln, ctx, scale),
-            peer=lambda q=q, kk=keys, vv=values: F.scaled_dot_product_attention(q.unsqueeze(2), kk, vv, scale=scale),
-            check=lambda q=q, kc=k_cache, vc=v_cache, t=tables, ln=lens, ref=ref: (
-                rel_err(decode_attention(q, kc, vc, t, ln, ctx, scale), ref),
-                _tol(ck),
-            ),
+            ours=ours,
+            peer=peer,
+            check=lambda ours=ours, ref=ref: (rel_err(ours(), ref), _tol(ck)),
             flops=4.0 * bsz * h * ctx * hd,
             nbytes=2 * bsz * ctx * h * hd * q.element_size(),  # every cached K and V read once
             copies=(fresh, keys.nbytes + values.nbytes),
