@@ -456,6 +456,13 @@ def section_gelu(ck: Check) -> None:
     )
 
 
+def _layer_operands(ck: Check, m: int, k: int, n: int, has_bias: bool, has_res: bool):
+    """Random weight ``[N, K]`` (1/sqrt(K) scale), bias, activations ``[M, K]`` and residual of one linear layer."""
+    w = _randn(ck, n, k, scale=k**-0.5)
+    bias = _randn(ck, n, scale=0.1) if has_bias else None
+    return w, bias, _randn(ck, m, k), _randn(ck, m, n) if has_res else None
+
+
 def _linear_ref(x, w, bias, act, res):
     """float32 reference of the fused linear."""
     import torch.nn.functional as F
@@ -489,10 +496,7 @@ def section_linear(ck: Check) -> None:
     s = ck.shapes
     for m in s.linear_m:
         for name, k, n, has_bias, act, has_res in s.layers():
-            w = _randn(ck, n, k, scale=k**-0.5)
-            bias = _randn(ck, n, scale=0.1) if has_bias else None
-            x = _randn(ck, m, k)
-            res = _randn(ck, m, n) if has_res else None
+            w, bias, x, res = _layer_operands(ck, m, k, n, has_bias, has_res)
             elt = x.element_size()
 
             def fresh(x=x, w=w, bias=bias, act=act, res=res):  # the same layer over a copy of the weight
@@ -737,10 +741,7 @@ def section_splitk(ck: Check) -> None:
     s = ck.shapes
     m = 1
     for name, k, n, has_bias, act, has_res in s.layers():
-        w = _randn(ck, n, k, scale=k**-0.5)
-        bias = _randn(ck, n, scale=0.1) if has_bias else None
-        x = _randn(ck, m, k)
-        res = _randn(ck, m, n) if has_res else None
+        w, bias, x, res = _layer_operands(ck, m, k, n, has_bias, has_res)
         pick = choose_split_k(m, n, k, sm_count(x.device), x.dtype)
         for split in SPLITS:
             if split == pick or k // split < 64:
