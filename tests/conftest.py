@@ -72,6 +72,19 @@ def make_hf_model(**overrides):
     return model
 
 
+def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
+    """transformers' greedy ``generate`` of ``n`` tokens after ``ids``, the reference for ours.
+
+    The attention mask is explicit: without it, ``generate`` masks every prompt token equal to ``pad_token_id``
+    (a random prompt holding token 0 would be attended differently than by us).
+    """
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = hf_model.generate(x, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
+                                attention_mask=torch.ones_like(x))  # fmt: skip
+    return out[0, len(ids) :].tolist()
+
+
 def save_checkpoint(model, directory, tokenizer_dir=None, published_layout=False):
     """Write ``model`` as a Hugging Face checkpoint; ``published_layout`` mimics openai-community's files."""
     import shutil

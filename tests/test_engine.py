@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import hf_greedy, rel_err
 
 from engine import LLM, SamplingParams
 from engine.reference import ReferenceGPT2
@@ -22,14 +22,6 @@ def random_ids(n: int, vocab: int = 50257) -> list[int]:
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoint):
     return LLM(str(tiny_checkpoint), backend="torch", dtype="float32", device="cpu", block_size=16, progress=False)
-
-
-def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = hf_model.generate(
-            torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
-        )
-    return out[0, len(ids) :].tolist()
 
 
 @pytest.mark.parametrize("layout", ["save_pretrained", "published"])

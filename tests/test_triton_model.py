@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from conftest import DEVICE, make_hf_model, rel_err, save_checkpoint
+from conftest import DEVICE, hf_greedy, make_hf_model, rel_err, save_checkpoint
 
 from engine import LLM, SamplingParams
 
@@ -63,10 +63,7 @@ def test_triton_fp32_matches_transformers(small_model):
     llm.kv.v.fill_(float("nan"))
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     for ids, out in zip(batch, llm.generate(batch, params, use_tqdm=False)):
-        with torch.no_grad():
-            ref = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0)  # fmt: skip
-        assert out.outputs[0].token_ids == ref[0, len(ids) :].tolist()
+        assert out.outputs[0].token_ids == hf_greedy(model, ids, 12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
