@@ -38,6 +38,38 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def tuning_every_config(kernel, configs, check=None):
+    """``kernel`` (a ``triton.autotune`` kernel) rebuilt to tune over ``configs`` with a stand-in clock.
+
+    The interpreter and ``GPT2_TRITON_AUTOTUNE=first`` keep one config, so Triton's tuning path (our prune
+    function, our hooks, the winner's launch) and every config but the first would otherwise run on a GPU only.
+    Here each config Triton benchmarks first goes to ``check(run)`` (``run()`` launches it once: the test
+    poisons outputs, runs, compares), then runs three times, as ``do_bench`` repeats it, and gets a random
+    time, so the winner varies. Returns the kernel and the list of configs' launchers it timed.
+    """
+    import triton
+
+    timed = []
+
+    def bench(kernel_call, quantiles):
+        timed.append(kernel_call)
+        if check is not None:
+            check(kernel_call)
+        for _ in range(3):
+            kernel_call()
+        return [random.random()] * len(quantiles)
+
+    tuned = triton.autotune(
+        configs=configs,
+        key=kernel.keys,
+        prune_configs_by={"early_config_prune": kernel.early_config_prune},
+        pre_hook=kernel.pre_hook,
+        post_hook=kernel.post_hook,
+        do_bench=bench,
+    )(kernel.fn)
+    return tuned, timed
+
+
 @pytest.fixture(scope="session")
 def gpt2_ranks_file():
     """tiktoken's GPT-2 BPE ranks, shipped by the openai-whisper sdist (read without importing whisper)."""

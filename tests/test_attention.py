@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, rel_err
+from conftest import DEVICE, rel_err, tuning_every_config
 
 from engine.ops import TorchOps
 from kernels import attention
-from kernels.attention import prefill_attention, prefill_attention_ref
+from kernels.attention import fits, get_configs, keep, prefill_attention, prefill_attention_ref
 from kernels.kv_cache import store_kv_ref
 
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)]
@@ -86,6 +86,37 @@ def test_prefill_stores_kv_in_the_same_pass(dtype, tol, slot_dtype):
 
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
     assert rel_err(out, prefill_attention_ref(q, k, v, cu, 0.125)) < tol
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+def test_every_tuned_config_matches_reference(monkeypatch, dtype, tol):
+    """Each tile the autotuner may pick on a GPU (the interpreter otherwise runs only the first), run through
+    Triton's tuning path: the output and the fused cache store are right for every one. Sequences longer than
+    the largest BLOCK_M take both the off-diagonal and the diagonal loops."""
+    lens, cu = ragged_batch(3, 150)
+    T, H, hd = sum(lens), 2, 64
+    q, k, v = fused_qkv(T, H, hd, dtype)
+    k_cache, v_cache, slots = paged_cache(T, H, hd, dtype)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    store_kv_ref(k, v, k_ref, v_ref, slots)
+    ref = prefill_attention_ref(q, k, v, cu, 0.125)
+    out = torch.empty_like(q).contiguous()
+    written = torch.isin(torch.arange(k_cache.shape[0] * k_cache.shape[1], device=DEVICE), slots)
+
+    def check(run):
+        out.fill_(float("nan"))
+        k_cache.view(-1, H, hd)[written] = float("nan")
+        v_cache.view(-1, H, hd)[written] = float("nan")
+        run()
+        assert rel_err(out, ref) < tol, f"config #{len(timed)}"
+        assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref), f"config #{len(timed)}"
+
+    configs = [c for c in get_configs() if keep(c)]
+    tuned, timed = tuning_every_config(attention._prefill_attention_kernel, configs, check)
+    monkeypatch.setattr(attention, "_prefill_attention_kernel", tuned)
+    prefill_attention(q, k, v, cu, 150, 0.125, out=out, kv_cache=(k_cache, v_cache, slots))
+    assert rel_err(out, ref) < tol
+    assert len(timed) == sum(fits(c, hd, dtype == torch.float32) for c in configs) > 1
 
 
 def test_prefill_launches_in_chunks_past_the_grid_limit(monkeypatch):

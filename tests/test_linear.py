@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import kernels.linear
 from kernels.linear import (
     SPLIT_K_MIN_K,
     choose_split_k,
@@ -18,9 +19,10 @@ from kernels.linear import (
     keep,
     linear,
     linear_ref,
+    m_key,
 )
 from kernels.utils import AUTOTUNE_ENV, RestoreAliasedOutput
-from tests.conftest import DEVICE, rel_err
+from tests.conftest import DEVICE, rel_err, tuning_every_config
 
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 1e-3), (torch.bfloat16, 1e-2)]
 HALF_DTYPES = DTYPES[1:]
@@ -204,6 +206,40 @@ def test_tuning_hooks_restore_only_an_aliased_output(aliased, has_residual, part
     assert torch.equal(y, before) == restored
     hooks.pre_hook(nargs, reset_only=True)  # the autotuner's call after tuning must not save anything
     assert hooks.saved is None
+
+
+@pytest.mark.parametrize(
+    "m, has_residual, aliased, split_k, dtype",
+    [
+        (5, True, True, 1, torch.float16),
+        (5, True, True, 2, torch.float16),
+        (5, True, False, 1, torch.float16),
+        (5, True, False, 1, torch.float32),
+        (600, True, False, 1, torch.float16),
+        (600, False, False, 1, torch.float16),
+    ],
+)
+def test_every_tuned_config(monkeypatch, m, has_residual, aliased, split_k, dtype):
+    """Triton's own tuning path, as on a GPU (the interpreter otherwise runs only the first config): every tile
+    the prune keeps for decode (M=5) or prefill (M=600) rows is right, and with ``out=residual`` the tuning
+    runs (several per config) still leave exactly one residual add."""
+    k, n = 200, 136
+    tol = dict(DTYPES)[dtype]
+    x, weight, bias, residual = _operands(m, k, n, dtype, True, has_residual)
+    ref = _ref64(x, weight, bias, "gelu_tanh", residual)
+    out = residual if aliased else torch.empty(m, n, dtype=dtype, device=DEVICE)
+
+    def check(run):
+        out.fill_(float("nan"))
+        run()
+        assert rel_err(out, ref) < tol, f"config #{len(timed)}"
+
+    tuned, timed = tuning_every_config(kernels.linear._linear_kernel, get_configs(), None if aliased else check)
+    monkeypatch.setattr(kernels.linear, "_linear_kernel", tuned)
+    y = linear(x, weight, bias, "gelu_tanh", residual, out=out, split_k=split_k)
+    assert y is out and rel_err(y, ref) < tol
+    nbytes = x.element_size()
+    assert len(timed) == sum(keep(c, m_key(m), nbytes, nbytes, residual=has_residual) for c in get_configs()) > 1
 
 
 @pytest.mark.parametrize("knob, expected", [("first", 1), ("", len(get_configs()))])

@@ -9,7 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.linear import linear_ref
+import kernels.quant
+from kernels.linear import linear_ref, m_key
 from kernels.quant import (
     FP32_TILES,
     Int4Weight,
@@ -24,7 +25,7 @@ from kernels.quant import (
     quantize_int8,
 )
 from kernels.utils import magic_base, magic_uint_to_float
-from tests.conftest import DEVICE, rel_err
+from tests.conftest import DEVICE, rel_err, tuning_every_config
 
 # The GEMM must equal dequantize-then-matmul; bf16's own output rounding is ~1e-3 (4e-3 in the interpreter,
 # which truncates fp32 -> bf16), so it gets the bf16 tolerance.
@@ -223,6 +224,39 @@ def test_quant_linear_split_k_in_place_and_checks():
             quant_linear(x, qw, split_k=-1)
         with pytest.raises(ValueError, match="split_k=2 needs"):
             quant_linear(x.float(), qw, split_k=2)
+
+
+@pytest.mark.parametrize(
+    "m, aliased, dtype",
+    [(5, True, torch.float16), (5, False, torch.float16), (5, False, torch.float32), (600, False, torch.float16)],
+)
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_every_tuned_config(monkeypatch, kind, m, aliased, dtype):
+    """Triton's own tuning path, as on a GPU (see tests/test_linear.py): every kept tile is right, and tuning
+    with ``out=residual`` leaves one residual add."""
+    k, n, group_size = 256, 136, 128
+    name, configs, bits, group = {
+        "int8": ("_int8_linear_kernel", get_int8_configs, 8, 0),
+        "int4": ("_int4_linear_kernel", get_int4_configs, 4, group_size),
+    }[kind]
+    w = torch.randn(n, k, device=DEVICE) / k**0.5
+    qw = quantize_int8(w) if kind == "int8" else quantize_int4(w, group_size)
+    tol = dict(DTYPES)[dtype]
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    residual = torch.randn(m, n, device=DEVICE).to(dtype)
+    ref = _ref64(x, qw, None, "gelu_tanh", residual)
+    out = residual if aliased else torch.empty_like(residual)
+
+    def check(run):
+        out.fill_(float("nan"))
+        run()
+        assert rel_err(out, ref) < tol, f"config #{len(timed)}"
+
+    tuned, timed = tuning_every_config(getattr(kernels.quant, name), configs(), None if aliased else check)
+    monkeypatch.setattr(kernels.quant, name, tuned)
+    y = quant_linear(x, qw, None, "gelu_tanh", residual, out=out, split_k=1)
+    assert y is out and rel_err(y, ref) < tol
+    assert len(timed) == sum(keep_quant(c, m_key(m), x.element_size(), bits, group) for c in configs()) > 1
 
 
 def test_quant_linear_ref_and_strided_operands():
