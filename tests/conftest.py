@@ -38,6 +38,38 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def assert_static_decode_matches_eager(make, max_num_seqs: int, prompts: list[list[int]], max_tokens: int):
+    """Greedy decoding through fixed-size, padded buckets (the shapes a GPU replays as CUDA graphs, run eagerly
+    here) chooses the tokens eager decoding does, with the same log-probs; returns the ``StaticDecoder``.
+
+    ``make(max_num_seqs)`` builds an ``LLM``. Distinct random lengths make the decode batch shrink (and refill,
+    with more prompts than ``max_num_seqs``), so bucket rows go from real to padding and back; the NaN-filled
+    pool catches a pad row that stored, or a read of a slot that was never written.
+    """
+    from engine import SamplingParams
+    from engine.cuda_graphs import StaticDecoder
+
+    eager, static = make(max_num_seqs), make(max_num_seqs)
+    decoder = StaticDecoder(static.model, static.kv, max_num_seqs, static.device, capture=False)
+    static.runner.static_decoder = decoder
+    static.kv.k.fill_(float("nan"))
+    static.kv.v.fill_(float("nan"))
+    padded = []  # per step: did the bucket have pad rows?
+    decode = decoder.decode
+    decoder.decode = lambda ids, *rest: padded.append(decoder.bucket_size(len(ids)) > len(ids)) or decode(ids, *rest)
+    lengths = random.sample(range(2, max_tokens + 1), len(prompts))
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=0) for n in lengths]
+    outs = zip(eager.generate(prompts, params, use_tqdm=False), static.generate(prompts, params, use_tqdm=False))
+    for a, b in outs:
+        ca, cb = a.outputs[0], b.outputs[0]
+        assert ca.token_ids == cb.token_ids
+        la = torch.tensor([d[t] for d, t in zip(ca.logprobs, ca.token_ids)])
+        lb = torch.tensor([d[t] for d, t in zip(cb.logprobs, cb.token_ids)])
+        assert rel_err(lb, la) < 1e-5
+    assert any(padded), "no decode step ran with pad rows"
+    return decoder
+
+
 def tuning_every_config(kernel, configs, check=None):
     """``kernel`` (a ``triton.autotune`` kernel) rebuilt to tune over ``configs`` with a stand-in clock.
 

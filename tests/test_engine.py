@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from conftest import hf_greedy, rel_err
+from conftest import assert_static_decode_matches_eager, hf_greedy, rel_err
 
 from engine import LLM, SamplingParams
 from engine.reference import ReferenceGPT2
@@ -190,30 +190,12 @@ def test_more_sequences_than_fit_at_once(tiny_checkpoint):
 
 
 def test_fixed_shape_decode_matches_eager(tiny_checkpoint):
-    """The padded fixed-size buckets that CUDA graphs replay give eager decode's results (run eagerly here).
+    """The padded fixed-size buckets that CUDA graphs replay give eager decode's results (run eagerly here):
+    14 requests through a 7-sequence batch (buckets 1, 2, 4, 7)."""
 
-    Requests of different lengths through a 7-sequence batch (buckets 1, 2, 4, 7) make the decode batch shrink
-    and refill, so bucket rows go from real to padding and back; the NaN-filled pool catches any read of a
-    slot that was never written.
-    """
-    from engine.cuda_graphs import StaticDecoder
-
-    def make():
+    def make(max_num_seqs):
         return LLM(str(tiny_checkpoint), backend="torch", dtype="float32", device="cpu", block_size=4,
-                   max_num_seqs=7, progress=False)  # fmt: skip
+                   max_num_seqs=max_num_seqs, progress=False)  # fmt: skip
 
-    eager, static = make(), make()
-    static.runner.static_decoder = StaticDecoder(static.model, static.kv, 7, static.device, capture=False)
-    assert static.runner.static_decoder.sizes == [1, 2, 4, 7]
-    static.kv.k.fill_(float("nan"))
-    static.kv.v.fill_(float("nan"))
     prompts = [random_ids(random.randint(1, 20)) for _ in range(14)]
-    params = [SamplingParams(max_tokens=random.randint(2, 16), temperature=0, ignore_eos=True, logprobs=0)
-              for _ in prompts]  # fmt: skip
-    for a, b in zip(eager.generate(prompts, params, use_tqdm=False), static.generate(prompts, params, use_tqdm=False)):
-        ca, cb = a.outputs[0], b.outputs[0]
-        assert ca.token_ids == cb.token_ids
-        la = torch.tensor([d[t] for d, t in zip(ca.logprobs, ca.token_ids)])
-        lb = torch.tensor([d[t] for d, t in zip(cb.logprobs, cb.token_ids)])
-        assert rel_err(lb, la) < 1e-5
-    assert static.runner.static_decoder._buckets  # the static path did run
+    assert assert_static_decode_matches_eager(make, 7, prompts, 16).sizes == [1, 2, 4, 7]

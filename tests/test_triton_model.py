@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from conftest import DEVICE, hf_greedy, make_hf_model, rel_err, save_checkpoint
+from conftest import DEVICE, assert_static_decode_matches_eager, hf_greedy, make_hf_model, rel_err, save_checkpoint
 
 from engine import LLM, SamplingParams
 
@@ -108,3 +108,12 @@ def test_quantized_model_sqnr(gpt2_init_model, quantization, min_db):
     db = sqnr_db(logits_quant, logits_base)
     print(f"{quantization}: logits SQNR {db:.1f} dB")
     assert db >= min_db
+
+
+def test_triton_fixed_shape_decode_matches_eager(small_model):
+    """The padded buckets that a GPU replays as CUDA graphs (run eagerly here) through the Triton kernels: pad
+    rows store nothing (slot -1) and attend over nothing (context 0), and the paged decode launches are sized for
+    the whole context whatever the step."""
+    _, path = small_model
+    decoder = assert_static_decode_matches_eager(lambda n: triton_llm(path, max_num_seqs=n), 4, prompts(4), 8)
+    assert decoder.sizes == [1, 2, 4]  # four sequences finishing one by one decode 3 rows in the 4-row bucket
