@@ -11,7 +11,8 @@ device memory) next to its peer: cuBLAS ``addmm`` plus torch's separate GELU / r
 layers, fp16 cuBLAS for the int8/int4 GEMVs, ``scaled_dot_product_attention`` for prefill and (over the
 pre-gathered cache) decode, and torch's own LayerNorm / GELU / index-put. Shapes are GPT-2 Medium's. Then the
 engine end to end (decode tokens/s vs our torch backend and transformers), and two sweeps for tuning: every
-decode-attention launch config, and forced split-K depths of the M=1 GEMMs. Rows are written to
+decode-attention launch config, and forced split-K depths of the M=1 GEMMs; last, in what is left of the
+budget, the tests that compile and check every autotune config (``-k every_tuned``). Rows are written to
 ``bench/results/gpu_check_<gpu>_<date>.json`` (``--results-dir``) after every section, with the configs the
 autotuner picked, so a crash loses nothing already measured.
 
@@ -60,6 +61,10 @@ GPU_TESTS = (
     "test_linear.py",
 )
 TEST_WORKERS = 8  # pytest-xdist processes sharing the GPU, when xdist is installed
+# The tests that compile and run every autotune config of a kernel (tests.conftest.tuning_every_config): ~100
+# compiles, so they run after the benchmarks, in what is left of the budget, if at least MIN_TEST_SECONDS.
+EVERY_CONFIG_TESTS = "every_tuned"
+MIN_TEST_SECONDS = 30.0
 TOL = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}  # relative-norm error vs the float32 reference
 GRAPH_BELOW_MS = 0.1  # kernels faster than this are re-timed with CUDA-graph replay (launch overhead hidden)
 GRAPH_REP_MS = 10  # GPU time per graph replay; capturing a replay of ~3 us kernels records thousands of launches
@@ -309,14 +314,16 @@ def _tol(ck: Check) -> float:
 # ------------------------------------------------------------------------------------------------ sections
 
 
-def section_tests(ck: Check, files: list[str], timeout: float) -> None:
-    """Run the kernel and Triton-model tests on the device in a subprocess, killed after ``timeout`` s."""
+def section_tests(ck: Check, files: list[str], timeout: float, select: str) -> None:
+    """Run the kernel and Triton-model tests that pytest's ``-k select`` picks on the device, in a subprocess
+    killed after ``timeout`` s."""
     paths = [str(ROOT / "tests" / f) for f in files if (ROOT / "tests" / f).exists()]
     missing = [f for f in files if not (ROOT / "tests" / f).exists()]
+    name = "pytest " + " ".join(Path(p).name for p in paths) + f" -k '{select}'"
     if not paths:
-        ck.add(section="tests", name="pytest", status="ERROR", reason=f"no test files found: {files}")
+        ck.add(section="tests", name=name, status="ERROR", reason=f"no test files found: {files}")
         return
-    cmd = [sys.executable, "-m", "pytest", *paths, "-q", "-p", "no:cacheprovider", "--durations=10"]
+    cmd = [sys.executable, "-m", "pytest", *paths, "-k", select, "-q", "-p", "no:cacheprovider", "--durations=10"]
     if ck.dry_run:
         cmd.append("--collect-only")  # the interpreter would take many minutes: prove the plumbing only
     elif importlib.util.find_spec("xdist") is not None:
@@ -324,7 +331,7 @@ def section_tests(ck: Check, files: list[str], timeout: float) -> None:
     # Correctness, not tuning: each autotuned kernel runs its first config (the benchmarks below tune, and
     # validate the configs that win), else every new test shape would compile and time every config.
     env = {**os.environ, AUTOTUNE_ENV: "first"}
-    print(f"[tests] {' '.join(Path(p).name for p in paths)} (cap {timeout:.0f} s)", flush=True)
+    print(f"[tests] {name} (cap {timeout:.0f} s)", flush=True)
     start = time.monotonic()
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -341,7 +348,7 @@ def section_tests(ck: Check, files: list[str], timeout: float) -> None:
     status = "TIMEOUT" if timed_out else ("OK" if proc.returncode == 0 else "FAIL")
     ck.add(
         section="tests",
-        name="pytest " + " ".join(Path(p).name for p in paths),
+        name=name,
         status=status,
         returncode=proc.returncode,
         seconds=time.monotonic() - start,
@@ -966,10 +973,11 @@ def print_summary(ck: Check, scored: list[dict]) -> None:
         rs = [r for r in ck.rows if r["section"] == sec]
         good = [r for r in rs if r.get("status") == "OK"]
         if sec == "tests":
-            r = rs[-1]
-            print(
-                f"{sec:10s} {'':>5s} {'':>4s} {'':>4s}  {r['status']:>14s}  {r.get('summary') or r.get('reason', '')}"
-            )
+            for r in rs:
+                note = r.get("summary") or r.get("reason", "")
+                print(
+                    f"{sec:10s} {'':>5s} {'':>4s} {'':>4s}  {r['status']:>14s}  {note} ({r['name'].split(' -k ')[-1]})"
+                )
             continue
         gm = _geomean([r["speedup"] for r in good])
         by = sorted(good, key=lambda r: r["speedup"])
@@ -1076,13 +1084,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  import error: {b}", flush=True)
     ck.save()
 
-    if not args.skip_tests:
+    def tests(select: str, timeout: float) -> None:
         try:
-            reserve = 0.0 if args.dry_run else 120.0  # keep time for the benchmarks
-            section_tests(ck, args.tests, min(args.test_timeout, max(ck.left() - reserve, 30.0)))
+            section_tests(ck, args.tests, timeout, select)
         except Exception as e:  # noqa: BLE001
-            ck.add(section="tests", name="pytest", status="ERROR", reason=f"{type(e).__name__}: {e}")
+            ck.add(section="tests", name=f"pytest -k '{select}'", status="ERROR", reason=f"{type(e).__name__}: {e}")
         ck.save()
+
+    if not args.skip_tests:
+        reserve = 0.0 if args.dry_run else 120.0  # keep time for the benchmarks
+        tests(f"not {EVERY_CONFIG_TESTS}", min(args.test_timeout, max(ck.left() - reserve, MIN_TEST_SECONDS)))
 
     torch.manual_seed(0)
     for name in args.sections:
@@ -1100,6 +1111,13 @@ def main(argv: list[str] | None = None) -> int:
         ck.meta["autotune"] = autotune_picks()
         ck.meta["ceilings"] = dict(copy_gbps=ck.copy_gbps, matmul_tflops=ck.matmul_tflops)
         ck.save()
+
+    if not args.skip_tests:  # every tile of every autotuned kernel compiled and checked: after the numbers
+        if ck.left() >= MIN_TEST_SECONDS:
+            tests(EVERY_CONFIG_TESTS, ck.left())
+        else:
+            reason = f"time budget spent; run: python3 -m pytest tests -k {EVERY_CONFIG_TESTS}"
+            ck.add(section="tests", name=f"pytest -k '{EVERY_CONFIG_TESTS}'", status="SKIP", reason=reason)
 
     scored = goals(ck.rows)
     ck.meta["goals"] = scored

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.py")
@@ -41,3 +44,22 @@ def test_dry_run_validates_every_section(tmp_path):
     kernels = {"layernorm", "decode", "prefill", "quant", "linear", "gelu", "store_kv"}
     assert kernels | {"engine", "decode_cfg", "splitk"} <= sections, sections
     assert all(row["status"] not in ("FAIL", "ERROR") for row in rows)
+
+
+@pytest.mark.parametrize("budget, last", [("330", "OK"), ("0", "SKIP")])
+def test_dry_run_runs_the_every_config_tests_last(tmp_path, budget, last):
+    """The tests come first, except those compiling every autotune config (~100 compiles on a GPU): they run
+    after the benchmarks, if the budget leaves time, else a SKIP row says how to run them."""
+    out = tmp_path / "dry.json"
+    r = run("--dry-run", "--sections", "gelu", "--budget", budget, "--out", str(out), CUDA_VISIBLE_DEVICES="")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    first, _, every = rows
+    assert [row["section"] for row in rows] == ["tests", "gelu", "tests"]
+    assert first["status"] == "OK" and every["status"] == last
+    picked, total = map(int, re.match(r"(\d+)/(\d+) tests collected", first["summary"]).groups())
+    if last == "OK":
+        n_every, total_again = map(int, re.match(r"(\d+)/(\d+) tests collected", every["summary"]).groups())
+        assert total == total_again and 0 < n_every == total - picked
+    else:
+        assert "pytest tests -k every_tuned" in every["reason"]
