@@ -54,13 +54,18 @@ def assert_static_decode_matches_eager(make, max_num_seqs: int, prompts: list[li
     static.runner.static_decoder = decoder
     static.kv.k.fill_(float("nan"))
     static.kv.v.fill_(float("nan"))
-    padded = []  # per step: did the bucket have pad rows?
+    padded = []  # per decode step: did its bucket have pad rows?
     decode = decoder.decode
-    decoder.decode = lambda ids, *rest: padded.append(decoder.bucket_size(len(ids)) > len(ids)) or decode(ids, *rest)
+
+    def noting_padding(input_ids, *rest):
+        padded.append(decoder.bucket_size(len(input_ids)) > len(input_ids))
+        return decode(input_ids, *rest)
+
+    decoder.decode = noting_padding
     lengths = random.sample(range(2, max_tokens + 1), len(prompts))
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=0) for n in lengths]
-    outs = zip(eager.generate(prompts, params, use_tqdm=False), static.generate(prompts, params, use_tqdm=False))
-    for a, b in outs:
+    outs = eager.generate(prompts, params, use_tqdm=False), static.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(*outs, strict=True):
         ca, cb = a.outputs[0], b.outputs[0]
         assert ca.token_ids == cb.token_ids
         la = torch.tensor([d[t] for d, t in zip(ca.logprobs, ca.token_ids)])
