@@ -42,15 +42,15 @@ def assert_static_decode_matches_eager(make, max_num_seqs: int, prompts: list[li
     """Greedy decoding through fixed-size, padded buckets (the shapes a GPU replays as CUDA graphs, run eagerly
     here) chooses the tokens eager decoding does, with the same log-probs; returns the ``StaticDecoder``.
 
-    ``make(max_num_seqs)`` builds an ``LLM``. Distinct random lengths make the decode batch shrink (and refill,
-    with more prompts than ``max_num_seqs``), so bucket rows go from real to padding and back; the NaN-filled
-    pool catches a pad row that stored, or a read of a slot that was never written.
+    ``make(max_num_seqs)`` builds an ``LLM``. Its buckets go up to ``max_num_seqs + 1``, so even a full batch
+    decodes with a pad row; random lengths make the batch shrink too, so rows go from real to padding. The
+    NaN-filled pool catches a pad row that stored, or a read of a slot that was never written.
     """
     from engine import SamplingParams
     from engine.cuda_graphs import StaticDecoder
 
     eager, static = make(max_num_seqs), make(max_num_seqs)
-    decoder = StaticDecoder(static.model, static.kv, max_num_seqs, static.device, capture=False)
+    decoder = StaticDecoder(static.model, static.kv, max_num_seqs + 1, static.device, capture=False)
     static.runner.static_decoder = decoder
     static.kv.k.fill_(float("nan"))
     static.kv.v.fill_(float("nan"))
