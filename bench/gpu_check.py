@@ -26,6 +26,7 @@ import argparse
 import copy
 import dataclasses
 import datetime as _dt
+import functools
 import importlib
 import importlib.util
 import itertools
@@ -470,6 +471,19 @@ def _layer_operands(ck: Check, m: int, k: int, n: int, has_bias: bool, has_res: 
     return w, bias, _randn(ck, m, k), _randn(ck, m, n) if has_res else None
 
 
+def _linear_pair(ck: Check, x, w, bias, act, res, ours_fn, peer_fn):
+    """``(ours, peer, fresh, check)`` for one linear layer, each side called as ``fn(x, w, bias, act, res)``:
+    ``fresh()`` builds such a pair over a copy of the weight (see :func:`time_pair`), and ``check`` validates
+    ours against :func:`_linear_ref`."""
+
+    def fresh():
+        w2 = w.clone()
+        return lambda: ours_fn(x, w2, bias, act, res), lambda: peer_fn(x, w2, bias, act, res)
+
+    ours, peer = fresh()
+    return ours, peer, fresh, lambda: (rel_err(ours(), _linear_ref(x, w, bias, act, res)), _tol(ck))
+
+
 def _linear_ref(x, w, bias, act, res):
     """float32 reference of the fused linear."""
     import torch.nn.functional as F
@@ -505,22 +519,14 @@ def section_linear(ck: Check) -> None:
         for name, k, n, has_bias, act, has_res in s.layers():
             w, bias, x, res = _layer_operands(ck, m, k, n, has_bias, has_res)
             elt = x.element_size()
-
-            def fresh(x=x, w=w, bias=bias, act=act, res=res):  # the same layer over a copy of the weight
-                w2 = w.clone()
-                return lambda: linear(x, w2, bias, act, res), lambda: _torch_linear(x, w2, bias, act, res)
-
-            ours, peer = fresh()
+            ours, peer, fresh, check = _linear_pair(ck, x, w, bias, act, res, linear, _torch_linear)
             bench_case(
                 ck,
                 "linear",
                 f"{name} M={m} K={k} N={n}",
                 ours=ours,
                 peer=peer,
-                check=lambda ours=ours, x=x, w=w, bias=bias, act=act, res=res: (
-                    rel_err(ours(), _linear_ref(x, w, bias, act, res)),
-                    _tol(ck),
-                ),
+                check=check,
                 flops=2.0 * m * n * k,
                 nbytes=(n * k + m * k + m * n * (2 if has_res else 1)) * elt,
                 copies=(fresh, w.nbytes),
@@ -753,25 +759,15 @@ def section_splitk(ck: Check) -> None:
         for split in SPLITS:
             if split == pick or k // split < 64:
                 continue
-
-            def fresh(x=x, w=w, bias=bias, act=act, res=res, split=split):  # copies of the weight
-                w2 = w.clone()
-                return (
-                    lambda: linear(x, w2, bias, act, res, split_k=split),
-                    lambda: linear(x, w2, bias, act, res),
-                )
-
-            ours, peer = fresh()
+            forced = functools.partial(linear, split_k=split)
+            ours, peer, fresh, check = _linear_pair(ck, x, w, bias, act, res, forced, linear)
             bench_case(
                 ck,
                 "splitk",
                 f"{name} M={m} N={n} K={k} split {split} vs {pick}",
                 ours=ours,
                 peer=peer,
-                check=lambda ours=ours, x=x, w=w, bias=bias, act=act, res=res: (
-                    rel_err(ours(), _linear_ref(x, w, bias, act, res)),
-                    _tol(ck),
-                ),
+                check=check,
                 nbytes=w.nbytes,
                 copies=(fresh, w.nbytes),
                 layer=name,
