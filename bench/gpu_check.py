@@ -52,17 +52,17 @@ KERNEL_MODULES = ("layernorm", "gelu", "linear", "quant", "attention", "paged_at
 # Tests that exercise kernels and the Triton model on the device (others are CPU-only logic), the whole-model
 # test (CUDA-graph decode) first: should the run hit its time cap, the end-to-end checks have already run.
 GPU_TESTS = (
-    "test_triton_model.py",
-    "test_paged_attention.py",
-    "test_kv_cache.py",
-    "test_attention.py",
-    "test_layernorm.py",
-    "test_gelu.py",
-    "test_quant.py",
-    "test_linear.py",
+    "engine/test_triton_model.py",
+    "kernels/test_paged_attention.py",
+    "kernels/test_kv_cache.py",
+    "kernels/test_attention.py",
+    "kernels/test_layernorm.py",
+    "kernels/test_gelu.py",
+    "kernels/test_quant.py",
+    "kernels/test_linear.py",
 )
 TEST_WORKERS = 8  # pytest-xdist processes sharing the GPU, when xdist is installed
-# The tests that compile and run every autotune config of a kernel (tests.conftest.tuning_every_config): ~100
+# The tests that compile and run every autotune config of a kernel (tests.helpers.tuning_every_config): ~100
 # compiles, so they run after the benchmarks, in what is left of the budget, if at least MIN_TEST_SECONDS.
 EVERY_CONFIG_TESTS = "every_tuned"
 MIN_TEST_SECONDS = 30.0

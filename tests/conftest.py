@@ -1,7 +1,8 @@
 """Shared fixtures: per-test fresh seeds, the Triton interpreter on CPU-only machines, tiny GPT-2 checkpoints.
 
 The interpreter switch must happen before anything imports ``triton``: Triton reads ``TRITON_INTERPRET``
-when a kernel is decorated, i.e. when ``kernels.*`` is imported.
+when a kernel is decorated, i.e. when ``kernels.*`` is imported. pytest loads this file before any test module,
+so it is set here; helper functions live in :mod:`tests.helpers`, which test modules import.
 """
 
 from __future__ import annotations
@@ -15,96 +16,21 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-# Small but not degenerate: several heads, odd-ish widths, real GPT-2 vocabulary so text round-trips.
-# initializer_range 0.2 (not 0.02) so greedy decoding of random weights wanders instead of repeating a token.
-TINY = dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=50257, initializer_range=0.2)
+from tests.helpers import make_hf_model, save_checkpoint  # noqa: E402 (after the interpreter switch)
 
 
 @pytest.fixture(autouse=True)
 def fresh_seed(request):
-    """Seed torch and random with a fresh seed per test, printed so a failure can be replayed."""
+    """Seed torch and random with a fresh seed per test, printed so a failure can be replayed.
+
+    Random draws belong inside tests (or fixtures), never in ``parametrize`` lists: test ids must be the same at
+    every collection (pytest-xdist workers collect separately, ``--lf`` reruns by id).
+    """
     seed = int(os.environ.get("TEST_SEED", random.SystemRandom().randrange(2**31)))
     print(f"\n[seed] {request.node.nodeid}: TEST_SEED={seed}")
     torch.manual_seed(seed)
     random.seed(seed)
     return seed
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖ / ‖b‖ computed in float64."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
-
-
-def assert_static_decode_matches_eager(make, max_num_seqs: int, prompts: list[list[int]], max_tokens: int):
-    """Greedy decoding through fixed-size, padded buckets (the shapes a GPU replays as CUDA graphs, run eagerly
-    here) chooses the tokens eager decoding does, with the same log-probs; returns the ``StaticDecoder``.
-
-    ``make(max_num_seqs)`` builds an ``LLM``. Its buckets go up to ``max_num_seqs + 1``, so even a full batch
-    decodes with a pad row; random lengths make the batch shrink too, so rows go from real to padding. The
-    NaN-filled pool catches a pad row that stored, or a read of a slot that was never written.
-    """
-    from engine import SamplingParams
-    from engine.cuda_graphs import StaticDecoder
-
-    eager, static = make(max_num_seqs), make(max_num_seqs)
-    decoder = StaticDecoder(static.model, static.kv, max_num_seqs + 1, static.device, capture=False)
-    static.runner.static_decoder = decoder
-    static.kv.k.fill_(float("nan"))
-    static.kv.v.fill_(float("nan"))
-    padded = []  # per decode step: did its bucket have pad rows?
-    decode = decoder.decode
-
-    def noting_padding(input_ids, *rest):
-        padded.append(decoder.bucket_size(len(input_ids)) > len(input_ids))
-        return decode(input_ids, *rest)
-
-    decoder.decode = noting_padding
-    lengths = random.sample(range(2, max_tokens + 1), len(prompts))
-    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=0) for n in lengths]
-    outs = eager.generate(prompts, params, use_tqdm=False), static.generate(prompts, params, use_tqdm=False)
-    for a, b in zip(*outs, strict=True):
-        ca, cb = a.outputs[0], b.outputs[0]
-        assert ca.token_ids == cb.token_ids
-        la = torch.tensor([d[t] for d, t in zip(ca.logprobs, ca.token_ids)])
-        lb = torch.tensor([d[t] for d, t in zip(cb.logprobs, cb.token_ids)])
-        assert rel_err(lb, la) < 1e-5
-    assert any(padded), "no decode step ran with pad rows"
-    return decoder
-
-
-def tuning_every_config(kernel, configs, check=None):
-    """``kernel`` (a ``triton.autotune`` kernel) rebuilt to tune over ``configs`` with a stand-in clock.
-
-    The interpreter and ``GPT2_TRITON_AUTOTUNE=first`` keep one config, so Triton's tuning path (our prune
-    function, our hooks, the winner's launch) and every config but the first would otherwise run on a GPU only.
-    Here each config Triton benchmarks first goes to ``check(run)`` (``run()`` launches it once: the test
-    poisons outputs, runs, compares), then runs three times, as ``do_bench`` repeats it, and gets a random
-    time, so the winner varies. Returns the kernel and the list of configs' launchers it timed.
-    """
-    import triton
-
-    timed = []
-
-    def bench(kernel_call, quantiles):
-        timed.append(kernel_call)
-        if check is not None:
-            check(kernel_call)
-        for _ in range(3):
-            kernel_call()
-        return [random.random()] * len(quantiles)
-
-    tuned = triton.autotune(
-        configs=configs,
-        key=kernel.keys,
-        prune_configs_by={"early_config_prune": kernel.early_config_prune},
-        pre_hook=kernel.pre_hook,
-        post_hook=kernel.post_hook,
-        do_bench=bench,
-    )(kernel.fn)
-    return tuned, timed
 
 
 @pytest.fixture(scope="session")
@@ -126,54 +52,6 @@ def gpt2_tokenizer_dir(tmp_path_factory, gpt2_ranks_file):
     d = tmp_path_factory.mktemp("gpt2-tokenizer")
     write_hf_files(read_tiktoken_file(gpt2_ranks_file), d)
     return d
-
-
-def make_hf_model(**overrides):
-    """A transformers GPT2LMHeadModel with random weights (biases and LN params randomized too)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(**{**TINY, **overrides})
-    model = GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or ".ln_" in name:
-                p.add_(torch.randn_like(p) * 0.1)  # default init leaves these at 0/1: make them matter
-    return model
-
-
-def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
-    """transformers' greedy ``generate`` of ``n`` tokens after ``ids``, the reference for ours.
-
-    The attention mask is explicit: without it, ``generate`` masks every prompt token equal to ``pad_token_id``
-    (a random prompt holding token 0 would be attended differently than by us).
-    """
-    x = torch.tensor([ids])
-    with torch.no_grad():
-        out = hf_model.generate(x, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
-                                attention_mask=torch.ones_like(x))  # fmt: skip
-    return out[0, len(ids) :].tolist()
-
-
-def save_checkpoint(model, directory, tokenizer_dir=None, published_layout=False):
-    """Write ``model`` as a Hugging Face checkpoint; ``published_layout`` mimics openai-community's files."""
-    import shutil
-
-    from safetensors.torch import save_file
-
-    model.save_pretrained(directory, safe_serialization=True)
-    if published_layout:
-        # openai-community/gpt2*: no "transformer." prefix, no lm_head, attention-mask buffers stored.
-        sd = {k.removeprefix("transformer."): v.contiguous() for k, v in model.state_dict().items()}
-        sd.pop("lm_head.weight", None)
-        n_pos = model.config.n_positions
-        for i in range(model.config.n_layer):
-            sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n_pos, n_pos, dtype=torch.uint8)).view(1, 1, n_pos, n_pos)
-            sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
-        save_file(sd, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    if tokenizer_dir is not None:
-        for name in ("vocab.json", "merges.txt"):
-            shutil.copy(tokenizer_dir / name, directory / name)
-    return directory
 
 
 @pytest.fixture(scope="session")

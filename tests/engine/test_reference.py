@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_hf_model, rel_err, save_checkpoint
 
 from engine.config import ModelConfig
 from engine.loader import load_checkpoint
 from engine.reference import ReferenceGPT2
 from engine.weights import random_weights
+from tests.helpers import make_hf_model, rel_err, save_checkpoint
 
 SMALL = dict(vocab_size=211, n_positions=48)
 

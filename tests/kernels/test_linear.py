@@ -22,7 +22,7 @@ from kernels.linear import (
     m_key,
 )
 from kernels.utils import AUTOTUNE_ENV, RestoreAliasedOutput
-from tests.conftest import DEVICE, rel_err, tuning_every_config
+from tests.helpers import DEVICE, rel_err, tuning_every_config
 
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 1e-3), (torch.bfloat16, 1e-2)]
 HALF_DTYPES = DTYPES[1:]
@@ -172,7 +172,10 @@ def test_configs_and_specs():
     for nbytes in (2, 4):
         assert keep(configs[0], 1, nbytes, nbytes)
         for m_bucket in (1, 16, 64, 1024, 16384):
-            assert any(keep(c, m_bucket, nbytes, nbytes) for c in configs) or nbytes == 4
+            kept = any(keep(c, m_bucket, nbytes, nbytes) for c in configs)
+            # fp32 keeps only 16-row tiles (larger IEEE tiles spill), which are too thin from 512 rows on: there
+            # the prune falls back to the first config
+            assert kept == (nbytes == 2 or m_bucket < 512), (nbytes, m_bucket)
     specs = compile_specs()
     assert len({s.name for s in specs}) == len(specs)
     names = " ".join(s.name for s in specs)

@@ -10,9 +10,9 @@ import random
 
 import pytest
 import torch
-from conftest import DEVICE, assert_static_decode_matches_eager, hf_greedy, make_hf_model, rel_err, save_checkpoint
 
 from engine import LLM, SamplingParams
+from tests.helpers import DEVICE, assert_static_decode_matches_eager, hf_greedy, make_hf_model, rel_err, save_checkpoint
 
 SMALL = dict(n_embd=128, n_head=2, n_layer=2, vocab_size=1000, n_positions=64)
 

@@ -25,7 +25,7 @@ from kernels.quant import (
     quantize_int8,
 )
 from kernels.utils import magic_base, magic_uint_to_float
-from tests.conftest import DEVICE, rel_err, tuning_every_config
+from tests.helpers import DEVICE, rel_err, tuning_every_config
 
 # The GEMM must equal dequantize-then-matmul; bf16's own output rounding is ~1e-3 (4e-3 in the interpreter,
 # which truncates fp32 -> bf16), so it gets the bf16 tolerance.

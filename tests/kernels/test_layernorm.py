@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernels.layernorm import MAX_N, compile_specs, layer_norm, layer_norm_ref
-from tests.conftest import DEVICE, rel_err
+from tests.helpers import DEVICE, rel_err
 
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)]
 

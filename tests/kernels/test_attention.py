@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, rel_err, tuning_every_config
 
 from engine.ops import TorchOps
 from kernels import attention
 from kernels.attention import fits, get_configs, keep, prefill_attention, prefill_attention_ref
 from kernels.kv_cache import store_kv_ref
+from tests.helpers import DEVICE, rel_err, tuning_every_config
 
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)]
 

@@ -10,10 +10,10 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, rel_err
 
 from engine.ops import TorchOps
 from kernels.paged_attention import CONFIGS, FP32_CONFIGS, DecodeConfig, decode_attention, decode_attention_ref
+from tests.helpers import DEVICE, rel_err
 
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)]
 

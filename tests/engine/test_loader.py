@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_hf_model, save_checkpoint
 from safetensors.torch import load_file, save_file
 
 from engine.config import ModelConfig
 from engine.loader import load_checkpoint, resolve_model
 from engine.weights import LINEAR_FIELDS, GPT2Weights, random_weights
+from tests.helpers import make_hf_model, save_checkpoint
 
 # Small vocabulary and context keep every file copy and rewrite in these tests cheap.
 SMALL = dict(vocab_size=503, n_positions=64)

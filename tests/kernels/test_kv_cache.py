@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE
 
 from kernels.kv_cache import store_kv, store_kv_ref
+from tests.helpers import DEVICE
 
 
 def fused_kv(T: int, H: int, hd: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

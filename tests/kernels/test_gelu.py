@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kernels.gelu import compile_specs, gelu, gelu_ref
-from tests.conftest import DEVICE, rel_err
+from tests.helpers import DEVICE, rel_err
 
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 1e-3), (torch.bfloat16, 1e-2)]
 
