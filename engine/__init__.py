@@ -6,13 +6,16 @@ print(llm.generate("Hello, I'm a language model,", SamplingParams(max_tokens=30)
 """
 
 from engine.llm import LLM
-from engine.outputs import CompletionOutput, RequestOutput, ScoreOutput, StreamDelta
+from engine.llm_engine import LLMEngine
+from engine.outputs import CompletionOutput, EngineStats, RequestOutput, ScoreOutput, StreamDelta
 from engine.pipeline import pipeline, set_seed
 from engine.sampling import SamplingParams
 
 __all__ = [
     "LLM",
+    "LLMEngine",
     "SamplingParams",
+    "EngineStats",
     "RequestOutput",
     "CompletionOutput",
     "ScoreOutput",

@@ -3,8 +3,11 @@
 Tokens of a ragged batch are packed into one ``[T, D]`` matrix. Per block (pre-LN, Radford et al. 2019):
     h = h + attn_proj(attention(ln_1(h)))      # residual add fused into the projection's epilogue
     h = h + mlp_proj(gelu(fc(ln_2(h))))        # GELU fused into fc, residual into mlp_proj
-Prefill attends causally within each prompt and writes its K/V to the paged cache; decode feeds one token
-per sequence and attends over that sequence's cached blocks.
+Three entry points, one graph: ``prefill`` runs prompts from their first token (causal attention within each,
+K/V written to the paged cache on the way); ``decode`` feeds one token per sequence and attends over that
+sequence's cached blocks (the step captured as a CUDA graph); ``extend`` runs a mixed step of decode tokens and
+prompt chunks whose queries attend to everything their sequence has in the cache (chunked prefill, prefix-cache
+hits, recompute after preemption).
 """
 
 from __future__ import annotations
@@ -47,13 +50,31 @@ class DecodeBatch:
     max_context_len: int
 
 
+@dataclass
+class ExtendBatch:
+    """A mixed step: ``num_decodes`` sequences feed one token each (rows ``0 .. num_decodes - 1``), then the chunks
+    of the others (packed rows). Every token's K/V is stored first; queries attend to their sequence's cache."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64
+    num_decodes: int
+    block_tables: torch.Tensor  # [B, max_blocks] int32, decode sequences first
+    seq_lens: torch.Tensor  # [B] int32, tokens of each sequence in the cache after this step
+    max_decode_len: int  # max of seq_lens over the decode sequences
+    chunk_cu_seqlens: torch.Tensor  # [B - num_decodes + 1] int32, chunk boundaries in rows num_decodes ..
+    max_chunk_len: int
+    max_seq_len: int  # max of seq_lens over the chunk sequences
+
+
 class GPT2:
     """GPT-2 with its weights, running on one backend's ops."""
 
-    def __init__(self, config: ModelConfig, weights: GPT2Weights, ops: Ops) -> None:
+    def __init__(self, config: ModelConfig, weights: GPT2Weights, ops: Ops, quantization: str | None = None) -> None:
         self.config = config
         self.ops = ops
-        weights.map_linear(ops.prepare_weight)  # once, at load: re-layout or quantize for the backend
+        # once, at load: re-layout (and quantize the block weights, if asked) for the backend; the head stays
+        weights.map_linear(lambda w: ops.prepare_weight(w, quantization))
         self.w = weights
         self.lm_head = ops.prepare_weight(weights.head)
         self.scales = [config.attn_scale(i) for i in range(config.n_layer)]
@@ -117,3 +138,38 @@ class GPT2:
 
         h = self._forward(batch.input_ids, batch.positions, attend)
         return self.final_norm(h)
+
+    @torch.inference_mode()
+    def extend(self, batch: ExtendBatch, kv: KVCache, rows: torch.Tensor) -> torch.Tensor:
+        """Final hidden states of ``rows`` of a mixed step, ``[len(rows), D]``."""
+        nd = batch.num_decodes
+
+        def attend(q, k, v, layer):
+            k_cache, v_cache = kv.k[layer], kv.v[layer]
+            self.ops.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+            parts = []
+            if nd:  # the split-K decode kernel for the one-token queries
+                tables, lens = batch.block_tables[:nd], batch.seq_lens[:nd]
+                parts.append(
+                    self.ops.decode_attention(
+                        q[:nd], k_cache, v_cache, tables, lens, batch.max_decode_len, self.scales[layer]
+                    )
+                )
+            if nd < batch.seq_lens.shape[0]:
+                parts.append(
+                    self.ops.context_attention(
+                        q[nd:],
+                        k_cache,
+                        v_cache,
+                        batch.chunk_cu_seqlens,
+                        batch.seq_lens[nd:],
+                        batch.block_tables[nd:],
+                        batch.max_chunk_len,
+                        batch.max_seq_len,
+                        self.scales[layer],
+                    )  # fmt: skip
+                )
+            return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+        h = self._forward(batch.input_ids, batch.positions, attend)
+        return self.final_norm(h[rows])

@@ -1,12 +1,22 @@
-"""``ModelRunner``: turns scheduled sequences into the model's tensors, runs a step, returns logits."""
+"""``ModelRunner``: turns a scheduled step into the model's tensors, runs it, returns the logits to sample.
+
+A step takes one of three paths of the model:
+  * every sequence feeds its last token: ``decode`` (the split-K decode kernel; fixed-size buckets replayed as CUDA
+    graphs when a ``StaticDecoder`` is set);
+  * every sequence starts from its first token (fresh prompts, or their first chunks): ``prefill``, whose
+    attention reads K/V straight from the QKV projection;
+  * anything else (prompt chunks after cached context, mixed with decode tokens): ``extend``.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from engine.block_manager import BlockManager
 from engine.cuda_graphs import StaticDecoder
-from engine.kv_cache import BlockManager, KVCache
-from engine.model import GPT2, DecodeBatch, PrefillBatch
+from engine.kv_cache import KVCache
+from engine.model import GPT2, DecodeBatch, ExtendBatch, PrefillBatch
+from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 
 
@@ -14,8 +24,15 @@ def _tensor(values: list[int], dtype: torch.dtype, device: torch.device) -> torc
     return torch.tensor(values, dtype=dtype, device=device)
 
 
+def _cumsum(lengths: list[int]) -> list[int]:
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return out
+
+
 class ModelRunner:
-    """Owns the model and its KV cache; every step is tensors in, fp32 logits out."""
+    """Owns the model and its KV cache; every step is scheduled sequences in, fp32 logits out."""
 
     def __init__(
         self,
@@ -31,65 +48,104 @@ class ModelRunner:
         self.device = device
         self.static_decoder = static_decoder  # fixed-shape (CUDA-graph) decode; None: eager
 
-    def pack(self, token_lists: list[list[int]], slot_lists: list[list[int]] | None = None) -> PrefillBatch:
-        """Pack whole sequences (positions from 0) into one prefill batch; no slots: cache nothing."""
-        ids = [t for tokens in token_lists for t in tokens]
-        positions = [p for tokens in token_lists for p in range(len(tokens))]
-        slots = [s for row in slot_lists for s in row] if slot_lists is not None else [-1] * len(ids)
-        cu = [0]
-        for tokens in token_lists:
-            cu.append(cu[-1] + len(tokens))
-        dev = self.device
-        return PrefillBatch(
-            input_ids=_tensor(ids, torch.int64, dev),
-            positions=_tensor(positions, torch.int64, dev),
-            cu_seqlens=_tensor(cu, torch.int32, dev),
-            max_seqlen=max(len(t) for t in token_lists),
-            slot_mapping=_tensor(slots, torch.int64, dev),
-        )
+    def execute(self, step: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor]:
+        """Run one step (``num_computed`` not yet advanced); returns the sequences whose tokens are then all
+        computed and their next-token logits ``[S, V]``, in that order."""
+        self.kv.copy_blocks(step.block_copies)
+        if all(seq.num_uncomputed == n == 1 for seq, n in zip(step.seqs, step.num_tokens)):
+            return list(step.seqs), self.decode(step.seqs)
+        if all(seq.num_computed == 0 for seq in step.seqs):
+            return self.prefill(step)
+        return self.extend(step)
 
-    def decode_batch(self, seqs: list[Sequence]) -> DecodeBatch:
-        """One token per sequence: its last token, at position ``num_cached``."""
-        positions = [seq.num_cached for seq in seqs]
+    # ------------------------------------------------------------------ the three paths
+    def _slots(self, seq: Sequence, n: int) -> list[int]:
+        return [self.blocks.slot(seq, p) for p in range(seq.num_computed, seq.num_computed + n)]
+
+    def _tokens(self, seq: Sequence, n: int) -> list[int]:
+        return seq.all_token_ids()[seq.num_computed : seq.num_computed + n]
+
+    def _rows_to_sample(self, step: SchedulerOutput, order: list[int]) -> tuple[list[Sequence], torch.Tensor]:
+        """The packed row of each sampling sequence's last token, for sequences in batch ``order``."""
+        ends = _cumsum([step.num_tokens[i] for i in order])[1:]
+        picked = [(step.seqs[i], end - 1) for i, end in zip(order, ends) if step.samples(i)]
+        return [seq for seq, _ in picked], _tensor([row for _, row in picked], torch.int64, self.device)
+
+    def prefill(self, step: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor]:
+        """Every sequence starts at position 0: causal attention within the chunk, K/V stored on the way."""
+        tokens = [self._tokens(seq, n) for seq, n in zip(step.seqs, step.num_tokens)]
+        slots = [self._slots(seq, n) for seq, n in zip(step.seqs, step.num_tokens)]
+        seqs, rows = self._rows_to_sample(step, list(range(len(step.seqs))))
+        hidden = self.model.prefill(self.pack(tokens, slots), self.kv, rows=rows)
+        return seqs, self.model.logits(hidden)
+
+    def extend(self, step: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor]:
+        """A mixed step: one-token sequences first (decode attention), then chunks over their cached context."""
+        order = sorted(range(len(step.seqs)), key=lambda i: step.num_tokens[i] != 1)
+        seqs = [step.seqs[i] for i in order]
+        counts = [step.num_tokens[i] for i in order]
+        nd = counts.count(1)
+        lens = [seq.num_computed + n for seq, n in zip(seqs, counts)]
+        width = max(len(seq.block_table) for seq in seqs)
+        dev = self.device
+        batch = ExtendBatch(
+            input_ids=_tensor([t for seq, n in zip(seqs, counts) for t in self._tokens(seq, n)], torch.int64, dev),
+            positions=_tensor(
+                [p for seq, n in zip(seqs, counts) for p in range(seq.num_computed, seq.num_computed + n)],
+                torch.int64,
+                dev,
+            ),  # fmt: skip
+            slot_mapping=_tensor([s for seq, n in zip(seqs, counts) for s in self._slots(seq, n)], torch.int64, dev),
+            num_decodes=nd,
+            block_tables=_tensor(
+                [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs], torch.int32, dev
+            ),  # fmt: skip
+            seq_lens=_tensor(lens, torch.int32, dev),
+            max_decode_len=max(lens[:nd], default=0),
+            chunk_cu_seqlens=_tensor(_cumsum(counts[nd:]), torch.int32, dev),
+            max_chunk_len=max(counts[nd:], default=0),
+            max_seq_len=max(lens[nd:], default=0),
+        )
+        sampled, rows = self._rows_to_sample(step, order)
+        return sampled, self.model.logits(self.model.extend(batch, self.kv, rows))
+
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Feed each sequence's last token; returns next-token logits ``[B, V]``."""
+        positions = [seq.num_computed for seq in seqs]
+        slots = [self.blocks.slot(s, p) for s, p in zip(seqs, positions)]
+        static = self.static_decoder
+        if static is not None and static.bucket_size(len(seqs)) is not None:
+            return static.decode([seq.last_token for seq in seqs], positions, slots, [s.block_table for s in seqs])
+        return self.model.logits(self.model.decode(self.decode_batch(seqs, positions, slots), self.kv))
+
+    def decode_batch(self, seqs: list[Sequence], positions: list[int], slots: list[int]) -> DecodeBatch:
+        """One token per sequence: its last token, at position ``num_computed``."""
         width = max(len(seq.block_table) for seq in seqs)
         tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
         dev = self.device
         return DecodeBatch(
             input_ids=_tensor([seq.last_token for seq in seqs], torch.int64, dev),
             positions=_tensor(positions, torch.int64, dev),
-            slot_mapping=_tensor([self.blocks.slot(s, p) for s, p in zip(seqs, positions)], torch.int64, dev),
+            slot_mapping=_tensor(slots, torch.int64, dev),
             block_tables=_tensor(tables, torch.int32, dev),
             context_lens=_tensor([p + 1 for p in positions], torch.int32, dev),
             max_context_len=max(positions) + 1,
         )
 
-    def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Cache every prompt's K/V; returns the logits of each sequence's last token, ``[B, V]``."""
-        tokens = [seq.all_token_ids() for seq in seqs]
-        slots = [[self.blocks.slot(seq, p) for p in range(len(t))] for seq, t in zip(seqs, tokens)]
-        batch = self.pack(tokens, slots)
-        last_rows = batch.cu_seqlens[1:].long() - 1
-        hidden = self.model.prefill(batch, self.kv, rows=last_rows)
-        for seq in seqs:
-            seq.num_cached = seq.num_tokens
-        return self.model.logits(hidden)
-
-    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Feed each sequence's last token; returns next-token logits ``[B, V]``."""
-        static = self.static_decoder
-        if static is not None and static.bucket_size(len(seqs)) is not None:
-            positions = [seq.num_cached for seq in seqs]
-            logits = static.decode(
-                [seq.last_token for seq in seqs],
-                positions,
-                [self.blocks.slot(s, p) for s, p in zip(seqs, positions)],
-                [seq.block_table for seq in seqs],
-            )
-        else:
-            logits = self.model.logits(self.model.decode(self.decode_batch(seqs), self.kv))
-        for seq in seqs:
-            seq.num_cached += 1
-        return logits
+    # ------------------------------------------------------------------ whole sequences, nothing cached
+    def pack(self, token_lists: list[list[int]], slot_lists: list[list[int]] | None = None) -> PrefillBatch:
+        """Pack whole sequences (positions from 0) into one prefill batch; no slots: cache nothing."""
+        ids = [t for tokens in token_lists for t in tokens]
+        positions = [p for tokens in token_lists for p in range(len(tokens))]
+        slots = [s for row in slot_lists for s in row] if slot_lists is not None else [-1] * len(ids)
+        dev = self.device
+        return PrefillBatch(
+            input_ids=_tensor(ids, torch.int64, dev),
+            positions=_tensor(positions, torch.int64, dev),
+            cu_seqlens=_tensor(_cumsum([len(t) for t in token_lists]), torch.int32, dev),
+            max_seqlen=max(len(t) for t in token_lists),
+            slot_mapping=_tensor(slots, torch.int64, dev),
+        )
 
     def hidden_states(self, token_lists: list[list[int]]) -> torch.Tensor:
         """Final hidden states of whole sequences, nothing cached (scoring, features): packed ``[T, D]``."""

@@ -35,8 +35,13 @@ class Ops:
     # depend on tensor values, and padding rows (slot -1, context 0) handled on the device.
     cuda_graphs = False
 
-    def prepare_weight(self, weight: torch.Tensor) -> object:
-        """Called once per linear weight ``[N, K]`` at load time; the result is what :meth:`linear` receives."""
+    def prepare_weight(self, weight: torch.Tensor, quantization: str | None = None) -> object:
+        """Called once per linear weight ``[N, K]`` at load time; the result is what :meth:`linear` receives.
+
+        ``quantization`` ("int8", "int4" or None) asks for the backend's weight-only quantized format.
+        """
+        if quantization is not None:
+            raise ValueError(f"the {self.name} backend does not quantize weights (asked for {quantization!r})")
         return weight
 
     def layer_norm(
@@ -112,6 +117,28 @@ class Ops:
         """
         raise NotImplementedError
 
+    def context_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+        scale: float,
+    ) -> torch.Tensor:
+        """Chunks of queries against everything their sequence has in the cache (chunked prefill, cached prefixes).
+
+        ``q [T, H, hd]`` packs the chunks: sequence ``b``'s are rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` (int32,
+        ``[B+1]``); its K/V, this step's included, are already stored: ``seq_lens [B]`` (int32) tokens through
+        ``block_tables [B, max_blocks]``. Query ``i`` of a chunk of ``L`` sits at position ``seq_lens[b] - L + i``
+        and attends causally to positions ``0 ..`` itself. ``max_seqlen_q``/``max_seqlen_k`` bound the chunk lengths
+        and ``seq_lens``. Returns a contiguous ``[T, H, hd]``.
+        """
+        raise NotImplementedError
+
 
 def _pack_for_onednn(weight: torch.Tensor) -> torch.Tensor | None:
     """oneDNN's pre-packed layout of an fp32 CPU weight ``[N, K]``, or None where oneDNN can't take it.
@@ -136,8 +163,12 @@ class TorchOps(Ops):
 
     name = "torch"
 
-    def prepare_weight(self, weight: torch.Tensor) -> object:
-        if not isinstance(weight, torch.Tensor) or weight.device.type != "cpu":
+    def prepare_weight(self, weight: torch.Tensor, quantization: str | None = None) -> object:
+        if quantization is not None:
+            from engine.quantization import quantize
+
+            return quantize(weight, quantization)  # PyTorch's weight-only int8 / int4 GEMMs
+        if weight.device.type != "cpu":
             return weight
         packed = _pack_for_onednn(weight)
         if packed is not None:
@@ -154,17 +185,20 @@ class TorchOps(Ops):
     def linear(self, x, weight, bias=None, activation=None, residual=None):
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-        if not isinstance(weight, torch.Tensor):
-            weight = weight.dequantize(x.dtype)  # quantized weights: the reference path
-        if weight.layout == torch._mkldnn:  # packed by prepare_weight: fused epilogues in oneDNN
+        if isinstance(weight, torch.Tensor) and weight.layout == torch._mkldnn:  # oneDNN with fused epilogues
             x = x.contiguous()
             if residual is not None and activation is None:
                 return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
             attr, algorithm = ("gelu", "tanh") if activation else ("none", "")
             y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
         else:
-            wt = weight.t()
-            y = torch.addmm(bias, x, wt) if bias is not None else torch.mm(x, wt)
+            if isinstance(weight, torch.Tensor):
+                wt = weight.t()
+                y = torch.addmm(bias, x, wt) if bias is not None else torch.mm(x, wt)
+            else:  # weight-only quantized (engine.quantization)
+                y = weight.matmul(x)
+                if bias is not None:
+                    y += bias
             if activation == "gelu_tanh":
                 y = gelu_tanh(y)
         if residual is not None:
@@ -207,6 +241,26 @@ class TorchOps(Ops):
         keys, values = keys.where(mask, 0.0), values.where(mask, 0.0)
         o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask.transpose(2, 3), scale=scale)
         return o.squeeze(2)
+
+    def context_attention(self, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, max_seqlen_q,
+                          max_seqlen_k, scale):  # fmt: skip
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        block_size = k_cache.shape[1]
+        flat_k, flat_v = k_cache.flatten(0, 1), v_cache.flatten(0, 1)  # (slots, H, hd)
+        bounds = cu_seqlens_q.tolist()
+        for b, (start, end, n) in enumerate(zip(bounds[:-1], bounds[1:], seq_lens.tolist())):
+            if end == start:
+                continue
+            pos = torch.arange(n, device=q.device)
+            slots = block_tables[b, pos // block_size].long() * block_size + pos % block_size
+            keys, values = flat_k[slots].transpose(0, 1), flat_v[slots].transpose(0, 1)  # (H, n, hd)
+            q_pos = torch.arange(n - (end - start), n, device=q.device)
+            causal = pos[None, :] <= q_pos[:, None]  # (L, n)
+            o = F.scaled_dot_product_attention(
+                q[start:end].transpose(0, 1), keys, values, attn_mask=causal, scale=scale
+            )
+            out[start:end] = o.transpose(0, 1)
+        return out
 
 
 def default_scale(head_dim: int) -> float:

@@ -1,9 +1,11 @@
-"""What the API returns: vLLM-shaped generation outputs, scores and stream deltas."""
+"""What the API returns: vLLM-shaped generation outputs, scores, stream deltas and engine statistics."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+from engine.sequence import RequestMetrics
 
 
 @dataclass
@@ -21,15 +23,15 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
-    """All completions of one prompt."""
+    """All completions of one prompt: final from ``LLM.generate``, or so far from ``LLMEngine.step``."""
 
+    request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
-
-    @property
-    def finished(self) -> bool:
-        return all(o.finish_reason is not None for o in self.outputs)
+    finished: bool = False
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+    metrics: RequestMetrics | None = None  # arrival, first-scheduled, first-token and finish times
 
 
 @dataclass
@@ -53,3 +55,22 @@ class ScoreOutput:
     @property
     def perplexity(self) -> float:
         return math.exp(-sum(self.logprobs) / len(self.logprobs))
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of ``LLMEngine.get_stats()``: sequences in each state (a request with ``n`` samples counts ``n``
+    once its prompt is computed), KV-cache use, and totals since the engine started."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of the pool's blocks held by sequences, 0 to 1
+    prefix_cache_queries: int  # prompt tokens (prompt + generated, for a resumed sequence) looked up
+    prefix_cache_hits: int  # of those, tokens served from the cache
+    num_preemptions: int
+    prompt_tokens: int  # prompt tokens of every request added
+    generation_tokens: int  # tokens sampled
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+MAX_LOGPROBS = 20  # most alternatives a request may ask for per token (vLLM's default limit)
+
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
@@ -65,8 +67,8 @@ class SamplingParams:
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
-            raise ValueError(f"logprobs must be an integer >= 0 or None, got {self.logprobs!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -75,6 +77,34 @@ class SamplingParams:
     @property
     def top_k_enabled(self) -> bool:
         return self.top_k > 0
+
+
+def seeded_generator(seed: int, sample_index: int, device: torch.device) -> torch.Generator:
+    """The generator of sample ``sample_index`` of a request seeded with ``seed``: the one a request seeded with
+    ``seed + sample_index`` draws from (vLLM's parallel sampling), independent of the batch."""
+    g = torch.Generator(device=device)
+    g.manual_seed(((seed + sample_index) * 0x9E3779B97F4A7C15) % (1 << 63))
+    return g
+
+
+def token_logprobs(
+    logprobs: torch.Tensor, tokens: torch.Tensor, num_top: list[int | None]
+) -> tuple[list[float], list[dict[int, float] | None]]:
+    """Per row: the sampled token's log-prob, and (where ``num_top[i]`` is not None) a dict of it and the row's
+    ``num_top[i]`` most likely tokens. One top-k for the whole batch, one transfer to the host."""
+    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+    width = max((k for k in num_top if k), default=0)
+    top = logprobs.topk(width, dim=-1) if width else None
+    top_ids, top_values = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
+    entries: list[dict[int, float] | None] = []
+    for i, (token, k) in enumerate(zip(tokens.tolist(), num_top)):
+        if k is None:
+            entries.append(None)
+            continue
+        entry = {token: chosen[i]}
+        entry.update(zip(top_ids[i][:k], top_values[i][:k]) if k else ())
+        entries.append(entry)
+    return chosen, entries
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: list[torch.Tensor], penalties: list[float]) -> None:
@@ -131,10 +161,12 @@ class Sampler:
         device = logits.device
         temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
         scaled = logits / temps[:, None]
-        if any(p.top_k_enabled or p.top_p < 1.0 for p in params):
-            top_k = torch.tensor([max(p.top_k, 0) for p in params], device=device)
-            top_p = torch.tensor([float(p.top_p) for p in params], device=device)
-            scaled = filter_logits(scaled, top_k, top_p)
+        truncated = [i for i, p in enumerate(params) if p.top_k_enabled or p.top_p < 1.0]
+        if truncated:  # only those rows: one row without top-k would make filter_logits sort every row
+            rows = torch.tensor(truncated, device=device)
+            top_k = torch.tensor([max(params[i].top_k, 0) for i in truncated], device=device)
+            top_p = torch.tensor([float(params[i].top_p) for i in truncated], device=device)
+            scaled[rows] = filter_logits(scaled[rows], top_k, top_p)
         probs = scaled.softmax(dim=-1)
         noise = torch.empty_like(probs)
         for i, g in enumerate(generators):

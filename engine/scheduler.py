@@ -1,18 +1,43 @@
-"""``Scheduler``: decides which sequences run in each step.
+"""``Scheduler``: which sequences compute how many tokens in the next step.
 
-Prefill first (nano-vllm's policy): while sequences wait and their worst-case cache fits, admit them into
-one prefill step, up to ``max_num_seqs`` running and ``max_num_batched_tokens`` per prefill; otherwise run
-one decode step over everything running. Admission reserves every block a sequence may ever need, so a
-running batch can't run out of cache. Finished sequences free their blocks at once, so new ones join
-while others are still decoding.
+Each step has a budget of ``max_num_batched_tokens`` tokens (vLLM v1's policy, with chunked prefill always on):
+  1. running sequences that decode (one token each) go first, in the order they were admitted;
+  2. running sequences part way through their prompt get their next chunk from what the budget has left;
+  3. then waiting sequences are admitted first come, first served, each with a chunk of the rest of the budget,
+     as long as their first chunk's blocks are free and ``max_num_seqs`` is not reached; the prefix cache serves
+     what it can of their tokens first.
+Blocks are taken as tokens need them. When a running sequence cannot get a block, the newest running sequence
+is preempted by recompute: it gives its blocks back and goes to the front of the queue, to recompute its prompt and
+generated tokens later (hitting its own cached blocks) and continue where it was. A step that preempted admits
+nobody new. A request's ``n`` samples run as one sequence until its prompt is computed, then fork.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from dataclasses import dataclass, field
 
-from engine.kv_cache import BlockManager
+from engine.block_manager import BlockManager
 from engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """One step: ``seqs[i]`` computes its next ``num_tokens[i]`` tokens; block copies run first."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    num_preempted: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+    def samples(self, i: int) -> bool:
+        """Whether ``seqs[i]`` has all its tokens computed after this step (its last row's logits are sampled)."""
+        return self.num_tokens[i] == self.seqs[i].num_uncomputed
 
 
 class Scheduler:
@@ -21,7 +46,10 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in the order they were admitted: the last one is preempted first
+        self.num_preemptions = 0
+        self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_cache_hits = 0  # of those, tokens served from it
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -30,29 +58,96 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        """Returns ``(sequences, is_prefill)`` for the next step."""
-        admitted: list[Sequence] = []
-        tokens = 0
-        while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
+    # ------------------------------------------------------------------ one step
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        decoding = [s for s in self.running if s.num_uncomputed == 1]
+        prefilling = [s for s in self.running if s.num_uncomputed > 1]
+        for seq in decoding + prefilling:
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:  # preempted for an earlier one this step
+                continue
+            n = min(seq.num_uncomputed, budget)
+            if self._reserve(seq, n, out):
+                out.seqs.append(seq)
+                out.num_tokens.append(n)
+            budget = self.max_num_batched_tokens - out.total_tokens
+        if not out.num_preempted:
+            self._admit(out, budget)
+        return out
+
+    def _reserve(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
+        """Blocks for ``seq``'s next ``n`` tokens, preempting the newest running sequences until they fit; False
+        when ``seq`` itself had to go."""
+        while not self.blocks.can_append(seq, seq.num_computed + n):
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        out.block_copies += self.blocks.append(seq, seq.num_computed + n)
+        return True
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        if seq in out.seqs:  # scheduled earlier this step: take it back, with any copy into its blocks
+            i = out.seqs.index(seq)
+            del out.seqs[i], out.num_tokens[i]
+            out.block_copies = [(src, dst) for src, dst in out.block_copies if dst not in seq.block_table]
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        out.num_preempted += 1
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        # running sequences, and the samples their requests will fork once their prompts are computed
+        seats = len(self.running) + sum(seq.request.num_pending_forks for seq in self.running)
+        while self.waiting and budget > 0:
             seq = self.waiting[0]
-            if admitted and tokens + seq.num_tokens > self.max_num_batched_tokens:
+            wanted = 1 + seq.request.num_pending_forks
+            if seats + wanted > self.max_num_seqs:
                 break
-            if not self.blocks.can_allocate(seq, seq.max_total_tokens):
+            tokens = seq.all_token_ids()
+            hits, hashes = self.blocks.match_prefix(tokens)
+            cached = len(hits) * self.blocks.block_size
+            n = min(len(tokens) - cached, budget)
+            if not self.blocks.can_admit(hits, cached + n):
                 break
-            self.blocks.allocate(seq, seq.max_total_tokens)
+            self.waiting.popleft()
+            self.blocks.admit(seq, hits, hashes, cached + n)
+            self.prefix_cache_queries += len(tokens)
+            self.prefix_cache_hits += cached
+            request = seq.request
+            if request.num_cached_tokens is None:
+                request.num_cached_tokens = cached
+                request.metrics.first_scheduled_time = time.time()
             seq.status = SequenceStatus.RUNNING
-            admitted.append(self.waiting.popleft())
-            tokens += seq.num_tokens
-        if admitted:
-            self.running.extend(admitted)
-            return admitted, True
-        if not self.running:
-            # every request was checked against the whole pool on entry, so an empty pool always admits one
-            raise RuntimeError("scheduler stalled: waiting sequences but none fits in an empty KV cache")
-        return list(self.running), False
+            self.running.append(seq)
+            out.seqs.append(seq)
+            out.num_tokens.append(n)
+            budget -= n
+            seats += wanted
+
+    # ------------------------------------------------------------------ after the step
+    def step_done(self, out: SchedulerOutput) -> None:
+        """The step's tokens are in the cache: advance the sequences and register their full blocks."""
+        for seq, n in zip(out.seqs, out.num_tokens):
+            seq.num_computed += n
+            self.blocks.register_computed(seq)
+
+    def fork(self, parent: Sequence, children: list[Sequence]) -> None:
+        """Start ``children`` from ``parent``'s computed prompt, sharing its blocks."""
+        for child in children:
+            self.blocks.fork(parent, child)
+            child.status = SequenceStatus.RUNNING
+            self.running.append(child)
 
     def finish(self, seq: Sequence) -> None:
-        """Drop a finished sequence and free its blocks."""
-        self.running.remove(seq)
+        """Drop a sequence that finished (or was aborted) and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
         self.blocks.free(seq)

@@ -1,8 +1,15 @@
-"""A ``Sequence``: one completion being generated, its tokens and its place in the paged KV cache."""
+"""A ``Request`` (one prompt and its sampling parameters) and its ``Sequence`` s (one per completion, ``n`` of them).
+
+A sequence's tokens are its prompt then what it generated; ``num_computed`` of them have their K/V in the paged
+cache, in the blocks of ``block_table`` (token ``t`` in block ``block_table[t // block_size]``). The tokens still
+to compute are ``num_tokens - num_computed``: the whole prompt at first (minus what the prefix cache served), then
+one per step (the token sampled last), or everything again after a preemption.
+"""
 
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -11,52 +18,63 @@ from engine.sampling import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
-    WAITING = "waiting"  # admitted, not yet prefilled
-    RUNNING = "running"  # prefilled, decoding
+    WAITING = "waiting"  # in the scheduler's queue: not started yet, or preempted (its blocks given back)
+    RUNNING = "running"  # holds blocks; computes a prompt chunk or one decode token per step
+    FORK_PENDING = "fork_pending"  # sample 1..n-1 of a request, until its prompt is computed once and forked
     FINISHED = "finished"
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(eq=False)
 class Sequence:
-    """One completion: the prompt, the tokens generated so far, and the KV blocks that hold them."""
+    """One completion of a request: its tokens, its place in the paged KV cache, and its output so far."""
 
     seq_id: int
-    request_index: int  # which prompt of the generate() call it belongs to
-    sample_index: int  # which of that prompt's n completions
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    generator: torch.Generator | None = None
+    request: Request
+    sample_index: int  # which of the request's n completions
+    generator: torch.Generator | None = None  # seeded requests draw from their own stream
     output_token_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)  # of each sampled token
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)  # when params.logprobs is set
     block_table: list[int] = field(default_factory=list)
-    num_cached: int = 0  # tokens whose K/V are in the cache
+    block_hashes: list[int] = field(default_factory=list)  # chained hashes of the full blocks computed so far
+    num_computed: int = 0  # tokens whose K/V are in the cache
     status: SequenceStatus = SequenceStatus.WAITING
-    finish_reason: str | None = None
-    text: str = ""  # detokenized output so far (stop strings cut off)
-    stop_reason: str | int | None = None
-    detokenizer: object | None = None  # IncrementalDecoder when text is wanted
-    emitted: int = 0  # characters of ``text`` already streamed
+    finish_reason: str | None = None  # "stop" or "length"
+    stop_reason: str | int | None = None  # the stop string or stop token that ended it
+    text: str = ""  # detokenized output so far (a stop string cut off)
+    detokenizer: object | None = None  # IncrementalDecoder when the request wants text
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.request.prompt_token_ids
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.request.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
 
     @property
     def last_token(self) -> int:
-        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+        return self.output_token_ids[-1] if self.output_token_ids else self.request.prompt_token_ids[-1]
 
     @property
     def max_total_tokens(self) -> int:
         """Tokens this sequence may hold in the cache at most (the last sampled token is never fed back)."""
-        return len(self.prompt_token_ids) + self.params.max_tokens - 1
+        return len(self.request.prompt_token_ids) + self.params.max_tokens - 1
 
     @property
     def cumulative_logprob(self) -> float:
         return float(sum(self.output_logprobs))
 
     def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+        return self.request.prompt_token_ids + self.output_token_ids
 
     def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
         self.status = SequenceStatus.FINISHED
@@ -66,3 +84,36 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+
+@dataclass
+class RequestMetrics:
+    """Wall-clock times (``time.time()``) of a request's life."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    """One prompt with its sampling parameters and its ``n`` sequences."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    detokenize: bool  # whether outputs carry text (a tokenizer is available)
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.time()))
+    seqs: list[Sequence] = field(default_factory=list)
+    num_cached_tokens: int | None = None  # prompt tokens the prefix cache served, set when first scheduled
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
+
+    @property
+    def num_pending_forks(self) -> int:
+        """Samples that start once the prompt is computed (n - 1 until then, 0 after)."""
+        return sum(seq.status is SequenceStatus.FORK_PENDING for seq in self.seqs)

@@ -45,9 +45,19 @@ class TritonOps(Ops):
         self._gelu = k["gelu"].gelu
         self._linear = k["linear"].linear
         self._quant_linear = k["quant"].quant_linear
+        self._quantize_int8, self._quantize_int4 = k["quant"].quantize_int8, k["quant"].quantize_int4
         self._prefill = k["attention"].prefill_attention
         self._decode = k["paged_attention"].decode_attention
         self._store = k["kv_cache"].store_kv
+
+    def prepare_weight(self, weight, quantization=None):
+        if quantization is None:
+            return weight
+        if quantization == "int8":
+            return self._quantize_int8(weight)
+        if quantization == "int4":  # groups of 128 along K, or 64 where 128 does not divide it (gpt2-xl)
+            return self._quantize_int4(weight, group_size=128 if weight.shape[1] % 128 == 0 else 64)
+        raise ValueError(f"quantization must be None, 'int8' or 'int4', got {quantization!r}")
 
     def layer_norm(self, x, weight, bias, eps, residual=None):
         return self._layer_norm(x, weight, bias, eps, residual)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import torch
@@ -134,3 +135,35 @@ def save_checkpoint(model, directory, tokenizer_dir=None, published_layout=False
         for name in ("vocab.json", "merges.txt"):
             shutil.copy(tokenizer_dir / name, directory / name)
     return directory
+
+
+_seq_ids = itertools.count()
+
+
+def make_sequence(token_ids: list[int], max_tokens: int = 16, n: int = 1, request_id: str = "r"):
+    """A request's first sequence (for block-manager and scheduler tests, no model); samples 1..n-1 wait to fork."""
+    from engine.sampling import SamplingParams
+    from engine.sequence import Request, Sequence, SequenceStatus
+
+    request = Request(request_id, None, list(token_ids), SamplingParams(max_tokens=max_tokens, n=n), detokenize=False)
+    for j in range(n):
+        status = SequenceStatus.WAITING if j == 0 else SequenceStatus.FORK_PENDING
+        request.seqs.append(Sequence(next(_seq_ids), request, j, status=status))
+    return request.seqs[0]
+
+
+def assert_blocks_consistent(blocks, seqs) -> None:
+    """The block manager's invariants, given every sequence that holds blocks: each block is either free
+    (reference count 0, in the free queue) or held, its count equal to the tables that list it; no table lists a
+    block twice; every registered hash points at a block that carries it."""
+    from collections import Counter
+
+    users = Counter(b for seq in seqs for b in seq.block_table)
+    for seq in seqs:
+        assert len(set(seq.block_table)) == len(seq.block_table), f"sequence {seq.seq_id} lists a block twice"
+    for block in blocks.blocks:
+        assert block.ref_count == users[block.block_id], (block.block_id, block.ref_count, users[block.block_id])
+        assert (block.block_id in blocks.free_queue) == (block.ref_count == 0), block.block_id
+    assert len(blocks.free_queue) == blocks.num_blocks - len(users)
+    for h, block_id in blocks.cached.items():
+        assert blocks.blocks[block_id].hash == h

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import random
 
 import pytest
@@ -157,7 +156,7 @@ def test_stop_conditions(llm):
     assert c.text == text[: text.find(stop)]
     # EOS (config.eos_token_id) ends generation unless ignore_eos
     eos_llm = LLM(str(llm.model_path), backend="torch", dtype="float32", device="cpu", progress=False)
-    eos_llm.config = dataclasses.replace(eos_llm.config, eos_token_id=tokens[k])
+    eos_llm.llm_engine.output_processor.eos_token_id = tokens[k]
     c = eos_llm.generate(ids, SamplingParams(max_tokens=20, temperature=0), use_tqdm=False)[0].outputs[0]
     assert c.token_ids == tokens[: first + 1] and c.finish_reason == "stop" and c.stop_reason is None
     c = eos_llm.generate(ids, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True), use_tqdm=False)

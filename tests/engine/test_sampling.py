@@ -7,9 +7,7 @@ import random
 import pytest
 import torch
 
-from engine.kv_cache import BlockManager
 from engine.sampling import Sampler, SamplingParams, apply_repetition_penalty, filter_logits
-from engine.sequence import Sequence
 
 
 @pytest.mark.parametrize(
@@ -97,22 +95,3 @@ def test_repetition_penalty_follows_ctrl():
     mask = torch.ones(10, dtype=torch.bool)
     mask[[1, 4]] = False
     assert torch.equal(out[0, mask], logits[0, mask]) and torch.equal(out[1], logits[1])
-
-
-def test_block_manager_allocates_frees_and_maps_slots():
-    bm = BlockManager(num_blocks=10, block_size=4)
-    a = Sequence(0, 0, 0, [1] * 5, SamplingParams(max_tokens=4))
-    b = Sequence(1, 1, 0, [1] * 9, SamplingParams(max_tokens=30))
-    assert bm.can_allocate(a, a.max_total_tokens)
-    bm.allocate(a, a.max_total_tokens)  # 8 tokens -> 2 blocks
-    assert len(a.block_table) == 2 and bm.num_free == 8
-    assert not bm.can_allocate(b, b.max_total_tokens)  # 38 tokens -> 10 blocks > 8 free
-    with pytest.raises(RuntimeError, match="exhausted"):
-        bm.allocate(b, b.max_total_tokens)
-    assert [bm.slot(a, p) for p in range(8)] == [a.block_table[p // 4] * 4 + p % 4 for p in range(8)]
-    bm.free(a)
-    assert bm.num_free == 10 and a.block_table == []
-    bm.allocate(b, b.max_total_tokens)
-    assert len(set(b.block_table)) == 10
-    with pytest.raises(ValueError, match="num_blocks"):
-        BlockManager(0, 16)

@@ -1,0 +1,193 @@
+"""``BlockManager``: hands out the paged KV pool's blocks, with reference counts and prefix caching.
+
+* **Lazy allocation**: a sequence gets a block when its next tokens need one, not its worst case up front.
+* **Reference counts**: a block is shared by every sequence whose table holds it (the ``n`` samples of a prompt,
+  requests with a common prefix). A shared block is never written: a sequence about to write into a shared,
+  partly filled block gets a private copy first (copy-on-write), reported as ``(src, dst)`` for the runner.
+* **Prefix caching** (vLLM's design, ``docs/design/prefix_caching.md``): once a full block's K/V are computed it is
+  registered under a chained hash of (the previous block's hash, its token ids). A new request reuses the longest
+  run of registered blocks matching its tokens, a hit confirmed on the stored tokens and parent hash, never the
+  block holding its last token (whose logits are needed). Blocks no sequence uses stay registered, and hittable,
+  in the free queue until the allocator takes them: blocks without a hash first, then cached blocks least
+  recently freed first. A sequence frees its blocks last to first, so the tail of a prompt goes before its head.
+  A block taken for new contents loses its old hash.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+from engine.kv_cache import cdiv
+from engine.sequence import Sequence
+
+
+def block_hash(parent: int | None, token_ids: Seq[int]) -> int:
+    """The chained hash of a full block: it names the whole prefix up to and including this block."""
+    return hash((parent, tuple(token_ids)))
+
+
+@dataclass(eq=False, slots=True)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None  # set once the block is full, computed and registered
+    parent_hash: int | None = None  # the previous block's hash (None for a sequence's first block)
+    token_ids: tuple[int, ...] = ()  # the tokens behind ``hash``, to confirm a hit
+
+    def matches(self, parent: int | None, token_ids: Seq[int]) -> bool:
+        return self.parent_hash == parent and self.token_ids == tuple(token_ids)
+
+
+class BlockManager:
+    """The blocks of the KV pool and the sequences' tables over them."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Blocks with ref_count 0, in the order the allocator takes them (first = next).
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.cached: dict[int, int] = {}  # block hash -> id of the block registered under it
+
+    # ------------------------------------------------------------------ accounting
+    @property
+    def num_free(self) -> int:
+        """Blocks no sequence uses (cached ones included: they are taken when needed)."""
+        return len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of the pool in use by sequences, 0 to 1."""
+        return 1.0 - len(self.free_queue) / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return cdiv(num_tokens, self.block_size)
+
+    def slot(self, seq: Sequence, position: int) -> int:
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    # ------------------------------------------------------------------ prefix cache
+    def match_prefix(self, token_ids: Seq[int]) -> tuple[list[int], list[int]]:
+        """The registered blocks holding the longest prefix of ``token_ids`` in whole blocks, never its last token:
+        ``(block ids, their hashes)``. Changes nothing."""
+        if not self.enable_prefix_caching:
+            return [], []
+        ids, hashes, parent = [], [], None
+        bs = self.block_size
+        for i in range((len(token_ids) - 1) // bs):
+            tokens = token_ids[i * bs : (i + 1) * bs]
+            h = block_hash(parent, tokens)
+            block_id = self.cached.get(h)
+            if block_id is None or not self.blocks[block_id].matches(parent, tokens):
+                break
+            ids.append(block_id)
+            hashes.append(h)
+            parent = h
+        return ids, hashes
+
+    def register_computed(self, seq: Sequence) -> None:
+        """Register the full blocks of ``seq`` whose K/V are now computed (call after each step).
+
+        A block whose contents are already registered elsewhere (two requests computed the same prefix in one step)
+        stays unregistered: the first one keeps serving hits.
+        """
+        bs = self.block_size
+        tokens = seq.all_token_ids()
+        for i in range(len(seq.block_hashes), seq.num_computed // bs):
+            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            chunk = tokens[i * bs : (i + 1) * bs]
+            h = block_hash(parent, chunk)
+            seq.block_hashes.append(h)
+            block = self.blocks[seq.block_table[i]]
+            if self.enable_prefix_caching and block.hash is None and h not in self.cached:
+                block.hash, block.parent_hash, block.token_ids = h, parent, tuple(chunk)
+                self.cached[h] = block.block_id
+
+    # ------------------------------------------------------------------ allocation
+    def _take(self, block_id: int) -> None:
+        """A block gains a user (a hit on a free cached block takes it out of the free queue)."""
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free_queue[block_id]
+        block.ref_count += 1
+
+    def _allocate(self) -> int:
+        """A free block for new contents: its old hash, if any, is dropped."""
+        block_id, _ = self.free_queue.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None:
+            del self.cached[block.hash]
+            block.hash, block.parent_hash, block.token_ids = None, None, ()
+        block.ref_count = 1
+        return block_id
+
+    def can_admit(self, hits: list[int], num_tokens: int) -> bool:
+        """Whether a new sequence reusing the cached blocks ``hits`` can get blocks for its first ``num_tokens``."""
+        hits_free = sum(self.blocks[b].ref_count == 0 for b in hits)
+        return self.blocks_needed(num_tokens) - len(hits) <= self.num_free - hits_free
+
+    def admit(self, seq: Sequence, hits: list[int], hashes: list[int], num_tokens: int) -> None:
+        """Give a sequence without blocks the cached blocks ``hits`` and fresh ones up to ``num_tokens`` tokens."""
+        assert not seq.block_table, "admit() is for a sequence holding no blocks"
+        for block_id in hits:
+            self._take(block_id)
+        seq.block_table = list(hits)
+        seq.block_hashes = list(hashes)
+        seq.num_computed = len(hits) * self.block_size
+        self.append(seq, num_tokens)
+
+    def _needs_copy(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether writing tokens ``num_computed ..`` would write into a shared, partly filled block."""
+        i = seq.num_computed // self.block_size
+        return (
+            num_tokens > seq.num_computed and i < len(seq.block_table) and self.blocks[seq.block_table[i]].ref_count > 1
+        )
+
+    def can_append(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether ``seq`` can hold ``num_tokens`` tokens in all (copy-on-write included)."""
+        missing = self.blocks_needed(num_tokens) - len(seq.block_table)
+        return max(missing, 0) + self._needs_copy(seq, num_tokens) <= self.num_free
+
+    def append(self, seq: Sequence, num_tokens: int) -> list[tuple[int, int]]:
+        """Grow ``seq`` to hold ``num_tokens`` tokens; returns the block copies ``(src, dst)`` to run first."""
+        if not self.can_append(seq, num_tokens):
+            raise RuntimeError(f"KV cache exhausted: sequence {seq.seq_id} cannot grow to {num_tokens} tokens")
+        copies = []
+        if self._needs_copy(seq, num_tokens):
+            i = seq.num_computed // self.block_size
+            src = seq.block_table[i]
+            self.blocks[src].ref_count -= 1  # still > 0: another sequence holds it
+            seq.block_table[i] = self._allocate()
+            copies.append((src, seq.block_table[i]))
+        while len(seq.block_table) < self.blocks_needed(num_tokens):
+            seq.block_table.append(self._allocate())
+        return copies
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """``child`` shares every block of ``parent`` (the partly filled last one is copied when written)."""
+        assert not child.block_table, "fork() into a sequence holding no blocks"
+        for block_id in parent.block_table:
+            self._take(block_id)
+        child.block_table = list(parent.block_table)
+        child.block_hashes = list(parent.block_hashes)
+        child.num_computed = parent.num_computed
+
+    def free(self, seq: Sequence) -> None:
+        """Give back ``seq``'s blocks, last first; blocks nobody else holds join the free queue."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_queue[block_id] = None
+                if block.hash is None:  # worthless to keep: reuse before any cached block
+                    self.free_queue.move_to_end(block_id, last=False)
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_computed = 0

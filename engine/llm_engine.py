@@ -1,0 +1,378 @@
+"""``LLMEngine``: requests in and out one at a time (vLLM's engine API, nano-vllm's shape).
+
+    engine = LLMEngine("gpt2-medium")
+    engine.add_request("a", "Hello, I'm a language model,", SamplingParams(max_tokens=20))
+    while engine.has_unfinished_requests():
+        for out in engine.step():          # the requests that got a token, their outputs so far
+            print(out.request_id, out.outputs[0].text, out.finished)
+
+Each ``step`` schedules (:mod:`engine.scheduler`), runs the model (:mod:`engine.model_runner`), samples
+(:mod:`engine.sampling`) and turns tokens into outputs (:mod:`engine.output_processor`). Requests may be added and
+aborted between any two steps. ``LLM`` is the offline front over it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import ModelConfig
+from engine.cuda_graphs import StaticDecoder
+from engine.kv_cache import KVCache, cdiv
+from engine.model import GPT2
+from engine.model_runner import ModelRunner
+from engine.output_processor import OutputProcessor
+from engine.outputs import EngineStats, RequestOutput
+from engine.sampling import Sampler, SamplingParams, seeded_generator, token_logprobs
+from engine.scheduler import Scheduler
+from engine.sequence import Request, Sequence, SequenceStatus
+
+BACKENDS = ("auto", "torch", "triton")
+LOAD_FORMATS = ("auto", "dummy")
+QUANTIZATIONS = (None, "int8", "int4")
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}  # fmt: skip
+CPU_KV_CACHE_BYTES = 4 << 30  # default KV pool on CPU (vLLM's CPU backend default)
+GPU_KV_CACHE_FRACTION = 0.5  # of the free device memory left after loading weights
+MIN_BATCHED_TOKENS = 4096  # default per-step token budget (at least the context, and max_num_seqs)
+
+Prompt = str | list[int]
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype must be one of float32, float16, bfloat16 (or None/'auto'), got {dtype!r}")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a valid torch device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if dev.type not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    return dev
+
+
+def make_ops(backend: str, device: torch.device):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "torch":
+        from engine.ops import TorchOps
+
+        return TorchOps()
+    from engine.triton_ops import TritonOps
+
+    return TritonOps(device)
+
+
+def _check_positive(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' * allow_none}, got {value!r}")
+
+
+class LLMEngine:
+    """A GPT-2 model, its paged KV cache and the scheduler; built from the same arguments as ``LLM``.
+
+    ``enable_prefix_caching`` (default on) reuses the K/V of full blocks a previous request computed for the same
+    prefix. ``max_num_batched_tokens`` is the per-step token budget that decode tokens and prompt chunks share
+    (default ``max(4096, n_positions, max_num_seqs)``).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike = "gpt2-medium",
+        backend: str = "auto",
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        max_num_seqs: int = 256,
+        load_format: str = "auto",
+        quantization: str | None = None,
+        tokenizer: str | os.PathLike | None = None,
+        kv_cache_memory: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        enable_prefix_caching: bool = True,
+        progress: bool = True,
+        seed: int | None = None,
+        enforce_eager: bool = False,
+    ) -> None:
+        _check_positive("block_size", block_size)
+        _check_positive("max_num_seqs", max_num_seqs)
+        _check_positive("num_blocks", num_blocks, allow_none=True)
+        _check_positive("max_num_batched_tokens", max_num_batched_tokens, allow_none=True)
+        if max_num_batched_tokens is not None and max_num_batched_tokens < max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens={max_num_batched_tokens} is below max_num_seqs={max_num_seqs}: "
+                "every running sequence's decode token must fit in one step"
+            )
+        if load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+        if not isinstance(enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be a bool, got {enable_prefix_caching!r}")
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.ops = make_ops(backend, self.device)
+        self.backend = self.ops.name
+        if seed is not None:
+            torch.manual_seed(seed)
+        self.progress = progress
+
+        self.model_path, self.config, weights = self._load(model, load_format)
+        self.quantization = quantization
+        self.model = GPT2(self.config, weights, self.ops, quantization)
+        self._tokenizer_source = tokenizer if tokenizer is not None else self.model_path
+        self._tokenizer = None
+        self._tokenizer_error: str | None = None
+
+        self.block_size = block_size
+        num_blocks = num_blocks or self._num_blocks_from_budget(kv_cache_memory, max_num_seqs)
+        self.kv = KVCache.allocate(self.config, num_blocks, block_size, self.dtype, self.device)
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens or max(
+            MIN_BATCHED_TOKENS, self.config.n_positions, max_num_seqs
+        )
+        static = None
+        if self.device.type == "cuda" and self.ops.cuda_graphs and not enforce_eager:  # decode as CUDA graphs
+            static = StaticDecoder(self.model, self.kv, max_num_seqs, self.device, capture=True)
+        self.runner = ModelRunner(self.model, self.kv, self.blocks, self.device, static)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, self.max_num_batched_tokens)
+        self.sampler = Sampler()
+        self.output_processor = OutputProcessor(self.config.eos_token_id)
+        self.requests: dict[str, Request] = {}  # unfinished requests by id
+        self._next_seq_id = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+
+    # ---------------------------------------------------------------- loading
+    def _load(self, model, load_format):
+        from engine.loader import load_checkpoint, resolve_model
+        from engine.weights import random_weights
+
+        if load_format == "dummy":
+            path = None
+            if os.path.isdir(str(model)):
+                config = ModelConfig.from_file(os.path.join(str(model), "config.json"))
+                path = resolve_model(model)
+            else:
+                config = ModelConfig.preset(str(model))
+            return path, config, random_weights(config, self.dtype, self.device)
+        path = resolve_model(model)
+        config, weights = load_checkpoint(path, self.dtype, self.device, progress=self.progress)
+        return path, config, weights
+
+    def _num_blocks_from_budget(self, budget: int | None, max_num_seqs: int) -> int:
+        per_block = KVCache.bytes_per_block(self.config, self.block_size, self.dtype)
+        wanted = max_num_seqs * cdiv(self.config.n_positions, self.block_size)  # every slot full-length
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * GPU_KV_CACHE_FRACTION)
+            else:
+                budget = CPU_KV_CACHE_BYTES
+        num_blocks = min(wanted, budget // per_block)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory={budget} bytes holds no block of {per_block} bytes")
+        return num_blocks
+
+    def get_tokenizer(self):
+        """The GPT-2 BPE tokenizer (tiktoken), from the checkpoint's vocab.json + merges.txt."""
+        if self._tokenizer is None:
+            from engine.tokenizer import load_tokenizer
+
+            if self._tokenizer_error is not None:  # don't retry (a network attempt) on every call
+                raise ValueError(self._tokenizer_error)
+            try:
+                self._tokenizer = load_tokenizer(self._tokenizer_source)
+            except ValueError as e:
+                self._tokenizer_error = str(e)
+                raise
+        return self._tokenizer
+
+    def has_tokenizer(self) -> bool:
+        try:
+            self.get_tokenizer()
+            return True
+        except ValueError:
+            return False
+
+    # ---------------------------------------------------------------- requests in
+    def token_ids(self, prompt: Prompt, what: str = "prompt") -> list[int]:
+        """``prompt`` as token ids, checked against the vocabulary; ``ValueError`` naming ``what`` if unusable."""
+        if isinstance(prompt, str):
+            ids = self.get_tokenizer().encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"{what}: token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        else:
+            raise ValueError(f"{what} must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError(f"{what} is empty")
+        return ids
+
+    def make_request(
+        self, request_id: str, prompt: Prompt, params: SamplingParams | None = None, what: str | None = None
+    ) -> Request:
+        """Validate a request without adding it (``ValueError`` naming what is wrong); ``add`` it afterwards."""
+        what = what or f"request {request_id!r}"
+        if not isinstance(request_id, str):
+            raise ValueError(f"request_id must be a string, got {type(request_id).__name__}")
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request")
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"{what}: params must be a SamplingParams, got {type(params).__name__}")
+        ids = self.token_ids(prompt, what)
+        total = len(ids) + params.max_tokens
+        if total > self.config.n_positions:
+            raise ValueError(
+                f"{what}: {len(ids)} prompt tokens + max_tokens={params.max_tokens} = {total} exceeds the "
+                f"model's context of {self.config.n_positions} tokens"
+            )
+        needed = self.blocks.blocks_needed(total - 1) * params.n
+        if needed > self.blocks.num_blocks:
+            raise ValueError(
+                f"{what}: needs {needed} KV blocks (n={params.n}) but the cache has {self.blocks.num_blocks}; "
+                "raise num_blocks / kv_cache_memory or lower max_tokens"
+            )
+        if params.n > self.max_num_seqs:
+            raise ValueError(f"{what}: n={params.n} exceeds max_num_seqs={self.max_num_seqs}")
+        detokenize = isinstance(prompt, str) or self.has_tokenizer()
+        if params.stop and not detokenize:
+            raise ValueError(f"{what}: stop strings need a tokenizer (pass tokenizer=...) or use stop_token_ids")
+        request = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, detokenize)
+        for j in range(params.n):
+            gen = seeded_generator(params.seed, j, self.device) if params.seed is not None else None
+            status = SequenceStatus.WAITING if j == 0 else SequenceStatus.FORK_PENDING
+            request.seqs.append(Sequence(self._next_seq_id + j, request, j, generator=gen, status=status))
+        return request
+
+    def add(self, request: Request) -> None:
+        """Queue a request built by :meth:`make_request`."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use by an unfinished request")
+        self._next_seq_id += len(request.seqs)
+        self.requests[request.request_id] = request
+        self.output_processor.add_request(request, self._tokenizer)
+        self.prompt_tokens += len(request.prompt_token_ids)
+        self.scheduler.add(request.seqs[0])
+
+    def add_request(
+        self, request_id: str, prompt: Prompt, params: SamplingParams | None = None, arrival_time: float | None = None
+    ) -> None:
+        """Queue a prompt (text or token ids); its outputs come from :meth:`step` under ``request_id``."""
+        request = self.make_request(request_id, prompt, params)
+        if arrival_time is not None:
+            request.metrics.arrival_time = arrival_time
+        self.add(request)
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        """Stop requests and free their blocks; ids that are unknown or already finished are ignored."""
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            request = self.requests.pop(request_id, None)
+            if request is None:
+                continue
+            for seq in request.seqs:
+                if not seq.is_finished:
+                    self.scheduler.finish(seq)
+                    seq.finish("abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ---------------------------------------------------------------- one step
+    def step(self) -> list[RequestOutput]:
+        """Run one step; returns the outputs so far of every request that got a new token this step."""
+        if not self.scheduler.has_work:
+            return []
+        scheduled = self.scheduler.schedule()
+        if not scheduled.seqs:
+            # every request was checked against the whole pool on entry, so an empty pool always admits one
+            raise RuntimeError("scheduler stalled: sequences wait but none can be scheduled")
+        seqs, logits = self.runner.execute(scheduled)
+        self.scheduler.step_done(scheduled)
+        seqs, logits = self._fork(seqs, logits)
+        if seqs:
+            self._sample(seqs, logits)
+        return self._outputs(seqs)
+
+    def _fork(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+        """Sequences whose request's prompt just got computed start its other samples from the same logits."""
+        if not any(seq.request.num_pending_forks for seq in seqs):
+            return seqs, logits
+        expanded, rows = [], []
+        for i, seq in enumerate(seqs):
+            family = [seq]
+            if seq.request.num_pending_forks:
+                family += [s for s in seq.request.seqs if s.status is SequenceStatus.FORK_PENDING]
+                self.scheduler.fork(seq, family[1:])
+            expanded += family
+            rows += [i] * len(family)
+        return expanded, logits[torch.tensor(rows, device=logits.device)]
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        params = [seq.params for seq in seqs]
+        seen = None
+        if any(p.repetition_penalty != 1.0 for p in params):
+            seen = [torch.tensor(seq.all_token_ids(), device=self.device).unique() for seq in seqs]
+        tokens, logprobs = self.sampler(logits, params, [seq.generator for seq in seqs], seen)
+        chosen, tops = token_logprobs(logprobs, tokens, [p.logprobs for p in params])
+        for seq, token, logprob, top in zip(seqs, tokens.tolist(), chosen, tops):
+            self.output_processor.append_token(seq, token, logprob, top)
+            if seq.is_finished:
+                self.scheduler.finish(seq)
+        self.generation_tokens += len(seqs)
+
+    def _outputs(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        now = time.time()
+        outputs = []
+        for request in dict.fromkeys(seq.request for seq in seqs):  # each once, in batch order
+            metrics = request.metrics
+            metrics.first_token_time = metrics.first_token_time or now
+            if request.finished:
+                metrics.finished_time = now
+                del self.requests[request.request_id]
+            outputs.append(self.output_processor.make_output(request))
+        return outputs
+
+    def get_stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            num_running=len(s.running),
+            num_waiting=len(s.waiting),
+            kv_cache_usage=self.blocks.usage,
+            prefix_cache_queries=s.prefix_cache_queries,
+            prefix_cache_hits=s.prefix_cache_hits,
+            num_preemptions=s.num_preemptions,
+            prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.generation_tokens,
+        )

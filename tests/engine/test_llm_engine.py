@@ -1,0 +1,322 @@
+"""``LLMEngine`` end to end on the torch backend: requests one at a time, preemption, chunked prefill, prefix
+caching, shared-prompt n > 1, abort, stats. Every scenario checks its outputs against the same requests run alone on
+a pool too large to preempt, and ends with every block free."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from engine import LLM, LLMEngine, SamplingParams
+from tests.helpers import assert_blocks_consistent, make_hf_model, save_checkpoint
+
+BLOCK = 16
+STOP_STRINGS = [["e"], [" t", "qz"], ["\n"], ["an", "in", "on"]]  # random text meets these now and then
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, gpt2_tokenizer_dir):
+    """A tiny GPT-2 with GPT-2's full context (1024), so prompts of hundreds of tokens fit."""
+    return save_checkpoint(make_hf_model(n_positions=1024), tmp_path_factory.mktemp("serving-gpt2"), gpt2_tokenizer_dir)
+
+
+def engine(path, **kw) -> LLMEngine:
+    return LLMEngine(str(path), backend="torch", dtype="float32", device="cpu", block_size=BLOCK, progress=False, **kw)
+
+
+def random_ids(n: int) -> list[int]:
+    return [random.randrange(50257) for _ in range(n)]
+
+
+def random_params(max_tokens: int) -> SamplingParams:
+    """Greedy or seeded sampling, n up to 4, stop strings, ignore_eos and logprobs, mixed at random."""
+    greedy = random.random() < 0.4
+    return SamplingParams(
+        n=1 if greedy else random.randint(1, 4),
+        max_tokens=max_tokens,
+        temperature=0.0 if greedy else random.choice([0.7, 1.0]),
+        top_k=random.choice([0, 50]),
+        seed=None if greedy else random.randrange(1 << 30),
+        stop=random.choice([None, *STOP_STRINGS]),
+        ignore_eos=random.random() < 0.5,
+        logprobs=random.choice([None, 0, 3]),
+    )
+
+
+def run(eng: LLMEngine, max_steps: int = 100_000) -> dict:
+    """Step until every request is done; the final output of each, by id."""
+    final = {}
+    for _ in range(max_steps):
+        if not eng.has_unfinished_requests():
+            break
+        for out in eng.step():
+            if out.finished:
+                final[out.request_id] = out
+    assert not eng.has_unfinished_requests()
+    return final
+
+
+@pytest.fixture(scope="module")
+def alone(checkpoint):
+    """``alone(prompt, params)``: the request run by itself on a pool that never preempts, nothing cached."""
+    llm = LLM(str(checkpoint), backend="torch", dtype="float32", device="cpu", block_size=BLOCK, progress=False,
+              enable_prefix_caching=False)  # fmt: skip
+    return lambda prompt, params: llm.generate(prompt, params, use_tqdm=False)[0]
+
+
+def assert_same_completions(got, want) -> None:
+    """Tokens, text, finish and stop reasons equal; log-probs within fp32 noise (the top-k sets may differ only
+    between near-equal entries)."""
+    assert len(got.outputs) == len(want.outputs)
+    for a, b in zip(got.outputs, want.outputs):
+        assert (a.token_ids, a.text, a.finish_reason, a.stop_reason) == (b.token_ids, b.text, b.finish_reason,
+                                                                          b.stop_reason)  # fmt: skip
+        assert a.cumulative_logprob == pytest.approx(b.cumulative_logprob, rel=1e-5, abs=1e-4)
+        assert (a.logprobs is None) == (b.logprobs is None)
+        for da, db in zip(a.logprobs or (), b.logprobs or ()):
+            assert sorted(da.values()) == pytest.approx(sorted(db.values()), rel=1e-5, abs=1e-5)
+            for token in set(da) ^ set(db):  # a swap at the k-th place is a near tie
+                value = da.get(token, db.get(token))
+                assert min(abs(value - v) for v in (*da.values(), *db.values()) if v != value) < 1e-4
+
+
+def assert_engine_empty(eng: LLMEngine) -> None:
+    assert not eng.scheduler.running and not eng.scheduler.waiting and not eng.requests
+    assert_blocks_consistent(eng.blocks, [])
+    assert eng.blocks.num_free == eng.blocks.num_blocks and eng.get_stats().kv_cache_usage == 0.0
+
+
+def test_stress_preemption_chunking_and_prefix_caching_change_no_output(checkpoint, alone):
+    """50 random requests on a pool a little larger than the largest one: all finish, each exactly as alone."""
+    requests = []
+    for i in range(50):
+        prompt = random_ids(random.randint(1, 200))
+        if i % 6 == 5:  # some share a prompt prefix with an earlier request
+            prompt = requests[random.randrange(i)][1][: random.randint(1, 60)] + prompt[:40]
+        requests.append((f"req-{i}", prompt, random_params(random.randint(1, 24))))
+    blocks = lambda p: -(-(len(p[1]) + p[2].max_tokens - 1) // BLOCK) * p[2].n  # noqa: E731
+    eng = engine(checkpoint, num_blocks=max(map(blocks, requests)) + 2, max_num_seqs=16,
+                 max_num_batched_tokens=random.choice([32, 64, 128]))  # fmt: skip
+    pending = list(requests)
+    final = {}
+    while pending or eng.has_unfinished_requests():  # requests arrive while others run
+        for _ in range(random.randint(0, 6)):
+            if pending:
+                eng.add_request(*pending.pop(0))
+        for out in eng.step():
+            if out.finished:
+                final[out.request_id] = out
+    stats = eng.get_stats()
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+    assert stats.prompt_tokens == sum(len(p) for _, p, _ in requests)
+    assert stats.generation_tokens >= sum(len(c.token_ids) for out in final.values() for c in out.outputs)
+    assert_engine_empty(eng)
+    assert sorted(final) == sorted(r[0] for r in requests)
+    for request_id, prompt, params in requests:
+        assert_same_completions(final[request_id], alone(prompt, params))
+
+
+def test_chunked_prefill_matches_unchunked(checkpoint, alone):
+    """A prompt of ~1000 tokens in chunks of 64 gives the tokens and log-probs (fp32, 1e-5) of one whole prefill."""
+    prompt = random_ids(random.randint(960, 1000))
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=5)
+    chunked_engine = engine(checkpoint, max_num_batched_tokens=64, max_num_seqs=4)
+    chunked_engine.add_request("long", prompt, params)
+    steps = 0
+    while chunked_engine.has_unfinished_requests():
+        outputs = chunked_engine.step()
+        steps += 1
+        if steps < -(-len(prompt) // 64):
+            assert outputs == []  # nothing is sampled before the last chunk
+        else:
+            final = outputs[0]
+    assert steps == -(-len(prompt) // 64) + 7
+    whole = alone(prompt, params)
+    assert_same_completions(final, whole)
+
+
+def test_prefix_cache_hits_and_eviction(checkpoint, alone):
+    eng = engine(checkpoint, num_blocks=40)
+    prompt = random_ids(random.randint(2 * BLOCK, 6 * BLOCK))
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=2)
+    eng.add_request("first", prompt, params)
+    first = run(eng)["first"]
+    eng.add_request("again", prompt, params)
+    again = run(eng)["again"]
+    assert first.num_cached_tokens == 0
+    assert again.num_cached_tokens == ((len(prompt) - 1) // BLOCK) * BLOCK
+    assert_same_completions(again, first)
+    # the same prefix, other suffixes: the whole blocks before the first difference are served from the cache
+    cut = random.randint(BLOCK, len(prompt) - 1)
+    for i in range(3):
+        other = prompt[:cut] + random_ids(random.randint(1, 30))
+        eng.add_request(f"suffix-{i}", other, params)
+        out = run(eng)[f"suffix-{i}"]
+        assert out.num_cached_tokens == min(cut // BLOCK, (len(other) - 1) // BLOCK) * BLOCK
+        assert_same_completions(out, alone(other, params))
+    # pressure: other prompts fill the pool and evict the cached blocks; the prompt computes again, correctly
+    for i in range(4):
+        eng.add_request(f"filler-{i}", random_ids(8 * BLOCK), SamplingParams(max_tokens=2 * BLOCK, ignore_eos=True))
+    run(eng)
+    eng.add_request("evicted", prompt, params)
+    evicted = run(eng)["evicted"]
+    assert evicted.num_cached_tokens < again.num_cached_tokens
+    assert_same_completions(evicted, first)
+    assert_engine_empty(eng)
+
+
+def test_n_samples_share_the_prompt_and_equal_separate_seeded_requests(checkpoint, alone):
+    eng = engine(checkpoint, num_blocks=64, enable_prefix_caching=False)  # sharing comes from the fork alone
+    prompt = random_ids(random.randint(3 * BLOCK + 1, 5 * BLOCK - 1))  # ends in a partly filled block
+    n, seed = 4, random.randrange(1 << 30)
+    params = SamplingParams(n=n, max_tokens=12, temperature=1.0, seed=seed, ignore_eos=True, logprobs=1)
+    eng.add_request("n", prompt, params)
+    used = []
+    while eng.has_unfinished_requests():
+        outputs = eng.step()
+        used.append(eng.blocks.num_blocks - eng.blocks.num_free)
+        if outputs:
+            assert len(outputs[0].outputs) == n
+            final = outputs[0]
+    separate = n * eng.blocks.blocks_needed(len(prompt) + 11)
+    assert max(used) < separate  # the prompt's full blocks are held once
+    assert eng.get_stats().prompt_tokens == len(prompt)  # and computed once
+    for j, completion in enumerate(final.outputs):
+        single = alone(prompt, SamplingParams(max_tokens=12, seed=seed + j, ignore_eos=True, logprobs=1))
+        assert completion.index == j
+        assert completion.token_ids == single.outputs[0].token_ids
+    assert len({tuple(c.token_ids) for c in final.outputs}) > 1
+    assert_engine_empty(eng)
+
+
+def test_abort_waiting_running_and_preempted_requests(checkpoint):
+    eng = engine(checkpoint, num_blocks=12, max_num_seqs=4, max_num_batched_tokens=32)
+    params = SamplingParams(max_tokens=60, ignore_eos=True)
+    for i in range(6):
+        eng.add_request(f"r{i}", random_ids(random.randint(20, 60)), params)
+    preempted = None
+    for _ in range(200):
+        eng.step()
+        waiting = [s.request.request_id for s in eng.scheduler.waiting]
+        preempted = next((s.request.request_id for s in eng.scheduler.waiting if s.output_token_ids), None)
+        if preempted and eng.scheduler.running and len(waiting) > 1:
+            break
+    assert preempted is not None, "no request was preempted"
+    running = eng.scheduler.running[0].request.request_id
+    never_started = next(r for r in waiting if r != preempted)
+    eng.abort_request([preempted, running, never_started, "no-such-request"])
+    assert not {preempted, running, never_started} & set(eng.requests)
+    live = [s for r in eng.requests.values() for s in r.seqs if s.block_table]
+    assert_blocks_consistent(eng.blocks, live)
+    eng.abort_request("no-such-request")  # unknown ids are a no-op
+    eng.add_request("after", random_ids(5), SamplingParams(max_tokens=3))
+    final = run(eng)
+    assert "after" in final and not {preempted, running, never_started} & set(final)
+    assert_engine_empty(eng)
+
+
+def test_an_abandoned_stream_frees_its_blocks_and_the_engine_keeps_serving(checkpoint):
+    llm = LLM(str(checkpoint), backend="torch", dtype="float32", device="cpu", block_size=BLOCK, progress=False)
+    stream = llm.generate_stream([random_ids(40), random_ids(7)], SamplingParams(max_tokens=30, n=2, seed=1))
+    next(stream)
+    stream.close()
+    assert_engine_empty(llm.llm_engine)
+    out = llm.generate(random_ids(9), SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_stream_with_stop_strings_never_shows_what_the_output_drops(checkpoint):
+    llm = LLM(str(checkpoint), backend="torch", dtype="float32", device="cpu", block_size=BLOCK, progress=False)
+    prompt = random_ids(5)
+    free = llm.generate(prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True), use_tqdm=False)
+    text = free[0].outputs[0].text
+    start = random.randrange(len(text) // 2, len(text) - 3)
+    stop = text[start : start + 3]
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=[stop, "\x00never"])
+    final = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    shown = ""
+    for delta in llm.generate_stream(prompt, params):
+        shown += delta.text
+        assert final.text.startswith(shown)  # nothing shown is later taken back
+    assert shown == final.text == text[: text.find(stop)]
+
+
+def test_step_outputs_metrics_and_stats(checkpoint):
+    eng = engine(checkpoint, max_num_batched_tokens=32, max_num_seqs=4)
+    before = time.time()
+    eng.add_request("a", random_ids(50), SamplingParams(max_tokens=3, ignore_eos=True))
+    out = eng.step()
+    assert out == []  # the first chunk of 32 of 50 prompt tokens: no token yet
+    stats = eng.get_stats()
+    assert (stats.num_running, stats.num_waiting, stats.prompt_tokens, stats.generation_tokens) == (1, 0, 50, 0)
+    assert 0 < stats.kv_cache_usage <= 1
+    eng.add_request("b", random_ids(3), SamplingParams(max_tokens=1))  # added between steps
+    outs = eng.step()
+    assert [o.request_id for o in outs] == ["a", "b"]
+    assert [len(o.outputs[0].token_ids) for o in outs] == [1, 1] and [o.finished for o in outs] == [False, True]
+    final = run(eng)
+    m = final["a"].metrics
+    assert before <= m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time <= time.time()
+    assert eng.get_stats().generation_tokens == 4
+    assert_engine_empty(eng)
+
+
+def test_llm_is_a_front_over_the_engine(checkpoint):
+    llm = LLM(str(checkpoint), backend="torch", dtype="float32", device="cpu", block_size=BLOCK, progress=False)
+    assert isinstance(llm.llm_engine, LLMEngine)
+    llm.llm_engine.add_request("mine", random_ids(4), SamplingParams(max_tokens=2))
+    with pytest.raises(RuntimeError, match="already generating"):
+        llm.generate(random_ids(3))
+    run(llm.llm_engine)
+    outs = llm.generate([random_ids(3), random_ids(4)], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert [len(o.outputs) for o in outs] == [1, 1] and all(o.finished for o in outs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_num_batched_tokens=4, max_num_seqs=8), "max_num_batched_tokens"),
+        (dict(enable_prefix_caching="yes"), "enable_prefix_caching"),
+        (dict(max_num_batched_tokens=0), "max_num_batched_tokens"),
+    ],
+)
+def test_bad_engine_arguments(checkpoint, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        engine(checkpoint, **kwargs)
+
+
+def test_bad_requests_are_refused_and_leave_nothing_behind(checkpoint):
+    eng = engine(checkpoint, num_blocks=8, max_num_seqs=2)
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=21)
+    assert SamplingParams(logprobs=20).logprobs == 20
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        eng.add_request("n", random_ids(3), SamplingParams(n=3, max_tokens=2))
+    with pytest.raises(ValueError, match="KV blocks"):
+        eng.add_request("big", random_ids(100), SamplingParams(max_tokens=100))
+    with pytest.raises(ValueError, match="request_id"):
+        eng.add_request(7, random_ids(3))
+    eng.add_request("dup", random_ids(3))
+    with pytest.raises(ValueError, match="already in use"):
+        eng.add_request("dup", random_ids(3))
+    assert list(eng.requests) == ["dup"] and eng.get_stats().prompt_tokens == 3
+    run(eng)
+    eng.add_request("dup", random_ids(3))  # a finished request's id may be used again
+    run(eng)
+    assert_engine_empty(eng)
+
+
+def test_stop_strings_need_a_tokenizer(checkpoint, tmp_path):
+    """Token-id prompts run without a tokenizer (ids only); stop strings then cannot be checked."""
+    import shutil
+
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(checkpoint / name, tmp_path / name)
+    eng = LLMEngine(str(tmp_path), backend="torch", device="cpu", progress=False, tokenizer=tmp_path / "none")
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        eng.add_request("s", random_ids(3), SamplingParams(stop="x"))
+    eng.add_request("ids", random_ids(3), SamplingParams(max_tokens=2, ignore_eos=True))
+    out = run(eng)["ids"].outputs[0]
+    assert len(out.token_ids) == 2 and out.text == ""

@@ -1,0 +1,142 @@
+"""``Scheduler`` on its own, driven by a stand-in for the model: token budget, decodes first, chunked prefill,
+FCFS admission, preemption by recompute, forks. Every scenario ends with the scheduler empty and every block free."""
+
+from __future__ import annotations
+
+import random
+
+from engine.block_manager import BlockManager
+from engine.scheduler import Scheduler
+from engine.sequence import SequenceStatus
+from tests.helpers import assert_blocks_consistent, make_sequence
+
+
+def scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=16) -> Scheduler:
+    return Scheduler(BlockManager(num_blocks, block_size), max_num_seqs, budget)
+
+
+def step(s: Scheduler):
+    """One step as the engine runs it, sampling a random token for each sequence whose tokens are all computed."""
+    out = s.schedule()
+    assert out.total_tokens <= s.max_num_batched_tokens and len(set(out.seqs)) == len(out.seqs)
+    sampled = [seq for i, seq in enumerate(out.seqs) if out.samples(i)]
+    s.step_done(out)
+    for seq in list(sampled):
+        pending = [c for c in seq.request.seqs if c.status is SequenceStatus.FORK_PENDING]
+        if pending:
+            s.fork(seq, pending)
+            sampled += pending
+    for seq in sampled:
+        seq.output_token_ids.append(random.randrange(50257))
+        if len(seq.output_token_ids) >= seq.params.max_tokens:
+            seq.finish("length")
+            s.finish(seq)
+    return out
+
+
+def run_to_end(s: Scheduler, max_steps: int = 1000) -> None:
+    for _ in range(max_steps):
+        if not s.has_work:
+            break
+        step(s)
+    assert_scheduler_empty(s)
+
+
+def assert_scheduler_empty(s: Scheduler) -> None:
+    assert not s.running and not s.waiting
+    assert_blocks_consistent(s.blocks, [])
+    assert s.blocks.num_free == s.blocks.num_blocks
+
+
+def prompt(n: int) -> list[int]:
+    return [random.randrange(50257) for _ in range(n)]
+
+
+def test_decodes_first_then_prompt_chunks_in_what_is_left():
+    s = scheduler(budget=16)
+    decoders = [make_sequence(prompt(random.randint(1, 5)), max_tokens=20) for _ in range(3)]
+    for seq in decoders:
+        s.add(seq)
+    step(s)  # their prompts, in one step
+    assert all(seq.num_uncomputed == 1 for seq in decoders)
+    long, later = make_sequence(prompt(40), max_tokens=4), make_sequence(prompt(3), max_tokens=4)
+    s.add(long)
+    s.add(later)
+    for _ in range(3):  # FCFS: long takes what the decodes leave, nothing is left for `later`
+        out = step(s)
+        assert out.seqs == decoders + [long] and out.num_tokens == [1, 1, 1, 13]
+    assert not long.output_token_ids  # 39 of 40 tokens computed: nothing sampled yet
+    out = step(s)
+    assert out.seqs == decoders + [long, later] and out.num_tokens == [1, 1, 1, 1, 3]
+    assert long.output_token_ids and later.output_token_ids  # both prompts complete: both sampled
+    run_to_end(s)
+
+
+def test_chunked_prompt_samples_only_after_its_last_chunk():
+    s = scheduler(budget=16)
+    seq = make_sequence(prompt(50), max_tokens=3)
+    s.add(seq)
+    chunks = []
+    while not seq.output_token_ids:
+        out = step(s)
+        chunks.append(out.num_tokens[0])
+    assert chunks == [16, 16, 16, 2]
+    run_to_end(s)
+
+
+def test_max_num_seqs_limits_admission_and_counts_a_requests_samples():
+    s = scheduler(max_num_seqs=4, budget=64)
+    first = make_sequence(prompt(5), max_tokens=3, n=3)
+    second = make_sequence(prompt(5), max_tokens=3, n=2)
+    s.add(first)
+    s.add(second)
+    out = step(s)
+    assert out.seqs == [first]  # 3 samples + 2 would exceed 4 sequences
+    assert len(s.running) == 3  # forked after its prompt
+    run_to_end(s)
+
+
+def test_preemption_takes_the_newest_and_it_resumes_where_it_was():
+    # 6 blocks of 4 tokens; two sequences of 8 + 12 tokens cannot both finish at once
+    s = scheduler(num_blocks=6, block_size=4, budget=32)
+    old, new = make_sequence(prompt(8), max_tokens=12), make_sequence(prompt(8), max_tokens=12)
+    s.add(old)
+    s.add(new)
+    step(s)
+    assert s.running == [old, new]
+    late = make_sequence(prompt(2), max_tokens=2)
+    s.add(late)
+    preempted_at = None
+    for i in range(40):
+        before = list(new.output_token_ids)
+        out = step(s)
+        if out.num_preempted:
+            preempted_at = i
+            assert new.status is SequenceStatus.WAITING and s.waiting[0] is new  # the newest, to the front
+            assert new not in out.seqs and new.block_table == [] and new.output_token_ids == before
+            assert late not in out.seqs  # a step that preempted admits nobody
+            break
+    assert preempted_at is not None and s.num_preemptions == 1
+    while new.status is SequenceStatus.WAITING:
+        step(s)
+    # resumed: prompt + generated tokens recomputed (its own full blocks still cached), and nothing was lost
+    assert new.output_token_ids[: len(before)] == before
+    assert s.prefix_cache_hits > 0
+    run_to_end(s)
+
+
+def test_random_workloads_always_drain():
+    """Random prompts, lengths and n over a pool a little larger than the largest request: every sequence
+    finishes, with exactly max_tokens tokens."""
+    s = scheduler(num_blocks=12, block_size=4, max_num_seqs=6, budget=24)
+    seqs = []
+    for _ in range(30):
+        n = random.randint(1, 3)
+        p = random.randint(1, 12)
+        max_tokens = random.randint(1, max(1, (48 // n) - p))  # each request fits the pool alone (n x blocks)
+        seq = make_sequence(prompt(p), max_tokens=max_tokens, n=n)
+        if s.blocks.blocks_needed(p + max_tokens - 1) * n <= s.blocks.num_blocks:
+            seqs.append(seq)
+            s.add(seq)
+    run_to_end(s, max_steps=5000)
+    assert all(len(c.output_token_ids) == c.params.max_tokens for seq in seqs for c in seq.request.seqs)
