@@ -4,8 +4,8 @@
 * **Reference counts**: a block is shared by every sequence whose table holds it (the ``n`` samples of a prompt,
   requests with a common prefix). A shared block is never written: a sequence about to write into a shared,
   partly filled block gets a private copy first (copy-on-write), reported as ``(src, dst)`` for the runner.
-* **Prefix caching** (vLLM's design, ``docs/design/prefix_caching.md``): once a full block's K/V are computed it is
-  registered under a chained hash of (the previous block's hash, its token ids). A new request reuses the longest
+* **Prefix caching** (vLLM's design, ``docs/design/prefix_caching.md``): a full block is registered under a chained
+  hash of (the previous block's hash, its token ids) in the step that computes its K/V. A new request reuses the longest
   run of registered blocks matching its tokens, a hit confirmed on the stored tokens and parent hash, never the
   block holding its last token (whose logits are needed). Blocks no sequence uses stay registered, and hittable,
   in the free queue until the allocator takes them: blocks without a hash first, then cached blocks least
@@ -92,15 +92,17 @@ class BlockManager:
             parent = h
         return ids, hashes
 
-    def register_computed(self, seq: Sequence) -> None:
-        """Register the full blocks of ``seq`` whose K/V are now computed (call after each step).
+    def register_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
+        """Register the blocks that the first ``num_tokens`` tokens of ``seq`` fill, once this step has run.
 
-        A block whose contents are already registered elsewhere (two requests computed the same prefix in one step)
-        stays unregistered: the first one keeps serving hits.
+        Called when a step is scheduled, so a request admitted later in the same step can hit them: every layer
+        stores the step's K/V before its attention reads the cache. A block whose contents are already registered
+        elsewhere stays unregistered (the first one keeps serving hits). Should the step not run for ``seq``
+        (preempted while scheduling), :meth:`free` unregisters what was never computed.
         """
         bs = self.block_size
         tokens = seq.all_token_ids()
-        for i in range(len(seq.block_hashes), seq.num_computed // bs):
+        for i in range(len(seq.block_hashes), num_tokens // bs):
             parent = seq.block_hashes[-1] if seq.block_hashes else None
             chunk = tokens[i * bs : (i + 1) * bs]
             h = block_hash(parent, chunk)
@@ -109,6 +111,12 @@ class BlockManager:
             if self.enable_prefix_caching and block.hash is None and h not in self.cached:
                 block.hash, block.parent_hash, block.token_ids = h, parent, tuple(chunk)
                 self.cached[h] = block.block_id
+
+    def _unregister(self, block: Block) -> None:
+        if block.hash is not None:
+            if self.cached.get(block.hash) == block.block_id:
+                del self.cached[block.hash]
+            block.hash, block.parent_hash, block.token_ids = None, None, ()
 
     # ------------------------------------------------------------------ allocation
     def _take(self, block_id: int) -> None:
@@ -122,9 +130,7 @@ class BlockManager:
         """A free block for new contents: its old hash, if any, is dropped."""
         block_id, _ = self.free_queue.popitem(last=False)
         block = self.blocks[block_id]
-        if block.hash is not None:
-            del self.cached[block.hash]
-            block.hash, block.parent_hash, block.token_ids = None, None, ()
+        self._unregister(block)
         block.ref_count = 1
         return block_id
 
@@ -180,14 +186,21 @@ class BlockManager:
         child.num_computed = parent.num_computed
 
     def free(self, seq: Sequence) -> None:
-        """Give back ``seq``'s blocks, last first; blocks nobody else holds join the free queue."""
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
+        """Give back ``seq``'s blocks, last first; blocks nobody else holds join the free queue.
+
+        Blocks registered for a step that did not run for ``seq`` (past ``num_computed``) lose their hash: their K/V
+        were never written.
+        """
+        computed = seq.num_computed // self.block_size
+        for i in reversed(range(len(seq.block_table))):
+            block = self.blocks[seq.block_table[i]]
+            if i >= computed:
+                self._unregister(block)
             block.ref_count -= 1
             if block.ref_count == 0:
-                self.free_queue[block_id] = None
+                self.free_queue[block.block_id] = None
                 if block.hash is None:  # worthless to keep: reuse before any cached block
-                    self.free_queue.move_to_end(block_id, last=False)
+                    self.free_queue.move_to_end(block.block_id, last=False)
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed = 0

@@ -22,6 +22,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import ModelConfig
 from engine.cuda_graphs import StaticDecoder
+from engine.device import make_ops, resolve_device, resolve_dtype
 from engine.kv_cache import KVCache, cdiv
 from engine.model import GPT2
 from engine.model_runner import ModelRunner
@@ -31,57 +32,13 @@ from engine.sampling import Sampler, SamplingParams, seeded_generator, token_log
 from engine.scheduler import Scheduler
 from engine.sequence import Request, Sequence, SequenceStatus
 
-BACKENDS = ("auto", "torch", "triton")
 LOAD_FORMATS = ("auto", "dummy")
 QUANTIZATIONS = (None, "int8", "int4")
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}  # fmt: skip
 CPU_KV_CACHE_BYTES = 4 << 30  # default KV pool on CPU (vLLM's CPU backend default)
 GPU_KV_CACHE_FRACTION = 0.5  # of the free device memory left after loading weights
 MIN_BATCHED_TOKENS = 4096  # default per-step token budget (at least the context, and max_num_seqs)
 
 Prompt = str | list[int]
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if dtype is None or dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise ValueError(f"dtype must be one of float32, float16, bfloat16 (or None/'auto'), got {dtype!r}")
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} is not a valid torch device") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    if dev.type not in ("cuda", "cpu"):
-        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
-    return dev
-
-
-def make_ops(backend: str, device: torch.device):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
-    if backend == "torch":
-        from engine.ops import TorchOps
-
-        return TorchOps()
-    from engine.triton_ops import TritonOps
-
-    return TritonOps(device)
 
 
 def _check_positive(name: str, value, allow_none: bool = False) -> None:
@@ -318,7 +275,11 @@ class LLMEngine:
         if not scheduled.seqs:
             # every request was checked against the whole pool on entry, so an empty pool always admits one
             raise RuntimeError("scheduler stalled: sequences wait but none can be scheduled")
-        seqs, logits = self.runner.execute(scheduled)
+        try:
+            seqs, logits = self.runner.execute(scheduled)
+        except BaseException:  # the step's requests are in an unknown state: end them, keep serving the rest
+            self.abort_request({seq.request.request_id for seq in scheduled.seqs})
+            raise
         self.scheduler.step_done(scheduled)
         seqs, logits = self._fork(seqs, logits)
         if seqs:

@@ -227,19 +227,18 @@ class TorchOps(Ops):
         return out
 
     def decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, max_context_len, scale):
-        B, H, hd = q.shape
         block_size = k_cache.shape[1]
-        n_blocks = -(-max_context_len // block_size)
-        tables = block_tables[:, :n_blocks].long()
-        # gather each sequence's blocks: (B, n_blocks, bs, H, hd) -> (B, H, S, hd)
-        keys = k_cache[tables].flatten(1, 2)[:, :max_context_len].permute(0, 2, 1, 3)
-        values = v_cache[tables].flatten(1, 2)[:, :max_context_len].permute(0, 2, 1, 3)
         pos = torch.arange(max_context_len, device=q.device)
-        mask = (pos[None, :] < context_lens[:, None])[:, None, :, None]  # (B, 1, S, 1): a cached token is there
-        # slots past a sequence's context hold whatever the pool held (uninitialized memory may be NaN, and
-        # masking the scores alone would still give 0 * NaN in P @ V): zero them
-        keys, values = keys.where(mask, 0.0), values.where(mask, 0.0)
-        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask.transpose(2, 3), scale=scale)
+        valid = pos[None, :] < context_lens[:, None]  # (B, S): a cached token is there
+        slots = (
+            block_tables.gather(1, (pos // block_size).expand(q.shape[0], -1)).long() * block_size + pos % block_size
+        )
+        # past a sequence's context, read its first slot instead (always written, so never NaN or stale garbage)
+        # and mask the score: one gather per pool, no masked copies
+        slots = torch.where(valid, slots, slots[:, :1])
+        keys = k_cache.flatten(0, 1)[slots].transpose(1, 2)  # (B, H, S, hd)
+        values = v_cache.flatten(0, 1)[slots].transpose(1, 2)
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=valid[:, None, None, :], scale=scale)
         return o.squeeze(2)
 
     def context_attention(self, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, max_seqlen_q,

@@ -20,6 +20,7 @@ INT4_GROUP_SIZES = (128, 64)  # the first that divides K
 # PyTorch's CPU int4 kernel dequantizes ``(q - 8) * scale + offset``; ours is ``(q - zero) * scale``, so
 # offset = (8 - zero) * scale.
 INT4_MIDPOINT = 8
+INT4_CPU_N_MULTIPLE = 16  # the CPU int4 packing needs N divisible by 16 (every GPT-2 linear is); else dequantize
 
 
 @dataclass
@@ -45,7 +46,8 @@ class Int8WeightOnly:
 
 @dataclass
 class Int4WeightOnly:
-    """4-bit codes in PyTorch's CPU packing (``packed``; ``codes [N, K]`` uint8 instead off CPU) with per-group
+    """4-bit codes in PyTorch's CPU packing (``packed``; ``codes [N, K]`` uint8 instead off CPU, or when N is not a
+    multiple of 16) with per-group
     ``scale_offset [K / group_size, N, 2]`` in the activation dtype: ``(scale, (8 - zero) * scale)``."""
 
     scale_offset: torch.Tensor
@@ -91,7 +93,7 @@ def quantize_int4(weight: torch.Tensor) -> Int4WeightOnly:
     codes = torch.round(wg / scales[..., None] + zeros[..., None]).clamp(0, 15).reshape(n, k)
     scale_offset = torch.stack((scales, (INT4_MIDPOINT - zeros) * scales), dim=-1).transpose(0, 1)
     out = Int4WeightOnly(scale_offset.to(weight.dtype).contiguous(), group, n, k)
-    if weight.device.type == "cpu":
+    if weight.device.type == "cpu" and n % INT4_CPU_N_MULTIPLE == 0:
         out.packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
     else:
         out.codes = codes.to(torch.uint8)

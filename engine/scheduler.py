@@ -87,6 +87,7 @@ class Scheduler:
             if victim is seq:
                 return False
         out.block_copies += self.blocks.append(seq, seq.num_computed + n)
+        self.blocks.register_full_blocks(seq, seq.num_computed + n)
         return True
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
@@ -117,6 +118,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.blocks.admit(seq, hits, hashes, cached + n)
+            self.blocks.register_full_blocks(seq, cached + n)  # later admissions in this step may hit them
             self.prefix_cache_queries += len(tokens)
             self.prefix_cache_hits += cached
             request = seq.request
@@ -132,10 +134,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ after the step
     def step_done(self, out: SchedulerOutput) -> None:
-        """The step's tokens are in the cache: advance the sequences and register their full blocks."""
+        """The step's tokens are in the cache."""
         for seq, n in zip(out.seqs, out.num_tokens):
             seq.num_computed += n
-            self.blocks.register_computed(seq)
 
     def fork(self, parent: Sequence, children: list[Sequence]) -> None:
         """Start ``children`` from ``parent``'s computed prompt, sharing its blocks."""

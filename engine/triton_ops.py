@@ -15,7 +15,16 @@ import torch
 
 from engine.ops import Ops
 
-_KERNEL_MODULES = ("layernorm", "gelu", "linear", "quant", "attention", "paged_attention", "kv_cache")
+_KERNEL_MODULES = (
+    "layernorm",
+    "gelu",
+    "linear",
+    "quant",
+    "attention",
+    "paged_attention",
+    "context_attention",
+    "kv_cache",
+)
 
 
 def _import_kernels(device: torch.device) -> dict[str, object]:
@@ -48,6 +57,7 @@ class TritonOps(Ops):
         self._quantize_int8, self._quantize_int4 = k["quant"].quantize_int8, k["quant"].quantize_int4
         self._prefill = k["attention"].prefill_attention
         self._decode = k["paged_attention"].decode_attention
+        self._context = k["context_attention"].context_attention
         self._store = k["kv_cache"].store_kv
 
     def prepare_weight(self, weight, quantization=None):
@@ -77,3 +87,8 @@ class TritonOps(Ops):
 
     def decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, max_context_len, scale):
         return self._decode(q, k_cache, v_cache, block_tables, context_lens, max_context_len, scale)
+
+    def context_attention(self, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, max_seqlen_q,
+                          max_seqlen_k, scale):  # fmt: skip
+        return self._context(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, max_seqlen_q, max_seqlen_k,
+                             scale)  # fmt: skip

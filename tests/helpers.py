@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 
+import pytest
 import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -167,3 +168,26 @@ def assert_blocks_consistent(blocks, seqs) -> None:
     assert len(blocks.free_queue) == blocks.num_blocks - len(users)
     for h, block_id in blocks.cached.items():
         assert blocks.blocks[block_id].hash == h
+
+
+def assert_same_completions(got, want, rel: float = 1e-5) -> None:
+    """Tokens, text, finish and stop reasons equal; log-probs within ``rel`` (fp32 noise: 1e-5 on the torch
+    backend, 1e-4 on Triton's); the top-k sets may differ only between near-equal entries."""
+    assert len(got.outputs) == len(want.outputs)
+    for a, b in zip(got.outputs, want.outputs):
+        assert (a.token_ids, a.text, a.finish_reason, a.stop_reason) == (b.token_ids, b.text, b.finish_reason,
+                                                                          b.stop_reason)  # fmt: skip
+        assert a.cumulative_logprob == pytest.approx(b.cumulative_logprob, rel=rel, abs=10 * rel)
+        assert (a.logprobs is None) == (b.logprobs is None)
+        for da, db in zip(a.logprobs or (), b.logprobs or ()):
+            assert sorted(da.values()) == pytest.approx(sorted(db.values()), rel=rel, abs=rel)
+            for token in set(da) ^ set(db):  # a swap at the k-th place is a near tie
+                value = da.get(token, db.get(token))
+                assert min(abs(value - v) for v in (*da.values(), *db.values()) if v != value) < 10 * rel
+
+
+def assert_engine_empty(eng) -> None:
+    """No request left in an ``LLMEngine``, every block free with reference count 0."""
+    assert not eng.scheduler.running and not eng.scheduler.waiting and not eng.requests
+    assert_blocks_consistent(eng.blocks, [])
+    assert eng.blocks.num_free == eng.blocks.num_blocks and eng.get_stats().kv_cache_usage == 0.0

@@ -15,8 +15,8 @@ from tests.helpers import assert_blocks_consistent, make_sequence
 def computed(bm: BlockManager, seq, num_tokens: int) -> None:
     """Blocks for ``num_tokens`` tokens, all of them computed (as after a step), full blocks registered."""
     bm.append(seq, num_tokens)
+    bm.register_full_blocks(seq, num_tokens)
     seq.num_computed = num_tokens
-    bm.register_computed(seq)
 
 
 def admitted(bm: BlockManager, tokens: list[int]):
@@ -25,8 +25,8 @@ def admitted(bm: BlockManager, tokens: list[int]):
     hits, hashes = bm.match_prefix(tokens)
     assert bm.can_admit(hits, len(tokens))
     bm.admit(seq, hits, hashes, len(tokens))
+    bm.register_full_blocks(seq, len(tokens))
     seq.num_computed = len(tokens)
-    bm.register_computed(seq)
     return seq, len(hits)
 
 
@@ -69,6 +69,19 @@ def test_prefix_hits_whole_blocks_never_the_last_token():
     other = prompt[: bs + 1] + [t + 1 for t in prompt[bs + 1 :]]
     assert bm.match_prefix(other)[0] == first.block_table[:1]
     assert_blocks_consistent(bm, [first, second])
+
+
+def test_blocks_registered_for_a_step_that_did_not_run_lose_their_hash():
+    """Blocks are registered when a step is scheduled (a request later in the same step may hit them); a sequence
+    preempted before the step ran gives them back unregistered, since their K/V were never written."""
+    bm = BlockManager(num_blocks=8, block_size=2)
+    seq = make_sequence([1, 2, 3, 4, 5])
+    bm.append(seq, 5)
+    bm.register_full_blocks(seq, 5)
+    assert len(bm.match_prefix([1, 2, 3, 4, 5, 6])[0]) == 2  # hittable within the step
+    bm.free(seq)  # num_computed is still 0: the step never ran for it
+    assert bm.match_prefix([1, 2, 3, 4, 5, 6]) == ([], []) and not bm.cached
+    assert_blocks_consistent(bm, [])
 
 
 def test_hit_is_confirmed_on_the_stored_tokens():
@@ -157,16 +170,16 @@ def test_random_operations_keep_the_invariants(ops, bs):
             hits, hashes = bm.match_prefix(tokens)
             if bm.can_admit(hits, len(tokens)):
                 bm.admit(seq, hits, hashes, len(tokens))
+                bm.register_full_blocks(seq, len(tokens))
                 seq.num_computed = len(tokens)
-                bm.register_computed(seq)
                 live.append(seq)
         elif live and op == "grow":
             seq = live[pick % len(live)]
             seq.output_token_ids += [pick % 3] * size
             if bm.can_append(seq, seq.num_tokens):
                 bm.append(seq, seq.num_tokens)
+                bm.register_full_blocks(seq, seq.num_tokens)
                 seq.num_computed = seq.num_tokens
-                bm.register_computed(seq)
             else:
                 del seq.output_token_ids[-size:]
         elif live and op == "fork":

@@ -9,7 +9,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.reference import ReferenceGPT2
-from tests.helpers import assert_static_decode_matches_eager, hf_greedy, rel_err
+from tests.helpers import assert_static_decode_matches_eager, hf_greedy, make_hf_model, rel_err, save_checkpoint
 
 TEXT = "Hello, I'm a language model, and these are my   words:\n\tcafé, 1234 🙂 — don't stop."
 
@@ -200,3 +200,42 @@ def test_fixed_shape_decode_matches_eager(tiny_checkpoint):
 
     prompts = [random_ids(random.randint(1, 20)) for _ in range(14)]
     assert assert_static_decode_matches_eager(make, 7, prompts, 16).sizes == [1, 2, 4, 8]
+
+
+@pytest.fixture(scope="module")
+def gpt2_init_checkpoint(tmp_path_factory):
+    """GPT-2's own init scale (0.02): the large-init test model amplifies any weight noise chaotically."""
+    model = make_hf_model(initializer_range=0.02, n_embd=128, n_head=2)  # K = 128: int4 groups of 128, as GPT-2's
+    return save_checkpoint(model, tmp_path_factory.mktemp("gpt2-init"))
+
+
+@pytest.mark.parametrize("quantization, min_db", [("int8", 30.0), ("int4", 20.0)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_backend_quantized_logits_sqnr(gpt2_init_checkpoint, quantization, min_db, dtype):
+    """Weight-only int8 / int4 on the torch backend (PyTorch's CPU GEMMs) keeps the logits close to unquantized,
+    as the triton backend's do (test_triton_model)."""
+    ids = random_ids(random.randint(5, 40))
+    base = LLM(str(gpt2_init_checkpoint), backend="torch", dtype=dtype, device="cpu", progress=False)
+    quant = LLM(str(gpt2_init_checkpoint), backend="torch", dtype=dtype, device="cpu", progress=False,
+                quantization=quantization)  # fmt: skip
+    ref, got = (m.model.logits(m.features(ids)[0]).double() for m in (base, quant))
+    db = 10 * torch.log10(ref.pow(2).sum() / (got - ref).pow(2).sum()).item()
+    print(f"{quantization} {dtype}: logits SQNR {db:.1f} dB")
+    assert db >= min_db
+    assert not torch.equal(got, ref)  # the weights really were quantized
+
+
+def test_torch_backend_never_imports_the_kernels(tiny_checkpoint):
+    """The torch backend (quantized too) runs without Triton's kernels: nothing under kernels/ is imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from engine import LLM, SamplingParams\n"
+        f"llm = LLM({str(tiny_checkpoint)!r}, backend='torch', device='cpu', quantization='int8', progress=False)\n"
+        "llm.generate([1, 2, 3], SamplingParams(max_tokens=2), use_tqdm=False)\n"
+        "print(sorted(m for m in sys.modules if m == 'kernels' or m.startswith('kernels.')))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

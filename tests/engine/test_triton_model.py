@@ -12,7 +12,16 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from tests.helpers import DEVICE, assert_static_decode_matches_eager, hf_greedy, make_hf_model, rel_err, save_checkpoint
+from tests.helpers import (
+    DEVICE,
+    assert_engine_empty,
+    assert_same_completions,
+    assert_static_decode_matches_eager,
+    hf_greedy,
+    make_hf_model,
+    rel_err,
+    save_checkpoint,
+)
 
 SMALL = dict(n_embd=128, n_head=2, n_layer=2, vocab_size=1000, n_positions=64)
 
@@ -117,3 +126,46 @@ def test_triton_fixed_shape_decode_matches_eager(small_model):
     _, path = small_model
     decoder = assert_static_decode_matches_eager(lambda n: triton_llm(path, max_num_seqs=n), 3, prompts(4), 8)
     assert decoder.sizes == [1, 2, 4]
+
+
+@pytest.fixture(scope="module")
+def narrow_model(tmp_path_factory):
+    """SMALL with a 256-token vocabulary: the LM head is most of an interpreted step, and the stress test runs many."""
+    return save_checkpoint(make_hf_model(**{**SMALL, "vocab_size": 256}), tmp_path_factory.mktemp("narrow-gpt2"))
+
+
+def test_triton_engine_under_pressure_matches_requests_alone(narrow_model):
+    """The serving engine on the Triton kernels, smaller than the torch backend's stress run (each interpreted step
+    costs about a second): preemption, chunked prefill (mixed steps through context_attention and paged decode),
+    prefix hits and n > 1 change no request's tokens or log-probs against the same request alone."""
+    block, vocab = 8, 256
+    requests = []
+    for i in range(6):
+        greedy = random.random() < 0.5
+        params = SamplingParams(n=1 if greedy else random.randint(1, 2), max_tokens=random.randint(1, 4),
+                                temperature=0.0 if greedy else 1.0, seed=random.randrange(1 << 30),
+                                ignore_eos=True, logprobs=random.choice([None, 2]))  # fmt: skip
+        prompt = torch.randint(0, vocab, (random.randint(1, 24),)).tolist()
+        if i < 3:  # 3 x 6 blocks: more than the pool (at most 2 x 4 + 2 blocks), so preemption is certain
+            prompt = torch.randint(0, vocab, (random.randint(38, 40),)).tolist()
+            params.n, params.max_tokens = 1, 4
+        elif i == 5:  # shares two blocks of a prompt with an earlier request
+            prompt = requests[random.randrange(i)][1][: 2 * block] + prompt[:8]
+        requests.append((f"r{i}", prompt, params))
+    largest = max(-(-(len(p) + sp.max_tokens - 1) // block) * sp.n for _, p, sp in requests)
+    engine = LLM(str(narrow_model), backend="triton", dtype="float32", device=DEVICE, block_size=block,
+                 progress=False, num_blocks=largest + 2, max_num_seqs=4,
+                 max_num_batched_tokens=16).llm_engine  # fmt: skip
+    engine.kv.k.fill_(float("nan"))  # a slot read before it is written poisons the result
+    engine.kv.v.fill_(float("nan"))
+    for request in requests:
+        engine.add_request(*request)
+    final = {}
+    while engine.has_unfinished_requests():
+        final.update((out.request_id, out) for out in engine.step() if out.finished)
+    assert engine.get_stats().num_preemptions > 0
+    assert_engine_empty(engine)
+    reference = LLM(str(narrow_model), backend="triton", dtype="float32", device=DEVICE, block_size=block,
+                    progress=False, enable_prefix_caching=False)  # fmt: skip
+    for request_id, prompt, params in requests:
+        assert_same_completions(final[request_id], reference.generate(prompt, params, use_tqdm=False)[0], rel=1e-4)
