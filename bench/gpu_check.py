@@ -48,7 +48,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 AUTOTUNE_ENV = "GPT2_TRITON_AUTOTUNE"  # kernels.utils.AUTOTUNE_ENV (read here without importing triton)
-KERNEL_MODULES = ("layernorm", "gelu", "linear", "quant", "attention", "paged_attention", "kv_cache")
+KERNEL_MODULES = (
+    "layernorm",
+    "gelu",
+    "linear",
+    "quant",
+    "attention",
+    "paged_attention",
+    "context_attention",
+    "kv_cache",
+)
 # Tests that exercise kernels and the Triton model on the device (others are CPU-only logic), the whole-model
 # test (CUDA-graph decode) first: should the run hit its time cap, the end-to-end checks have already run.
 GPU_TESTS = (
@@ -56,6 +65,7 @@ GPU_TESTS = (
     "kernels/test_paged_attention.py",
     "kernels/test_kv_cache.py",
     "kernels/test_attention.py",
+    "kernels/test_context_attention.py",
     "kernels/test_layernorm.py",
     "kernels/test_gelu.py",
     "kernels/test_quant.py",
@@ -850,6 +860,7 @@ def autotune_picks() -> dict[str, dict[str, str]]:
         ("quant", "_int8_linear_kernel"),
         ("quant", "_int4_linear_kernel"),
         ("attention", "_prefill_attention_kernel"),
+        ("context_attention", "_context_attention_kernel"),
     ):
         kernel = getattr(importlib.import_module(f"kernels.{module}"), attr)
         picks[attr.strip("_")] = {str(key): str(cfg) for key, cfg in getattr(kernel, "cache", {}).items()}

@@ -42,6 +42,7 @@ KERNEL_MODULES = (
     "kernels.quant",
     "kernels.attention",
     "kernels.paged_attention",
+    "kernels.context_attention",
     "kernels.kv_cache",
 )
 
