@@ -1,0 +1,78 @@
+"""``bench/throughput.py`` end to end on a tiny checkpoint: every system runs, ours validates against transformers
+before timing, and the JSON holds what the README says. Timings are never asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import make_hf_model, save_checkpoint
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "throughput.py"
+RESULT_FIELDS = {"scenario", "system", "label", "details", "elapsed_s", "num_requests", "prompt_tokens",
+                 "output_tokens", "validated", "full_length", "cpu_s", "agree_with_ours", "prompt_tokens_computed",
+                 "prefix_cache_hits", "num_preemptions", "notes", "requests_per_s", "total_tokens_per_s",
+                 "output_tokens_per_s"}  # fmt: skip
+
+
+def run_bench(argv: list[str], monkeypatch) -> int:
+    """The script's ``main`` in this process (bench/ is not a package: load the file as a module)."""
+    spec = importlib.util.spec_from_file_location("bench_throughput", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        return module.main(argv)
+    finally:
+        torch.set_num_threads(threads)  # the bench's --threads must not leak into later tests
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_throughput_bench_json(tmp_path, monkeypatch, n):
+    checkpoint = save_checkpoint(make_hf_model(n_positions=128), tmp_path / "ckpt")
+    out = tmp_path / "throughput.json"
+    scenario = "all" if n == 1 else "random"
+    # a 32-token prefix is two full blocks; a 48-token step budget admits the first prompt and part of the second,
+    # so the later prompts find the prefix computed and cached
+    argv = ["--model", str(checkpoint), "--scenario", scenario, "--num-prompts", "4", "--input-len", "6",
+            "--output-len", "3", "--prefix-len", "32", "--n", str(n), "--max-num-seqs", "8",
+            "--max-num-batched-tokens", "48", "--hf-batch-size", "2", "--peers", "generate", "generate_batch",
+            "--validate-tokens", "3", "--threads", "1", "--output-json", str(out)]  # fmt: skip
+    assert run_bench(argv, monkeypatch) == 0
+    report = json.loads(out.read_text())
+
+    assert {"cpu", "cores", "torch", "transformers", "date", "git_commit"} <= set(report["machine"])
+    assert report["args"]["n"] == n
+    expected = {"random": ["ours", "generate", "generate_batch"]}
+    if n == 1:
+        expected["prefix"] = ["ours", "ours_no_prefix_caching", "generate", "generate_batch"]
+    assert set(report["scenarios"]) == set(expected)
+    for name, systems in expected.items():
+        scenario = report["scenarios"][name]
+        assert scenario["workload"]["num_prompts"] == 4 and scenario["workload"]["n"] == n
+        results = {r["system"]: r for r in scenario["results"]}
+        assert list(results) == systems
+        for r in results.values():
+            assert set(r) == RESULT_FIELDS
+            assert r["validated"] is True, r  # greedy tokens equal transformers' before timing
+            assert r["full_length"] is True, r  # every completion generated exactly its output length
+            assert r["output_tokens"] == scenario["workload"]["output_tokens"]
+            assert r["elapsed_s"] > 0 and r["output_tokens_per_s"] > 0
+        assert {f"ours/{s}" for s in systems if s in ("generate", "generate_batch")} <= set(scenario["ratios"])
+    if n == 1:
+        prefix = {r["system"]: r for r in report["scenarios"]["prefix"]["results"]}
+        assert prefix["ours"]["prefix_cache_hits"] > 0
+        assert prefix["ours_no_prefix_caching"]["prefix_cache_hits"] == 0
+        assert prefix["ours_no_prefix_caching"]["prompt_tokens_computed"] == prefix["ours"]["prompt_tokens"]
+        assert {"prompt_tokens_computed_off/on", "prefix_caching_speedup"} <= set(
+            report["scenarios"]["prefix"]["ratios"]
+        )
+    assert [g["status"] for g in report["goals"]] and all(
+        g["status"] in ("PASS", "MISS", "SKIP") for g in report["goals"]
+    )
