@@ -17,8 +17,8 @@ throughputs compare as times. Scenarios:
   peers, with ``--peers``).
 
 Before timing, each system completes a couple of fresh requests greedily and must produce transformers' tokens
-(unpadded ``generate``, one prompt at a time). Weights: ``--load-format dummy`` draws the engine's random weights
-and saves them as a checkpoint that both sides load.
+(unpadded ``generate``, one prompt at a time). Weights: ``--load-format dummy`` (the default for a preset) saves
+transformers' randomly initialised model as a checkpoint that both sides load.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine import LLM, SamplingParams  # noqa: E402
-from engine.config import PRESETS, ModelConfig  # noqa: E402
+from engine.config import PRESETS  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 PEERS = ("generate", "generate_batch")
@@ -122,37 +122,14 @@ def check_fits(w: Workload, n_positions: int, what: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- models
-def engine_weights_to_hf(weights) -> dict[str, torch.Tensor]:
-    """The engine's ``GPT2Weights`` as a transformers ``GPT2LMHeadModel`` state dict (Conv1D weights are [in, out])."""
-    sd = {"transformer.wte.weight": weights.wte, "transformer.wpe.weight": weights.wpe,
-          "transformer.ln_f.weight": weights.ln_f_weight, "transformer.ln_f.bias": weights.ln_f_bias,
-          "lm_head.weight": weights.head}  # fmt: skip
-    names = {"ln_1.weight": "ln_1_weight", "ln_1.bias": "ln_1_bias", "attn.c_attn.weight": "attn_weight",
-             "attn.c_attn.bias": "attn_bias", "attn.c_proj.weight": "attn_proj_weight",
-             "attn.c_proj.bias": "attn_proj_bias", "ln_2.weight": "ln_2_weight", "ln_2.bias": "ln_2_bias",
-             "mlp.c_fc.weight": "fc_weight", "mlp.c_fc.bias": "fc_bias", "mlp.c_proj.weight": "mlp_proj_weight",
-             "mlp.c_proj.bias": "mlp_proj_bias"}  # fmt: skip
-    for i, layer in enumerate(weights.layers):
-        for hf_name, ours in names.items():
-            value = getattr(layer, ours)
-            sd[f"transformer.h.{i}.{hf_name}"] = value.t() if hf_name.endswith("weight") and value.dim() == 2 else value
-    return {k: v.contiguous() for k, v in sd.items()}
-
-
-def write_dummy_checkpoint(model: str, seed: int, directory: Path) -> Path:
-    """The engine's random weights for ``model`` (a preset or a directory's config.json), saved by transformers."""
+def write_random_checkpoint(model: str, seed: int, directory: Path) -> Path:
+    """transformers' GPT-2 for ``model`` (a preset, or a directory's config.json) with random weights, saved as the
+    checkpoint both sides load."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from engine.weights import random_weights
-
-    if os.path.isdir(model):
-        config, hf_config = ModelConfig.from_file(Path(model) / "config.json"), GPT2Config.from_pretrained(model)
-    else:
-        config, hf_config = ModelConfig.preset(model), GPT2Config(**PRESETS[model.split("/")[-1]])
-    weights = random_weights(config, torch.float32, "cpu", seed=seed)
-    hf = GPT2LMHeadModel(hf_config)
-    hf.load_state_dict(engine_weights_to_hf(weights), strict=True)
-    hf.save_pretrained(directory)
+    config = GPT2Config.from_pretrained(model) if os.path.isdir(model) else GPT2Config(**PRESETS[model.split("/")[-1]])
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(config).save_pretrained(directory)
     return directory
 
 
@@ -538,8 +515,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gpt2", help="a preset (gpt2, gpt2-medium, ...) or a checkpoint directory")
     ap.add_argument("--load-format", choices=["auto", "dummy"], default=None,
-                    help="dummy: the engine's random weights (default for a preset); auto: the checkpoint's weights "
-                    "(default for a directory)")  # fmt: skip
+                    help="dummy: random weights (default for a preset); auto: the checkpoint's weights (default for a "
+                    "directory)")  # fmt: skip
     ap.add_argument("--scenario", choices=["random", "prefix", "all"], default="all")
     ap.add_argument("--num-prompts", type=int, help="default: random 32, prefix 16")
     ap.add_argument("--input-len", type=int, help="mean random tokens after the prefix; default 64")
@@ -564,8 +541,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="peers to run (default: both in the random scenario, none in prefix; no value: none)",
     )
     ap.add_argument("--hf-batch-size", type=int, default=16, help="padded generate's batch size")
-    ap.add_argument("--hf-sort", action=argparse.BooleanOptionalAction, default=True,
-                    help="cut padded batches from requests sorted by prompt + output length")  # fmt: skip
+    ap.add_argument("--hf-sort", action=argparse.BooleanOptionalAction, default=False,
+                    help="cut padded batches from requests sorted by prompt + output length (default: in request "
+                    "order, as vLLM's benchmark_throughput runs transformers)")  # fmt: skip
     ap.add_argument("--cb-attn", default="paged|eager", help="continuous batching's attention implementation")
     ap.add_argument("--cb-page-size", type=int, default=256, help="continuous batching's page size (its default)")
     ap.add_argument("--cb-max-batch-tokens", type=int, help="continuous batching's per-step tokens (default: ours')")
@@ -590,8 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.load_format == "dummy":
-            log(f"writing {args.model} with the engine's random weights (seed {args.seed}) as a checkpoint")
-            checkpoint = write_dummy_checkpoint(args.model, args.seed, Path(tmp))
+            log(f"writing {args.model} with random weights (seed {args.seed}) as a checkpoint")
+            checkpoint = write_random_checkpoint(args.model, args.seed, Path(tmp))
         else:
             checkpoint = Path(args.model)
         hf = load_hf(checkpoint, args.dtype, args.device)
