@@ -13,6 +13,7 @@ aborted between any two steps. ``LLM`` is the offline front over it.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Iterable
@@ -121,7 +122,7 @@ class LLMEngine:
         self.sampler = Sampler()
         self.output_processor = OutputProcessor(self.config.eos_token_id)
         self.requests: dict[str, Request] = {}  # unfinished requests by id
-        self._next_seq_id = 0
+        self._seq_ids = itertools.count()  # unique even across requests made but never added
         self.prompt_tokens = 0
         self.generation_tokens = 0
 
@@ -206,10 +207,26 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"{what}: params must be a SamplingParams, got {type(params).__name__}")
         ids = self.token_ids(prompt, what)
-        total = len(ids) + params.max_tokens
+        self._check_fits(len(ids), params, what)
+        detokenize = isinstance(prompt, str) or self.has_tokenizer()
+        if params.stop and not detokenize:
+            raise ValueError(f"{what}: stop strings need a tokenizer (pass tokenizer=...) or use stop_token_ids")
+        request = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, detokenize)
+        for j in range(params.n):
+            gen = seeded_generator(params.seed, j, self.device) if params.seed is not None else None
+            status = SequenceStatus.WAITING if j == 0 else SequenceStatus.FORK_PENDING
+            request.seqs.append(Sequence(next(self._seq_ids), request, j, generator=gen, status=status))
+        return request
+
+    def _check_fits(self, num_prompt_tokens: int, params: SamplingParams, what: str) -> None:
+        """Refuse a request that could never run: past the context, the whole KV pool, or ``max_num_seqs``.
+
+        The pool check counts ``n`` full copies (no sharing), so that any one request alone always fits, whatever
+        the scheduler has to preempt to run it."""
+        total = num_prompt_tokens + params.max_tokens
         if total > self.config.n_positions:
             raise ValueError(
-                f"{what}: {len(ids)} prompt tokens + max_tokens={params.max_tokens} = {total} exceeds the "
+                f"{what}: {num_prompt_tokens} prompt tokens + max_tokens={params.max_tokens} = {total} exceeds the "
                 f"model's context of {self.config.n_positions} tokens"
             )
         needed = self.blocks.blocks_needed(total - 1) * params.n
@@ -220,21 +237,11 @@ class LLMEngine:
             )
         if params.n > self.max_num_seqs:
             raise ValueError(f"{what}: n={params.n} exceeds max_num_seqs={self.max_num_seqs}")
-        detokenize = isinstance(prompt, str) or self.has_tokenizer()
-        if params.stop and not detokenize:
-            raise ValueError(f"{what}: stop strings need a tokenizer (pass tokenizer=...) or use stop_token_ids")
-        request = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, detokenize)
-        for j in range(params.n):
-            gen = seeded_generator(params.seed, j, self.device) if params.seed is not None else None
-            status = SequenceStatus.WAITING if j == 0 else SequenceStatus.FORK_PENDING
-            request.seqs.append(Sequence(self._next_seq_id + j, request, j, generator=gen, status=status))
-        return request
 
     def add(self, request: Request) -> None:
         """Queue a request built by :meth:`make_request`."""
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use by an unfinished request")
-        self._next_seq_id += len(request.seqs)
         self.requests[request.request_id] = request
         self.output_processor.add_request(request, self._tokenizer)
         self.prompt_tokens += len(request.prompt_token_ids)

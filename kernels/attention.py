@@ -66,6 +66,26 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     return [c for c in configs if fits(c, head_dim, fp32)] or configs[:1]
 
 
+@triton.jit
+def online_softmax_step(q, kt, v, m_i, l_i, acc, qk_scale, visible, MASKED: tl.constexpr, UPCAST: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """One step of FlashAttention's online softmax (base 2): the scores of ``q (BLOCK_M, HEAD_DIM)`` against
+    ``kt (HEAD_DIM, BLOCK_N)``, masked to ``visible`` when ``MASKED``, folded with ``v (BLOCK_N, HEAD_DIM)`` into the
+    running row max ``m_i``, sum ``l_i`` and accumulator ``acc`` (fp32). Returns the updated three."""
+    if UPCAST:
+        kt = kt.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
 @autotune(
     configs=[c for c in get_configs() if keep(c)],
     key=["seqlen_bucket", "HEAD_DIM"],
@@ -133,16 +153,7 @@ def _prefill_attention_kernel(
         # K is read transposed, (HEAD_DIM, BLOCK_N), so QK^T is a plain tl.dot.
         kt = tl.load(Kb + cols[None, :] * stride_kt + offs_d[:, None])
         v = tl.load(Vb + cols[:, None] * stride_vt + offs_d[None, :])
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(q, kt, v, m_i, l_i, acc, qk_scale, True, False, UPCAST, DOT_PRECISION)
 
     # Diagonal tiles: causal mask, and keys past the end of the sequence are masked out. Their keys are this
     # block's own rows: each K/V row of a sequence passes through exactly one program's diagonal (per head),
@@ -157,19 +168,9 @@ def _prefill_attention_kernel(
             cache_row = slot * (H * HEAD_DIM) + h * HEAD_DIM  # the cache's (slot, h) row
             tl.store(K_cache + cache_row[None, :] + offs_d[:, None], kt, mask=slot[None, :] >= 0)
             tl.store(V_cache + cache_row[:, None] + offs_d[None, :], v, mask=slot[:, None] >= 0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        # Row m always keeps key start_m <= m, so no row is fully masked and m_new stays finite.
+        # Row m always keeps key start_m <= m, so no row is fully masked and the running max stays finite.
         visible = (offs_m[:, None] >= cols[None, :]) & (cols[None, :] < seq_len)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(q, kt, v, m_i, l_i, acc, qk_scale, visible, True, UPCAST, DOT_PRECISION)
 
     acc = acc / l_i[:, None]
     out_ptrs = Ob + offs_m[:, None] * stride_ot + offs_d[None, :]

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.attention import online_softmax_step
 from kernels.utils import FLOAT_DTYPES, KernelSpec, autotune, cast, check_device, check_tensor, is_interpreter
 
 LOG2E = 1.4426950408889634
@@ -164,16 +165,7 @@ def _context_attention_kernel(
         # K is read transposed, (HEAD_DIM, BLOCK_N), so QK^T is a plain tl.dot.
         kt = tl.load(k_rows[None, :] + offs_d[:, None])
         v = tl.load(v_rows[:, None] + offs_d[None, :])
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(q, kt, v, m_i, l_i, acc, qk_scale, True, False, UPCAST, DOT_PRECISION)
 
     # The diagonal: keys up to the block's last query position, causally masked. Tokens past the sequence's end
     # are not loaded at all (other=0), table entries included, so stale or NaN cache slots never enter. The
@@ -188,17 +180,8 @@ def _context_attention_kernel(
         v_rows = Vh + slot * row_size
         kt = tl.load(k_rows[None, :] + offs_d[:, None], mask=valid[None, :], other=0.0)
         v = tl.load(v_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(tok[None, :] <= pos_m[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        visible = tok[None, :] <= pos_m[:, None]
+        m_i, l_i, acc = online_softmax_step(q, kt, v, m_i, l_i, acc, qk_scale, visible, True, UPCAST, DOT_PRECISION)
 
     acc = acc / l_i[:, None]
     out_ptrs = Ob + offs_m[:, None] * stride_ot + offs_d[None, :]
