@@ -119,7 +119,7 @@ class LLMEngine:
             static = StaticDecoder(self.model, self.kv, max_num_seqs, self.device, capture=True)
         self.runner = ModelRunner(self.model, self.kv, self.blocks, self.device, static)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, self.max_num_batched_tokens)
-        self.sampler = Sampler()
+        self.sampler = Sampler(self.config.eos_token_id)
         self.output_processor = OutputProcessor(self.config.eos_token_id)
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self._seq_ids = itertools.count()  # unique even across requests made but never added
@@ -208,6 +208,7 @@ class LLMEngine:
             raise ValueError(f"{what}: params must be a SamplingParams, got {type(params).__name__}")
         ids = self.token_ids(prompt, what)
         self._check_fits(len(ids), params, what)
+        self._check_logit_bias(params, what)
         detokenize = isinstance(prompt, str) or self.has_tokenizer()
         if params.stop and not detokenize:
             raise ValueError(f"{what}: stop strings need a tokenizer (pass tokenizer=...) or use stop_token_ids")
@@ -237,6 +238,14 @@ class LLMEngine:
             )
         if params.n > self.max_num_seqs:
             raise ValueError(f"{what}: n={params.n} exceeds max_num_seqs={self.max_num_seqs}")
+
+    def _check_logit_bias(self, params: SamplingParams, what: str) -> None:
+        """``logit_bias`` ids must be in the vocabulary (``SamplingParams`` checked the rest, not knowing it)."""
+        bad = [t for t in params.logit_bias or () if t >= self.config.vocab_size]
+        if bad:
+            raise ValueError(
+                f"{what}: logit_bias token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})"
+            )
 
     def add(self, request: Request) -> None:
         """Queue a request built by :meth:`make_request`."""
@@ -309,10 +318,7 @@ class LLMEngine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         params = [seq.params for seq in seqs]
-        seen = None
-        if any(p.repetition_penalty != 1.0 for p in params):
-            seen = [torch.tensor(seq.all_token_ids(), device=self.device).unique() for seq in seqs]
-        tokens, logprobs = self.sampler(logits, params, [seq.generator for seq in seqs], seen)
+        tokens, logprobs = self.sampler(logits, params, [seq.generator for seq in seqs], seqs)  # seqs: histories
         chosen, tops = token_logprobs(logprobs, tokens, [p.logprobs for p in params])
         for seq, token, logprob, top in zip(seqs, tokens.tolist(), chosen, tops):
             self.output_processor.append_token(seq, token, logprob, top)

@@ -2,9 +2,10 @@
 
 For every new token of a sequence it records the token and its log-probs, detokenizes incrementally, and checks
 the stop conditions: EOS (unless ``ignore_eos``), a stop token, a stop string, ``max_tokens``. EOS and stop tokens
-end the sequence without adding their text; a stop string is cut off with what follows it. While a sequence runs,
-its visible text holds back the last ``len(longest stop string) - 1`` characters, which a stop string may yet
-claim, so a stream never shows text that the final output does not have.
+end the sequence without adding their text; a stop string is cut off with what follows it. None of them applies to
+the first ``min_tokens`` tokens (vLLM's rule; a stop string must end in the text of a later token), only
+``max_tokens`` does. While a sequence runs, its visible text holds back the last ``len(longest stop string) - 1``
+characters, which a stop string may yet claim, so a stream never shows text that the final output does not have.
 """
 
 from __future__ import annotations
@@ -40,14 +41,15 @@ class OutputProcessor:
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params
-        if token == self.eos_token_id and not p.ignore_eos:
+        may_stop = len(seq.output_token_ids) > p.min_tokens  # the first min_tokens tokens never stop it (vLLM)
+        if may_stop and token == self.eos_token_id and not p.ignore_eos:
             return seq.finish("stop")
-        if p.stop_token_ids and token in p.stop_token_ids:
+        if may_stop and p.stop_token_ids and token in p.stop_token_ids:
             return seq.finish("stop", token)
         if seq.detokenizer is not None:
             before = len(seq.text)
             seq.text += seq.detokenizer.push(token)
-            for s in p.stop or ():
+            for s in (p.stop or ()) if may_stop else ():
                 cut = seq.text.find(s, max(0, before - len(s) + 1))
                 if cut >= 0:
                     seq.text = seq.text[:cut]

@@ -3,19 +3,56 @@
 The sampler draws with the exponential-race trick (``argmax(probs / Exponential(1))``, as gpt-fast and
 nano-vllm do): it needs no host sync, and because each seeded request draws its noise from its own
 ``torch.Generator``, its samples do not depend on what else is in the batch or where it sits.
+
+Before that, :func:`process_logits` applies the per-request logit changes (``logit_bias``, the ``min_tokens``
+mask, the repetition, frequency and presence penalties): each is one indexed tensor op for the whole batch over the
+(row, token) pairs it touches, and runs only when some row of the batch asks for it.
 """
 
 from __future__ import annotations
 
+import itertools
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 MAX_LOGPROBS = 20  # most alternatives a request may ask for per token (vLLM's default limit)
+MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2] (OpenAI's range)
+MAX_LOGIT_BIAS = 100.0  # logit_bias values lie in [-100, 100] (OpenAI's range)
 
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _normalize_logit_bias(bias) -> dict[int, float] | None:
+    """``{token id: bias}`` with int keys; JSON's decimal-string keys ("50256") become ints. ``ValueError`` naming
+    ``logit_bias`` for anything else. Whether the ids are inside the vocabulary is the engine's check."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must be a dict of token id -> bias or None, got {type(bias).__name__}")
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        if isinstance(key, str) and re.fullmatch(r"[0-9]+", key):
+            token = int(key)
+        elif _is_int(key) and key >= 0:
+            token = key
+        else:
+            raise ValueError(f"logit_bias keys must be token ids (non-negative ints or decimal strings), got {key!r}")
+        if not _is_number(value) or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {value!r} for token {key!r}")
+        if token in out:
+            raise ValueError(f"logit_bias names token {token} twice")
+        out[token] = float(value)
+    return out
 
 
 @dataclass
@@ -33,6 +70,10 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past <|endoftext|>
     seed: int | None = None  # per-request generator: reproducible, batch-independent samples
     logprobs: int | None = None  # return the sampled token's logprob plus this many top alternatives
+    presence_penalty: float = 0.0  # subtracted from each token already generated; in [-2, 2]
+    frequency_penalty: float = 0.0  # subtracted once per time a token was generated; in [-2, 2]
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    min_tokens: int = 0  # tokens to generate before EOS, a stop token or a stop string may end the sequence
 
     def __post_init__(self) -> None:
         if not _is_int(self.n) or self.n < 1:
@@ -69,6 +110,15 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+        self.logit_bias = _normalize_logit_bias(self.logit_bias)
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -77,6 +127,23 @@ class SamplingParams:
     @property
     def top_k_enabled(self) -> bool:
         return self.top_k > 0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether a repetition, frequency or presence penalty applies (they need the sequence's tokens)."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+    @property
+    def modifies_logits(self) -> bool:
+        """Whether :func:`process_logits` changes this request's logits at all (checked for every row every step:
+        one flat expression)."""
+        return bool(
+            self.min_tokens
+            or self.logit_bias
+            or self.frequency_penalty
+            or self.presence_penalty
+            or self.repetition_penalty != 1.0
+        )
 
 
 def seeded_generator(seed: int, sample_index: int, device: torch.device) -> torch.Generator:
@@ -107,14 +174,113 @@ def token_logprobs(
     return chosen, entries
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: list[torch.Tensor], penalties: list[float]) -> None:
-    """CTRL's penalty in place: divide positive logits of seen tokens by p, multiply negative ones by p."""
-    for i, (tokens, p) in enumerate(zip(seen, penalties)):
-        if p == 1.0 or tokens.numel() == 0:
-            continue
-        row = logits[i]
-        vals = row[tokens]
-        row[tokens] = torch.where(vals > 0, vals / p, vals * p)
+class TokenHistory(Protocol):
+    """A sequence's tokens so far, as the penalties and ``min_tokens`` need them (``Sequence`` is one)."""
+
+    @property
+    def prompt_token_ids(self) -> list[int]: ...
+
+    @property
+    def output_token_ids(self) -> list[int]: ...
+
+
+def _occurrences(
+    rows: list[int], token_lists: list[Iterable[int]], per_row: list[list[float]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every token occurrence in ``token_lists[j]`` as the index pair (``rows[j]``, token), with each per-row value
+    ``per_row[k][j]`` repeated for row ``j``'s occurrences: ``(row_index [N], token_index [N], values [K, N])`` on
+    ``device``, built on the host and copied in two transfers."""
+    token_lists = [list(ids) for ids in token_lists]
+    which = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor([len(ids) for ids in token_lists]))
+    tokens = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.long)
+    index = torch.stack([torch.tensor(rows, dtype=torch.long)[which], tokens]).to(device)
+    values = torch.tensor(per_row, dtype=torch.float32)[:, which].to(device)
+    return index[0], index[1], values
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: list[int], biases: list[dict[int, float]]) -> None:
+    """In place: add ``biases[j][t]`` to ``logits[rows[j], t]``, all rows in one indexed add."""
+    row_ids = [i for i, bias in zip(rows, biases) for _ in bias]
+    tokens = [t for bias in biases for t in bias]
+    values = torch.tensor([v for bias in biases for v in bias.values()], dtype=logits.dtype)
+    index = torch.tensor([row_ids, tokens], device=logits.device)
+    logits.index_put_((index[0], index[1]), values.to(logits.device), accumulate=True)
+
+
+def mask_tokens(logits: torch.Tensor, rows: list[int], tokens: list[list[int]]) -> None:
+    """In place: ``logits[rows[j], t] = -inf`` for every ``t`` in ``tokens[j]`` (ids past the vocabulary, which can
+    never be sampled, are skipped)."""
+    V = logits.shape[-1]
+    pairs = [(i, t) for i, ids in zip(rows, tokens) for t in ids if t < V]
+    if pairs:
+        index = torch.tensor(pairs, device=logits.device).T
+        logits.index_put_((index[0], index[1]), torch.tensor(float("-inf"), device=logits.device))
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, rows: list[int], token_lists: list[Iterable[int]], penalties: list[float]
+) -> None:
+    """CTRL's penalty in place: in row ``rows[j]``, each token of ``token_lists[j]`` has a positive logit divided by
+    ``penalties[j]``, a negative one multiplied by it. A token listed twice is gathered before any write and
+    written the same value twice, so it is penalized once."""
+    r, t, (p,) = _occurrences(rows, token_lists, [penalties], logits.device)
+    v = logits[r, t]
+    logits[r, t] = torch.where(v > 0, v / p, v * p).to(logits.dtype)
+
+
+def apply_frequency_presence(
+    logits: torch.Tensor,
+    rows: list[int],
+    token_lists: list[Iterable[int]],
+    frequency: list[float],
+    presence: list[float],
+) -> None:
+    """In place, OpenAI's penalties: row ``rows[j]`` loses ``frequency[j] * count + presence[j] * (count > 0)`` on
+    each token, ``count`` being its occurrences in ``token_lists[j]``. Sparse (work per occurrence, not per
+    vocabulary entry) and without a host sync: the frequency term is an accumulating indexed add of ``-f`` per
+    occurrence, the presence term a gather then a write that duplicates repeat identically."""
+    r, t, (f, p) = _occurrences(rows, token_lists, [frequency, presence], logits.device)
+    logits.index_put_((r, t), -f.to(logits.dtype), accumulate=True)
+    logits[r, t] = logits[r, t] - p.to(logits.dtype)
+
+
+def process_logits(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    histories: Sequence[TokenHistory] | None,
+    eos_token_id: int | None,
+) -> None:
+    """In place, in vLLM's order: add ``logit_bias``; set EOS (unless ``ignore_eos``) and ``stop_token_ids`` to
+    -inf in rows with fewer than ``min_tokens`` output tokens; the repetition penalty over prompt and output
+    tokens; the frequency and presence penalties over output tokens only (OpenAI's and vLLM's definition).
+    Rows that use none of these are left untouched, and a feature no row uses costs nothing.
+    ``histories[i]`` holds row ``i``'s tokens (needed for the penalties and ``min_tokens``)."""
+    biased = [i for i, p in enumerate(params) if p.logit_bias]
+    if biased:
+        apply_logit_bias(logits, biased, [params[i].logit_bias for i in biased])
+    rows = [i for i, p in enumerate(params) if p.min_tokens or p.penalized]
+    if not rows:
+        return
+    if histories is None:
+        raise ValueError("min_tokens and the penalties need the sequences' tokens (histories)")
+    short = [i for i in rows if len(histories[i].output_token_ids) < params[i].min_tokens]
+    if short:
+        mask_tokens(logits, short, [_min_tokens_stops(params[i], eos_token_id) for i in short])
+    repeated = [i for i in rows if params[i].repetition_penalty != 1.0]
+    if repeated:
+        seen = [itertools.chain(histories[i].prompt_token_ids, histories[i].output_token_ids) for i in repeated]
+        apply_repetition_penalty(logits, repeated, seen, [float(params[i].repetition_penalty) for i in repeated])
+    counted = [i for i in rows if params[i].frequency_penalty or params[i].presence_penalty]
+    if counted:
+        apply_frequency_presence(logits, counted, [histories[i].output_token_ids for i in counted],
+                                 [float(params[i].frequency_penalty) for i in counted],
+                                 [float(params[i].presence_penalty) for i in counted])  # fmt: skip
+
+
+def _min_tokens_stops(p: SamplingParams, eos_token_id: int | None) -> list[int]:
+    """The tokens ``min_tokens`` holds back: the stop tokens, and EOS unless ignored (vLLM's set)."""
+    eos = [eos_token_id] if eos_token_id is not None and not p.ignore_eos else []
+    return (p.stop_token_ids or []) + eos
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -138,22 +304,31 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 
 class Sampler:
-    """Turns one step's logits of a batch into next tokens (and their logprobs)."""
+    """Turns one step's logits of a batch into next tokens (and their logprobs).
+
+    ``eos_token_id`` is the token ``min_tokens`` holds back along with each request's ``stop_token_ids``.
+    """
+
+    def __init__(self, eos_token_id: int | None = None) -> None:
+        self.eos_token_id = eos_token_id
 
     def __call__(
         self,
         logits: torch.Tensor,
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
-        seen: list[torch.Tensor] | None = None,
+        histories: Sequence[TokenHistory] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``logits`` [B, V] fp32 (modified in place). Returns ``(tokens [B], logprobs [B, V])``.
+        """``logits`` [B, V] fp32 (modified in place); ``histories[i]`` holds row ``i``'s prompt and output tokens
+        so far (needed when a row uses ``min_tokens`` or a penalty). Returns ``(tokens [B], logprobs [B, V])``.
 
-        ``logprobs`` are the model's log-probabilities after the repetition penalty and before temperature
-        and truncation, as vLLM reports them.
+        Order, as vLLM's: :func:`process_logits` (``logit_bias``, the ``min_tokens`` mask, repetition, frequency
+        and presence penalties) gives the processed logits; ``logprobs`` are their log-softmax and greedy rows
+        take their argmax. Temperature, top-k and top-p then shape the sampled rows only, so ``logprobs`` are
+        after bias and penalties and before temperature and truncation (vLLM's "processed_logprobs").
         """
-        if seen is not None and any(p.repetition_penalty != 1.0 for p in params):
-            apply_repetition_penalty(logits, seen, [p.repetition_penalty for p in params])
+        if any(p.modifies_logits for p in params):
+            process_logits(logits, params, histories, self.eos_token_id)
         logprobs = torch.log_softmax(logits, dim=-1)
         greedy_tokens = logits.argmax(dim=-1)
         if all(p.greedy for p in params):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -191,3 +192,29 @@ def assert_engine_empty(eng) -> None:
     assert not eng.scheduler.running and not eng.scheduler.waiting and not eng.requests
     assert_blocks_consistent(eng.blocks, [])
     assert eng.blocks.num_free == eng.blocks.num_blocks and eng.get_stats().kv_cache_usage == 0.0
+
+
+@dataclass
+class History:
+    """What the sampler reads of a sequence (``engine.sampling.TokenHistory``)."""
+
+    prompt_token_ids: list[int]
+    output_token_ids: list[int] = field(default_factory=list)
+
+
+def reference_processed(logits, params, histories, eos) -> torch.Tensor:
+    """The processed logits per row in float64, from the definitions: bias added; EOS (unless ignored) and stop
+    tokens -inf while the output is shorter than min_tokens; CTRL's repetition penalty on prompt + output tokens;
+    then frequency * count + presence * (count > 0), count over the output only."""
+    out = logits.double().clone()
+    for row, p, h in zip(out, params, histories):
+        for t, b in (p.logit_bias or {}).items():
+            row[t] += b
+        if len(h.output_token_ids) < p.min_tokens:
+            for t in (p.stop_token_ids or []) + ([] if p.ignore_eos else [eos]):
+                row[t] = float("-inf")
+        for t in set(h.prompt_token_ids) | set(h.output_token_ids):
+            row[t] = row[t] / p.repetition_penalty if row[t] > 0 else row[t] * p.repetition_penalty
+        for t in set(h.output_token_ids):
+            row[t] -= p.frequency_penalty * h.output_token_ids.count(t) + p.presence_penalty
+    return out

@@ -1,4 +1,5 @@
-"""Sampling: parameter validation, top-k / top-p masks, the sampler's distribution, the paged block allocator."""
+"""Sampling: parameter validation, top-k / top-p masks, the sampler's distribution, the logit processing (bias,
+min_tokens, penalties) against a per-row float64 reference, and min_tokens in the stop conditions."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import random
 import pytest
 import torch
 
-from engine.sampling import Sampler, SamplingParams, apply_repetition_penalty, filter_logits
+from engine.output_processor import OutputProcessor
+from engine.sampling import Sampler, SamplingParams, filter_logits, process_logits
+from engine.sequence import Request, Sequence
+from tests.helpers import History, reference_processed, rel_err
 
 
 @pytest.mark.parametrize(
@@ -17,6 +21,13 @@ from engine.sampling import Sampler, SamplingParams, apply_repetition_penalty, f
         ("temperature", float("inf")), ("temperature", "hot"), ("top_k", -2), ("top_k", 2.0), ("top_p", 0.0),
         ("top_p", 1.5), ("repetition_penalty", 0.0), ("stop", ""), ("stop", [1]), ("stop_token_ids", [-1]),
         ("stop_token_ids", "3"), ("ignore_eos", "yes"), ("seed", 1.5), ("logprobs", -1),
+        ("presence_penalty", 2.01), ("presence_penalty", -2.5), ("presence_penalty", "1"),
+        ("frequency_penalty", -2.01), ("frequency_penalty", float("nan")), ("frequency_penalty", True),
+        ("logit_bias", [1, 2]), ("logit_bias", {1: 100.5}), ("logit_bias", {1: -101}), ("logit_bias", {1: "2"}),
+        ("logit_bias", {1: float("nan")}), ("logit_bias", {"a": 1}), ("logit_bias", {"1.0": 1}),
+        ("logit_bias", {" 1": 1}), ("logit_bias", {-1: 1}), ("logit_bias", {"-1": 1}), ("logit_bias", {1.0: 1}),
+        ("logit_bias", {True: 1}), ("logit_bias", {"7": 1, 7: 2}), ("min_tokens", -1), ("min_tokens", 1.0),
+        ("min_tokens", 17),
     ],
 )  # fmt: skip
 def test_invalid_params_name_the_field(field, value):
@@ -28,6 +39,17 @@ def test_params_defaults_follow_vllm():
     p = SamplingParams(stop="###", top_k=-1)
     assert p.stop == ["###"] and not p.top_k_enabled and not p.greedy
     assert SamplingParams(temperature=0).greedy
+    assert not p.modifies_logits and (p.presence_penalty, p.frequency_penalty, p.logit_bias, p.min_tokens) == (
+        0.0, 0.0, None, 0)  # fmt: skip
+
+
+def test_logit_bias_keys_from_json_become_ints():
+    token, other = random.sample(range(50257), 2)
+    bias = {str(token): random.uniform(-100, 100), other: -100}
+    p = SamplingParams(logit_bias=bias)
+    assert p.logit_bias == {token: bias[str(token)], other: -100.0}
+    assert all(type(k) is int and type(v) is float for k, v in p.logit_bias.items())
+    assert SamplingParams(max_tokens=3, min_tokens=3, presence_penalty=-2, frequency_penalty=2).min_tokens == 3
 
 
 def reference_filter(row: torch.Tensor, k: int, p: float) -> set[int]:
@@ -84,14 +106,150 @@ def test_greedy_rows_take_the_argmax_and_logprobs_are_normalized():
     assert torch.allclose(logprobs.exp().sum(-1), torch.ones(3), atol=1e-5)
 
 
+def assert_processed(got: torch.Tensor, want: torch.Tensor) -> None:
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), finite) and (got[~finite] == float("-inf")).all()
+    assert rel_err(got[finite], want[finite]) < 1e-6
+
+
+def random_row_params(pool: list[int], V: int, features: set[str], num_outputs: int) -> SamplingParams:
+    kw = {}
+    if "penalties" in features:
+        kw.update(presence_penalty=random.uniform(-2, 2), frequency_penalty=random.uniform(-2, 2))
+    if "repetition" in features:
+        kw.update(repetition_penalty=random.uniform(0.5, 2.0))
+    if "bias" in features:
+        tokens = random.sample(range(V), random.randint(1, 6)) + [random.choice(pool)]
+        kw.update(logit_bias={t: random.choice([random.uniform(-5, 5), 100, -100]) for t in tokens})
+    if "min_tokens" in features:
+        kw.update(min_tokens=random.randint(0, 2 * num_outputs + 1), stop_token_ids=random.sample(pool, 2),
+                  ignore_eos=random.random() < 0.3)  # fmt: skip
+    return SamplingParams(max_tokens=64, temperature=random.choice([0.0, 0.8]), seed=random.randrange(1 << 20), **kw)
+
+
+def test_process_logits_matches_the_reference_on_mixed_batches():
+    """Random batches where each row uses any subset of bias / min_tokens / repetition / presence+frequency
+    (negative penalties included), outputs drawn from a few tokens so they repeat, prompts sharing some of them:
+    the processed logits, the sampler's logprobs and its greedy tokens match the float64 reference; rows using
+    nothing are untouched, bit for bit."""
+    V, B, eos = 97, 12, 96
+    pool = random.sample(range(V - 1), 8)  # outputs repeat: 8 distinct tokens
+    all_features = ["penalties", "repetition", "bias", "min_tokens"]
+    rows = [set(), set(all_features)] + [{f for f in all_features if random.random() < 0.5} for _ in range(B - 2)]
+    random.shuffle(rows)
+    histories, params = [], []
+    for features in rows:
+        outputs = random.choices(pool, k=random.randint(0, 20))
+        prompt = random.choices(range(V), k=random.randint(1, 10)) + random.choices(pool, k=random.randint(0, 3))
+        histories.append(History(prompt, outputs))
+        params.append(random_row_params(pool, V, features, len(outputs)))
+    logits = torch.randn(B, V) * 3
+    want = reference_processed(logits, params, histories, eos)
+    got = logits.clone()
+    process_logits(got, params, histories, eos)
+    assert_processed(got, want)
+    for row, features in enumerate(rows):
+        if not features:
+            assert torch.equal(got[row], logits[row])
+    generators = [torch.Generator().manual_seed(p.seed) for p in params]
+    tokens, logprobs = Sampler(eos)(logits.clone(), params, generators, histories)
+    assert_processed(logprobs, want.log_softmax(-1))
+    for row, p in enumerate(params):
+        if p.greedy:
+            assert tokens[row] == want[row].argmax()
+        assert torch.isfinite(want[row, tokens[row]])  # a masked token is never sampled
+
+
+def test_presence_and_frequency_count_the_output_only():
+    """Output ``[a, a, a, b]`` after a prompt holding ``a`` and ``c``: a loses 3f + p, b loses f + p, c nothing."""
+    V = 30
+    a, b, c = random.sample(range(V), 3)
+    f, p = random.uniform(-2, 2), random.uniform(-2, 2)
+    logits = torch.randn(1, V)
+    got = logits.clone()
+    params = SamplingParams(frequency_penalty=f, presence_penalty=p)
+    process_logits(got, [params], [History([c, a, c], [a, a, b, a])], None)
+    want = logits.clone().double()
+    want[0, a] -= 3 * f + p
+    want[0, b] -= f + p
+    assert rel_err(got, want) < 1e-6
+    rest = [t for t in range(V) if t not in (a, b)]
+    assert torch.equal(got[0, rest], logits[0, rest])
+
+
 def test_repetition_penalty_follows_ctrl():
     logits = torch.randn(2, 10)
-    seen = [torch.tensor([1, 4]), torch.tensor([], dtype=torch.long)]
+    params = [SamplingParams(repetition_penalty=1.3), SamplingParams(repetition_penalty=1.3)]
     out = logits.clone()
-    apply_repetition_penalty(out, seen, [1.3, 1.3])
+    process_logits(out, params, [History([1], [4]), History([], [])], None)
     for t in (1, 4):
         v = logits[0, t]
         assert out[0, t] == pytest.approx((v / 1.3 if v > 0 else v * 1.3).item())
     mask = torch.ones(10, dtype=torch.bool)
     mask[[1, 4]] = False
     assert torch.equal(out[0, mask], logits[0, mask]) and torch.equal(out[1], logits[1])
+
+
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_min_tokens_masks_eos_and_stop_tokens_until_reached(ignore_eos):
+    """Step by step: EOS (unless ignored) and the stop tokens are -inf exactly while fewer than min_tokens tokens
+    were generated; nothing else changes, ever."""
+    V, eos = 50, 49
+    m = random.randint(1, 6)
+    stops = random.sample(range(V - 1), 2)
+    params = SamplingParams(max_tokens=m + 3, min_tokens=m, stop_token_ids=stops, ignore_eos=ignore_eos)
+    masked = stops + ([] if ignore_eos else [eos])
+    history = History(random.choices(range(V), k=5))
+    for k in range(m + 3):
+        logits = torch.randn(1, V)
+        got = logits.clone()
+        process_logits(got, [params], [history], eos)
+        want = logits.clone()
+        if k < m:
+            want[0, masked] = float("-inf")
+        assert torch.equal(got, want), k
+        history.output_token_ids.append(random.choice([t for t in range(V) if t not in masked]))
+
+
+def test_unused_features_need_no_history():
+    """Plain rows (and logit_bias, which needs no tokens) sample without histories; penalties say what they need."""
+    logits = torch.randn(3, 40)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0, logit_bias={"5": 100}), SamplingParams()]
+    tokens, _ = Sampler(39)(logits.clone(), params, [None] * 3)
+    assert tokens[0] == logits[0].argmax() and tokens[1] == 5
+    with pytest.raises(ValueError, match="histories"):
+        Sampler(39)(logits.clone(), [SamplingParams(min_tokens=1)] * 3, [None] * 3)
+
+
+def make_seq(params: SamplingParams, tokenizer) -> Sequence:
+    request = Request("r", "prompt", [1, 2, 3], params, detokenize=True)
+    request.seqs.append(Sequence(0, request, 0))
+    OutputProcessor(None).add_request(request, tokenizer)
+    return request.seqs[0]
+
+
+def test_min_tokens_defers_every_stop_condition(gpt2_tokenizer_dir):
+    """With min_tokens m, EOS, a stop token or a stop string at any of the first m tokens does not end the
+    sequence; at token m + 1 each does (a stop string must end in text of a token past the first m)."""
+    from engine.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(gpt2_tokenizer_dir)
+    eos = 50256
+    text = random.choice([" the", " cat", " and", " hello"])
+    (word,) = tokenizer.encode(text)
+    m = random.randint(0, 5)
+    for params, finish, stop_reason in [
+        (SamplingParams(max_tokens=m + 3, min_tokens=m), "stop", None),
+        (SamplingParams(max_tokens=m + 3, min_tokens=m, stop_token_ids=[word]), "stop", word),
+        (SamplingParams(max_tokens=m + 3, min_tokens=m, stop=text), "stop", text),
+        (SamplingParams(max_tokens=m + 3, min_tokens=m, ignore_eos=True), "length", None),
+    ]:
+        processor = OutputProcessor(eos)
+        seq = make_seq(params, tokenizer)
+        token = eos if params.stop is None and not params.stop_token_ids else word
+        while not seq.is_finished:
+            processor.append_token(seq, token, 0.0, None)
+        expected_len = m + 3 if finish == "length" else m + 1
+        assert (len(seq.output_token_ids), seq.finish_reason, seq.stop_reason) == (expected_len, finish, stop_reason)
+        if params.stop:
+            assert seq.text == text * m
