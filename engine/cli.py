@@ -1,4 +1,4 @@
-"""Command line: ``gpt2-triton generate|score|check-kernels`` (also ``python -m engine ...``).
+"""Command line: ``gpt2-triton generate|score|serve|check-kernels`` (also ``python -m engine ...``).
 
 User errors print one line on stderr and exit with code 2, without a traceback.
 """
@@ -23,13 +23,17 @@ class _Parser(argparse.ArgumentParser):
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="gpt2-medium", help="checkpoint directory or hub id (default: gpt2-medium)")
+    _backend_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
     p.add_argument("--quantization", default=None, choices=["int8", "int4"])
     p.add_argument("--tokenizer", default=None, help="directory with vocab.json + merges.txt, or a .tiktoken file")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,8 +58,32 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: half the context)")
     score.add_argument("--json", action="store_true", help="print a JSON object instead of a line")
 
+    _serve_parser(sub)
     sub.add_parser("check-kernels", help="compile every kernel ahead of time for sm_80/sm_90", add_help=False)
     return parser
+
+
+def _serve_parser(sub) -> None:
+    """``serve``: vLLM's ``vllm serve`` flags, where they apply."""
+    p = sub.add_parser("serve", help="serve the model behind an OpenAI-compatible HTTP API")
+    p.add_argument("model", help="checkpoint directory or hub id (with --load-format dummy: a preset)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", nargs="+", default=None, help="names clients use (default: the dir name)")
+    p.add_argument("--api-key", default=None, help="require this bearer token on /v1 (or $GPT2_TRITON_API_KEY)")
+    _backend_args(p)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-blocks", type=int, default=None)
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV pool")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--max-waiting", type=int, default=512, help="requests queued before new ones get 503")
+    p.add_argument("--chat-template", default=None, help="a Jinja chat template file: enables /v1/chat/completions")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    p.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
 def _make_llm(args):
@@ -123,6 +151,26 @@ def _score(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    try:
+        from engine.server import ServeOptions, serve
+    except ImportError as e:
+        raise UsageError(f"serve needs the serve extra ({e.name} is missing): pip install -e '.[serve]'") from None
+    options = ServeOptions(args.host, args.port, args.served_model_name, args.api_key, args.chat_template,
+                           args.max_waiting, args.max_body_bytes, args.shutdown_grace, args.log_level)  # fmt: skip
+    engine_args = dict(
+        model=args.model, backend=args.backend, dtype=args.dtype, device=args.device, load_format=args.load_format,
+        quantization=args.quantization, tokenizer=args.tokenizer, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size, num_blocks=args.num_blocks,
+        kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=args.enable_prefix_caching,
+        enforce_eager=args.enforce_eager, progress=False,
+    )  # fmt: skip
+    return serve(options, engine_args)
+
+
+COMMANDS = {"generate": _generate, "score": _score, "serve": _serve}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -131,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return gate(argv[1:])
         args = build_parser().parse_args(argv)
-        return _generate(args) if args.command == "generate" else _score(args)
+        return COMMANDS[args.command](args)
     except (UsageError, ValueError) as e:
         message = " ".join(str(e).split())  # one line, whatever the message held
         print(message if isinstance(e, UsageError) else f"error: {message}", file=sys.stderr)

@@ -1,0 +1,75 @@
+"""``GET /metrics``: Prometheus text under a ``gpt2_triton:`` prefix, mirroring vLLM's names.
+
+Engine-wide numbers (running and waiting requests, KV-cache use, prefix-cache and token totals, preemptions) are
+read from the engine's last stats at scrape time; per-request ones (successes by finish reason, time to first
+token, time per output token, end-to-end latency) are recorded as requests finish. Each app has its own registry,
+so several servers (tests) never share counters.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from engine.async_llm import AsyncLLM
+from engine.outputs import RequestOutput
+
+PREFIX = "gpt2_triton:"
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class _EngineCollector:
+    """The engine's stats as gauges and counters, read when Prometheus scrapes."""
+
+    def __init__(self, llm: AsyncLLM) -> None:
+        self.llm = llm
+
+    def collect(self):
+        s = self.llm.get_stats()
+        gauges = {
+            "num_requests_running": ("sequences the scheduler is running", s.num_running),
+            "num_requests_waiting": ("sequences waiting to be scheduled", s.num_waiting),
+            "kv_cache_usage_perc": ("fraction of KV-cache blocks in use, 0 to 1", s.kv_cache_usage),
+        }
+        for name, (doc, value) in gauges.items():
+            yield GaugeMetricFamily(PREFIX + name, doc, value=value)
+        counters = {
+            "prefix_cache_queries": ("prompt tokens looked up in the prefix cache", s.prefix_cache_queries),
+            "prefix_cache_hits": ("prompt tokens served from the prefix cache", s.prefix_cache_hits),
+            "num_preemptions": ("sequences preempted (recomputed later)", s.num_preemptions),
+            "prompt_tokens": ("prompt tokens of the requests added", s.prompt_tokens),
+            "generation_tokens": ("tokens generated", s.generation_tokens),
+        }
+        for name, (doc, value) in counters.items():
+            yield CounterMetricFamily(PREFIX + name, doc, value=value)
+
+
+class Metrics:
+    def __init__(self, llm: AsyncLLM) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(llm))
+        kw = dict(registry=self.registry)
+        self.request_success = Counter(PREFIX + "request_success", "completions finished, by finish reason",
+                                       ["finished_reason"], **kw)  # fmt: skip
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "arrival to first token",
+                              buckets=LATENCY_BUCKETS, **kw)  # fmt: skip
+        self.tpot = Histogram(PREFIX + "time_per_output_token_seconds", "time per output token after the first",
+                              buckets=TOKEN_BUCKETS, **kw)  # fmt: skip
+        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "arrival to finish", buckets=LATENCY_BUCKETS, **kw)
+
+    def observe(self, out: RequestOutput) -> None:
+        """Record one finished request."""
+        for c in out.outputs:
+            self.request_success.labels(finished_reason=c.finish_reason or "abort").inc()
+        m = out.metrics
+        if m is None or m.first_token_time is None or m.finished_time is None:
+            return
+        self.ttft.observe(m.first_token_time - m.arrival_time)
+        self.e2e.observe(m.finished_time - m.arrival_time)
+        tokens = max(len(c.token_ids) for c in out.outputs)
+        if tokens > 1:
+            self.tpot.observe((m.finished_time - m.first_token_time) / (tokens - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,270 @@
+"""Completions and chat completions: requests through :class:`AsyncLLM`, answers in OpenAI's exact shapes.
+
+One HTTP request may hold several prompts (completions) and ``n`` samples each; OpenAI numbers its choices
+``prompt_index * n + sample_index``. Non-streamed answers wait for every request to finish; streamed ones send a
+chunk per choice whenever it has new tokens (its text delta, with a stop string never partly shown), then a usage
+chunk if asked, then ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from engine.async_llm import AsyncLLM
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sequence import Request
+from engine.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingFields
+
+_DONE = object()
+
+
+async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several requests' output streams as outputs arrive: ``(stream index, output)``. Leaving early (or an
+    error in one) closes every stream, which aborts their requests."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((i, item))
+        except Exception as e:
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, _DONE))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is _DONE:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass
+class Job:
+    """One HTTP request's engine requests and how to present them."""
+
+    llm: AsyncLLM
+    model: str
+    requests: list[Request]
+    prompt_texts: list[str]  # for echo
+    echo: bool
+    stream: bool
+    include_usage: bool
+    id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+    last: list[RequestOutput | None] = field(default_factory=list)  # each request's latest output, when streaming
+
+    @property
+    def n(self) -> int:
+        return self.requests[0].params.n
+
+    def choice_index(self, prompt_index: int, sample_index: int) -> int:
+        return prompt_index * self.n + sample_index
+
+    def usage(self, finals: list[RequestOutput]) -> dict:
+        prompt = sum(len(out.prompt_token_ids) for out in finals)
+        completion = sum(len(c.token_ids) for out in finals for c in out.outputs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    async def finals(self) -> list[RequestOutput]:
+        """Every request's final output, in prompt order."""
+        finals: list[RequestOutput | None] = [None] * len(self.requests)
+        async for i, out in merge([self.llm.generate(r) for r in self.requests]):
+            if out.finished:
+                finals[i] = out
+        return finals  # type: ignore[return-value]
+
+    async def deltas(self) -> AsyncIterator[tuple[int, RequestOutput, CompletionOutput, str, int]]:
+        """Per choice with new tokens: ``(prompt index, output, completion, new text, index of its first new token)``;
+        the last ones finished. Also keeps the final outputs for the usage."""
+        sent: dict[tuple[int, int], tuple[int, int]] = {}  # (prompt, sample) -> (characters, tokens) sent
+        self.last = [None] * len(self.requests)
+        async for i, out in merge([self.llm.generate(r) for r in self.requests]):
+            self.last[i] = out
+            for c in out.outputs:
+                chars, tokens = sent.get((i, c.index), (0, 0))
+                if len(c.token_ids) == tokens:
+                    continue
+                sent[i, c.index] = (len(c.text), len(c.token_ids))
+                text = c.text[chars:]
+                if self.echo and tokens == 0:
+                    text = self.prompt_texts[i] + text
+                yield i, out, c, text, tokens
+
+
+def sse(obj: dict | str) -> str:
+    """One server-sent event."""
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
+
+
+# --------------------------------------------------------------------------------------------- completions
+def completion_logprobs(tokenizer, c: CompletionOutput, first: int, offset: int) -> dict | None:
+    """OpenAI's legacy logprobs object for tokens ``first ..`` of a completion; ``offset``: characters before them."""
+    if c.logprobs is None:
+        return None
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for token_id, entries in zip(c.token_ids[first:], c.logprobs[first:]):
+        text = token_text(tokenizer, token_id)
+        tokens.append(text)
+        token_logprobs.append(entries[token_id])
+        top.append({token_text(tokenizer, t): lp for t, lp in sorted(entries.items(), key=lambda kv: kv[1])})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def completion_response(job: Job, finals: list[RequestOutput]) -> dict:
+    tokenizer = job.llm.get_tokenizer() if any(r.params.logprobs is not None for r in job.requests) else None
+    choices = []
+    for i, out in enumerate(finals):
+        prefix = job.prompt_texts[i] if job.echo else ""
+        for c in out.outputs:
+            choices.append({
+                "index": job.choice_index(i, c.index),
+                "text": prefix + c.text,
+                "logprobs": completion_logprobs(tokenizer, c, 0, len(prefix)),
+                "finish_reason": c.finish_reason,
+            })  # fmt: skip
+    return {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
+            "choices": choices, "usage": job.usage(finals)}  # fmt: skip
+
+
+async def completion_stream(job: Job) -> AsyncIterator[str]:
+    tokenizer = job.llm.get_tokenizer() if any(r.params.logprobs is not None for r in job.requests) else None
+    offsets: dict[tuple[int, int], int] = {}  # text offset of each choice's next token
+    async for i, _, c, text, first in job.deltas():
+        start = offsets.get((i, c.index), len(job.prompt_texts[i]) if job.echo else 0)
+        logprobs = completion_logprobs(tokenizer, c, first, start)
+        if logprobs is not None:
+            offsets[i, c.index] = start + sum(map(len, logprobs["tokens"]))
+        choice = {"index": job.choice_index(i, c.index), "text": text, "logprobs": logprobs,
+                  "finish_reason": c.finish_reason}  # fmt: skip
+        yield sse({"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
+                   "choices": [choice]})  # fmt: skip
+    if job.include_usage:
+        yield sse({"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
+                   "choices": [], "usage": job.usage(job.last)})  # fmt: skip
+    yield sse("[DONE]")
+
+
+# --------------------------------------------------------------------------------------------- chat
+def chat_logprobs(tokenizer, c: CompletionOutput, first: int) -> dict | None:
+    """The chat API's logprobs: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}``."""
+    if c.logprobs is None:
+        return None
+
+    def entry(token_id: int, logprob: float) -> dict:
+        raw = tokenizer.token_bytes(token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    content = []
+    for token_id, entries in zip(c.token_ids[first:], c.logprobs[first:]):
+        others = sorted(((t, lp) for t, lp in entries.items()), key=lambda kv: -kv[1])
+        content.append({**entry(token_id, entries[token_id]), "top_logprobs": [entry(t, lp) for t, lp in others]})
+    return {"content": content}
+
+
+def chat_response(job: Job, finals: list[RequestOutput]) -> dict:
+    tokenizer = job.llm.get_tokenizer()
+    choices = [
+        {"index": c.index, "message": {"role": "assistant", "content": c.text},
+         "logprobs": chat_logprobs(tokenizer, c, 0), "finish_reason": c.finish_reason}
+        for c in finals[0].outputs
+    ]  # fmt: skip
+    return {"id": job.id.replace("cmpl-", "chatcmpl-"), "object": "chat.completion", "created": job.created,
+            "model": job.model, "choices": choices, "usage": job.usage(finals)}  # fmt: skip
+
+
+async def chat_stream(job: Job) -> AsyncIterator[str]:
+    tokenizer = job.llm.get_tokenizer()
+    head = {"id": job.id.replace("cmpl-", "chatcmpl-"), "object": "chat.completion.chunk", "created": job.created,
+            "model": job.model}  # fmt: skip
+    for j in range(job.n):  # OpenAI opens each choice with the assistant's role
+        yield sse({**head, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}]})  # fmt: skip
+    async for _, _, c, text, first in job.deltas():
+        choice = {"index": c.index, "delta": {"content": text}, "logprobs": chat_logprobs(tokenizer, c, first),
+                  "finish_reason": c.finish_reason}  # fmt: skip
+        yield sse({**head, "choices": [choice]})
+    if job.include_usage:
+        yield sse({**head, "choices": [], "usage": job.usage(job.last)})
+    yield sse("[DONE]")
+
+
+# --------------------------------------------------------------------------------------------- requests in
+def prompt_list(prompt) -> list[str | list[int]]:
+    """OpenAI's ``prompt``: a string, a list of strings, a list of token ids, or a list of such lists."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise ApiError(400, "prompt must not be empty", "prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return list(prompt)
+
+
+def check_common(req: SamplingFields) -> None:
+    if req.stream_options is not None and not req.stream:
+        raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
+
+
+def make_job(llm: AsyncLLM, model: str, req: SamplingFields, prompts: list, max_tokens: int, logprobs: int | None,
+             echo: bool = False) -> Job:  # fmt: skip
+    """Validate everything and build the engine requests: an ``ApiError`` (400) names what is wrong."""
+    check_common(req)
+    try:
+        params = req.sampling_params(max_tokens, logprobs)
+    except ValueError as e:
+        raise ApiError(400, str(e), str(e).split()[0]) from None
+    job_id = f"cmpl-{uuid.uuid4().hex}"
+    requests = []
+    for i, prompt in enumerate(prompts):
+        try:
+            requests.append(llm.make_request(f"{job_id}-{i}", prompt, params))
+        except ValueError as e:
+            raise ApiError(400, str(e).replace(f"request '{job_id}-{i}'", f"prompt {i}"), "prompt") from None
+    texts = [p if isinstance(p, str) else "" for p in prompts]
+    if echo:
+        tokenizer = llm.get_tokenizer()
+        texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return Job(llm, model, requests, texts, echo, req.stream, include_usage, id=job_id)
+
+
+def completion_job(llm: AsyncLLM, model: str, req: CompletionRequest) -> Job:
+    if req.suffix is not None:
+        raise ApiError(400, "suffix is not supported: GPT-2 does not fill in the middle", "suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise ApiError(400, f"best_of={req.best_of} is not supported (only best_of == n)", "best_of")
+    if req.echo and req.logprobs is not None:
+        raise ApiError(400, "echo with logprobs (prompt log-probabilities) is not supported yet", "echo")
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    return make_job(llm, model, req, prompt_list(req.prompt), max_tokens, req.logprobs, req.echo)
+
+
+def chat_job(llm: AsyncLLM, model: str, req: ChatCompletionRequest, render: Callable[[list[dict]], str]) -> Job:
+    prompt = render([m.model_dump(exclude_none=True) for m in req.messages])
+    max_tokens = req.max_completion_tokens or req.max_tokens or 16
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    return make_job(llm, model, req, [prompt], max_tokens, logprobs)

@@ -1,0 +1,130 @@
+"""``AsyncLLM``: the engine stepping in its thread while coroutines add, stream and abandon requests."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from engine import LLM, LLMEngine, SamplingParams
+from engine.async_llm import AsyncLLM, EngineError, EngineOverloaded
+from tests.helpers import assert_engine_empty
+
+
+def make(checkpoint, max_waiting=64, **kw) -> AsyncLLM:
+    engine = LLMEngine(str(checkpoint), backend="torch", dtype="float32", device="cpu", progress=False, **kw)
+    return AsyncLLM(engine, max_waiting=max_waiting)
+
+
+def ids(n: int) -> list[int]:
+    return [random.randrange(50257) for _ in range(n)]
+
+
+async def final(llm: AsyncLLM, request):
+    outputs = [out async for out in llm.generate(request)]
+    return outputs[-1]
+
+
+def test_concurrent_requests_equal_llm_generate(tiny_checkpoint):
+    llm = make(tiny_checkpoint)
+    prompts = [ids(random.randint(1, 30)) for _ in range(8)]
+    params = [SamplingParams(max_tokens=random.randint(1, 12), temperature=0, ignore_eos=True) for _ in prompts]
+
+    async def run():
+        requests = [llm.make_request(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+        return await asyncio.wait_for(asyncio.gather(*(final(llm, r) for r in requests)), 120)
+
+    try:
+        outs = asyncio.run(run())
+    finally:
+        llm.stop()
+    ref = LLM(str(tiny_checkpoint), backend="torch", dtype="float32", device="cpu", progress=False)
+    want = ref.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [w.outputs[0].token_ids for w in want]
+    assert all(o.finished for o in outs)
+    assert_engine_empty(llm.engine)
+
+
+def test_leaving_a_stream_aborts_the_request(tiny_checkpoint):
+    llm = make(tiny_checkpoint)
+
+    async def run():
+        request = llm.make_request("long", ids(10), SamplingParams(max_tokens=100, ignore_eos=True))
+        stream = llm.generate(request)
+        first = await stream.__anext__()
+        assert not first.finished
+        await stream.aclose()  # the consumer goes away
+        for _ in range(200):  # the engine thread applies the abort before its next step
+            if llm.get_stats().num_running == 0 and not llm.engine.requests:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the abandoned request is still running")
+
+    try:
+        asyncio.run(run())
+    finally:
+        llm.stop()
+    assert_engine_empty(llm.engine)
+
+
+def test_full_queue_and_shutdown_refuse_at_once(tiny_checkpoint):
+    llm = make(tiny_checkpoint, max_waiting=2, max_num_seqs=1)
+
+    async def run():
+        params = SamplingParams(max_tokens=60, ignore_eos=True)
+        streams = [llm.generate(llm.make_request(f"r{i}", ids(5), params)) for i in range(3)]
+        await streams[0].__anext__()  # running
+        waiting = [asyncio.ensure_future(s.__anext__()) for s in streams[1:]]  # queued: the queue is full
+        await asyncio.sleep(0.05)
+        with pytest.raises(EngineOverloaded, match="max_waiting"):
+            await llm.generate(llm.make_request("over", ids(5), params)).__anext__()
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        for s in streams:
+            await s.aclose()
+        await llm.shutdown(grace_s=5)
+        with pytest.raises(EngineOverloaded, match="shutting down"):
+            await llm.generate(llm.make_request("late", ids(5), params)).__anext__()
+
+    asyncio.run(run())
+    assert not llm.is_running
+    assert_engine_empty(llm.engine)
+
+
+def test_an_engine_failure_fails_its_requests_and_the_engine_goes_on(tiny_checkpoint, monkeypatch):
+    llm = make(tiny_checkpoint)
+    execute = llm.engine.runner.execute
+    calls = {"n": 0}
+
+    def fails_once(step):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected kernel failure")
+        return execute(step)
+
+    monkeypatch.setattr(llm.engine.runner, "execute", fails_once)
+
+    async def run():
+        with pytest.raises(EngineError, match="injected"):
+            await final(llm, llm.make_request("doomed", ids(5), SamplingParams(max_tokens=4)))
+        return await final(llm, llm.make_request("fine", ids(5), SamplingParams(max_tokens=4, ignore_eos=True)))
+
+    try:
+        out = asyncio.run(asyncio.wait_for(run(), 60))
+    finally:
+        llm.stop()
+    assert out.finished and len(out.outputs[0].token_ids) == 4
+    assert_engine_empty(llm.engine)
+
+
+def test_bad_requests_are_refused_before_queueing(tiny_checkpoint):
+    llm = make(tiny_checkpoint)
+    try:
+        with pytest.raises(ValueError, match="exceeds the model's context"):
+            llm.make_request("big", ids(120), SamplingParams(max_tokens=20))
+        with pytest.raises(ValueError, match="max_waiting"):
+            AsyncLLM(llm.engine, max_waiting=0)
+    finally:
+        llm.stop()

@@ -1,0 +1,265 @@
+"""``gpt2-triton serve`` through the official ``openai`` client (sync and async) and raw HTTP: OpenAI's shapes, the
+same outputs as ``LLM.generate``, streaming, concurrency, disconnects, every error case, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+
+import openai
+import pytest
+
+from engine import LLM, SamplingParams
+from tests.server.conftest import start_server
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    """The offline API on the same checkpoint: what the server must answer."""
+    return LLM(str(tiny_checkpoint), backend="torch", dtype="float32", device="cpu", block_size=16, progress=False)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def words() -> str:
+    return " ".join(random.choice(["the", "cat", "sat", "on", "a", "mat", "and", "then", "it", "ran"])
+                    for _ in range(random.randint(2, 12)))  # fmt: skip
+
+
+def expected(reference, prompt, **params) -> list[str]:
+    return [c.text for c in reference.generate(prompt, SamplingParams(**params), use_tqdm=False)[0].outputs]
+
+
+def test_completion_equals_llm_generate_greedy_and_seeded(client, server, reference):
+    prompt = words()
+    out = client.completions.create(model=server.model, prompt=prompt, max_tokens=12, temperature=0)
+    assert out.object == "text_completion" and out.model == server.model and out.id.startswith("cmpl-")
+    assert [c.text for c in out.choices] == expected(reference, prompt, max_tokens=12, temperature=0)
+    assert out.choices[0].finish_reason in ("length", "stop") and out.choices[0].index == 0
+    n_prompt = len(reference.get_tokenizer().encode(prompt))
+    assert out.usage.prompt_tokens == n_prompt
+    assert out.usage.total_tokens == n_prompt + out.usage.completion_tokens
+    seed = random.randrange(1 << 30)
+    out = client.completions.create(model=server.model, prompt=prompt, max_tokens=10, seed=seed, n=3, top_p=0.9,
+                                    extra_body={"top_k": 40, "ignore_eos": True})  # fmt: skip
+    want = expected(reference, prompt, max_tokens=10, seed=seed, n=3, top_p=0.9, top_k=40, ignore_eos=True)
+    assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == want
+
+
+def test_stream_concatenates_to_the_full_text(client, server):
+    prompt = words()
+    full = client.completions.create(model=server.model, prompt=prompt, max_tokens=16, temperature=0, n=2)
+    stream = client.completions.create(model=server.model, prompt=prompt, max_tokens=16, temperature=0, n=2,
+                                       stream=True, stream_options={"include_usage": True})  # fmt: skip
+    texts, finish, usage = {0: "", 1: ""}, {}, None
+    for chunk in stream:
+        assert chunk.object == "text_completion"
+        if chunk.usage is not None:
+            assert chunk.choices == []
+            usage = chunk.usage
+            continue
+        for c in chunk.choices:
+            assert c.index not in finish  # nothing after a choice's finish_reason
+            texts[c.index] += c.text
+            if c.finish_reason is not None:
+                finish[c.index] = c.finish_reason
+    assert texts == {c.index: c.text for c in full.choices}
+    assert finish == {c.index: c.finish_reason for c in full.choices}
+    assert usage == full.usage
+
+
+def test_async_client_64_concurrent_streams(server, reference):
+    """64 streaming requests at once all complete, each with its own right text."""
+    prompts = [words() for _ in range(64)]
+    lengths = [random.randint(1, 12) for _ in prompts]
+    want = [c.outputs[0].text for c in reference.generate(
+        prompts, [SamplingParams(max_tokens=n, temperature=0) for n in lengths], use_tqdm=False)]  # fmt: skip
+
+    async def one(client, prompt, n):
+        text = ""
+        stream = await client.completions.create(model=server.model, prompt=prompt, max_tokens=n, temperature=0,
+                                                  stream=True)  # fmt: skip
+        async for chunk in stream:
+            text += "".join(c.text for c in chunk.choices)
+        return text
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120) as client:
+            return await asyncio.wait_for(asyncio.gather(*(one(client, p, n) for p, n in zip(prompts, lengths))), 300)
+
+    assert asyncio.run(run()) == want
+
+
+def test_logprobs_echo_stop_token_ids_and_token_prompts(client, server, reference):
+    tok = reference.get_tokenizer()
+    prompt_ids = tok.encode(words())
+    out = client.completions.create(model=server.model, prompt=prompt_ids, max_tokens=6, temperature=0, logprobs=3)
+    ref = reference.generate(prompt_ids, SamplingParams(max_tokens=6, temperature=0, logprobs=3), use_tqdm=False)[0]
+    c, r = out.choices[0], ref.outputs[0]
+    assert c.text == r.text
+    lp = c.logprobs
+    assert lp.tokens == [tok.token_bytes(t).decode("utf-8", errors="replace") for t in r.token_ids]
+    assert lp.token_logprobs == pytest.approx([d[t] for d, t in zip(r.logprobs, r.token_ids)], rel=1e-5)
+    assert all(len(top) <= 4 and max(top.values()) <= 0 for top in lp.top_logprobs)
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    # echo: the prompt's text first; several prompts give prompt-major choices
+    texts = [words(), words()]
+    out = client.completions.create(model=server.model, prompt=texts, max_tokens=4, temperature=0, echo=True, n=2)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    for c in out.choices:
+        assert c.text.startswith(texts[c.index // 2])
+    # stop strings and stop_token_ids (a vLLM extra)
+    free = reference.generate(prompt_ids, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+                              use_tqdm=False)[0].outputs[0]  # fmt: skip
+    stop_id = free.token_ids[random.randrange(1, 12)]
+    out = client.completions.create(model=server.model, prompt=prompt_ids, max_tokens=12, temperature=0,
+                                    extra_body={"stop_token_ids": [stop_id], "ignore_eos": True})  # fmt: skip
+    assert out.choices[0].finish_reason == "stop"
+    stop = free.text[len(free.text) // 2 :][:2]
+    out = client.completions.create(model=server.model, prompt=prompt_ids, max_tokens=12, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True})  # fmt: skip
+    assert out.choices[0].text == free.text[: free.text.find(stop)]
+
+
+def test_penalties_and_logit_bias(client, server, reference):
+    prompt = words()
+    favourite = reference.get_tokenizer().encode(" banana")[0]
+    out = client.completions.create(model=server.model, prompt=prompt, max_tokens=5, temperature=0,
+                                    logit_bias={str(favourite): 100})  # fmt: skip
+    assert out.choices[0].text == " banana" * 5
+    params = dict(max_tokens=12, temperature=0, presence_penalty=1.5, frequency_penalty=0.5, ignore_eos=True)
+    out = client.completions.create(model=server.model, prompt=prompt, max_tokens=12, temperature=0,
+                                    presence_penalty=1.5, frequency_penalty=0.5,
+                                    extra_body={"ignore_eos": True, "repetition_penalty": 1.2})  # fmt: skip
+    assert out.choices[0].text == expected(reference, prompt, repetition_penalty=1.2, **params)[0]
+    out = client.completions.create(model=server.model, prompt=prompt, max_tokens=8, temperature=0,
+                                    logit_bias={str(reference.config.eos_token_id): 100},
+                                    extra_body={"min_tokens": 3})  # fmt: skip
+    assert out.choices[0].finish_reason == "stop" and out.usage.completion_tokens == 4  # 3, then EOS
+
+
+def error_of(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"} and body["message"]
+    return body
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": "hi", "max_tokens": -1}, "max_tokens"),
+        ({"prompt": "hi", "temperature": -0.5}, "temperature"),
+        ({"prompt": "hi", "logprobs": 6}, "logprobs"),
+        ({"prompt": "hi", "n": "many"}, "n"),
+        ({"prompt": "hi", "frobnicate": 1}, "frobnicate"),
+        ({"prompt": [], "max_tokens": 2}, "prompt"),
+        ({"prompt": "hi", "suffix": "bye"}, "suffix"),
+        ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"prompt": [99999999]}, "prompt"),
+        ({"prompt": "hi " * 200, "max_tokens": 16}, "prompt"),
+        ({"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias"),
+    ],
+)
+def test_invalid_fields_are_400_naming_them(server, body, param):
+    r = server.post("/v1/completions", json={"model": server.model, **body})
+    err = error_of(r, 400)
+    assert err["type"] == "invalid_request_error" and err["param"] == param
+    assert server.post("/v1/completions", json={"prompt": "ok", "max_tokens": 1}).status_code == 200
+
+
+def test_other_errors(server):
+    assert error_of(
+        server.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 400
+    )
+    assert error_of(server.post("/v1/completions", json={"model": "gpt-4", "prompt": "hi"}), 404)["param"] == "model"
+    assert error_of(server.post("/v1/completions", content=b"x" * (2 << 20)), 413)
+    assert error_of(server.get("/v1/nothing-here"), 404)
+    err = error_of(server.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}), 400)
+    assert "/v1/completions" in err["message"]
+    assert server.post("/v1/completions", json={"prompt": "still fine", "max_tokens": 2}).status_code == 200
+
+
+def test_models_health_version_tokenize(server, reference):
+    models = server.get("/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == [server.model]
+    assert server.get("/health").status_code == 200 and "version" in server.get("/version").json()
+    text = words()
+    tokens = server.post("/tokenize", json={"prompt": text}).json()
+    assert tokens["tokens"] == reference.get_tokenizer().encode(text) and tokens["count"] == len(tokens["tokens"])
+    assert server.post("/detokenize", json={"tokens": tokens["tokens"]}).json() == {"prompt": text}
+    assert error_of(server.post("/detokenize", json={"tokens": [-1]}), 400)["param"] == "tokens"
+
+
+def metric(server, name: str) -> float:
+    for line in server.get("/metrics").text.splitlines():
+        if line.startswith(f"gpt2_triton:{name} ") or line.startswith(f"gpt2_triton:{name}{{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no metric {name}")
+
+
+def test_disconnect_mid_stream_aborts_and_frees_blocks(server):
+    body = {"model": server.model, "prompt": words(), "max_tokens": 100, "stream": True, "ignore_eos": True}
+    conn, r = server.send("POST", "/v1/completions", json=body)
+    assert r.status == 200 and r.readline().startswith(b"data: ")  # the first token arrived
+    conn.sock.shutdown(2)  # the client goes away mid-stream
+    conn.close()
+    deadline = time.monotonic() + 20
+    while metric(server, "num_requests_running") or metric(server, "kv_cache_usage_perc"):
+        assert time.monotonic() < deadline, "the disconnected request was not aborted"
+        time.sleep(0.05)
+    assert metric(server, "generation_tokens_total") > 0 and metric(server, "prompt_tokens_total") > 0
+    text = server.get("/metrics").text
+    for name in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds"):
+        assert f"gpt2_triton:{name}_bucket" in text
+    assert 'gpt2_triton:request_success_total{finished_reason="length"}' in text
+
+
+def test_api_key_and_chat_template(tiny_checkpoint, tmp_path, reference):
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:")
+    live, stop = start_server(tiny_checkpoint, api_key="sekrit", chat_template=str(template))
+    try:
+        assert error_of(live.get("/v1/models"), 401)["type"] == "authentication_error"
+        assert live.get("/health").status_code == 200  # only /v1 is protected
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="sekrit", max_retries=0)
+        messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": words()}]
+        out = client.chat.completions.create(model=live.model, messages=messages, max_tokens=8, temperature=0)
+        rendered = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
+        assert out.choices[0].message.content == expected(reference, rendered, max_tokens=8, temperature=0)[0]
+        chunks = client.chat.completions.create(model=live.model, messages=messages, max_tokens=8, temperature=0,
+                                                stream=True)  # fmt: skip
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+        assert streamed == out.choices[0].message.content
+    finally:
+        stop()
+    assert live.llm.engine.blocks.num_free == live.llm.engine.blocks.num_blocks
+
+
+def test_overload_is_503_and_the_server_keeps_serving(tiny_checkpoint):
+    live, stop = start_server(tiny_checkpoint, max_waiting=1, max_num_seqs=1)
+    try:
+        body = {"model": live.model, "prompt": words(), "max_tokens": 100, "ignore_eos": True, "stream": True}
+        streams = []
+        for busy in (lambda: live.llm.get_stats().num_running, lambda: live.llm.num_waiting):  # one runs, one waits
+            streams.append(live.send("POST", "/v1/completions", json=body))
+            deadline = time.monotonic() + 10
+            while busy() < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        assert [r.status for _, r in streams] == [200, 200]
+        err = error_of(live.post("/v1/completions", json={"prompt": "one too many", "max_tokens": 1}), 503)
+        assert err["type"] == "service_unavailable"
+        for conn, r in streams:
+            events = [line[6:].strip() for line in r.read().decode().splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+            conn.close()
+        assert live.post("/v1/completions", json={"prompt": "room now", "max_tokens": 1}).status_code == 200
+    finally:
+        stop()

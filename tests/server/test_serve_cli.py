@@ -1,0 +1,98 @@
+"""``gpt2-triton serve`` as a process: it serves, shuts down cleanly on SIGTERM with requests in flight, and a
+user's mistake (no such model, a port in use) is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def serve_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "engine", "serve", *args]
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": ROOT}
+
+
+def wait_for_port(proc: subprocess.Popen, timeout: float = 120) -> int:
+    """Read the server's log until it says where it listens."""
+    found: list[int] = []
+
+    def read():
+        for line in proc.stderr:
+            if "serving on http://" in line:
+                found.append(int(line.rsplit(":", 1)[1].strip().strip("/")))
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert found, "the server never said where it listens"
+    return found[0]
+
+
+def test_sigterm_with_requests_in_flight_exits_0(tiny_checkpoint):
+    proc = subprocess.Popen(
+        serve_cmd(
+            str(tiny_checkpoint), "--port", "0", "--backend", "torch", "--device", "cpu", "--shutdown-grace", "20"
+        ),  # fmt: skip
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+    )
+    try:
+        port = wait_for_port(proc)
+        conns = []
+        for _ in range(3):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            body = {"prompt": "Once upon a time", "max_tokens": 60, "stream": True, "ignore_eos": True}
+            conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            assert response.status == 200 and response.readline().startswith(b"data: ")  # in flight
+            conns.append((conn, response))
+        proc.send_signal(signal.SIGTERM)
+        for conn, response in conns:  # the requests in flight finish within the grace period
+            events = [line for line in response.read().decode().splitlines() if line.startswith("data: ")]
+            assert events[-1] == "data: [DONE]"
+            conn.close()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("case", ["no such model", "port in use", "bad template"])
+def test_mistakes_are_one_line_and_exit_2(tiny_checkpoint, tmp_path, case):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    args = {
+        "no such model": ["/nonexistent/model", "--port", "0"],
+        "port in use": [str(tiny_checkpoint), "--port", str(busy.getsockname()[1])],
+        "bad template": [str(tiny_checkpoint), "--port", "0", "--chat-template", str(tmp_path / "missing.jinja")],
+    }[case]
+    try:
+        r = subprocess.run(serve_cmd(*args, "--device", "cpu"), capture_output=True, text=True, env=env(), cwd=ROOT,
+                           timeout=120)  # fmt: skip
+    finally:
+        busy.close()
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert {"no such model": "nonexistent", "port in use": "cannot listen", "bad template": "chat-template"}[
+        case
+    ] in lines[0]
