@@ -6,6 +6,9 @@ A step takes one of three paths of the model:
   * every sequence starts from its first token (fresh prompts, or their first chunks): ``prefill``, whose
     attention reads K/V straight from the QKV projection;
   * anything else (prompt chunks after cached context, mixed with decode tokens): ``extend``.
+
+Requests that ask for ``prompt_logprobs`` also get the logits of every prompt row of their chunk; the runner turns
+them into the request's prompt log-probabilities (of the model, before any logit processing, as vLLM's).
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from engine.block_manager import BlockManager
 from engine.cuda_graphs import StaticDecoder
 from engine.kv_cache import KVCache
 from engine.model import GPT2, DecodeBatch, ExtendBatch, PrefillBatch
+from engine.sampling import token_logprobs
 from engine.scheduler import SchedulerOutput
-from engine.sequence import Sequence
+from engine.sequence import Request, Sequence
 
 
 def _tensor(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -66,18 +70,50 @@ class ModelRunner:
         return seq.all_token_ids()[seq.num_computed : seq.num_computed + n]
 
     def _rows_to_sample(self, step: SchedulerOutput, order: list[int]) -> tuple[list[Sequence], torch.Tensor]:
-        """The packed row of each sampling sequence's last token, for sequences in batch ``order``."""
+        """The packed row of each sampling sequence's last token, for sequences in batch ``order``, then the rows
+        whose logits give prompt logprobs (see :meth:`_prompt_rows`)."""
         ends = _cumsum([step.num_tokens[i] for i in order])[1:]
         picked = [(step.seqs[i], end - 1) for i, end in zip(order, ends) if step.samples(i)]
-        return [seq for seq, _ in picked], _tensor([row for _, row in picked], torch.int64, self.device)
+        prompt_rows = [row for i, end in zip(order, ends) for row, _, _ in self._prompt_rows(step, i, end)]
+        rows = [row for _, row in picked] + prompt_rows
+        return [seq for seq, _ in picked], _tensor(rows, torch.int64, self.device)
+
+    def _prompt_rows(self, step: SchedulerOutput, i: int, end: int) -> list[tuple[int, Request, int]]:
+        """``(packed row, request, target token)`` for each row of sequence ``i``'s chunk (packed rows ending at
+        ``end``) whose next token is a prompt token its request still lacks the logprob of."""
+        seq, n = step.seqs[i], step.num_tokens[i]
+        request = seq.request
+        if seq.params.prompt_logprobs is None:
+            return []
+        prompt, have = request.prompt_token_ids, len(request.prompt_logprobs)
+        first = seq.num_computed  # position of the chunk's first row
+        return [(end - n + p - first, request, prompt[p + 1])
+                for p in range(max(first, have - 1), min(first + n, len(prompt) - 1))]  # fmt: skip
+
+    def _split_prompt_logits(self, step: SchedulerOutput, order: list[int], num_sampled: int,
+                             logits: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Record the prompt logprobs from the logits past the first ``num_sampled`` rows; return the sampled rows'."""
+        if logits.shape[0] == num_sampled:
+            return logits
+        ends = _cumsum([step.num_tokens[i] for i in order])[1:]
+        targets = [
+            (request, token) for i, end in zip(order, ends) for _, request, token in self._prompt_rows(step, i, end)
+        ]
+        tokens = _tensor([token for _, token in targets], torch.int64, self.device)
+        num_top = [request.params.prompt_logprobs for request, _ in targets]
+        _, entries = token_logprobs(logits[num_sampled:].log_softmax(-1), tokens, num_top)
+        for (request, _), entry in zip(targets, entries):
+            request.prompt_logprobs.append(entry)
+        return logits[:num_sampled]
 
     def prefill(self, step: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor]:
         """Every sequence starts at position 0: causal attention within the chunk, K/V stored on the way."""
         tokens = [self._tokens(seq, n) for seq, n in zip(step.seqs, step.num_tokens)]
         slots = [self._slots(seq, n) for seq, n in zip(step.seqs, step.num_tokens)]
-        seqs, rows = self._rows_to_sample(step, list(range(len(step.seqs))))
+        order = list(range(len(step.seqs)))
+        seqs, rows = self._rows_to_sample(step, order)
         hidden = self.model.prefill(self.pack(tokens, slots), self.kv, rows=rows)
-        return seqs, self.model.logits(hidden)
+        return seqs, self._split_prompt_logits(step, order, len(seqs), self.model.logits(hidden))
 
     def extend(self, step: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor]:
         """A mixed step: one-token sequences first (decode attention), then chunks over their cached context."""
@@ -107,7 +143,8 @@ class ModelRunner:
             max_seq_len=max(lens[nd:], default=0),
         )
         sampled, rows = self._rows_to_sample(step, order)
-        return sampled, self.model.logits(self.model.extend(batch, self.kv, rows))
+        logits = self.model.logits(self.model.extend(batch, self.kv, rows))
+        return sampled, self._split_prompt_logits(step, order, len(sampled), logits)
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """Feed each sequence's last token; returns next-token logits ``[B, V]``."""

@@ -74,6 +74,7 @@ class OutputProcessor:
             outputs=[self._completion(seq) for seq in request.seqs],
             finished=request.finished,
             num_cached_tokens=request.num_cached_tokens or 0,
+            prompt_logprobs=list(request.prompt_logprobs) if request.params.prompt_logprobs is not None else None,
             metrics=dataclasses.replace(request.metrics),  # a snapshot: the request's own keeps changing
         )
 

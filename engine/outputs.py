@@ -31,6 +31,7 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # per prompt token (None for the first), when asked
     metrics: RequestMetrics | None = None  # arrival, first-scheduled, first-token and finish times
 
 

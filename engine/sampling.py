@@ -70,6 +70,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past <|endoftext|>
     seed: int | None = None  # per-request generator: reproducible, batch-independent samples
     logprobs: int | None = None  # return the sampled token's logprob plus this many top alternatives
+    prompt_logprobs: int | None = None  # each prompt token's logprob plus this many top alternatives (no prefix hits)
     presence_penalty: float = 0.0  # subtracted from each token already generated; in [-2, 2]
     frequency_penalty: float = 0.0  # subtracted once per time a token was generated; in [-2, 2]
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
@@ -108,8 +109,10 @@ class SamplingParams:
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, got {value!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:

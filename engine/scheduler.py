@@ -111,7 +111,8 @@ class Scheduler:
             if seats + wanted > self.max_num_seqs:
                 break
             tokens = seq.all_token_ids()
-            hits, hashes = self.blocks.match_prefix(tokens)
+            # a request that wants its prompt's logprobs computes every prompt token (cached ones have no logits)
+            hits, hashes = self.blocks.match_prefix(tokens) if seq.params.prompt_logprobs is None else ([], [])
             cached = len(hits) * self.blocks.block_size
             n = min(len(tokens) - cached, budget)
             if not self.blocks.can_admit(hits, cached + n):

@@ -108,6 +108,9 @@ class Request:
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.time()))
     seqs: list[Sequence] = field(default_factory=list)
     num_cached_tokens: int | None = None  # prompt tokens the prefix cache served, set when first scheduled
+    # with params.prompt_logprobs: entry t for prompt token t (its logprob and top alternatives), None for token 0;
+    # filled chunk by chunk as the prompt is computed
+    prompt_logprobs: list[dict[int, float] | None] = field(default_factory=lambda: [None])
 
     @property
     def finished(self) -> bool:

@@ -179,12 +179,21 @@ def assert_same_completions(got, want, rel: float = 1e-5) -> None:
         assert (a.token_ids, a.text, a.finish_reason, a.stop_reason) == (b.token_ids, b.text, b.finish_reason,
                                                                           b.stop_reason)  # fmt: skip
         assert a.cumulative_logprob == pytest.approx(b.cumulative_logprob, rel=rel, abs=10 * rel)
-        assert (a.logprobs is None) == (b.logprobs is None)
-        for da, db in zip(a.logprobs or (), b.logprobs or ()):
-            assert sorted(da.values()) == pytest.approx(sorted(db.values()), rel=rel, abs=rel)
-            for token in set(da) ^ set(db):  # a swap at the k-th place is a near tie
-                value = da.get(token, db.get(token))
-                assert min(abs(value - v) for v in (*da.values(), *db.values()) if v != value) < 10 * rel
+        assert_same_logprobs(a.logprobs, b.logprobs, rel)
+    assert_same_logprobs(got.prompt_logprobs, want.prompt_logprobs, rel)
+
+
+def assert_same_logprobs(got: list[dict | None] | None, want: list[dict | None] | None, rel: float) -> None:
+    """Per-token logprob dicts (``None`` entries and lists alike) within ``rel``; the top-k sets may differ only
+    between near-equal entries."""
+    assert (got is None) == (want is None)
+    assert len(got or ()) == len(want or ())
+    for da, db in zip(got or (), want or ()):
+        assert (da is None) == (db is None)
+        assert sorted((da or {}).values()) == pytest.approx(sorted((db or {}).values()), rel=rel, abs=rel)
+        for token in set(da or ()) ^ set(db or ()):  # a swap at the k-th place is a near tie
+            value = da.get(token, db.get(token))
+            assert min(abs(value - v) for v in (*da.values(), *db.values()) if v != value) < 10 * rel
 
 
 def assert_engine_empty(eng) -> None:

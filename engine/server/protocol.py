@@ -69,7 +69,9 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = None
     min_tokens: int = 0
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         """As :class:`SamplingParams`; its ``ValueError`` names the field."""
         return SamplingParams(
             n=self.n,
@@ -87,6 +89,7 @@ class SamplingFields(BaseModel):
             min_tokens=self.min_tokens,
             seed=self.seed,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
 

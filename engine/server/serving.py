@@ -117,19 +117,30 @@ def token_text(tokenizer, token_id: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------- completions
-def completion_logprobs(tokenizer, c: CompletionOutput, first: int, offset: int) -> dict | None:
-    """OpenAI's legacy logprobs object for tokens ``first ..`` of a completion; ``offset``: characters before them."""
-    if c.logprobs is None:
-        return None
-    tokens, token_logprobs, top, offsets = [], [], [], []
-    for token_id, entries in zip(c.token_ids[first:], c.logprobs[first:]):
+def logprobs_object(tokenizer, tokens: list[tuple[int, dict[int, float] | None]], offset: int) -> dict:
+    """OpenAI's legacy logprobs object for ``(token id, its logprob entry)`` pairs; ``offset``: characters before the
+    first. An entry of ``None`` (the first prompt token, which nothing predicts) gives ``null`` s, as OpenAI's."""
+    texts, token_logprobs, top, offsets = [], [], [], []
+    for token_id, entry in tokens:
         text = token_text(tokenizer, token_id)
-        tokens.append(text)
-        token_logprobs.append(entries[token_id])
-        top.append({token_text(tokenizer, t): lp for t, lp in sorted(entries.items(), key=lambda kv: kv[1])})
+        texts.append(text)
+        token_logprobs.append(None if entry is None else entry[token_id])
+        ranked = sorted((entry or {}).items(), key=lambda kv: -kv[1])
+        top.append(None if entry is None else {token_text(tokenizer, t): lp for t, lp in ranked})
         offsets.append(offset)
         offset += len(text)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+    return {"tokens": texts, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def completion_logprobs(tokenizer, job: Job, out: RequestOutput, c: CompletionOutput, first: int,
+                        offset: int) -> dict | None:  # fmt: skip
+    """The logprobs of tokens ``first ..`` of a completion, after its prompt's when echoed from its first token."""
+    if c.logprobs is None:
+        return None
+    tokens = list(zip(c.token_ids[first:], c.logprobs[first:]))
+    if job.echo and first == 0:
+        tokens = list(zip(out.prompt_token_ids, out.prompt_logprobs)) + tokens
+    return logprobs_object(tokenizer, tokens, offset)
 
 
 def completion_response(job: Job, finals: list[RequestOutput]) -> dict:
@@ -141,7 +152,7 @@ def completion_response(job: Job, finals: list[RequestOutput]) -> dict:
             choices.append({
                 "index": job.choice_index(i, c.index),
                 "text": prefix + c.text,
-                "logprobs": completion_logprobs(tokenizer, c, 0, len(prefix)),
+                "logprobs": completion_logprobs(tokenizer, job, out, c, 0, 0),
                 "finish_reason": c.finish_reason,
             })  # fmt: skip
     return {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
@@ -151,9 +162,9 @@ def completion_response(job: Job, finals: list[RequestOutput]) -> dict:
 async def completion_stream(job: Job) -> AsyncIterator[str]:
     tokenizer = job.llm.get_tokenizer() if any(r.params.logprobs is not None for r in job.requests) else None
     offsets: dict[tuple[int, int], int] = {}  # text offset of each choice's next token
-    async for i, _, c, text, first in job.deltas():
-        start = offsets.get((i, c.index), len(job.prompt_texts[i]) if job.echo else 0)
-        logprobs = completion_logprobs(tokenizer, c, first, start)
+    async for i, out, c, text, first in job.deltas():
+        start = offsets.get((i, c.index), 0)
+        logprobs = completion_logprobs(tokenizer, job, out, c, first, start)
         if logprobs is not None:
             offsets[i, c.index] = start + sum(map(len, logprobs["tokens"]))
         choice = {"index": job.choice_index(i, c.index), "text": text, "logprobs": logprobs,
@@ -228,11 +239,11 @@ def check_common(req: SamplingFields) -> None:
 
 
 def make_job(llm: AsyncLLM, model: str, req: SamplingFields, prompts: list, max_tokens: int, logprobs: int | None,
-             echo: bool = False) -> Job:  # fmt: skip
+             echo: bool = False, prompt_logprobs: int | None = None) -> Job:  # fmt: skip
     """Validate everything and build the engine requests: an ``ApiError`` (400) names what is wrong."""
     check_common(req)
     try:
-        params = req.sampling_params(max_tokens, logprobs)
+        params = req.sampling_params(max_tokens, logprobs, prompt_logprobs)
     except ValueError as e:
         raise ApiError(400, str(e), str(e).split()[0]) from None
     job_id = f"cmpl-{uuid.uuid4().hex}"
@@ -255,10 +266,9 @@ def completion_job(llm: AsyncLLM, model: str, req: CompletionRequest) -> Job:
         raise ApiError(400, "suffix is not supported: GPT-2 does not fill in the middle", "suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise ApiError(400, f"best_of={req.best_of} is not supported (only best_of == n)", "best_of")
-    if req.echo and req.logprobs is not None:
-        raise ApiError(400, "echo with logprobs (prompt log-probabilities) is not supported yet", "echo")
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
-    return make_job(llm, model, req, prompt_list(req.prompt), max_tokens, req.logprobs, req.echo)
+    prompt_logprobs = req.logprobs if req.echo else None  # echoed prompts come with their logprobs
+    return make_job(llm, model, req, prompt_list(req.prompt), max_tokens, req.logprobs, req.echo, prompt_logprobs)
 
 
 def chat_job(llm: AsyncLLM, model: str, req: ChatCompletionRequest, render: Callable[[list[dict]], str]) -> Job:

@@ -48,6 +48,7 @@ def random_params(max_tokens: int) -> SamplingParams:
         stop=random.choice([None, *STOP_STRINGS]),
         ignore_eos=random.random() < 0.5,
         logprobs=random.choice([None, 0, 3]),
+        prompt_logprobs=random.choice([None, None, 0, 2]),
     )
 
 

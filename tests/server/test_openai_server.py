@@ -126,6 +126,37 @@ def test_logprobs_echo_stop_token_ids_and_token_prompts(client, server, referenc
     assert out.choices[0].text == free.text[: free.text.find(stop)]
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, server, reference):
+    """``echo`` + ``logprobs`` (how lm-eval's completions backend scores text): the logprobs cover the prompt's tokens
+    (``null`` for the first) then the completion's, streamed or not, and equal the offline prompt logprobs."""
+    tok = reference.get_tokenizer()
+    prompt = words()
+    ids = tok.encode(prompt)
+    k = random.randint(0, 3)
+    ref = reference.generate(prompt, SamplingParams(max_tokens=3, temperature=0, logprobs=k, prompt_logprobs=k),
+                             use_tqdm=False)[0]  # fmt: skip
+    out = client.completions.create(model=server.model, prompt=prompt, max_tokens=3, temperature=0, logprobs=k,
+                                    echo=True)  # fmt: skip
+    lp = out.choices[0].logprobs
+    every = ids + ref.outputs[0].token_ids
+    assert out.choices[0].text == prompt + ref.outputs[0].text
+    assert lp.tokens == [tok.token_bytes(t).decode("utf-8", errors="replace") for t in every]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    want = [d[t] for d, t in zip(ref.prompt_logprobs[1:] + ref.outputs[0].logprobs, every[1:])]
+    assert lp.token_logprobs[1:] == pytest.approx(want, rel=1e-5)
+    assert all(len(top) in (k, k + 1) for top in lp.top_logprobs[1:])
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(every))]
+    stream = client.completions.create(model=server.model, prompt=prompt, max_tokens=3, temperature=0, logprobs=k,
+                                       echo=True, stream=True)  # fmt: skip
+    streamed = {"tokens": [], "token_logprobs": [], "text_offset": []}
+    for chunk in stream:
+        for c in chunk.choices:
+            for key in streamed:
+                streamed[key] += getattr(c.logprobs, key)
+    assert streamed["tokens"] == lp.tokens and streamed["text_offset"] == lp.text_offset
+    assert streamed["token_logprobs"][1:] == pytest.approx(lp.token_logprobs[1:], rel=1e-5)
+
+
 def test_penalties_and_logit_bias(client, server, reference):
     prompt = words()
     favourite = reference.get_tokenizer().encode(" banana")[0]
