@@ -235,6 +235,8 @@ def metric(server, name: str) -> float:
 
 
 def test_disconnect_mid_stream_aborts_and_frees_blocks(server):
+    short = {"model": server.model, "prompt": words(), "max_tokens": 2, "ignore_eos": True}
+    assert server.post("/v1/completions", json=short).status_code == 200  # one success by "length" for the counter
     body = {"model": server.model, "prompt": words(), "max_tokens": 100, "stream": True, "ignore_eos": True}
     conn, r = server.send("POST", "/v1/completions", json=body)
     assert r.status == 200 and r.readline().startswith(b"data: ")  # the first token arrived
@@ -249,6 +251,25 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(server):
     for name in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds"):
         assert f"gpt2_triton:{name}_bucket" in text
     assert 'gpt2_triton:request_success_total{finished_reason="length"}' in text
+
+
+def test_disconnect_while_waiting_for_a_whole_completion_aborts_it(server):
+    """Not streamed: the client leaves while 64 completions of up to 100 tokens run; they stop early."""
+    before = metric(server, "generation_tokens_total")
+    prompts = [words() for _ in range(16)]
+    body = {"model": server.model, "prompt": prompts, "n": 4, "max_tokens": 100, "ignore_eos": True}
+    conn = server.connect()
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    deadline = time.monotonic() + 20
+    while not metric(server, "num_requests_running"):
+        assert time.monotonic() < deadline, "the requests never started"
+        time.sleep(0.01)
+    conn.sock.shutdown(2)
+    conn.close()
+    while metric(server, "num_requests_running") or metric(server, "kv_cache_usage_perc"):
+        assert time.monotonic() < deadline, "the disconnected requests were not aborted"
+        time.sleep(0.05)
+    assert metric(server, "generation_tokens_total") - before < 64 * 100
 
 
 def test_api_key_and_chat_template(tiny_checkpoint, tmp_path, reference):
