@@ -84,6 +84,14 @@ def _serve_parser(sub) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    ray = p.add_argument_group("scale-out on Ray Serve (pip install -e '.[ray]')")
+    ray.add_argument("--replicas", type=int, default=None, help="engine replicas behind one endpoint (local Ray)")
+    ray.add_argument("--ray-address", default=None, help="join this Ray cluster (e.g. auto or HOST:6379)")
+    ray.add_argument("--min-replicas", type=int, default=None, help="autoscale from this many replicas")
+    ray.add_argument("--max-replicas", type=int, default=None, help="autoscale up to this many replicas")
+    ray.add_argument("--target-ongoing-requests", type=float, default=None, help="autoscaling target per replica")
+    ray.add_argument("--replica-cpus", type=float, default=None, help="CPUs per replica (default: a fair share)")
+    ray.add_argument("--replica-gpus", type=float, default=None, help="GPUs per replica (default: 1 if any)")
 
 
 def _make_llm(args):
@@ -165,7 +173,36 @@ def _serve(args) -> int:
         kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=args.enable_prefix_caching,
         enforce_eager=args.enforce_eager, progress=False,
     )  # fmt: skip
-    return serve(options, engine_args)
+    scale = _scale_options(args)
+    if scale is None and args.ray_address is None:
+        return serve(options, engine_args)
+    try:
+        from engine.server.ray_serve import ScaleOptions, serve_on_ray
+    except ImportError as e:
+        raise UsageError(f"--replicas needs the ray extra ({e.name} is missing): pip install -e '.[ray]'") from None
+    return serve_on_ray(options, engine_args, ScaleOptions(**(scale or {})), args.ray_address)
+
+
+# ScaleOptions field <- serve flag, and the least value the flag takes
+_SCALE_FLAGS = {"num_replicas": ("replicas", 1), "min_replicas": ("min_replicas", 1),
+                "max_replicas": ("max_replicas", 1), "target_ongoing_requests": ("target_ongoing_requests", 1),
+                "num_cpus": ("replica_cpus", 0), "num_gpus": ("replica_gpus", 0)}  # fmt: skip
+
+
+def _scale_options(args) -> dict | None:
+    """The Ray Serve scaling flags given, checked (None when none was)."""
+    given = {}
+    for name, (flag, least) in _SCALE_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None and value < least:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least {least}, got {value}")
+        if value is not None:
+            given[name] = value
+    if given.get("min_replicas", 1) > given.get("max_replicas", float("inf")):
+        raise UsageError("--min-replicas is larger than --max-replicas")
+    if "num_replicas" in given and ("min_replicas" in given or "max_replicas" in given):
+        raise UsageError("--replicas is a fixed count: use it or --min-replicas/--max-replicas, not both")
+    return given or None
 
 
 COMMANDS = {"generate": _generate, "score": _score, "serve": _serve}

@@ -59,8 +59,8 @@ def _read_template(path: str | None) -> str | None:
         raise ValueError(f"--chat-template: cannot read {path}: {e.strerror}") from None
 
 
-def build(options: ServeOptions, engine_args: dict):
-    """The app and its ``AsyncLLM`` (the engine loaded, its thread started)."""
+def build(options: ServeOptions, engine_args: dict, exposition=None):
+    """The app and its ``AsyncLLM`` (the engine loaded, its thread started); ``exposition``: see ``build_app``."""
     from engine.async_llm import AsyncLLM
     from engine.server.app import ServerConfig, build_app
 
@@ -71,7 +71,7 @@ def build(options: ServeOptions, engine_args: dict):
     config = ServerConfig(names, options.api_key or os.environ.get(API_KEY_ENV) or None, template,
                           options.max_body_bytes, options.shutdown_grace_s)  # fmt: skip
     try:
-        return build_app(llm, config), llm
+        return build_app(llm, config, exposition), llm
     except ValueError:
         llm.stop()
         raise

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
@@ -60,12 +60,14 @@ def api_error_response(e: ApiError) -> JSONResponse:
 class Guard:
     """ASGI middleware before any route: the API key on ``/v1/*`` (401) and the body size limit (413).
 
-    Bodies are read here, up to the limit, whether or not they say their length, then replayed to the app.
+    Bodies are read here, up to the limit, whether or not they say their length, then replayed to the app. As the
+    outermost layer it is the server's app, and holds its request ``metrics``.
     """
 
-    def __init__(self, app, config: ServerConfig) -> None:
+    def __init__(self, app, config: ServerConfig, metrics: Metrics) -> None:
         self.app = app
         self.config = config
+        self.metrics = metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -115,7 +117,9 @@ class Guard:
 
 
 # --------------------------------------------------------------------------------------------- the app
-def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
+def build_app(llm: AsyncLLM, config: ServerConfig, exposition: Callable[[], Awaitable[bytes]] | None = None) -> Guard:
+    """The app over ``llm``; its ``.metrics`` record its requests. ``exposition`` makes the body of ``GET /metrics``
+    (default: those metrics; a Ray replica answers for every replica)."""
     metrics = Metrics(llm)
     render_chat = _chat_renderer(llm, config.chat_template) if config.chat_template else None
 
@@ -197,9 +201,10 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus_metrics():
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        body = await exposition() if exposition is not None else metrics.render()
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    return Guard(app, config)
+    return Guard(app, config, metrics)
 
 
 def _chat_renderer(llm: AsyncLLM, template_source: str):

@@ -3,13 +3,15 @@
 Engine-wide numbers (running and waiting requests, KV-cache use, prefix-cache and token totals, preemptions) are
 read from the engine's last stats at scrape time; per-request ones (successes by finish reason, time to first
 token, time per output token, end-to-end latency) are recorded as requests finish. Each app has its own registry,
-so several servers (tests) never share counters.
+so several servers (tests) never share counters. Under Ray Serve, :func:`merge_expositions` joins every replica's
+text into one, each sample labelled with its replica.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from engine.async_llm import AsyncLLM
 from engine.outputs import RequestOutput
@@ -73,3 +75,26 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Merged:
+    """A collector that yields already-built metric families."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self):
+        return self.families
+
+
+def merge_expositions(texts: dict[str, bytes], label: str = "replica") -> bytes:
+    """One Prometheus exposition from several (by source name): each family once, its samples from every source
+    with ``label="<source>"`` added."""
+    families: dict[str, Metric] = {}
+    for source, text in texts.items():
+        for family in text_string_to_metric_families(text.decode()):
+            merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+            merged.samples += [s._replace(labels={**s.labels, label: source}) for s in family.samples]
+    registry = CollectorRegistry()
+    registry.register(_Merged(list(families.values())))
+    return generate_latest(registry)
