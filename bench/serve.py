@@ -4,6 +4,7 @@
     python bench/serve.py --launch transformers-cb --sweep 0.5 1 2 inf
     python bench/serve.py --base-url http://127.0.0.1:8000 --request-rate 4 --goodput ttft:500 tpot:100
     python bench/serve.py --launch ours --prompts-file prompts.jsonl --max-concurrency 8 --save-requests
+    python bench/serve.py --ray-replicas 1 2                       # ours on Ray Serve, 1 then 2 replicas
 
 A client streams ``/v1/completions`` (SSE) for every request: TTFT is the time to the first chunk that carries text,
 ITL every gap between such chunks, TPOT per request ``(e2e - TTFT) / (output tokens - 1)``, output tokens the
@@ -51,6 +52,9 @@ def add_server_args(ap: argparse.ArgumentParser) -> None:
     where.add_argument("--base-url", help="an OpenAI-compatible server already running, e.g. http://127.0.0.1:8000")
     where.add_argument("--model", help="the requests' model field (default: the first id its /v1/models lists)")
     where.add_argument("--launch", nargs="+", choices=SERVER_KINDS, help="start these servers here, one at a time")
+    where.add_argument("--ray-replicas", nargs="+", type=int, metavar="N",
+                       help="also launch ours on Ray Serve with N replicas (one server per N), and print each one's "
+                       "saturated output tokens/s against the first's")  # fmt: skip
     where.add_argument("--compare", action="store_true",
                        help="ours, transformers-cb and transformers (or --launch's) on the same workloads: saturation "
                        "and a moderate rate, ratios, goals")  # fmt: skip
@@ -114,8 +118,11 @@ def add_load_and_result_args(ap: argparse.ArgumentParser) -> None:
 
 def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse contradictory or impossible settings before anything starts."""
-    if sum(map(bool, (args.base_url, args.launch and not args.compare, args.compare))) != 1:
-        ap.error("give one of --base-url URL, --launch KIND [KIND ...], --compare")
+    launching = (args.launch or args.ray_replicas) and not args.compare
+    if sum(map(bool, (args.base_url, launching, args.compare))) != 1:
+        ap.error("give one of --base-url URL, --launch KIND [KIND ...] / --ray-replicas N [N ...], --compare")
+    if args.ray_replicas and min(args.ray_replicas) < 1:
+        ap.error("--ray-replicas counts must be at least 1")
     if args.compare and args.sweep:
         ap.error("--compare runs saturation and a moderate rate; --sweep is for --base-url or --launch")
     if args.offline and not args.compare:

@@ -39,6 +39,19 @@ def ratios(runs: list[Run], peers: list[str], offline: dict | None) -> dict[str,
     return out
 
 
+def replica_ratios(runs: list[Run]) -> dict[str, float]:
+    """Each ``ours-rayN`` server's output tokens/s over the first one's in the same run (rate)."""
+    first: dict[str, tuple[str, float]] = {}
+    out = {}
+    for r in runs:
+        if not r.server.startswith("ours-ray") or not (r.summary and r.summary["completed"]):
+            continue
+        base_server, base = first.setdefault(r.label, (r.server, r.summary["output_throughput"]))
+        if r.server != base_server:
+            out[f"{r.label}_output_tps:{r.server}/{base_server}"] = r.summary["output_throughput"] / base
+    return out
+
+
 def goals(ratios: dict[str, float]) -> list[dict]:
     """Each goal as PASS / MISS, or SKIP when its ratio could not be computed."""
     rows = []

@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import RESULTS, ROOT
-from .compare import goals, ratios
+from .compare import goals, ratios, replica_ratios
 from .plot import plot
 from .runner import Run, rate_str
 from .servers import Server
@@ -202,10 +202,14 @@ def report_results(args, machine: dict, servers: list[Server], runs: list[Run], 
         found = ratios(runs, [s.name for s in servers if s.name != "ours"], offline)
         comparison = dict(ratios=found, goals=goals(found), offline=offline, offline_missing=offline_missing)
         print_comparison(found, comparison["goals"], servers, offline, offline_missing, args)
+    scaling = replica_ratios(runs)
+    for key, value in scaling.items():
+        print(f"  {key}: {value:.2f}x")
     machine["load_average_end"] = os.getloadavg()
     result = dict(machine=machine, args=vars(args), checkpoint=None if args.base_url else args.checkpoint,
                   workloads={k: w.describe() for k, w in workloads.items()}, servers=[asdict(s) for s in servers],
-                  runs=[r.as_dict() for r in runs], comparison=comparison, notes=NOTES)  # fmt: skip
+                  runs=[r.as_dict() for r in runs], comparison=comparison, replica_ratios=scaling,
+                  notes=NOTES)  # fmt: skip
     path = write_json(json_path(args.output_json, machine), result)
     print(f"\nJSON: {path}")
     if args.plot and (args.sweep or args.compare) and done:

@@ -20,6 +20,7 @@ from .servers import (
     discover_model,
     launched,
     launched_server,
+    ray_server,
 )
 from .workload import Workload, file_workload, random_workload
 
@@ -81,14 +82,15 @@ def servers_to_run(args, checkpoint: Path | None, log_dir: Path, workloads: dict
     if args.base_url:
         fmt = "ids" if args.prompt_format == "auto" else args.prompt_format
         return [Server(args.base_url, "url", args.base_url.rstrip("/"), args.model, fmt)]
-    kinds = args.launch or list(COMPARE_ORDER)
+    kinds = args.launch or ([] if args.ray_replicas and not args.compare else list(COMPARE_ORDER))
     if args.compare:
         kinds = sorted(kinds, key=COMPARE_ORDER.index)
     in_flight = max(len(w) for w in workloads.values())
     if args.max_concurrency:
         in_flight = min(in_flight, args.max_concurrency)
     cb_blocks = cb_blocks_for(in_flight, max(w.longest_request() for w in workloads.values()))
-    return [launched_server(kind, checkpoint, log_dir, args, cb_blocks) for kind in kinds]
+    servers = [launched_server(kind, checkpoint, log_dir, args, cb_blocks) for kind in kinds]
+    return servers + [ray_server(n, checkpoint, log_dir, args) for n in args.ray_replicas or ()]
 
 
 def moderate_rate(runs: list[Run], args) -> tuple[float | None, str]:

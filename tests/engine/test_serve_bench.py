@@ -259,6 +259,22 @@ def test_compare_ratios_goals_and_moderate_rate(bench):
     assert bench.runner.moderate_rate(runs, SimpleNamespace(moderate_rate=2.5))[0] == 2.5
 
 
+def test_ray_replica_servers_and_their_ratios(bench, tmp_path):
+    args = bench.serve.parse_args(["--ray-replicas", "1", "2", "--num-prompts", "2"])
+    made = [bench.servers.ray_server(n, tmp_path, tmp_path, args) for n in (1, 2)]
+    assert [s.name for s in made] == ["ours-ray1", "ours-ray2"]
+    assert all(s.command[s.command.index("--replicas") + 1] == str(n) for s, n in zip(made, (1, 2)))
+    assert all(s.base_url.endswith(s.command[s.command.index("--port") + 1]) for s in made)
+    one, two = random.uniform(1, 100), random.uniform(1, 100)
+    Run = bench.runner.Run
+    runs = [Run("ours-ray1", "rate inf", float("inf"), {}, summary(one, 1.0)),
+            Run("ours-ray2", "rate inf", float("inf"), {}, summary(two, 1.0)),
+            Run("ours", "rate inf", float("inf"), {}, summary(5.0, 1.0))]  # fmt: skip
+    assert bench.compare.replica_ratios(runs) == pytest.approx({"rate inf_output_tps:ours-ray2/ours-ray1": two / one})
+    with pytest.raises(SystemExit):
+        bench.serve.parse_args(["--ray-replicas", "0"])
+
+
 def test_offline_figure_from_throughput_script(bench, tmp_path, monkeypatch):
     """--compare's offline figure: bench/throughput.py's own parser takes the command (ours only, the same checkpoint,
     sizes and engine flags), and ours' row of a JSON in its shape is read. (Running it costs ~20 s of startup;
