@@ -233,7 +233,7 @@ def measure(bench: Bench, case: Case, providers: tuple[str, ...] | None = None) 
     """Validate every provider of ``case`` (or those in ``providers``, default ``bench.providers``), then time
     those that passed; one :class:`Timing` each."""
     tol = case.tol if case.tol is not None else TOL[dtype_name(case.dtype)]
-    result = Result(case, tol, {}, roofline_ms=bench.roofline_ms(case))
+    result = Result(case, tol, {})
     wanted = providers if providers is not None else bench.providers
     first = wanted[0] if wanted else OURS  # the provider a SKIP or setup ERROR is recorded under
     if bench.left() < 0:
@@ -242,7 +242,8 @@ def measure(bench: Bench, case: Case, providers: tuple[str, ...] | None = None) 
     if "torch._dynamo" in sys.modules:
         torch._dynamo.reset()  # compiled code of earlier cases: each case compiles for its own static shapes
     try:
-        setup = case.setup()
+        setup = case.setup()  # may fill in the case's bytes (a quantized weight's size is known once it exists)
+        result.roofline_ms = bench.roofline_ms(case)
         calls = {p: fn for p, fn in setup.calls.items() if wanted is None or p in wanted}
         for p, fn in calls.items():
             result.timings[p] = _validate(setup.outputs.get(p, fn), setup.references.get(p, setup.reference), tol)

@@ -13,6 +13,7 @@ unquantized one. Decode-sized M reads the weights once: there int8 / int4 can ap
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -31,7 +32,8 @@ def dequantized_linear(x, qweight, bias, activation, residual):
 
 def tensor_bytes(obj) -> int:
     """Bytes of the tensors a quantized weight holds (codes, scales, zero points)."""
-    return sum(t.nbytes for t in vars(obj).values() if isinstance(t, torch.Tensor))
+    names = [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else list(vars(obj))
+    return sum(t.nbytes for t in (getattr(obj, n) for n in names) if isinstance(t, torch.Tensor))
 
 
 def quantizer(bits: int):
@@ -44,12 +46,13 @@ def case(bench: Bench, dtype: torch.dtype, m: int, layer: Layer, bits: int) -> C
     from kernels.quant import quant_linear
 
     quantize = quantizer(bits)
-    w_shape = torch.empty(layer.n, layer.k, device="meta", dtype=dtype)
-    w_bytes = tensor_bytes(quantize(torch.zeros_like(w_shape, device="cpu")))  # the stored format's size
+    elt = torch.finfo(dtype).bits // 8
 
     def setup() -> Setup:
         w, bias, x, res = operands(bench, dtype, m, layer)
         qw = quantize(w)
+        w_bytes = tensor_bytes(qw)  # the stored format's size: codes, scales, zero points
+        case.nbytes = gemm_bytes(m, layer, w_bytes, elt)
         compiled = bench.compile(dequantized_linear)
         act = layer.activation
 
@@ -72,19 +75,18 @@ def case(bench: Bench, dtype: torch.dtype, m: int, layer: Layer, bits: int) -> C
             copy_bytes=w_bytes,
         )
 
-    elt = torch.finfo(dtype).bits // 8
-    return Case(
+    case = Case(
         "quant",
         f"int{bits} {layer.name} M={m} K={layer.k} N={layer.n}",
         dtype,
         setup,
         flops=2.0 * m * layer.n * layer.k,
-        nbytes=gemm_bytes(m, layer, w_bytes, elt),
         sweep="M",
         x=m,
         variant=f"int{bits} {layer.name}",
         params=dict(m=m, bits=bits, layer=layer.name),
     )
+    return case
 
 
 def cases(bench: Bench, dtype: torch.dtype, args) -> list[Case]:
