@@ -315,8 +315,9 @@ def environment(dry_run: bool) -> dict:
     git = lambda *args: subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     try:
         commit = git("rev-parse", "--short=12", "HEAD") + ("-dirty" if git("status", "--porcelain", "-uno") else "")
-    except OSError:
-        commit = "unknown"
+    except OSError:  # no git
+        commit = ""
+    commit = commit or "unknown"  # e.g. a copy of the tree without .git, on a lent device machine
     return dict(
         date=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         gpu=gpu,

@@ -41,6 +41,12 @@ def load_script(name: str):
 
 
 def script_main(name: str, argv: list[str]) -> int:
+    """Run a script's main: in this process under the interpreter (a CPU-only machine: tests/conftest.py started
+    it), else in its own process with the GPU hidden, where it can start the interpreter before importing triton."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+        r = subprocess.run([sys.executable, str(SCRIPTS / f"{name}.py"), *argv], env=env, timeout=600)
+        return r.returncode
     module = load_script(name)
     return module.main(name, module.__doc__, module.cases, argv, module.add_arguments)
 
@@ -76,10 +82,15 @@ def test_script_runs_alone(tmp_path):
     assert "rows appended" in r.stdout and "store_kv T=3" in r.stdout
 
 
-def test_without_cuda_a_script_says_it_needs_one(capsys):
-    assert script_main("gelu", []) == 2  # this CPU-only machine: no GPU, no --dry-run
+def test_without_cuda_a_script_says_it_needs_one(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    interpreter = os.environ.get("TRITON_INTERPRET")
+    module = load_script("gelu")
+    assert module.main("gelu", module.__doc__, module.cases, [], module.add_arguments) == 2  # no GPU, no --dry-run
     assert "needs a CUDA GPU" in capsys.readouterr().err
-    assert os.environ.get("TRITON_INTERPRET") == "1"  # and it left the interpreter switch alone
+    assert os.environ.get("TRITON_INTERPRET") == interpreter  # it left the interpreter switch alone
 
 
 def test_plot_draws_every_sweep_from_a_dry_run(tmp_path):
