@@ -1,0 +1,89 @@
+"""End to end, for ``gpu_check``: greedy decode tokens/s of the engine with the Triton backend (CUDA graphs, and
+eager) against the same engine with the torch backend and transformers' ``generate``, on random GPT-2 weights.
+
+Validated first: the prompts' log-probs through each engine (``score``) against transformers in float32, within
+twice the error of transformers itself in the benchmark dtype. A system that fails is not timed.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from bench.bench_decode import build, decode_rate, ours, theirs
+from bench.harness import dtype_name, rel_err
+
+ENGINES = {  # label -> LLM arguments
+    "triton": dict(backend="triton"),  # CUDA-graph decode on a GPU
+    "triton-eager": dict(backend="triton", enforce_eager=True),
+    "torch": dict(backend="torch"),  # cuBLAS + SDPA, eager (not capturable)
+}
+# (ours, peer): the shipped engine against both peers, and both eager engines against each other
+PAIRS = (("triton", "torch"), ("triton", "transformers"), ("triton-eager", "torch"))
+
+
+@dataclass
+class EngineSizes:
+    model: dict = field(default_factory=lambda: dict(n_embd=1024, n_layer=24, n_head=16))  # gpt2-medium
+    batch: tuple[int, ...] = (1, 32)
+    prompt: int = 64
+    new_tokens: int = 64
+    repeats: int = 3
+
+    @classmethod
+    def tiny(cls) -> EngineSizes:
+        return cls(dict(n_embd=64, n_layer=2, n_head=1, n_positions=64, vocab_size=500), (1, 2), 5, 3, 1)
+
+
+def engine_rows(device: torch.device, dtype: torch.dtype, s: EngineSizes, deadline: float) -> list[dict]:
+    """One row per batch size and pair of systems: tokens/s of each, the speedup, the log-prob errors."""
+    vocab = s.model.get("vocab_size", 50257)
+    hf32, llms = build(s.model, str(device), dtype_name(dtype), ENGINES, max(s.batch))
+    hf = copy.deepcopy(hf32).to(dtype)
+    ids = torch.randint(0, vocab, (max(s.batch), s.prompt)).tolist()
+
+    def hf_logprobs(model) -> torch.Tensor:
+        x = torch.tensor(ids, device=device)
+        with torch.inference_mode():
+            logp = model(x).logits[:, :-1].double().log_softmax(-1)
+        return logp.gather(2, x[:, 1:, None]).flatten().cpu()
+
+    ref = hf_logprobs(hf32)
+    errs = {"transformers": rel_err(hf_logprobs(hf), ref)}
+    tol = max(2 * errs["transformers"], 1e-6)
+    for label, llm in llms.items():
+        errs[label] = rel_err(torch.tensor([v for o in llm.score(ids) for v in o.logprobs]), ref)
+    del hf32
+    gens = {label: ours(llm) for label, llm in llms.items()} | {"transformers": theirs(hf)}
+    rows = []
+    for bsz in s.batch:
+        rates = {}
+        for label, fn in gens.items():
+            if time.monotonic() < deadline and errs[label] <= tol:
+                fn(ids[:bsz], 2)  # warm-up: autotuning, CUDA-graph capture of this batch's bucket
+                rates[label] = decode_rate(fn, ids[:bsz], s.new_tokens, s.repeats)
+        for mine, peer in PAIRS:
+            rows.append(pair_row(bsz, mine, peer, errs, tol, rates))
+    return rows
+
+
+def pair_row(bsz: int, mine: str, peer: str, errs: dict, tol: float, rates: dict) -> dict:
+    row = dict(section="engine", name=f"decode B={bsz} {mine} vs {peer}", batch=bsz, rel_err=errs[mine], tol=tol,
+               peer_rel_err=errs[peer])  # fmt: skip
+    if not errs[mine] <= tol:
+        row.update(status="FAIL", reason=f"log-prob rel err {errs[mine]:.3g} > tol {tol:.3g}")
+    elif mine not in rates or peer not in rates:
+        row.update(status="SKIP", reason="time budget spent, or the peer failed validation")
+    elif not rates[mine] > 0 or not rates[peer] > 0:  # nan: generating N tokens took no longer than 1
+        row.update(status="SKIP", reason="decode time lost in timing noise (too few new tokens?)")
+    else:
+        t_ours, t_peer = bsz / rates[mine], bsz / rates[peer]  # seconds per decode step
+        row.update(status="OK", ours_tok_s=rates[mine], peer_tok_s=rates[peer], speedup=t_peer / t_ours)
+        row.update(ours_ms=1e3 * t_ours, peer_ms=1e3 * t_peer, method="wallclock, greedy generate")
+    result = (f"{rates[mine]:8.0f} vs {rates[peer]:8.0f} tok/s  x{row['speedup']:.2f}" if row["status"] == "OK"
+              else row["status"] + " " + row["reason"])  # fmt: skip
+    print(f"  engine   {row['name']:40s} {result}  err {errs[mine]:.1e} (tol {tol:.1e})", flush=True)
+    return row

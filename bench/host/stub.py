@@ -1,0 +1,83 @@
+"""An ``LLMEngine`` whose forward pass is a stub, to time what the host does around it in each step.
+
+The engine is real (scheduler, block manager, runner building the step's tensors, sampler, detokenizer, outputs);
+only the model is replaced: it returns rows of a fixed random logits table. On a GPU the forward pass and the
+sampler's math over ``[B, 50257]`` run on the device, asynchronously, so the table is ``HOST_VOCAB`` (128) columns
+wide by default, GPT-2's first 128 tokens: the CPU then pays for dispatching each of the sampler's tensor ops, as it
+would for launching it on a GPU, and not for the math. ``vocab=50257`` makes it a full CPU step instead.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from engine import LLMEngine, SamplingParams
+
+HOST_VOCAB = 128  # logits columns when the math would run on a GPU (see the module's docstring)
+TINY_MODEL = dict(n_layer=1, n_embd=64, n_head=1, n_positions=1024, vocab_size=50257)  # never run: the stub is
+
+
+class StubModel:
+    """Stands in for ``GPT2`` in the runner: every path returns the rows to sample, ``logits`` reads them off a
+    fixed table."""
+
+    def __init__(self, vocab: int, rows: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.table = torch.randn(rows, vocab, generator=g) * 4  # peaked enough that top-p keeps a few tokens
+
+    def prefill(self, batch, kv, rows=None) -> torch.Tensor:
+        return rows if rows is not None else batch.input_ids
+
+    def extend(self, batch, kv, rows) -> torch.Tensor:
+        return rows
+
+    def decode(self, batch, kv) -> torch.Tensor:
+        return batch.input_ids
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.table[: hidden.shape[0]]
+
+
+def write_model_dir(directory: Path, tokenizer_dir: Path) -> Path:
+    """A checkpoint directory for ``load_format="dummy"``: the tiny config, GPT-2's vocab.json and merges.txt."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(TINY_MODEL))
+    for name in ("vocab.json", "merges.txt"):
+        (directory / name).write_bytes((tokenizer_dir / name).read_bytes())
+    return directory
+
+
+def sampling(kind: str, max_tokens: int) -> SamplingParams:
+    """``greedy`` or ``sampled`` (temperature 0.8, top-p 0.95: a chat server's defaults), never stopping early."""
+    if kind == "greedy":
+        return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return SamplingParams(max_tokens=max_tokens, temperature=0.8, top_p=0.95, ignore_eos=True)
+
+
+def decoding_engine(
+    model_dir: Path, prompts: list[str], kind: str, vocab: int = HOST_VOCAB, max_tokens: int = 600
+) -> LLMEngine:
+    """An engine with every prompt admitted, prefilled and decoding: each ``step()`` from here is a decode step of
+    ``len(prompts)`` sequences."""
+    engine = LLMEngine(
+        model_dir,
+        backend="torch",
+        device="cpu",
+        dtype="float32",
+        load_format="dummy",
+        max_num_seqs=max(len(prompts), 1),
+        num_blocks=len(prompts) * 64 + 16,
+        progress=False,
+    )
+    engine.runner.model = StubModel(vocab, len(prompts))  # a row per sequence: no prompt logprobs asked
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, sampling(kind, max_tokens))
+    while engine.scheduler.waiting or any(seq.num_uncomputed > 1 for seq in engine.scheduler.running):
+        engine.step()
+    engine.step()
+    if len(engine.scheduler.running) != len(prompts):
+        raise RuntimeError(f"{len(engine.scheduler.running)} of {len(prompts)} sequences are running")
+    return engine

@@ -1,0 +1,107 @@
+"""Host time of one decode step of the engine, the forward pass stubbed (see ``bench/host/stub.py``): scheduling,
+building the step's tensors, sampling, detokenizing and making the outputs, for 1, 64 and 256 running sequences;
+then each of those parts alone at 256. Goal: the whole step at 256 sequences under 2 ms on this CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.host.stub import decoding_engine, write_model_dir
+
+ROUNDS = {1: 300, 64: 100, 256: 50}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer_dir):
+    return write_model_dir(tmp_path_factory.mktemp("stub-model"), tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts(text) -> list[str]:
+    """256 prompts of 24 words (~30 tokens) from real text."""
+    words = text.split()
+    return [" ".join(words[(37 * i) % (len(words) - 24) :][:24]) for i in range(256)]
+
+
+def check_step(engine, batch: int) -> None:
+    """Validate before timing: a step gives each running sequence one token, and its request an output."""
+    before = {seq.seq_id: len(seq.output_token_ids) for seq in engine.scheduler.running}
+    outputs = engine.step()
+    assert len(outputs) == batch and len(before) == batch
+    assert all(len(seq.output_token_ids) == before[seq.seq_id] + 1 for seq in engine.scheduler.running)
+    assert all(out.outputs[0].text for out in outputs)  # detokenized
+
+
+@pytest.mark.benchmark(group="step: host time of a decode step (stub forward)")
+@pytest.mark.parametrize("kind", ["greedy", "sampled"])
+@pytest.mark.parametrize("batch", [1, 64, 256])
+def test_decode_step(benchmark, model_dir, prompts, batch, kind):
+    engine = decoding_engine(model_dir, prompts[:batch], kind)
+    check_step(engine, batch)
+    benchmark.pedantic(engine.step, rounds=ROUNDS[batch], warmup_rounds=3)
+
+
+@pytest.mark.benchmark(group="step: the full vocabulary's math on this CPU (a CPU deployment)")
+def test_decode_step_full_vocab_cpu(benchmark, model_dir, prompts):
+    """The same step with 50257 logits per row: sampling's math over [256, 50257] on the CPU, for reference."""
+    engine = decoding_engine(model_dir, prompts, "greedy", vocab=50257)
+    check_step(engine, 256)
+    benchmark.pedantic(engine.step, rounds=5, warmup_rounds=1)
+
+
+@pytest.fixture
+def engine_256(model_dir, prompts):
+    engine = decoding_engine(model_dir, prompts, "sampled")
+    check_step(engine, 256)
+    return engine
+
+
+@pytest.mark.benchmark(group="step parts at 256 sequences (sampled)")
+def test_part_schedule(benchmark, engine_256):
+    """The scheduler's decision (blocks reserved for each sequence's next token): repeatable until the step runs."""
+    out = engine_256.scheduler.schedule()
+    assert len(out.seqs) == 256 and out.num_tokens == [1] * 256
+    benchmark.pedantic(engine_256.scheduler.schedule, rounds=50, warmup_rounds=2)
+
+
+@pytest.mark.benchmark(group="step parts at 256 sequences (sampled)")
+def test_part_build_tensors(benchmark, engine_256):
+    """The runner: slots, positions, block tables and ids to tensors, then the (stub) forward."""
+    step = engine_256.scheduler.schedule()
+    seqs, logits = engine_256.runner.execute(step)
+    assert len(seqs) == 256 and logits.shape[0] == 256
+    benchmark.pedantic(engine_256.runner.execute, args=(step,), rounds=50, warmup_rounds=2)
+
+
+@pytest.mark.benchmark(group="step parts at 256 sequences (sampled)")
+def test_part_sample(benchmark, engine_256):
+    """The sampler and the chosen tokens' log-probs, as ``LLMEngine._sample`` calls them."""
+    from engine.sampling import token_logprobs
+
+    seqs = list(engine_256.scheduler.running)
+    logits = engine_256.runner.model.table[: len(seqs)]  # what the stub forward returns
+    params, gens = [s.params for s in seqs], [s.generator for s in seqs]
+
+    def sample():
+        tokens, logprobs = engine_256.sampler(logits, params, gens, seqs)
+        return token_logprobs(logprobs, tokens, [p.logprobs for p in params])
+
+    chosen, _ = sample()
+    assert len(chosen) == 256
+    benchmark.pedantic(sample, rounds=50, warmup_rounds=2)
+
+
+@pytest.mark.benchmark(group="step parts at 256 sequences (sampled)")
+def test_part_detokenize_and_outputs(benchmark, engine_256):
+    """Each new token through the output processor (detokenizing, stop checks), then the step's RequestOutputs."""
+    seqs = list(engine_256.scheduler.running)
+    tokens = [seq.output_token_ids[-1] for seq in seqs]
+
+    def outputs():
+        for seq, token in zip(seqs, tokens):
+            engine_256.output_processor.append_token(seq, token, -1.0, None)
+        return engine_256._outputs(seqs)
+
+    assert len(outputs()) == 256
+    benchmark.pedantic(outputs, rounds=50, warmup_rounds=2)

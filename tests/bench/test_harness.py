@@ -1,0 +1,137 @@
+"""bench/harness.py on the CPU: a case is validated before it is timed, each provider on its own; rows round-trip."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bench.harness import (
+    OURS,
+    Bench,
+    Case,
+    Setup,
+    append_rows,
+    csv_rows,
+    environment,
+    measure,
+    read_rows,
+    rel_err,
+)
+
+
+def dry_bench(**kw) -> Bench:
+    return Bench(device=torch.device("cpu"), dry_run=True, **kw)
+
+
+def matmul_case(bench: Bench, calls_of, **kw) -> Case:
+    """A float16 matmul with providers built by ``calls_of(a, b)``, checked against the float32 product."""
+
+    def setup() -> Setup:
+        a, b = bench.randn(33, 40, dtype=torch.float16), bench.randn(40, 24, dtype=torch.float16)
+        return Setup(calls_of(a, b), a.float() @ b.float())
+
+    return Case("demo", "matmul 33x40x24", torch.float16, setup, flops=2.0 * 33 * 40 * 24, **kw)
+
+
+def test_each_provider_is_validated_and_only_the_valid_ones_timed():
+    bench = dry_bench()
+    broken = lambda a, b: (a @ b) * 1.01  # 1% off: above fp16's 5e-3
+    result = measure(bench, matmul_case(bench, lambda a, b: {
+        OURS: lambda: a @ b,
+        "torch": lambda: broken(a, b),
+        "torch.compile": lambda: (_ for _ in ()).throw(RuntimeError("no kernel")),
+        "nan": lambda: torch.full((33, 24), float("nan")),
+    }))  # fmt: skip
+    t = result.timings
+    assert t[OURS].status == "OK" and t[OURS].ms > 0 and t[OURS].err < 5e-3
+    assert t["torch"].status == "FAIL" and t["torch"].ms is None and math.isclose(t["torch"].err, 0.01, rel_tol=0.1)
+    assert t["torch.compile"].status == "ERROR" and "no kernel" in t["torch.compile"].reason
+    assert t["nan"].status == "FAIL" and t["nan"].ms is None  # NaN never passes
+    assert result.method == "wallclock-interpreter"
+
+
+def test_a_wrong_shape_fails_instead_of_broadcasting():
+    bench = dry_bench()
+    result = measure(bench, matmul_case(bench, lambda a, b: {OURS: lambda: (a @ b)[:1]}))
+    assert result.timings[OURS].status == "ERROR" and "shape" in result.timings[OURS].reason
+
+
+def test_a_failing_setup_and_a_spent_budget_are_recorded():
+    bench = dry_bench()
+
+    def setup():
+        raise MemoryError("no room")
+
+    result = measure(bench, Case("demo", "broken", torch.float16, setup))
+    assert result.timings[OURS].status == "ERROR" and "no room" in result.timings[OURS].reason
+    spent = dry_bench(deadline=0.0)
+    result = measure(spent, matmul_case(spent, lambda a, b: {OURS: lambda: a @ b}))
+    assert result.timings[OURS].status == "SKIP"
+
+
+def test_providers_can_be_picked_and_peers_have_their_own_reference():
+    bench = dry_bench(providers=(OURS,))
+    result = measure(bench, matmul_case(bench, lambda a, b: {OURS: lambda: a @ b, "torch": lambda: a @ b}))
+    assert list(result.timings) == [OURS]
+
+    def setup() -> Setup:
+        x = bench.randn(64, dtype=torch.float16)
+        return Setup({OURS: lambda: x * 2, "torch": lambda: x}, x.float() * 2, references={"torch": x.float()})
+
+    result = measure(dry_bench(), Case("demo", "scale", torch.float16, setup))
+    assert all(t.status == "OK" for t in result.timings.values())
+
+
+def test_copies_run_in_a_dry_run():
+    """The GPU's graph timings cycle through copies: a dry run calls each provider once on a copy."""
+    bench = dry_bench()
+    used = []
+
+    def setup() -> Setup:
+        a = bench.randn(8, 8, dtype=torch.float16)
+
+        def calls(a):
+            return {OURS: lambda: (used.append(a), a * 1)[1]}
+
+        return Setup(calls(a), a.float(), copies=lambda: calls(a.clone()), copy_bytes=a.nbytes)
+
+    result = measure(bench, Case("demo", "copy", torch.float16, setup))
+    assert result.timings[OURS].status == "OK"
+    assert len({id(a) for a in used}) == 2  # the original operand and one copy
+
+
+def test_roofline_is_the_larger_floor():
+    bench = dry_bench(copy_gbps=1000.0, matmul_tflops={"float16": 100.0})
+    memory_bound = Case("demo", "m", torch.float16, lambda: None, flops=1e9, nbytes=1e9)  # 1 ms vs 0.01 ms
+    compute_bound = Case("demo", "c", torch.float16, lambda: None, flops=1e12, nbytes=1e6)  # 0.001 ms vs 10 ms
+    assert bench.roofline_ms(memory_bound) == pytest.approx(1.0)
+    assert bench.roofline_ms(compute_bound) == pytest.approx(10.0)
+    assert dry_bench().roofline_ms(memory_bound) is None  # no ceilings measured yet
+
+
+def test_rows_round_trip_through_the_csv(tmp_path):
+    bench = dry_bench(copy_gbps=10.0, matmul_tflops={"float16": 1.0})
+    case = matmul_case(bench, lambda a, b: {OURS: lambda: a @ b, "torch": lambda: (a @ b) * 2})
+    case.sweep, case.x, case.variant, case.params = "M", 33, "demo", {"m": 33}
+    rows = csv_rows(bench, measure(bench, case), environment(dry_run=True))
+    path = tmp_path / "rows.csv"
+    append_rows(path, rows)
+    append_rows(path, rows)  # appending: one header
+    back = read_rows(path)
+    assert len(back) == 4 and path.read_text().count("kernel,sweep") == 1
+    ours, peer = back[0], back[1]
+    assert ours["provider"] == OURS and ours["status"] == "OK" and ours["x"] == 33.0
+    assert ours["tflops"] == pytest.approx(case.flops / ours["ms"] * 1e-9)
+    assert ours["pct_roofline"] == pytest.approx(100 * ours["roofline_ms"] / ours["ms"])
+    assert ours["triton_speedup"] == 1.0 and ours["commit"] and ours["gpu"].startswith("cpu-interpreter")
+    assert peer["status"] == "FAIL" and peer["ms"] is None and peer["rel_err"] > 0.5
+    assert '"m": 33' in ours["params"]
+
+
+def test_rel_err_compares_tuples_elementwise():
+    ref = (torch.ones(4), torch.ones(3))
+    assert rel_err((torch.ones(4), torch.ones(3) * 1.5), ref) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="tuple"):
+        rel_err(torch.ones(4), ref)
