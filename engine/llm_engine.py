@@ -213,6 +213,13 @@ class LLMEngine:
         if params.stop and not detokenize:
             raise ValueError(f"{what}: stop strings need a tokenizer (pass tokenizer=...) or use stop_token_ids")
         request = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, detokenize)
+        if params.prompt_logprobs is not None:
+            if params.prompt_logprobs_start > len(ids):
+                raise ValueError(
+                    f"{what}: prompt_logprobs_start={params.prompt_logprobs_start} is past the prompt's "
+                    f"{len(ids)} tokens"
+                )
+            request.prompt_logprobs = [None] * params.prompt_logprobs_start  # filled from there as rows compute
         for j in range(params.n):
             gen = seeded_generator(params.seed, j, self.device) if params.seed is not None else None
             status = SequenceStatus.WAITING if j == 0 else SequenceStatus.FORK_PENDING
