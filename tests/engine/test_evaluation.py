@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import subprocess
+import sys
 
 import lm_eval  # the eval extra: pip install -e ".[eval]"
 import pytest
 
 from engine.evaluation import GPT2TritonLM, rolling_windows  # registers gpt2-triton
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 WORDS = (
     "the of and to in is was for on that with as by at from his her it an were are which this be or has had not "
@@ -162,3 +167,52 @@ def test_unsupported_generation_kwargs_are_refused(tiny_checkpoint):
     request = Instance("generate_until", {}, ("Hello", {"until": ["."], "max_gen_toks": 8, "num_beams": 4}), 0)
     with pytest.raises(ValueError, match="num_beams"):
         ours.generate_until([request])
+
+
+# ---------------------------------------------------------------- gpt2-triton eval
+
+
+def test_cli_eval_prints_lm_evals_table_and_writes_json(tiny_checkpoint, tasks, tmp_path, capsys):
+    from engine.cli import main
+
+    directory, _ = tasks
+    out = tmp_path / "results.json"
+    rc = main(["eval", "--model", str(tiny_checkpoint), "--backend", "torch", "--device", "cpu", "--quiet",
+               "--tasks", "tiny_mc,tiny_rolling", "--include-path", str(directory), "--limit", "3",
+               "--batch-size", "4", "--output", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert rc == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"tiny_mc", "tiny_rolling"}
+    for line in ("|tiny_mc", "|tiny_rolling", "word_perplexity"):
+        assert line in printed
+    assert f"{results['tiny_rolling']['word_perplexity,none']:.4f}" in printed
+
+
+def test_cli_eval_missing_dataset_is_one_line_naming_it(tiny_checkpoint, tmp_path):
+    """A dataset neither cached nor reachable: exit 2, one line on stderr naming it and how to get it. (A process of
+    its own: ``datasets`` reads HF_HUB_OFFLINE once, at import.)"""
+    (tmp_path / "gone.yaml").write_text(
+        "task: gone\ndataset_path: gpt2-triton-tests/no-such-dataset\ndataset_name: v1\noutput_type: loglikelihood\n"
+        "test_split: test\ndoc_to_text: '{{a}}'\ndoc_to_target: '{{b}}'\n"
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "engine", "eval", "--model", str(tiny_checkpoint), "--quiet",
+                           "--tasks", "gone", "--include-path", str(tmp_path)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)  # fmt: skip
+    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-2000:]
+    assert "gpt2-triton-tests/no-such-dataset (v1)" in err[0]
+    assert "load_dataset('gpt2-triton-tests/no-such-dataset', 'v1')" in err[0]
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [([], "--tasks"), (["--tasks", "x", "--limit", "0"], "--limit"),
+     (["--tasks", "x", "--batch-size", "0"], "--batch-size")],
+)  # fmt: skip
+def test_cli_eval_mistakes_exit_2(tiny_checkpoint, args, match, capsys):
+    from engine.cli import main
+
+    assert main(["eval", "--model", str(tiny_checkpoint), "--backend", "torch", "--device", "cpu", *args]) == 2
+    assert match in capsys.readouterr().err
