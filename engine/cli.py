@@ -69,6 +69,8 @@ def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="lm-evaluation-harness tasks, or the model card's zero-shot table")
     _model_args(p)
     p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, groups or tags")
+    p.add_argument("--paper-table", action="store_true", help="the GPT-2 model card's zero-shot table, ours beside it")
+    p.add_argument("--paper-data", default=None, help="--paper-table: DIR/<column>.jsonl replace the Hub datasets")
     p.add_argument("--include-path", default=None, help="a directory of extra task YAMLs")
     p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction of them if below 1)")
     p.add_argument("--num-fewshot", type=int, default=None)
@@ -173,8 +175,8 @@ def _eval(args) -> int:
         from engine import eval_command
     except ImportError as e:
         raise UsageError(f"eval needs the eval extra ({e.name} is missing): pip install -e '.[eval]'") from None
-    if not args.tasks:
-        raise UsageError("gpt2-triton eval: give --tasks")
+    if args.paper_table == bool(args.tasks):
+        raise UsageError("gpt2-triton eval: give --tasks or --paper-table (one of them)")
     if args.limit is not None and args.limit <= 0:
         raise UsageError(f"gpt2-triton eval: --limit must be positive, got {args.limit}")
     if args.batch_size is not None and args.batch_size < 1:
@@ -183,6 +185,10 @@ def _eval(args) -> int:
     model_args = dict(pretrained=args.model, backend=args.backend, dtype=args.dtype, device=args.device,
                       load_format=args.load_format, quantization=args.quantization, tokenizer=args.tokenizer,
                       max_num_batched_tokens=args.max_num_batched_tokens, progress=not args.quiet)  # fmt: skip
+    if args.paper_table:
+        from engine import paper_table
+
+        return paper_table.main(model_args, args.batch_size, limit, args.paper_data, args.output, not args.quiet)
     tasks = eval_command.load_tasks([t.strip() for t in args.tasks.split(",") if t.strip()], args.include_path)
     results = eval_command.run(tasks, model_args, args.batch_size, limit, args.num_fewshot, args.seed)
     eval_command.print_tables(results)

@@ -139,7 +139,7 @@ class GPT2TritonLM(TemplateLM):
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         through_engine = [i for i, (_, ctx, cont) in enumerate(requests) if self._fits_engine(ctx, cont)]
         whole = [i for i, (_, ctx, cont) in enumerate(requests) if not self._fits_engine(ctx, cont)]
-        with tqdm(total=len(requests), desc="loglikelihood", disable=disable_tqdm) as bar:
+        with tqdm(total=len(requests), desc="loglikelihood", disable=disable_tqdm or not self.llm.progress) as bar:
             for i, answer in self._score_with_prefix_cache([requests[i] for i in through_engine], through_engine):
                 results[i] = answer
                 bar.update(1)
@@ -238,7 +238,7 @@ class GPT2TritonLM(TemplateLM):
             prompts.append(ids)
             params.append(p)
             stops.append(until)
-        outputs = self.llm.generate(prompts, params, use_tqdm=not disable_tqdm)
+        outputs = self.llm.generate(prompts, params, use_tqdm=not disable_tqdm and self.llm.progress)
         texts = []
         for req, out, until in zip(requests, outputs, stops):
             text = postprocess_generated_text(out.outputs[0].text, until, None)
