@@ -68,7 +68,7 @@ def test_prompt_logprobs_bypass_the_prefix_cache(tiny_checkpoint, reference):
 def test_prompt_logprobs_start_scores_the_tail_and_lets_the_cache_serve_the_rest(tiny_checkpoint, reference):
     """A prompt whose first tokens another request computed: the cache serves the whole blocks before the first
     scored row, every entry before ``prompt_logprobs_start`` is None and every one from it is transformers'."""
-    llm = make_llm(tiny_checkpoint, max_num_batched_tokens=random.choice([16, 40, 4096]))
+    llm = make_llm(tiny_checkpoint, max_num_batched_tokens=random.choice([16, 40, 4096]), max_num_seqs=8)
     prefix = [random.randrange(VOCAB) for _ in range(random.randint(20, 80))]
     prompt = prefix + [random.randrange(VOCAB) for _ in range(random.randint(1, 30))]
     llm.generate(prefix, SamplingParams(max_tokens=1), use_tqdm=False)  # fills the cache with the prefix's blocks
