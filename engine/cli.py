@@ -1,4 +1,4 @@
-"""Command line: ``gpt2-triton generate|score|serve|check-kernels`` (also ``python -m engine ...``).
+"""Command line: ``gpt2-triton generate|score|eval|serve|check-kernels`` (also ``python -m engine ...``).
 
 User errors print one line on stderr and exit with code 2, without a traceback.
 """
@@ -58,9 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: half the context)")
     score.add_argument("--json", action="store_true", help="print a JSON object instead of a line")
 
+    _eval_parser(sub)
     _serve_parser(sub)
     sub.add_parser("check-kernels", help="compile every kernel ahead of time for sm_80/sm_90", add_help=False)
     return parser
+
+
+def _eval_parser(sub) -> None:
+    """``eval``: lm-evaluation-harness tasks through the gpt2-triton backend (the eval extra)."""
+    p = sub.add_parser("eval", help="lm-evaluation-harness tasks, or the model card's zero-shot table")
+    _model_args(p)
+    p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, groups or tags")
+    p.add_argument("--paper-table", action="store_true", help="the GPT-2 model card's zero-shot table, ours beside it")
+    p.add_argument("--paper-data", default=None, help="--paper-table: DIR/<column>.jsonl replace the Hub datasets")
+    p.add_argument("--include-path", default=None, help="a directory of extra task YAMLs")
+    p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction of them if below 1)")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per engine step (max_num_seqs)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--seed", type=int, default=1234, help="lm-eval's seeds (few-shot sampling, sampled generation)")
+    p.add_argument("--output", default=None, help="write the results as JSON to this file")
 
 
 def _serve_parser(sub) -> None:
@@ -159,6 +176,35 @@ def _score(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    try:
+        import lm_eval  # noqa: F401
+
+        from engine import eval_command
+    except ImportError as e:
+        raise UsageError(f"eval needs the eval extra ({e.name} is missing): pip install -e '.[eval]'") from None
+    if args.paper_table == bool(args.tasks):
+        raise UsageError("gpt2-triton eval: give --tasks or --paper-table (one of them)")
+    if args.limit is not None and args.limit <= 0:
+        raise UsageError(f"gpt2-triton eval: --limit must be positive, got {args.limit}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"gpt2-triton eval: --batch-size must be positive, got {args.batch_size}")
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    model_args = dict(pretrained=args.model, backend=args.backend, dtype=args.dtype, device=args.device,
+                      load_format=args.load_format, quantization=args.quantization, tokenizer=args.tokenizer,
+                      max_num_batched_tokens=args.max_num_batched_tokens, progress=not args.quiet)  # fmt: skip
+    if args.paper_table:
+        from engine import paper_table
+
+        return paper_table.main(model_args, args.batch_size, limit, args.paper_data, args.output, not args.quiet)
+    tasks = eval_command.load_tasks([t.strip() for t in args.tasks.split(",") if t.strip()], args.include_path)
+    results = eval_command.run(tasks, model_args, args.batch_size, limit, args.num_fewshot, args.seed)
+    eval_command.print_tables(results)
+    if args.output:
+        eval_command.write_results(results, args.output)
+    return 0
+
+
 def _serve(args) -> int:
     try:
         from engine.server import ServeOptions, serve
@@ -205,7 +251,7 @@ def _scale_options(args) -> dict | None:
     return given or None
 
 
-COMMANDS = {"generate": _generate, "score": _score, "serve": _serve}
+COMMANDS = {"generate": _generate, "score": _score, "eval": _eval, "serve": _serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,7 +54,8 @@ class LLMEngine:
 
     ``enable_prefix_caching`` (default on) reuses the K/V of full blocks a previous request computed for the same
     prefix. ``max_num_batched_tokens`` is the per-step token budget that decode tokens and prompt chunks share
-    (default ``max(4096, n_positions, max_num_seqs)``).
+    (default ``max(4096, n_positions, max_num_seqs)``). ``split_special_tokens`` encodes ``<|endoftext|>`` written
+    in prompt text as literal characters (default: as token 50256, as transformers does).
     """
 
     def __init__(
@@ -75,6 +76,7 @@ class LLMEngine:
         progress: bool = True,
         seed: int | None = None,
         enforce_eager: bool = False,
+        split_special_tokens: bool = False,
     ) -> None:
         _check_positive("block_size", block_size)
         _check_positive("max_num_seqs", max_num_seqs)
@@ -89,6 +91,9 @@ class LLMEngine:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+        if not isinstance(split_special_tokens, bool):
+            raise ValueError(f"split_special_tokens must be a bool, got {split_special_tokens!r}")
+        self.split_special_tokens = split_special_tokens
         if not isinstance(enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be a bool, got {enable_prefix_caching!r}")
         self.device = resolve_device(device)
@@ -166,6 +171,7 @@ class LLMEngine:
                 raise ValueError(self._tokenizer_error)
             try:
                 self._tokenizer = load_tokenizer(self._tokenizer_source)
+                self._tokenizer.split_special_tokens = self.split_special_tokens
             except ValueError as e:
                 self._tokenizer_error = str(e)
                 raise
@@ -213,6 +219,13 @@ class LLMEngine:
         if params.stop and not detokenize:
             raise ValueError(f"{what}: stop strings need a tokenizer (pass tokenizer=...) or use stop_token_ids")
         request = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, detokenize)
+        if params.prompt_logprobs is not None:
+            if params.prompt_logprobs_start > len(ids):
+                raise ValueError(
+                    f"{what}: prompt_logprobs_start={params.prompt_logprobs_start} is past the prompt's "
+                    f"{len(ids)} tokens"
+                )
+            request.prompt_logprobs = [None] * params.prompt_logprobs_start  # filled from there as rows compute
         for j in range(params.n):
             gen = seeded_generator(params.seed, j, self.device) if params.seed is not None else None
             status = SequenceStatus.WAITING if j == 0 else SequenceStatus.FORK_PENDING

@@ -70,7 +70,10 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past <|endoftext|>
     seed: int | None = None  # per-request generator: reproducible, batch-independent samples
     logprobs: int | None = None  # return the sampled token's logprob plus this many top alternatives
-    prompt_logprobs: int | None = None  # each prompt token's logprob plus this many top alternatives (no prefix hits)
+    prompt_logprobs: int | None = None  # each prompt token's logprob plus this many top alternatives
+    # with prompt_logprobs: the first prompt position scored (earlier entries are None); the prefix cache may serve
+    # the tokens before position prompt_logprobs_start - 1, whose logits nobody needs (lm-eval's continuations)
+    prompt_logprobs_start: int = 1
     presence_penalty: float = 0.0  # subtracted from each token already generated; in [-2, 2]
     frequency_penalty: float = 0.0  # subtracted once per time a token was generated; in [-2, 2]
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
@@ -113,6 +116,8 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
                 raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, got {value!r}")
+        if not _is_int(self.prompt_logprobs_start) or self.prompt_logprobs_start < 1:
+            raise ValueError(f"prompt_logprobs_start must be an integer >= 1, got {self.prompt_logprobs_start!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:

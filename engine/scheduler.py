@@ -111,8 +111,7 @@ class Scheduler:
             if seats + wanted > self.max_num_seqs:
                 break
             tokens = seq.all_token_ids()
-            # a request that wants its prompt's logprobs computes every prompt token (cached ones have no logits)
-            hits, hashes = self.blocks.match_prefix(tokens) if seq.params.prompt_logprobs is None else ([], [])
+            hits, hashes = self.blocks.match_prefix(self._cacheable(seq, tokens))
             cached = len(hits) * self.blocks.block_size
             n = min(len(tokens) - cached, budget)
             if not self.blocks.can_admit(hits, cached + n):
@@ -132,6 +131,16 @@ class Scheduler:
             out.num_tokens.append(n)
             budget -= n
             seats += wanted
+
+    @staticmethod
+    def _cacheable(seq: Sequence, tokens: list[int]) -> list[int]:
+        """The tokens the prefix cache may serve: all of them, unless the request still needs prompt logprobs,
+        whose rows must be computed (a cached token has no logits): then only those before the first such row."""
+        request = seq.request
+        owed = len(request.prompt_logprobs)  # the row of position owed - 1 gives the next logprob
+        if seq.params.prompt_logprobs is None or owed >= len(request.prompt_token_ids):
+            return tokens
+        return tokens[:owed]
 
     # ------------------------------------------------------------------ after the step
     def step_done(self, out: SchedulerOutput) -> None:

@@ -247,14 +247,21 @@ def write_hf_files(ranks: dict[bytes, int], directory: str | os.PathLike) -> Non
 
 
 class Tokenizer:
-    """GPT-2 text <-> token ids, encoding exactly like transformers' GPT2Tokenizer."""
+    """GPT-2 text <-> token ids, encoding exactly like transformers' GPT2Tokenizer.
+
+    ``<|endoftext|>`` written inside a text becomes token 50256, as transformers encodes it by default;
+    ``split_special_tokens=True`` (transformers' name) spells it with ordinary tokens instead, as literal text.
+    """
 
     eos_token: str = EOS_TOKEN
 
-    def __init__(self, encoding: tiktoken.Encoding):
+    def __init__(self, encoding: tiktoken.Encoding, split_special_tokens: bool = False):
         if EOS_TOKEN not in encoding.special_tokens_set:
             raise ValueError(f"tiktoken encoding {encoding.name!r} has no {EOS_TOKEN} token")
+        if not isinstance(split_special_tokens, bool):
+            raise ValueError(f"split_special_tokens must be a bool, got {split_special_tokens!r}")
         self.encoding = encoding
+        self.split_special_tokens = split_special_tokens
         self.eos_token_id: int = encoding.eot_token
         self.vocab_size: int = encoding.n_vocab
 
@@ -269,8 +276,12 @@ class Tokenizer:
         )
         return cls(encoding)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; ``<|endoftext|>`` inside the text becomes its special id, as in transformers."""
+    def encode(self, text: str, split_special_tokens: bool | None = None) -> list[int]:
+        """Token ids of ``text``; ``<|endoftext|>`` inside the text becomes its special id, as in transformers,
+        unless ``split_special_tokens`` (default: the tokenizer's setting) asks for it as ordinary text."""
+        split = self.split_special_tokens if split_special_tokens is None else split_special_tokens
+        if split:
+            return self.encoding.encode(text, allowed_special=set(), disallowed_special=())
         return self.encoding.encode(text, allowed_special="all")
 
     def _ids(self, ids: Sequence[int]) -> list[int]:

@@ -31,11 +31,24 @@ def llm(tiny_checkpoint):
         (dict(max_num_seqs=0), "max_num_seqs"),
         (dict(load_format="pt"), "load_format"),
         (dict(quantization="fp8"), "quantization"),
+        (dict(split_special_tokens="yes"), "split_special_tokens"),
     ],
 )
 def test_bad_llm_arguments(tiny_checkpoint, kwargs, match):
     with pytest.raises(ValueError, match=match):
         LLM(str(tiny_checkpoint), **{"progress": False, **kwargs})
+
+
+def test_special_token_text_is_token_50256_unless_split(tiny_checkpoint):
+    """Prompt text holding ``<|endoftext|>`` reaches the model as token 50256 (transformers' default), or spelled
+    out in ordinary tokens with ``split_special_tokens=True``."""
+    text = "Hello<|endoftext|> world"
+    default = LLM(str(tiny_checkpoint), backend="torch", device="cpu", progress=False)
+    literal = LLM(str(tiny_checkpoint), backend="torch", device="cpu", progress=False, split_special_tokens=True)
+    params = SamplingParams(max_tokens=1, temperature=0)
+    assert default.generate(text, params, use_tqdm=False)[0].prompt_token_ids == [15496, 50256, 995]
+    ids = literal.generate(text, params, use_tqdm=False)[0].prompt_token_ids
+    assert 50256 not in ids and literal.get_tokenizer().decode(ids) == text
 
 
 def test_bad_requests(llm):

@@ -4,6 +4,7 @@ a pool too large to preempt, and ends with every block free."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 
@@ -83,6 +84,8 @@ def test_stress_preemption_chunking_and_prefix_caching_change_no_output(checkpoi
             prompt, params.n = random_ids(random.randint(150, 200)), 1
         elif i % 6 == 5:  # some share a prompt prefix with an earlier request
             prompt = requests[random.randrange(i)][1][: random.randint(1, 60)] + prompt[:40]
+        if params.prompt_logprobs is not None and random.random() < 0.5:  # only the tail scored: prefix hits allowed
+            params = dataclasses.replace(params, prompt_logprobs_start=random.randint(1, len(prompt)))
         requests.append((f"req-{i}", prompt, params))
     blocks = lambda p: -(-(len(p[1]) + p[2].max_tokens - 1) // BLOCK) * p[2].n  # noqa: E731
     eng = engine(checkpoint, num_blocks=max(map(blocks, requests)) + 2, max_num_seqs=16,

@@ -1,6 +1,7 @@
 """``SamplingParams.prompt_logprobs``: every prompt token's log-probability (and top alternatives) under the model,
 as transformers' float64 forward gives them, however the prompt was chunked, and never served from the prefix cache
-(cached tokens have no logits). Preemption and mixed batches are covered by ``test_llm_engine``'s stress test."""
+(cached tokens have no logits), except before ``prompt_logprobs_start``. Preemption and mixed batches are covered by
+``test_llm_engine``'s stress test."""
 
 from __future__ import annotations
 
@@ -62,6 +63,30 @@ def test_prompt_logprobs_bypass_the_prefix_cache(tiny_checkpoint, reference):
     assert scored.num_cached_tokens == 0
     assert_same_logprobs(scored.prompt_logprobs, reference(prompt, k), rel=1e-4)
     assert llm.generate(prompt, greedy, use_tqdm=False)[0].num_cached_tokens > 0  # the cache could have served it
+
+
+def test_prompt_logprobs_start_scores_the_tail_and_lets_the_cache_serve_the_rest(tiny_checkpoint, reference):
+    """A prompt whose first tokens another request computed: the cache serves the whole blocks before the first
+    scored row, every entry before ``prompt_logprobs_start`` is None and every one from it is transformers'."""
+    llm = make_llm(tiny_checkpoint, max_num_batched_tokens=random.choice([16, 40, 4096]), max_num_seqs=8)
+    prefix = [random.randrange(VOCAB) for _ in range(random.randint(20, 80))]
+    prompt = prefix + [random.randrange(VOCAB) for _ in range(random.randint(1, 30))]
+    llm.generate(prefix, SamplingParams(max_tokens=1), use_tqdm=False)  # fills the cache with the prefix's blocks
+    start, k = random.randint(1, len(prompt)), random.randint(0, 3)
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=k, prompt_logprobs_start=start)
+    out = llm.generate(prompt, params, use_tqdm=False)[0]
+    assert out.num_cached_tokens == 16 * min((start - 1) // 16, len(prefix) // 16)
+    want = [None] * start + reference(prompt, k)[start:]
+    assert_same_logprobs(out.prompt_logprobs, want, rel=1e-4)
+
+
+def test_prompt_logprobs_start_past_the_prompt_is_refused(tiny_checkpoint):
+    llm = make_llm(tiny_checkpoint)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, prompt_logprobs_start=4)
+    with pytest.raises(ValueError, match="prompt_logprobs_start"):
+        llm.generate([1, 2, 3], params, use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt_logprobs_start"):
+        SamplingParams(prompt_logprobs=0, prompt_logprobs_start=0)
 
 
 @pytest.mark.parametrize("value", [-1, 21, 1.5, True])

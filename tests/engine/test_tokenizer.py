@@ -269,6 +269,21 @@ def test_random_texts_match_references(tokenizer, hf_tokenizer, merges_bpe):
         assert hf_decode(hf_tokenizer, ids) == text
 
 
+def test_split_special_tokens_spells_them_as_text_like_transformers(gpt2_tokenizer_dir, tokenizer, hf_tokenizer):
+    """``split_special_tokens=True`` (per call or per tokenizer) encodes ``<|endoftext|>`` as ordinary characters,
+    as transformers' option of that name does; the default keeps it one token."""
+    texts = [t for t in FIXED if "<|" in t] + [random_text() + EOS + random_text() for _ in range(20)]
+    literal = load_tokenizer(gpt2_tokenizer_dir)
+    literal.split_special_tokens = True
+    for text in texts:
+        want = hf_tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+        assert tokenizer.encode(text, split_special_tokens=True) == want == literal.encode(text), text
+        assert literal.encode(text, split_special_tokens=False) == tokenizer.encode(text) == hf_encode(hf_tokenizer,
+                                                                                                      text)  # fmt: skip
+        assert 50256 not in want and literal.decode(want) == text
+    assert tokenizer.encode(EOS) == [50256] and len(literal.encode(EOS)) > 1
+
+
 def test_decode_invalid_utf8_matches_hf(tokenizer, hf_tokenizer):
     """Arbitrary id sequences (partial characters included) decode with U+FFFD exactly as transformers does."""
     for _ in range(100):
