@@ -20,6 +20,7 @@ from tests.helpers import (
 )
 
 BLOCK = 16
+MAX_REQUEST_BLOCKS = 16  # the stress test's largest request (blocks, all samples)
 STOP_STRINGS = [["e"], [" t", "qz"], ["\n"], ["an", "in", "on"]]  # random text meets these now and then
 
 
@@ -75,23 +76,30 @@ def alone(checkpoint):
 
 
 def test_stress_preemption_chunking_and_prefix_caching_change_no_output(checkpoint, alone):
-    """50 random requests on a pool a little larger than the largest one: all finish, each exactly as alone."""
+    """50 random requests on a pool a little larger than the largest one: all finish, each exactly as alone. Two long
+    greedy completions, each needing 60% of the pool, start together first: preemption is certain."""
     requests = []
     for i in range(50):
         prompt = random_ids(random.randint(1, 200))
         params = random_params(random.randint(1, 24))
-        if i < 8:  # the first eight alone need more blocks than the pool holds: preemption is certain
+        if i < 8:  # the first eight together need more blocks than the pool holds
             prompt, params.n = random_ids(random.randint(150, 200)), 1
         elif i % 6 == 5:  # some share a prompt prefix with an earlier request
             prompt = requests[random.randrange(i)][1][: random.randint(1, 60)] + prompt[:40]
         if params.prompt_logprobs is not None and random.random() < 0.5:  # only the tail scored: prefix hits allowed
             params = dataclasses.replace(params, prompt_logprobs_start=random.randint(1, len(prompt)))
+        per_sample = -(-(len(prompt) + params.max_tokens - 1) // BLOCK)
+        params.n = min(params.n, MAX_REQUEST_BLOCKS // per_sample)  # keeps the pool, and the two long ones, small
         requests.append((f"req-{i}", prompt, params))
-    blocks = lambda p: -(-(len(p[1]) + p[2].max_tokens - 1) // BLOCK) * p[2].n  # noqa: E731
-    eng = engine(checkpoint, num_blocks=max(map(blocks, requests)) + 2, max_num_seqs=16,
+    num_blocks = MAX_REQUEST_BLOCKS + 2
+    long = SamplingParams(max_tokens=-(-num_blocks * 6 // 10) * BLOCK - 8, temperature=0, ignore_eos=True)
+    requests = [(f"long-{j}", random_ids(8), long) for j in range(2)] + requests
+    eng = engine(checkpoint, num_blocks=num_blocks, max_num_seqs=16,
                  max_num_batched_tokens=random.choice([32, 64, 128]))  # fmt: skip
     pending = list(requests)
     final = {}
+    eng.add_request(*pending.pop(0))  # the two long ones are admitted in the first step, then outgrow the pool
+    eng.add_request(*pending.pop(0))
     while pending or eng.has_unfinished_requests():  # requests arrive while others run
         for _ in range(random.randint(0, 6)):
             if pending:
