@@ -35,16 +35,9 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 
-KERNEL_MODULES = (
-    "kernels.layernorm",
-    "kernels.gelu",
-    "kernels.linear",
-    "kernels.quant",
-    "kernels.attention",
-    "kernels.paged_attention",
-    "kernels.context_attention",
-    "kernels.kv_cache",
-)
+from kernels import KERNEL_MODULES as _OP_FAMILIES
+
+KERNEL_MODULES = tuple(f"kernels.{name}" for name in _OP_FAMILIES)
 
 # Largest dynamic shared memory one block may use (opt-in limit), bytes: A100 163 KB, H100/H200 227 KB.
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
