@@ -19,12 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import online_softmax_step
+from kernels.attention_common import LOG2E, MAX_GRID_Y, check_head_dim, online_softmax_step
 from kernels.utils import FLOAT_DTYPES, KernelSpec, autotune, cast, check_device, check_tensor, is_interpreter
-
-LOG2E = 1.4426950408889634
-HEAD_DIMS = (16, 32, 64, 128)
-MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2
 
 
 def get_configs() -> list[triton.Config]:
@@ -165,7 +161,9 @@ def _context_attention_kernel(
         # K is read transposed, (HEAD_DIM, BLOCK_N), so QK^T is a plain tl.dot.
         kt = tl.load(k_rows[None, :] + offs_d[:, None])
         v = tl.load(v_rows[:, None] + offs_d[None, :])
-        m_i, l_i, acc = online_softmax_step(q, kt, v, m_i, l_i, acc, qk_scale, True, False, UPCAST, DOT_PRECISION)
+        m_i, l_i, acc = online_softmax_step(
+            q, kt, v, m_i, l_i, acc, qk_scale, True, MASKED=False, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION
+        )
 
     # The diagonal: keys up to the block's last query position, causally masked. Tokens past the sequence's end
     # are not loaded at all (other=0), table entries included, so stale or NaN cache slots never enter. The
@@ -181,7 +179,9 @@ def _context_attention_kernel(
         kt = tl.load(k_rows[None, :] + offs_d[:, None], mask=valid[None, :], other=0.0)
         v = tl.load(v_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
         visible = tok[None, :] <= pos_m[:, None]
-        m_i, l_i, acc = online_softmax_step(q, kt, v, m_i, l_i, acc, qk_scale, visible, True, UPCAST, DOT_PRECISION)
+        m_i, l_i, acc = online_softmax_step(
+            q, kt, v, m_i, l_i, acc, qk_scale, visible, MASKED=True, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION
+        )
 
     acc = acc / l_i[:, None]
     out_ptrs = Ob + offs_m[:, None] * stride_ot + offs_d[None, :]
@@ -224,8 +224,7 @@ def context_attention(
         named.append(("out", out))
     check_device(*named)
     T, H, hd = q.shape
-    if hd not in HEAD_DIMS:
-        raise ValueError(f"head dim {hd} is not supported; expected one of {HEAD_DIMS}")
+    check_head_dim(hd)
     if q.stride(2) != 1:
         raise ValueError(f"q needs a contiguous last dim (stride {q.stride()})")
     if k_cache.shape[2:] != (H, hd) or v_cache.shape != k_cache.shape:

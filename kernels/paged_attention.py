@@ -16,10 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.attention_common import LOG2E, check_head_dim
 from kernels.utils import FLOAT_DTYPES, KernelSpec, cast, check_device, check_tensor, is_interpreter
 
-LOG2E = 1.4426950408889634
-HEAD_DIMS = (16, 32, 64, 128)
 BLOCK_P = 16  # partials merged per step by the reduction kernel
 TARGET_PROGRAMS = 1024  # enough (b, h, partition) programs to keep every SM of a large GPU streaming
 
@@ -221,8 +220,7 @@ def decode_attention(
     check_device(*named)
     B, H, hd = q.shape
     block_size = k_cache.shape[1]
-    if hd not in HEAD_DIMS:
-        raise ValueError(f"head dim {hd} is not supported; expected one of {HEAD_DIMS}")
+    check_head_dim(hd)
     if q.stride(2) != 1:
         raise ValueError(f"q needs a contiguous last dim (stride {q.stride()})")
     if k_cache.shape[2:] != (H, hd) or v_cache.shape != k_cache.shape:
