@@ -4,8 +4,8 @@ Importing this package imports nothing else (no triton): ``engine.triton_ops`` r
 decides whether the kernel modules load compiled or in Triton's interpreter.
 """
 
-# The op families, each ``kernels/<name>.py``: what the Triton backend, the compile gate and bench/gpu_check.py
-# import.
+# The op families, each ``kernels/<name>.py`` with its compile specs in ``kernels/specs/<name>.py``: what the
+# Triton backend, the compile gate and bench/gpu_check.py import.
 KERNEL_MODULES = (
     "layernorm",
     "gelu",

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import FLOAT_DTYPES, KernelSpec, cast, check_device, check_tensor
+from kernels.utils import FLOAT_DTYPES, cast, check_device, check_tensor
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 BLOCK_SIZE = 1024  # elements per program: 4 warps x 32 lanes x 8 elements
@@ -68,18 +68,3 @@ def gelu_ref(x: torch.Tensor) -> torch.Tensor:
     xd = x.double()
     u = SQRT_2_OVER_PI * (xd + 0.044715 * xd.pow(3))
     return (xd * torch.sigmoid(2.0 * u)).to(x.dtype)
-
-
-def compile_specs() -> list[KernelSpec]:
-    """AOT compile specs: the one config, per dtype."""
-    return [
-        KernelSpec(
-            name=f"gelu[{t}] BLOCK_SIZE={BLOCK_SIZE}",
-            fn=_gelu_kernel,
-            signature={"X": f"*{t}", "Y": f"*{t}", "n_elements": "i32"},
-            constexprs={"BLOCK_SIZE": BLOCK_SIZE},
-            num_warps=4,
-            num_stages=1,
-        )
-        for t in ("fp32", "fp16", "bf16")
-    ]

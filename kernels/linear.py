@@ -15,20 +15,10 @@ import torch
 import triton
 
 from kernels.gelu import gelu_ref
-from kernels.gemm import (
-    REDUCE_BLOCK_M,
-    REDUCE_BLOCK_N,
-    REDUCE_WARPS,
-    SMEM_LIMIT,
-    SPLIT_K_BUCKETS,
-    GemmOperands,
-    WeightFormat,
-    gemm_kernel,
-    splitk_epilogue_kernel,
-)
+from kernels.gemm import SMEM_LIMIT, GemmOperands, WeightFormat, gemm_kernel
 from kernels.gemm import choose_split_k as choose_split_k  # re-exported: bench/gpu_check.py imports it from here
 from kernels.gemm import sm_count as sm_count  # re-exported: bench/gpu_check.py imports it from here
-from kernels.utils import FLOAT_DTYPES, KernelSpec, RestoreAliasedOutput, autotune, check_tensor, is_interpreter
+from kernels.utils import FLOAT_DTYPES, RestoreAliasedOutput, autotune, check_tensor, is_interpreter
 
 
 def get_configs() -> list[triton.Config]:
@@ -152,104 +142,3 @@ def linear_ref(
     if residual is not None:
         y = y + residual.to(wide)
     return y.to(x.dtype)
-
-
-# Triton specializes integer arguments equal to 1 into constants at run time; contiguous operands therefore
-# compile with these unit column strides, and the compile gate checks that (vectorized, pipelined) variant.
-UNIT_STRIDES = {"stride_xk": 1, "stride_wk": 1, "stride_rn": 1, "stride_yn": 1}
-
-
-def gemm_signature(t: str, w: str, extra: dict[str, str] | None = None, partial: bool = False) -> dict[str, str]:
-    """Signature of a GEMM kernel with activation dtype ``t`` and weight dtype ``w``, minus ``UNIT_STRIDES``.
-
-    K and the row strides carry the ``:16`` divisibility hint the runtime gives them on GPT-2's shapes (all its
-    widths are multiples of 16); without it the K-tail mask blocks vectorized, pipelined (cp.async) loads.
-    ``partial``: the split-K variant (fp32 partials, runtime SPLIT_K); otherwise P is Y and SPLIT_K is 1, see
-    :func:`split_constexprs`.
-    """
-    sig = {"X": f"*{t}", "W": f"*{w}", **(extra or {}), "B": f"*{t}", "R": f"*{t}", "Y": f"*{t}"}
-    sig["P"] = "*fp32" if partial else f"*{t}"
-    sig.update(M="i32", N="i32", K="i32:16", M_KEY="i32")
-    if partial:
-        sig["SPLIT_K"] = "i32"
-    for name in ("stride_xm", "stride_wn", "stride_rm", "stride_ym"):
-        sig[name] = "i32:16"
-    return sig
-
-
-def split_constexprs(partial: bool) -> dict[str, object]:
-    """The split-K constexprs of a GEMM spec: unsplit launches pass SPLIT_K=1, which Triton makes a constant."""
-    return {"PARTIAL": True} if partial else {"PARTIAL": False, "SPLIT_K": 1}
-
-
-def splitk_epilogue_specs() -> list[KernelSpec]:
-    """Specs of the split-K reduce + epilogue kernel: fp16/bf16, full and bare epilogue."""
-    specs = []
-    for t in ("fp16", "bf16"):
-        for flags in ((True, True, True), (False, False, False)):
-            sig = {"P": "*fp32", "B": f"*{t}", "R": f"*{t}", "Y": f"*{t}", "M": "i32", "N": "i32", "SPLIT_K": "i32"}
-            sig.update(stride_rm="i32:16", stride_ym="i32:16")
-            specs.append(
-                KernelSpec(
-                    name=f"splitk_epilogue[{t},{'bias,gelu,residual' if flags[0] else 'plain'}]",
-                    fn=splitk_epilogue_kernel,
-                    signature=sig,
-                    constexprs={
-                        "HAS_BIAS": flags[0],
-                        "APPLY_GELU": flags[1],
-                        "HAS_RESIDUAL": flags[2],
-                        "stride_rn": 1,
-                        "stride_yn": 1,
-                        "BLOCK_M": REDUCE_BLOCK_M,
-                        "BLOCK_N": REDUCE_BLOCK_N,
-                    },
-                    num_warps=REDUCE_WARPS,
-                )
-            )
-    return specs
-
-
-def config_name(c: triton.Config) -> str:
-    kw = c.kwargs
-    return f"BLOCK_M={kw['BLOCK_M']} BLOCK_N={kw['BLOCK_N']} BLOCK_K={kw['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
-
-
-def compile_specs() -> list[KernelSpec]:
-    """AOT compile specs: every config for fp16/bf16 with the fullest epilogue ``keep`` offers it (bias + gelu
-    + residual, or bias + gelu for the largest tile), the fp32 configs ``keep`` allows, the bare epilogue (LM
-    head: no bias) on the first and the largest config, the split-K partial variant (fp16/bf16) of every config
-    small M may use, and the split-K epilogue kernel."""
-    specs = []
-    configs = get_configs()
-    for t, nbytes in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
-        for i, c in enumerate(configs):
-            offered = [r for r in (True, False) if any(keep(c, mb, nbytes, nbytes, r) for mb in (16, 64, 16384))]
-            if not offered:
-                continue
-            variants = [(True, True, offered[0], False)]
-            if t != "fp32" and i in (0, len(configs) - 1):
-                variants.append((False, False, False, False))
-            if t != "fp32" and any(keep(c, mb, nbytes, nbytes) for mb in SPLIT_K_BUCKETS):
-                variants.append((False, False, False, True))
-            for has_bias, gelu, res, partial in variants:
-                epi = "split-k partial" if partial else "plain" if not has_bias else "bias,gelu" + ",residual" * res
-                specs.append(
-                    KernelSpec(
-                        name=f"linear[{t},{epi}] {config_name(c)}",
-                        fn=gemm_kernel,
-                        signature=gemm_signature(t, t, {"S": f"*{t}"}, partial=partial),
-                        constexprs={
-                            "HAS_BIAS": has_bias,
-                            "APPLY_GELU": gelu,
-                            "HAS_RESIDUAL": res,
-                            "UPCAST": False,
-                            **split_constexprs(partial),
-                            "W_INT8": False,
-                            **UNIT_STRIDES,
-                            **c.kwargs,
-                        },  # fmt: skip
-                        num_warps=c.num_warps,
-                        num_stages=c.num_stages,
-                    )
-                )
-    return specs + splitk_epilogue_specs()

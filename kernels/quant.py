@@ -30,7 +30,6 @@ import triton.language as tl
 
 from kernels.gemm import (
     SMEM_LIMIT,
-    SPLIT_K_BUCKETS,
     GemmOperands,
     WeightFormat,
     dot,
@@ -38,10 +37,9 @@ from kernels.gemm import (
     tile_setup,
     write_tile,
 )
-from kernels.linear import UNIT_STRIDES, config_name, gemm_signature, linear_ref, split_constexprs
+from kernels.linear import linear_ref
 from kernels.utils import (
     FLOAT_DTYPES,
-    KernelSpec,
     RestoreAliasedOutput,
     autotune,
     check_tensor,
@@ -411,55 +409,3 @@ def quant_linear_ref(
     wide = torch.promote_types(x.dtype, torch.float32)
     y = linear_ref(x.to(wide), qweight.dequantize(wide), bias, activation, residual)
     return y.to(x.dtype)
-
-
-def compile_specs() -> list[KernelSpec]:
-    """AOT compile specs: every config for fp16/bf16 with the full epilogue, int4 at both group sizes' valid
-    configs (group 64 for BLOCK_K=64 tiles, 128 otherwise), the fp32 configs the pruner keeps, the bare
-    epilogue on the first config, and the split-K partial variant (fp16/bf16) of every config small M may use.
-    The split-K epilogue kernel is :mod:`kernels.linear`'s (its specs are there)."""
-    specs = []
-    kinds = (
-        ("int8", _int8_linear_kernel, get_int8_configs(), 8),
-        ("int4", _int4_linear_kernel, get_int4_configs(), 4),
-    )
-    for kind, kernel, configs, bits in kinds:
-        for t, nbytes in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
-            for i, c in enumerate(configs):
-                group = 0 if bits == 8 else (128 if c.kwargs["BLOCK_K"] == 128 else 64)
-                if not any(keep_quant(c, mb, nbytes, bits, group) for mb in (16, 64, 16384)):
-                    continue
-                variants = [(True, True, True, False)]
-                if i == 0 and t != "fp32":
-                    variants.append((False, False, False, False))
-                if t != "fp32" and any(keep_quant(c, mb, nbytes, bits, group) for mb in SPLIT_K_BUCKETS):
-                    variants.append((False, False, False, True))
-                for has_bias, gelu, res, partial in variants:
-                    if bits == 8:
-                        sig = gemm_signature(t, "i8", {"S": "*fp32"}, partial=partial)
-                        extra = {"W_INT8": True}
-                    else:
-                        sig = gemm_signature(t, "u8", {"S": "*fp32", "Z": "*u8"}, partial=partial)
-                        sig["stride_sn"] = "i32"  # K // group_size: 1600 // 64 = 25 is not a multiple of 16
-                        extra = {"GROUP_SIZE": group, "stride_sg": 1}
-                    epi = "split-k partial" if partial else "bias,gelu,residual" if has_bias else "plain"
-                    specs.append(
-                        KernelSpec(
-                            name=f"{kind}_linear[{t},{epi}{f',g{group}' if group else ''}] {config_name(c)}",
-                            fn=kernel.fn,
-                            signature={name: sig[name] for name in kernel.fn.arg_names if name in sig},
-                            constexprs={
-                                "HAS_BIAS": has_bias,
-                                "APPLY_GELU": gelu,
-                                "HAS_RESIDUAL": res,
-                                "UPCAST": False,
-                                **split_constexprs(partial),
-                                **UNIT_STRIDES,
-                                **extra,
-                                **c.kwargs,
-                            },  # fmt: skip
-                            num_warps=c.num_warps,
-                            num_stages=c.num_stages,
-                        )
-                    )
-    return specs

@@ -12,13 +12,13 @@ import torch
 from kernels.gemm import SPLIT_K_MIN_K, choose_split_k, m_key
 from kernels.linear import (
     FLOAT_FORMAT,
-    compile_specs,
-    config_name,
     get_configs,
     keep,
     linear,
     linear_ref,
 )
+from kernels.specs.gemm import config_name
+from kernels.specs.linear import compile_specs
 from kernels.utils import AUTOTUNE_ENV, RestoreAliasedOutput
 from tests.helpers import DEVICE, rel_err, tuning_every_config
 

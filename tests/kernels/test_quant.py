@@ -17,7 +17,6 @@ from kernels.quant import (
     INT8_FORMAT,
     Int4Weight,
     Int8Weight,
-    compile_specs,
     get_int4_configs,
     get_int8_configs,
     keep_quant,
@@ -26,6 +25,7 @@ from kernels.quant import (
     quantize_int4,
     quantize_int8,
 )
+from kernels.specs.quant import compile_specs
 from kernels.utils import magic_base, magic_uint_to_float
 from tests.helpers import DEVICE, rel_err, tuning_every_config
 
