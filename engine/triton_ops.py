@@ -14,24 +14,14 @@ import sys
 import torch
 
 from engine.ops import Ops
-
-_KERNEL_MODULES = (
-    "layernorm",
-    "gelu",
-    "linear",
-    "quant",
-    "attention",
-    "paged_attention",
-    "context_attention",
-    "kv_cache",
-)
+from kernels import KERNEL_MODULES
 
 
 def _import_kernels(device: torch.device) -> dict[str, object]:
     """Import the kernel modules in the mode ``device`` needs (interpreter on CPU, compiled on CUDA)."""
     interpret = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
     if device.type == "cpu" and not interpret:
-        if any(f"kernels.{m}" in sys.modules for m in _KERNEL_MODULES):
+        if any(f"kernels.{m}" in sys.modules for m in KERNEL_MODULES):
             raise ValueError(
                 "backend='triton' on CPU needs Triton's interpreter, but the kernels were already imported "
                 "compiled; set TRITON_INTERPRET=1 before importing engine, or use backend='torch'"
@@ -39,7 +29,7 @@ def _import_kernels(device: torch.device) -> dict[str, object]:
         os.environ["TRITON_INTERPRET"] = "1"  # read by @triton.jit as the modules below are imported
     elif device.type == "cuda" and interpret:
         raise ValueError("backend='triton' on CUDA but TRITON_INTERPRET=1 is set; unset it to compile the kernels")
-    return {m: importlib.import_module(f"kernels.{m}") for m in _KERNEL_MODULES}
+    return {m: importlib.import_module(f"kernels.{m}") for m in KERNEL_MODULES}
 
 
 class TritonOps(Ops):

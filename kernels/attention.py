@@ -14,12 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.attention_common import LOG2E, MAX_GRID_Y, check_head_dim, online_softmax_step
 from kernels.kv_cache import check_kv_cache
-from kernels.utils import FLOAT_DTYPES, KernelSpec, autotune, cast, check_device, check_tensor, is_interpreter
-
-LOG2E = 1.4426950408889634
-HEAD_DIMS = (16, 32, 64, 128)
-MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2
+from kernels.utils import FLOAT_DTYPES, autotune, cast, check_device, check_tensor, is_interpreter
 
 
 def get_configs() -> list[triton.Config]:
@@ -64,26 +61,6 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
     fp32 = named_args["Q"].dtype == torch.float32
     return [c for c in configs if fits(c, head_dim, fp32)] or configs[:1]
-
-
-@triton.jit
-def online_softmax_step(q, kt, v, m_i, l_i, acc, qk_scale, visible, MASKED: tl.constexpr, UPCAST: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):  # fmt: skip
-    """One step of FlashAttention's online softmax (base 2): the scores of ``q (BLOCK_M, HEAD_DIM)`` against
-    ``kt (HEAD_DIM, BLOCK_N)``, masked to ``visible`` when ``MASKED``, folded with ``v (BLOCK_N, HEAD_DIM)`` into the
-    running row max ``m_i``, sum ``l_i`` and accumulator ``acc`` (fp32). Returns the updated three."""
-    if UPCAST:
-        kt = kt.to(tl.float32)
-        v = v.to(tl.float32)
-    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-    if MASKED:
-        s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
 
 
 @autotune(
@@ -153,7 +130,9 @@ def _prefill_attention_kernel(
         # K is read transposed, (HEAD_DIM, BLOCK_N), so QK^T is a plain tl.dot.
         kt = tl.load(Kb + cols[None, :] * stride_kt + offs_d[:, None])
         v = tl.load(Vb + cols[:, None] * stride_vt + offs_d[None, :])
-        m_i, l_i, acc = online_softmax_step(q, kt, v, m_i, l_i, acc, qk_scale, True, False, UPCAST, DOT_PRECISION)
+        m_i, l_i, acc = online_softmax_step(
+            q, kt, v, m_i, l_i, acc, qk_scale, True, MASKED=False, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION
+        )
 
     # Diagonal tiles: causal mask, and keys past the end of the sequence are masked out. Their keys are this
     # block's own rows: each K/V row of a sequence passes through exactly one program's diagonal (per head),
@@ -170,7 +149,9 @@ def _prefill_attention_kernel(
             tl.store(V_cache + cache_row[:, None] + offs_d[None, :], v, mask=slot[:, None] >= 0)
         # Row m always keeps key start_m <= m, so no row is fully masked and the running max stays finite.
         visible = (offs_m[:, None] >= cols[None, :]) & (cols[None, :] < seq_len)
-        m_i, l_i, acc = online_softmax_step(q, kt, v, m_i, l_i, acc, qk_scale, visible, True, UPCAST, DOT_PRECISION)
+        m_i, l_i, acc = online_softmax_step(
+            q, kt, v, m_i, l_i, acc, qk_scale, visible, MASKED=True, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION
+        )
 
     acc = acc / l_i[:, None]
     out_ptrs = Ob + offs_m[:, None] * stride_ot + offs_d[None, :]
@@ -209,8 +190,7 @@ def prefill_attention(
     T, H, hd = q.shape
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must have one shape")
-    if hd not in HEAD_DIMS:
-        raise ValueError(f"head dim {hd} is not supported; expected one of {HEAD_DIMS}")
+    check_head_dim(hd)
     if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
         raise ValueError(f"q, k, v need a contiguous last dim (strides {q.stride()}, {k.stride()}, {v.stride()})")
     if cu_seqlens.shape[0] < 1:
@@ -256,46 +236,3 @@ def prefill_attention_ref(
         scores = scores.masked_fill(~causal, float("-inf"))
         out[start:end] = (torch.softmax(scores, dim=-1) @ vs).transpose(0, 1)
     return out
-
-
-_TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def _spec(config: triton.Config, dtype: torch.dtype, head_dim: int, store_kv: bool = False) -> KernelSpec:
-    t = _TL_TYPES[dtype]
-    signature = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "Out": f"*{t}", "cu_seqlens": "*i32"}
-    signature |= {"K_cache": f"*{t}", "V_cache": f"*{t}", "slot_mapping": "*i64" if store_kv else "*i32"}
-    # Strides are multiples of 16 for every GPT-2 width (the runtime specializes them so); H is not (gpt2-xl: 25).
-    signature |= {name: "i32:16" for name in ("stride_qt", "stride_qh", "stride_kt", "stride_kh")}
-    signature |= {name: "i32:16" for name in ("stride_vt", "stride_vh", "stride_ot", "stride_oh")}
-    signature |= {"H": "i32"}
-    signature |= {"qk_scale": "fp32", "seqlen_bucket": "i32"}
-    constexprs = dict(config.kwargs, HEAD_DIM=head_dim, UPCAST=False, STORE_KV=store_kv)
-    constexprs["DOT_PRECISION"] = "ieee" if dtype == torch.float32 else "tf32"
-    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    return KernelSpec(
-        name=f"prefill_attention[{t},hd={head_dim}{',store_kv' * store_kv}] BLOCK_M={bm} BLOCK_N={bn} "
-        f"warps={config.num_warps} stages={config.num_stages}",
-        fn=_prefill_attention_kernel.fn,
-        signature=signature,
-        constexprs=constexprs,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
-
-
-def compile_specs() -> list[KernelSpec]:
-    """Every config autotuning may pick: all dtypes at GPT-2's head dim 64, with and without the cache store
-    (the engine's prefill stores, scoring-only callers need not), fp16 and fp32 at 128, the smallest and
-    largest tile at head dims 16 and 32."""
-    configs = [c for c in get_configs() if keep(c)]
-    specs = []
-    for dtype in FLOAT_DTYPES:
-        for store_kv in (False, True):
-            specs += [_spec(c, dtype, 64, store_kv) for c in configs if fits(c, 64, dtype == torch.float32)]
-    for dtype in (torch.float16, torch.float32):
-        specs += [_spec(c, dtype, 128) for c in configs if fits(c, 128, dtype == torch.float32)]
-    for head_dim in (16, 32):
-        kept = [c for c in configs if fits(c, head_dim, False)]
-        specs += [_spec(kept[0], torch.float16, head_dim), _spec(kept[-1], torch.float16, head_dim)]
-    return specs

@@ -1,7 +1,8 @@
 """Ahead-of-time compile gate: compile every kernel config we ship for sm_80 and sm_90, without a GPU.
 
 The Triton interpreter accepts code the real compiler rejects, and it says nothing about registers, spills or
-shared memory. This gate compiles every :class:`kernels.utils.KernelSpec` exported by the kernel modules with
+shared memory. This gate compiles every :class:`kernels.specs.KernelSpec` of the spec modules (``compile_specs()``
+of ``kernels/specs/<family>.py`` for each op family of ``kernels.KERNEL_MODULES``) with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` — Triton ships ``ptxas`` and
 ``cuobjdump``, so no GPU is needed — and fails on a compile error, any register spill, or more shared memory
 than the chip has. ``python -m engine check-kernels`` (or ``python -m kernels.compile_gate``) runs it.
@@ -35,16 +36,9 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 
-KERNEL_MODULES = (
-    "kernels.layernorm",
-    "kernels.gelu",
-    "kernels.linear",
-    "kernels.quant",
-    "kernels.attention",
-    "kernels.paged_attention",
-    "kernels.context_attention",
-    "kernels.kv_cache",
-)
+from kernels import KERNEL_MODULES
+
+SPEC_MODULES = tuple(f"kernels.specs.{name}" for name in KERNEL_MODULES)  # what the gate compiles by default
 
 # Largest dynamic shared memory one block may use (opt-in limit), bytes: A100 163 KB, H100/H200 227 KB.
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -216,7 +210,7 @@ def _first_line(e: BaseException) -> str:
 
 @functools.cache
 def _specs(module: str) -> list:
-    """Import a kernel module and return its compile specs (cached per process)."""
+    """Import a spec module and return its compile specs (cached per process)."""
     return list(importlib.import_module(module).compile_specs())
 
 
@@ -320,7 +314,7 @@ def run_gate(
     jobs: int = DEFAULT_JOBS,
     max_per_module: int | None = None,
 ) -> list[Row]:
-    """Compile every spec of ``modules`` (default: all kernel modules) for each arch; one Row per compile.
+    """Compile every spec of ``modules`` (default: every spec module) for each arch; one Row per compile.
 
     ``name_filter`` keeps specs whose name (or module name) contains it; ``max_per_module`` keeps that many
     specs per module, spread evenly over its list (first and last included) — a quick sample for tests.
@@ -329,7 +323,7 @@ def run_gate(
     for a in archs:
         if a < 80:
             raise ValueError(f"arch sm_{a} is not a target (use 80 or 90)")
-    modules = tuple(_module_name(m) for m in (modules or KERNEL_MODULES))
+    modules = tuple(_module_name(m) for m in (modules or SPEC_MODULES))
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     from kernels.utils import is_interpreter
@@ -340,8 +334,9 @@ def run_gate(
 
 
 def _module_name(name: str) -> str:
-    """Accept short names ("linear") for the kernel modules."""
-    return f"kernels.{name}" if f"kernels.{name}" in KERNEL_MODULES else name
+    """An op family's spec module for its name ("linear" or "kernels.linear"); any other module as it is."""
+    family = name.removeprefix("kernels.")
+    return f"kernels.specs.{family}" if family in KERNEL_MODULES else name
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -355,7 +350,7 @@ def format_table(rows: list[Row]) -> str:
         spill = "?" if r.spill_stores is None else str(r.spill_stores + (r.spill_loads or 0))
         body.append(
             (
-                r.module.removeprefix("kernels."),
+                r.module.removeprefix("kernels.specs.").removeprefix("kernels."),
                 r.kernel,
                 str(r.arch),
                 str(r.num_warps),
@@ -404,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="CUDA archs to compile for (80, 90)")
     p.add_argument("--filter", default=None, help="only specs whose name or module contains this substring")
     p.add_argument("--jobs", type=int, default=DEFAULT_JOBS, help="parallel compile processes")
-    p.add_argument("--module", nargs="+", default=None, help="kernel modules (default: all), e.g. linear")
+    p.add_argument("--module", nargs="+", default=None, help="op families (default: all), e.g. linear")
     p.add_argument("--max-per-module", type=int, default=None, help="compile only this many specs per module")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no table, only the summary line")
@@ -426,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if rows and all(r.ok for r in rows) else 1
 
 
-__all__ = ["KERNEL_MODULES", "SMEM_LIMIT", "Row", "run_gate", "main", "format_table", "summary"]
+__all__ = ["SPEC_MODULES", "SMEM_LIMIT", "Row", "run_gate", "main", "format_table", "summary"]
 
 if __name__ == "__main__":
     sys.exit(main())

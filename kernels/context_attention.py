@@ -19,12 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import online_softmax_step
-from kernels.utils import FLOAT_DTYPES, KernelSpec, autotune, cast, check_device, check_tensor, is_interpreter
-
-LOG2E = 1.4426950408889634
-HEAD_DIMS = (16, 32, 64, 128)
-MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2
+from kernels.attention_common import LOG2E, MAX_GRID_Y, check_head_dim, online_softmax_step
+from kernels.utils import FLOAT_DTYPES, autotune, cast, check_device, check_tensor, is_interpreter
 
 
 def get_configs() -> list[triton.Config]:
@@ -165,7 +161,9 @@ def _context_attention_kernel(
         # K is read transposed, (HEAD_DIM, BLOCK_N), so QK^T is a plain tl.dot.
         kt = tl.load(k_rows[None, :] + offs_d[:, None])
         v = tl.load(v_rows[:, None] + offs_d[None, :])
-        m_i, l_i, acc = online_softmax_step(q, kt, v, m_i, l_i, acc, qk_scale, True, False, UPCAST, DOT_PRECISION)
+        m_i, l_i, acc = online_softmax_step(
+            q, kt, v, m_i, l_i, acc, qk_scale, True, MASKED=False, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION
+        )
 
     # The diagonal: keys up to the block's last query position, causally masked. Tokens past the sequence's end
     # are not loaded at all (other=0), table entries included, so stale or NaN cache slots never enter. The
@@ -181,7 +179,9 @@ def _context_attention_kernel(
         kt = tl.load(k_rows[None, :] + offs_d[:, None], mask=valid[None, :], other=0.0)
         v = tl.load(v_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
         visible = tok[None, :] <= pos_m[:, None]
-        m_i, l_i, acc = online_softmax_step(q, kt, v, m_i, l_i, acc, qk_scale, visible, True, UPCAST, DOT_PRECISION)
+        m_i, l_i, acc = online_softmax_step(
+            q, kt, v, m_i, l_i, acc, qk_scale, visible, MASKED=True, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION
+        )
 
     acc = acc / l_i[:, None]
     out_ptrs = Ob + offs_m[:, None] * stride_ot + offs_d[None, :]
@@ -224,8 +224,7 @@ def context_attention(
         named.append(("out", out))
     check_device(*named)
     T, H, hd = q.shape
-    if hd not in HEAD_DIMS:
-        raise ValueError(f"head dim {hd} is not supported; expected one of {HEAD_DIMS}")
+    check_head_dim(hd)
     if q.stride(2) != 1:
         raise ValueError(f"q needs a contiguous last dim (stride {q.stride()})")
     if k_cache.shape[2:] != (H, hd) or v_cache.shape != k_cache.shape:
@@ -301,45 +300,3 @@ def context_attention_ref(
         scores = scores.masked_fill(pos[None, :] > q_pos[:, None], float("-inf"))
         out[start:end] = torch.einsum("hln,nhd->lhd", torch.softmax(scores, dim=-1), values)
     return out
-
-
-_TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def _spec(config: triton.Config, dtype: torch.dtype, head_dim: int, block_size: int) -> KernelSpec:
-    t = _TL_TYPES[dtype]
-    signature = {"Q": f"*{t}", "K_cache": f"*{t}", "V_cache": f"*{t}", "Out": f"*{t}"}
-    signature |= {"cu_seqlens_q": "*i32", "seq_lens": "*i32", "block_tables": "*i32"}
-    # q/out strides are multiples of 16 for every GPT-2 width; the table width and H need not be (gpt2-xl: 25).
-    signature |= {"stride_qt": "i32:16", "stride_qh": "i32:16", "stride_ot": "i32:16", "stride_oh": "i32:16"}
-    signature |= {"stride_bt": "i32", "H": "i32", "max_seqlen_k": "i32", "qk_scale": "fp32", "seqlen_bucket": "i32"}
-    constexprs = dict(config.kwargs, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, UPCAST=False)
-    constexprs["DOT_PRECISION"] = "ieee" if dtype == torch.float32 else "tf32"
-    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    return KernelSpec(
-        name=f"context_attention[{t},hd={head_dim},bs={block_size}] BLOCK_M={bm} BLOCK_N={bn} "
-        f"warps={config.num_warps} stages={config.num_stages}",
-        fn=_context_attention_kernel.fn,
-        signature=signature,
-        constexprs=constexprs,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
-
-
-def compile_specs() -> list[KernelSpec]:
-    """Every config autotuning may pick: all dtypes at GPT-2's head dim 64 with the engine's block size 16, fp16
-    and fp32 at 128, the smallest and largest tile at head dims 16 and 32 and at block sizes 1 and 32."""
-    configs = get_configs()
-    specs = []
-    for dtype in FLOAT_DTYPES:
-        specs += [_spec(c, dtype, 64, 16) for c in configs if fits(c, 64, dtype == torch.float32)]
-    for dtype in (torch.float16, torch.float32):
-        specs += [_spec(c, dtype, 128, 16) for c in configs if fits(c, 128, dtype == torch.float32)]
-    for head_dim, block_size in ((16, 16), (32, 16), (64, 1), (64, 32)):
-        kept = [c for c in configs if fits(c, head_dim, False)]
-        specs += [
-            _spec(kept[0], torch.float16, head_dim, block_size),
-            _spec(kept[-1], torch.float16, head_dim, block_size),
-        ]
-    return specs

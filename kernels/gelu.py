@@ -4,7 +4,7 @@
 ``tanh(u) = 2 sigmoid(2u) - 1``. That form needs only ``exp`` (Triton 3.6 and 3.9 share no ``tanh``) and avoids
 the cancellation in ``1 + tanh(u)`` for negative x; the sigmoid is evaluated from ``exp(-|2u|)`` so it neither
 overflows nor loses the tiny negative tail.
-The jit helper :func:`_gelu_tanh` is shared with the GEMM epilogue in :mod:`kernels.linear`.
+The jit helper :func:`gelu_tanh` is shared with the GEMM epilogue in :mod:`kernels.gemm`.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import FLOAT_DTYPES, KernelSpec, cast, check_device, check_tensor
+from kernels.utils import FLOAT_DTYPES, cast, check_device, check_tensor
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 BLOCK_SIZE = 1024  # elements per program: 4 warps x 32 lanes x 8 elements
 
 
 @triton.jit
-def _gelu_tanh(x):
+def gelu_tanh(x):
     """GELU-tanh of an fp32 tensor: x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3))."""
     z = 1.5957691216057308 * (x + 0.044715 * x * x * x)  # 2u = 2 sqrt(2/pi) (x + 0.044715 x^3)
     e = tl.exp(-tl.abs(z))  # in (0, 1]: never overflows
@@ -40,7 +40,7 @@ def _gelu_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n_elements
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + offs, cast(_gelu_tanh(x), Y.dtype.element_ty), mask=mask)
+    tl.store(Y + offs, cast(gelu_tanh(x), Y.dtype.element_ty), mask=mask)
 
 
 def gelu(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -68,18 +68,3 @@ def gelu_ref(x: torch.Tensor) -> torch.Tensor:
     xd = x.double()
     u = SQRT_2_OVER_PI * (xd + 0.044715 * xd.pow(3))
     return (xd * torch.sigmoid(2.0 * u)).to(x.dtype)
-
-
-def compile_specs() -> list[KernelSpec]:
-    """AOT compile specs: the one config, per dtype."""
-    return [
-        KernelSpec(
-            name=f"gelu[{t}] BLOCK_SIZE={BLOCK_SIZE}",
-            fn=_gelu_kernel,
-            signature={"X": f"*{t}", "Y": f"*{t}", "n_elements": "i32"},
-            constexprs={"BLOCK_SIZE": BLOCK_SIZE},
-            num_warps=4,
-            num_stages=1,
-        )
-        for t in ("fp32", "fp16", "bf16")
-    ]

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import FLOAT_DTYPES, KernelSpec, check_device, check_tensor, row_block
+from kernels.utils import FLOAT_DTYPES, check_device, check_tensor, row_block
 
 SLOT_DTYPES = (torch.int32, torch.int64)
 
@@ -104,39 +104,3 @@ def store_kv_ref(
         if slot >= 0:
             k_cache[slot // block_size, slot % block_size] = k[t]
             v_cache[slot // block_size, slot % block_size] = v[t]
-
-
-_TL_TYPES = {
-    torch.float32: "fp32",
-    torch.float16: "fp16",
-    torch.bfloat16: "bf16",
-    torch.int32: "i32",
-    torch.int64: "i64",
-}
-
-
-def compile_specs() -> list[KernelSpec]:
-    """Every (dtype, slot dtype, row block) the launcher can pick for GPT-2 widths (768 .. 1600 per token)."""
-    specs = []
-    for dtype in FLOAT_DTYPES:
-        for slot_dtype in SLOT_DTYPES:
-            for width in (768, 1600):  # BLOCK_SIZE 1024 and 2048
-                block, num_warps = row_block(width)
-                t, s = _TL_TYPES[dtype], _TL_TYPES[slot_dtype]
-                signature = {
-                    "K": f"*{t}", "V": f"*{t}", "K_cache": f"*{t}", "V_cache": f"*{t}", "slot_mapping": f"*{s}",
-                    # multiples of 16 for every GPT-2 width, as the runtime specializes them
-                    "stride_kt": "i32:16", "stride_kh": "i32:16", "stride_vt": "i32:16", "stride_vh": "i32:16",
-                    "row_size": "i32:16",
-                }  # fmt: skip
-                specs.append(
-                    KernelSpec(
-                        name=f"store_kv[{t},{s}] BLOCK_SIZE={block}",
-                        fn=_store_kv_kernel,
-                        signature=signature,
-                        constexprs={"HEAD_DIM": 64, "BLOCK_SIZE": block},
-                        num_warps=num_warps,
-                        num_stages=1,
-                    )
-                )
-    return specs

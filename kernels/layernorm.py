@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import FLOAT_DTYPES, KernelSpec, cast, check_device, check_tensor, row_block
+from kernels.utils import FLOAT_DTYPES, cast, check_device, check_tensor, row_block
 
 MAX_N = 8192  # widest row handled in one program (GPT-2 xl is 1600; 4x of that still fits)
 
@@ -137,28 +137,3 @@ def layer_norm_ref(
     h = x if residual is None else x + residual
     y = torch.nn.functional.layer_norm(h.float(), (h.shape[-1],), weight.float(), bias.float(), eps)
     return y.to(x.dtype), h
-
-
-def compile_specs() -> list[KernelSpec]:
-    """AOT compile specs: GPT-2 widths (768..1600 -> blocks 1024/2048) and the widest block, per dtype."""
-    specs = []
-    for n in (1024, 1600, MAX_N):  # blocks 1024 (gpt2 / medium), 2048 (large / xl), 8192 (the widest)
-        block_n, num_warps = row_block(n, MAX_N)
-        for t in ("fp32", "fp16", "bf16"):
-            for has_res in (False, True):
-                signature = {
-                    "X": f"*{t}", "R": f"*{t}", "Y": f"*{t}", "H": f"*{t}", "W": f"*{t}", "B": f"*{t}",
-                    "stride_x": "i32:16", "stride_r": "i32:16", "stride_y": "i32:16", "stride_h": "i32:16",
-                    "N": "i32", "eps": "fp32",
-                }  # fmt: skip
-                specs.append(
-                    KernelSpec(
-                        name=f"layer_norm[{t}{',residual' if has_res else ''}] BLOCK_N={block_n}",
-                        fn=_layer_norm_fwd_kernel,
-                        signature=signature,
-                        constexprs={"HAS_RESIDUAL": has_res, "BLOCK_N": block_n},
-                        num_warps=num_warps,
-                        num_stages=1,
-                    )
-                )
-    return specs

@@ -3,88 +3,22 @@
 The weight keeps ``nn.Linear``'s ``[N, K]`` layout and is read through its strides, so a transposed or
 column-major copy works without another copy. Accumulation is fp32; fp16/bf16 inputs use tensor cores and
 fp32 inputs use exact IEEE products (the parity path). Programs are ordered in groups of ``GROUP_M`` row
-blocks (the "swizzle" of Triton's matmul tutorial) so neighbouring programs share weight tiles in L2.
-
-Split-K (decode): with few rows (M <= 64) and few output tiles, a GPU with ~100+ SMs would run a handful of
-programs, each streaming its weight columns alone, far from memory bandwidth. The launcher then splits K into
-``SPLIT_K`` contiguous ranges (whole ``BLOCK_K`` steps each): program ``(tile, s)`` writes its fp32 partial sum to
-``partials[s]`` of a ``[SPLIT_K, M, N]`` buffer, and :func:`_splitk_epilogue_kernel` adds the partials in a fixed
-order (deterministic, no atomics) and applies the epilogue, which must follow the full sum since GELU is not
-linear. fp32 inputs (the parity path) never split by default.
-
-The GEMM body (:func:`_gemm_kernel`, whose ``W_INT8`` variant is :mod:`kernels.quant`'s int8 kernel), the
-tile helpers (:func:`_tile_setup`, :func:`_dot`, :func:`_write_tile`) and :func:`_splitk_epilogue_kernel` are
-shared with :mod:`kernels.quant`.
+blocks (the "swizzle" of Triton's matmul tutorial) so neighbouring programs share weight tiles in L2; small-M
+GEMMs with few output tiles split K (decode). The GEMM body, its tile walk, epilogue, split-K and launcher are
+:mod:`kernels.gemm`'s, shared with the quantized formats of :mod:`kernels.quant`; this module holds the float
+weights' format (:data:`FLOAT_FORMAT`), its tiles and the torch reference.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-
 import torch
 import triton
-import triton.language as tl
 
-from kernels.gelu import _gelu_tanh, gelu_ref
-from kernels.utils import (
-    FLOAT_DTYPES,
-    KernelSpec,
-    RestoreAliasedOutput,
-    autotune,
-    cast,
-    check_device,
-    check_tensor,
-    is_interpreter,
-)
-
-ACTIVATIONS = (None, "gelu_tanh")
-SMEM_LIMIT = 160 * 1024  # bytes of pipeline buffers a config may use: sm_80 allows 163 KB, sm_90 227 KB
-SPLIT_K_MAX_M = 64  # split K only for decode-sized row counts
-SPLIT_K_MIN_K = 256  # every split covers at least this many k
-SPLIT_K_MAX = 16
-SPLIT_K_WAVES = 3  # aim for tiles * SPLIT_K ~ this many programs per SM
-SPLIT_K_BUCKETS = (1, 16, 32, 64)  # m_key buckets that may split: their configs need split-K specs
-REDUCE_BLOCK_M, REDUCE_BLOCK_N, REDUCE_WARPS = 16, 64, 4  # the split-K epilogue kernel's one tile
-
-
-def m_key(m: int) -> int:
-    """Autotune bucket for the row count: powers of two, so ragged prefill batches don't retune every call."""
-    return min(triton.next_power_of_2(max(m, 1)), 16384)
-
-
-@functools.cache
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 0 elsewhere (the interpreter never splits by default)."""
-    if device.type != "cuda":
-        return 0
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def choose_split_k(m: int, n: int, k: int, num_sms: int, dtype: torch.dtype) -> int:
-    """How many K ranges to split a GEMM into so that small-M GEMMs with few output tiles fill the GPU.
-
-    Tiles are counted with the decode tile (16 x 64); when they are fewer than two waves, split until
-    ``tiles * SPLIT_K`` is about ``SPLIT_K_WAVES`` waves, keeping each split at least ``SPLIT_K_MIN_K`` deep.
-    fp32 (the parity path) and prefill-sized M never split.
-    """
-    if dtype == torch.float32 or m > SPLIT_K_MAX_M or num_sms <= 0:
-        return 1
-    tiles = triton.cdiv(m, 16) * triton.cdiv(n, 64)
-    if tiles >= 2 * num_sms:
-        return 1
-    return max(1, min(SPLIT_K_WAVES * num_sms // tiles, k // SPLIT_K_MIN_K, SPLIT_K_MAX))
-
-
-def check_split_k(split_k: int | None, dtype: torch.dtype, m: int, n: int, k: int, device: torch.device) -> int:
-    """Validate an explicit ``split_k`` (a positive int; > 1 only for fp16/bf16), or pick one from the shape."""
-    if split_k is None:
-        return choose_split_k(m, n, k, sm_count(device), dtype)
-    if not isinstance(split_k, int) or isinstance(split_k, bool) or split_k < 1:
-        raise ValueError(f"split_k must be a positive int, got {split_k!r}")
-    if split_k > 1 and dtype == torch.float32:
-        raise ValueError(f"split_k={split_k} needs fp16/bf16 inputs; fp32 (the parity path) runs unsplit")
-    return split_k
+from kernels.gelu import gelu_ref
+from kernels.gemm import SMEM_LIMIT, GemmOperands, WeightFormat, gemm_kernel
+from kernels.gemm import choose_split_k as choose_split_k  # re-exported: bench/gpu_check.py imports it from here
+from kernels.gemm import sm_count as sm_count  # re-exported: bench/gpu_check.py imports it from here
+from kernels.utils import FLOAT_DTYPES, RestoreAliasedOutput, autotune, check_tensor, is_interpreter
 
 
 def get_configs() -> list[triton.Config]:
@@ -143,312 +77,32 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     return kept or configs[:1]
 
 
-@triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr):
-    """``acc + a @ b`` in fp32; fp32 operands use IEEE products, never TF32.
-
-    UPCAST works around the interpreter's bf16 ``tl.dot`` bug (triton #11584) by multiplying in fp32.
-    """
-    if UPCAST:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    elif a.dtype == tl.float32:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
-
-
-@triton.jit
-def _epilogue(
-    acc,  # fp32 accumulator tile, shape (BLOCK_M, BLOCK_N)
-    offs_m,  # row indices of the tile, shape (BLOCK_M,)
-    offs_n,  # column indices of the tile, shape (BLOCK_N,)
-    M,  # rows of the output
-    N,  # columns of the output
-    B,  # pointer to the bias, shape (N,) (unused unless HAS_BIAS)
-    R,  # pointer to the residual, shape (M, N) (unused unless HAS_RESIDUAL)
-    Y,  # pointer to the output, shape (M, N)
-    stride_rm,  # residual row stride
-    stride_rn,  # residual column stride
-    stride_ym,  # output row stride
-    stride_yn,  # output column stride
-    HAS_BIAS: tl.constexpr,  # add B[n] to every row
-    APPLY_GELU: tl.constexpr,  # apply GELU-tanh after the bias
-    HAS_RESIDUAL: tl.constexpr,  # add R after the activation
-):
-    """``Y = act(acc + bias) + residual``, masked to the (M, N) bounds, cast to Y's dtype."""
-    mask_n = offs_n < N
-    if HAS_BIAS:
-        acc += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if APPLY_GELU:
-        acc = _gelu_tanh(acc)
-    rows = offs_m.to(tl.int64)[:, None]
-    mask = (offs_m[:, None] < M) & mask_n[None, :]
-    if HAS_RESIDUAL:
-        acc += tl.load(R + rows * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + rows * stride_ym + offs_n[None, :] * stride_yn, cast(acc, Y.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _split_range(K, BLOCK_K: tl.constexpr, SPLIT_K):
-    """The ``BLOCK_K`` steps ``[lo, hi)`` of K that split ``program_id(1)`` of ``SPLIT_K`` reduces (may be empty)."""
-    steps = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(steps, SPLIT_K)
-    lo = tl.program_id(1) * per_split
-    hi = tl.minimum(lo + per_split, steps)
-    return lo, hi
-
-
-@triton.jit
-def _store_partial(
-    acc,  # fp32 partial sum of one K range, shape (BLOCK_M, BLOCK_N)
-    offs_m,  # row indices of the tile, shape (BLOCK_M,)
-    offs_n,  # column indices of the tile, shape (BLOCK_N,)
-    M,  # rows of the output
-    N,  # columns of the output
-    P,  # pointer to the fp32 partials, contiguous, shape (SPLIT_K, M, N); this split writes P[program_id(1)]
-):
-    """Store this split's fp32 partial tile, masked to the (M, N) bounds."""
-    rows = (tl.program_id(1) * M + offs_m).to(tl.int64)[:, None]
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(P + rows * N + offs_n[None, :], acc, mask=mask)
-
-
-@triton.jit
-def _splitk_epilogue_kernel(
-    P,  # pointer to the fp32 partial sums, contiguous, shape (SPLIT_K, M, N)
-    B,  # pointer to the bias, shape (N,) (unused unless HAS_BIAS)
-    R,  # pointer to the residual, shape (M, N) (unused unless HAS_RESIDUAL)
-    Y,  # pointer to the output, shape (M, N)
-    M,  # rows of the output
-    N,  # columns of the output
-    SPLIT_K,  # number of partial sums
-    stride_rm,  # R row stride
-    stride_rn,  # R column stride
-    stride_ym,  # Y row stride
-    stride_yn,  # Y column stride
-    HAS_BIAS: tl.constexpr,  # add the bias
-    APPLY_GELU: tl.constexpr,  # GELU-tanh after the bias
-    HAS_RESIDUAL: tl.constexpr,  # add the residual after the activation
-    BLOCK_M: tl.constexpr,  # rows per tile
-    BLOCK_N: tl.constexpr,  # columns per tile
-):
-    """``Y = act(sum_s P[s] + bias) + residual``: the split-K reduction, in a fixed order, then the epilogue."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in range(0, SPLIT_K):
-        rows = (s * M + offs_m).to(tl.int64)[:, None]  # rows of P viewed as (SPLIT_K * M, N)
-        acc += tl.load(P + rows * N + offs_n[None, :], mask=mask, other=0.0)
-    _epilogue(
-        acc, offs_m, offs_n, M, N, B, R, Y, stride_rm, stride_rn, stride_ym, stride_yn,
-        HAS_BIAS, APPLY_GELU, HAS_RESIDUAL,
-    )  # fmt: skip
-
-
-def launch_gemm(
-    kernel_launch: Callable[[torch.Tensor | None], None],
-    m: int,
-    n: int,
-    split_k: int,
-    y: torch.Tensor,
-    bias: torch.Tensor | None,
-    activation: str | None,
-    residual: torch.Tensor | None,
-) -> None:
-    """Run a GEMM: unsplit, ``kernel_launch(None)`` writes ``y`` with its own epilogue; split ``split_k`` ways,
-    ``kernel_launch(partials)`` fills ``partials [split_k, M, N]`` (fp32) and the epilogue kernel reduces them
-    into ``y`` with bias / activation / residual."""
-    if split_k == 1:
-        kernel_launch(None)
-        return
-    partials = torch.empty((split_k, m, n), dtype=torch.float32, device=y.device)
-    kernel_launch(partials)
-    r = residual if residual is not None else y
-    b = bias if bias is not None else y
-    grid = (triton.cdiv(m, REDUCE_BLOCK_M), triton.cdiv(n, REDUCE_BLOCK_N))
-    _splitk_epilogue_kernel[grid](
-        partials, b, r, y, m, n, split_k, r.stride(0), r.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, APPLY_GELU=activation == "gelu_tanh", HAS_RESIDUAL=residual is not None,
-        BLOCK_M=REDUCE_BLOCK_M, BLOCK_N=REDUCE_BLOCK_N, num_warps=REDUCE_WARPS,
-    )  # fmt: skip
-
-
-@triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Map the 1-D program id to (pid_m, pid_n), walking GROUP_M row blocks per column for L2 reuse."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
-
-
-@triton.jit
-def _tile_setup(
-    M,  # rows of the output
-    N,  # columns of the output
-    K,  # reduction depth
-    SPLIT_K,  # K ranges (grid axis 1); read only if PARTIAL
-    PARTIAL: tl.constexpr,  # reduce only this program's K range
-    BLOCK_M: tl.constexpr,  # rows per tile
-    BLOCK_N: tl.constexpr,  # columns per tile
-    BLOCK_K: tl.constexpr,  # reduction step
-    GROUP_M: tl.constexpr,  # row tiles per L2 group
-):
-    """This program's tile: row and column indices, its ``BLOCK_K`` steps ``[k_lo, k_hi)``, and the rows of X and
-    of the weight to read, out-of-range ones wrapped onto valid ones so only the K tail needs a load mask."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if PARTIAL:
-        k_lo, k_hi = _split_range(K, BLOCK_K, SPLIT_K)
-    else:
-        k_lo, k_hi = 0, tl.cdiv(K, BLOCK_K)
-    return offs_m, offs_n, k_lo, k_hi, (offs_m % M).to(tl.int64), (offs_n % N).to(tl.int64)
-
-
-@triton.jit
-def _write_tile(
-    acc,  # fp32 accumulator tile, shape (BLOCK_M, BLOCK_N)
-    offs_m,  # row indices of the tile, shape (BLOCK_M,)
-    offs_n,  # column indices of the tile, shape (BLOCK_N,)
-    M,  # rows of the output
-    N,  # columns of the output
-    B,  # pointer to the bias, shape (N,) (unused unless HAS_BIAS)
-    R,  # pointer to the residual, shape (M, N) (unused unless HAS_RESIDUAL)
-    Y,  # pointer to the output, shape (M, N)
-    P,  # pointer to the fp32 split-K partials, shape (SPLIT_K, M, N) (unused unless PARTIAL)
-    stride_rm,  # residual row stride
-    stride_rn,  # residual column stride
-    stride_ym,  # output row stride
-    stride_yn,  # output column stride
-    HAS_BIAS: tl.constexpr,  # add B[n] to every row
-    APPLY_GELU: tl.constexpr,  # apply GELU-tanh after the bias
-    HAS_RESIDUAL: tl.constexpr,  # add R after the activation
-    PARTIAL: tl.constexpr,  # split-K: store the partial sum to P (the epilogue runs after the reduction)
-):
-    """Finish a GEMM tile: the split's fp32 partial to P, or the epilogue into Y."""
-    if PARTIAL:
-        _store_partial(acc, offs_m, offs_n, M, N, P)
-    else:
-        _epilogue(
-            acc, offs_m, offs_n, M, N, B, R, Y, stride_rm, stride_rn, stride_ym, stride_yn,
-            HAS_BIAS, APPLY_GELU, HAS_RESIDUAL,
-        )  # fmt: skip
-
-
-@triton.jit
-def _gemm_kernel(
-    X,  # pointer to the activations, shape (M, K)
-    W,  # pointer to the weight, shape (N, K) (nn.Linear layout, any strides): X's dtype, or int8 codes if W_INT8
-    S,  # pointer to the int8 per-output-channel scales, shape (N,) (unused unless W_INT8)
-    B,  # pointer to the bias, shape (N,) (unused unless HAS_BIAS)
-    R,  # pointer to the residual, shape (M, N) (unused unless HAS_RESIDUAL)
-    Y,  # pointer to the output, shape (M, N)
-    P,  # pointer to the fp32 split-K partials, shape (SPLIT_K, M, N) (unused unless PARTIAL)
-    M,  # rows of X and Y (tokens)
-    N,  # output features
-    K,  # input features
-    M_KEY,  # autotune bucket of M (power of two); not used by the kernel body
-    SPLIT_K,  # K ranges (grid axis 1); 1 unless PARTIAL
-    stride_xm,  # X row stride
-    stride_xk,  # X column stride
-    stride_wn,  # W row stride
-    stride_wk,  # W column stride
-    stride_rm,  # R row stride
-    stride_rn,  # R column stride
-    stride_ym,  # Y row stride
-    stride_yn,  # Y column stride
-    HAS_BIAS: tl.constexpr,  # add the bias
-    APPLY_GELU: tl.constexpr,  # GELU-tanh after the bias
-    HAS_RESIDUAL: tl.constexpr,  # add the residual after the activation
-    UPCAST: tl.constexpr,  # interpreter only: multiply in fp32 (bf16 tl.dot bug)
-    PARTIAL: tl.constexpr,  # split-K: reduce only this program's K range and store it to P (no epilogue)
-    W_INT8: tl.constexpr,  # W holds int8 codes: convert them in registers, scale the sum by S[n]
-    BLOCK_M: tl.constexpr,  # rows per tile
-    BLOCK_N: tl.constexpr,  # output columns per tile
-    BLOCK_K: tl.constexpr,  # reduction step
-    GROUP_M: tl.constexpr,  # row tiles per L2 group
-):
-    """One GEMM body for float weights (:func:`linear`) and int8 weights (:func:`kernels.quant.quant_linear`)."""
-    offs_m, offs_n, k_lo, k_hi, rows_x, rows_w = _tile_setup(
-        M, N, K, SPLIT_K, PARTIAL, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
-    )
-    offs_k = tl.arange(0, BLOCK_K)
-    # (BLOCK_M, BLOCK_K) x tile and (BLOCK_K, BLOCK_N) W^T tile at this split's first k. Where the split's scalar
-    # offset goes matters for registers: int8 must add it last (folded into offs_k it spills on sm_80 at
-    # 32 x 64 x 128), float weights must fold it (added last it spills on sm_90 at 16 x 32 x 256 with triton 3.6)
-    if W_INT8:
-        x_ptrs = X + rows_x[:, None] * stride_xm + offs_k[None, :] * stride_xk + k_lo * BLOCK_K * stride_xk
-        w_ptrs = W + rows_w[None, :] * stride_wn + offs_k[:, None] * stride_wk + k_lo * BLOCK_K * stride_wk
-    else:
-        x_ptrs = X + rows_x[:, None] * stride_xm + (k_lo * BLOCK_K + offs_k)[None, :] * stride_xk
-        w_ptrs = W + rows_w[None, :] * stride_wn + (k_lo * BLOCK_K + offs_k)[:, None] * stride_wk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_left = K - k_lo * BLOCK_K  # k from this step on; only the last step of K has a tail
-    for _ in range(0, k_hi - k_lo):  # a zero-based trip count: range(k_lo, k_hi) spills a register on sm_90
-        a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        if W_INT8:
-            q = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0)
-            if UPCAST:  # the interpreter's int8 -> bf16 cast is broken too; _dot multiplies in fp32 anyway
-                b = q.to(tl.float32)
-            else:
-                b = q.to(a.dtype)  # |q| <= 127 is exact in fp16 and bf16 (one conversion per byte: ~HBM rate)
-        else:
-            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = _dot(a, b, acc, UPCAST)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
-        k_left -= BLOCK_K
-    if W_INT8:
-        acc *= tl.load(S + rows_w).to(tl.float32)[None, :]  # per-channel scale factors out of the K sum
-    _write_tile(
-        acc, offs_m, offs_n, M, N, B, R, Y, P, stride_rm, stride_rn, stride_ym, stride_yn,
-        HAS_BIAS, APPLY_GELU, HAS_RESIDUAL, PARTIAL,
-    )  # fmt: skip
-
-
 _linear_kernel = autotune(
     configs=get_configs(),
     key=["M_KEY", "N", "K", "SPLIT_K"],
     prune_configs_by={"early_config_prune": _prune},
     **RestoreAliasedOutput().kwargs(),  # tuning an in-place residual add (out=residual) must not accumulate
-)(_gemm_kernel)
+)(gemm_kernel)
 
 
-def check_epilogue(
-    x: torch.Tensor,
-    n: int,
-    bias: torch.Tensor | None,
-    activation: str | None,
-    residual: torch.Tensor | None,
-    out: torch.Tensor | None,
-) -> list[tuple[str, torch.Tensor]]:
-    """Validate x [M, K] and the epilogue operands for an output of N columns; returns them named, for devices."""
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
-    m = x.shape[0]
-    named = [("x", x)]
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-    if bias is not None:
-        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndim=1, contiguous=True)
-        if bias.shape[0] != n:
-            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
-        named.append(("bias", bias))
-    for name, t in (("residual", residual), ("out", out)):
-        if t is not None:
-            check_tensor(name, t, dtypes=(x.dtype,), ndim=2)
-            if tuple(t.shape) != (m, n):
-                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({m}, {n})")
-            named.append((name, t))
-    return named
+class FloatFormat(WeightFormat):
+    """Float weights, ``[N, K]`` in x's dtype, read through their strides."""
+
+    name = "float"
+
+    def operands(self, weight: torch.Tensor) -> GemmOperands:
+        # S (the int8 scales) is unused without W_INT8: the weight stands in for it
+        return GemmOperands((weight, weight), weight.stride(), {"W_INT8": False})
+
+    def check(self, x: torch.Tensor, weight: torch.Tensor) -> None:
+        if weight.dtype != x.dtype:
+            raise ValueError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+
+    def upcast(self, dtype: torch.dtype) -> bool:
+        return is_interpreter()  # every dtype multiplies in fp32 under the interpreter
+
+
+FLOAT_FORMAT = FloatFormat(_linear_kernel, get_configs)
 
 
 def linear(
@@ -468,36 +122,7 @@ def linear(
     but must not overlap ``x``. ``split_k`` forces the number of K splits (tests); None picks it from the shape.
     """
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=2)
-    n, k = weight.shape
-    named = check_epilogue(x, n, bias, activation, residual, out)
-    if weight.dtype != x.dtype:
-        raise ValueError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
-    if x.shape[1] != k:
-        raise ValueError(f"x has {x.shape[1]} features but weight is {tuple(weight.shape)} (expects K={k})")
-    check_device(*named, ("weight", weight))
-    m = x.shape[0]
-    y = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return y
-    if k == 0:
-        raise ValueError("x and weight have K=0 features")
-    split_k = check_split_k(split_k, x.dtype, m, n, k, x.device)
-    r = residual if residual is not None else y
-    b = bias if bias is not None else y
-
-    def launch(partials: torch.Tensor | None) -> None:
-        split = 1 if partials is None else split_k
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
-        _linear_kernel[grid](
-            x, weight, y, b, r, y, y if partials is None else partials, m, n, k, m_key(m), split,
-            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-            r.stride(0), r.stride(1), y.stride(0), y.stride(1),
-            HAS_BIAS=bias is not None, APPLY_GELU=activation == "gelu_tanh", HAS_RESIDUAL=residual is not None,
-            UPCAST=is_interpreter(), PARTIAL=partials is not None, W_INT8=False,
-        )  # fmt: skip
-
-    launch_gemm(launch, m, n, split_k, y, bias, activation, residual)
-    return y
+    return FLOAT_FORMAT.run(x, weight, bias, activation, residual, out, split_k=split_k)
 
 
 def linear_ref(
@@ -517,104 +142,3 @@ def linear_ref(
     if residual is not None:
         y = y + residual.to(wide)
     return y.to(x.dtype)
-
-
-# Triton specializes integer arguments equal to 1 into constants at run time; contiguous operands therefore
-# compile with these unit column strides, and the compile gate checks that (vectorized, pipelined) variant.
-UNIT_STRIDES = {"stride_xk": 1, "stride_wk": 1, "stride_rn": 1, "stride_yn": 1}
-
-
-def gemm_signature(t: str, w: str, extra: dict[str, str] | None = None, partial: bool = False) -> dict[str, str]:
-    """Signature of a GEMM kernel with activation dtype ``t`` and weight dtype ``w``, minus ``UNIT_STRIDES``.
-
-    K and the row strides carry the ``:16`` divisibility hint the runtime gives them on GPT-2's shapes (all its
-    widths are multiples of 16); without it the K-tail mask blocks vectorized, pipelined (cp.async) loads.
-    ``partial``: the split-K variant (fp32 partials, runtime SPLIT_K); otherwise P is Y and SPLIT_K is 1, see
-    :func:`split_constexprs`.
-    """
-    sig = {"X": f"*{t}", "W": f"*{w}", **(extra or {}), "B": f"*{t}", "R": f"*{t}", "Y": f"*{t}"}
-    sig["P"] = "*fp32" if partial else f"*{t}"
-    sig.update(M="i32", N="i32", K="i32:16", M_KEY="i32")
-    if partial:
-        sig["SPLIT_K"] = "i32"
-    for name in ("stride_xm", "stride_wn", "stride_rm", "stride_ym"):
-        sig[name] = "i32:16"
-    return sig
-
-
-def split_constexprs(partial: bool) -> dict[str, object]:
-    """The split-K constexprs of a GEMM spec: unsplit launches pass SPLIT_K=1, which Triton makes a constant."""
-    return {"PARTIAL": True} if partial else {"PARTIAL": False, "SPLIT_K": 1}
-
-
-def splitk_epilogue_specs() -> list[KernelSpec]:
-    """Specs of the split-K reduce + epilogue kernel: fp16/bf16, full and bare epilogue."""
-    specs = []
-    for t in ("fp16", "bf16"):
-        for flags in ((True, True, True), (False, False, False)):
-            sig = {"P": "*fp32", "B": f"*{t}", "R": f"*{t}", "Y": f"*{t}", "M": "i32", "N": "i32", "SPLIT_K": "i32"}
-            sig.update(stride_rm="i32:16", stride_ym="i32:16")
-            specs.append(
-                KernelSpec(
-                    name=f"splitk_epilogue[{t},{'bias,gelu,residual' if flags[0] else 'plain'}]",
-                    fn=_splitk_epilogue_kernel,
-                    signature=sig,
-                    constexprs={
-                        "HAS_BIAS": flags[0],
-                        "APPLY_GELU": flags[1],
-                        "HAS_RESIDUAL": flags[2],
-                        "stride_rn": 1,
-                        "stride_yn": 1,
-                        "BLOCK_M": REDUCE_BLOCK_M,
-                        "BLOCK_N": REDUCE_BLOCK_N,
-                    },
-                    num_warps=REDUCE_WARPS,
-                )
-            )
-    return specs
-
-
-def config_name(c: triton.Config) -> str:
-    kw = c.kwargs
-    return f"BLOCK_M={kw['BLOCK_M']} BLOCK_N={kw['BLOCK_N']} BLOCK_K={kw['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
-
-
-def compile_specs() -> list[KernelSpec]:
-    """AOT compile specs: every config for fp16/bf16 with the fullest epilogue ``keep`` offers it (bias + gelu
-    + residual, or bias + gelu for the largest tile), the fp32 configs ``keep`` allows, the bare epilogue (LM
-    head: no bias) on the first and the largest config, the split-K partial variant (fp16/bf16) of every config
-    small M may use, and the split-K epilogue kernel."""
-    specs = []
-    configs = get_configs()
-    for t, nbytes in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
-        for i, c in enumerate(configs):
-            offered = [r for r in (True, False) if any(keep(c, mb, nbytes, nbytes, r) for mb in (16, 64, 16384))]
-            if not offered:
-                continue
-            variants = [(True, True, offered[0], False)]
-            if t != "fp32" and i in (0, len(configs) - 1):
-                variants.append((False, False, False, False))
-            if t != "fp32" and any(keep(c, mb, nbytes, nbytes) for mb in SPLIT_K_BUCKETS):
-                variants.append((False, False, False, True))
-            for has_bias, gelu, res, partial in variants:
-                epi = "split-k partial" if partial else "plain" if not has_bias else "bias,gelu" + ",residual" * res
-                specs.append(
-                    KernelSpec(
-                        name=f"linear[{t},{epi}] {config_name(c)}",
-                        fn=_gemm_kernel,
-                        signature=gemm_signature(t, t, {"S": f"*{t}"}, partial=partial),
-                        constexprs={
-                            "HAS_BIAS": has_bias,
-                            "APPLY_GELU": gelu,
-                            "HAS_RESIDUAL": res,
-                            "UPCAST": False,
-                            **split_constexprs(partial),
-                            "W_INT8": False,
-                            **UNIT_STRIDES,
-                            **c.kwargs,
-                        },  # fmt: skip
-                        num_warps=c.num_warps,
-                        num_stages=c.num_stages,
-                    )
-                )
-    return specs + splitk_epilogue_specs()

@@ -16,10 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import FLOAT_DTYPES, KernelSpec, cast, check_device, check_tensor, is_interpreter
+from kernels.attention_common import LOG2E, check_head_dim
+from kernels.utils import FLOAT_DTYPES, cast, check_device, check_tensor, is_interpreter
 
-LOG2E = 1.4426950408889634
-HEAD_DIMS = (16, 32, 64, 128)
 BLOCK_P = 16  # partials merged per step by the reduction kernel
 TARGET_PROGRAMS = 1024  # enough (b, h, partition) programs to keep every SM of a large GPU streaming
 
@@ -221,8 +220,7 @@ def decode_attention(
     check_device(*named)
     B, H, hd = q.shape
     block_size = k_cache.shape[1]
-    if hd not in HEAD_DIMS:
-        raise ValueError(f"head dim {hd} is not supported; expected one of {HEAD_DIMS}")
+    check_head_dim(hd)
     if q.stride(2) != 1:
         raise ValueError(f"q needs a contiguous last dim (stride {q.stride()})")
     if k_cache.shape[2:] != (H, hd) or v_cache.shape != k_cache.shape:
@@ -301,46 +299,3 @@ def decode_attention_ref(
         scores = torch.einsum("hd,nhd->hn", q[b].double(), keys) * scale
         out[b] = torch.einsum("hn,nhd->hd", torch.softmax(scores, dim=-1), values)
     return out
-
-
-_TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def compile_specs() -> list[KernelSpec]:
-    """Every shipped config for every dtype at hd=64 (block size 16 partitioned, 32 single), and the merge."""
-    specs = []
-    for dtype in FLOAT_DTYPES:
-        t = _TL_TYPES[dtype]
-        signature = {"Q": f"*{t}", "K_cache": f"*{t}", "V_cache": f"*{t}", "block_tables": "*i32"}
-        signature |= {"context_lens": "*i32", "Out": f"*{t}", "part_max": "*fp32", "part_sum": "*fp32"}
-        # q/out strides are multiples of 16 for every GPT-2 width; the table width and H need not be.
-        signature |= {"part_acc": "*fp32", "stride_qb": "i32:16", "stride_qh": "i32:16", "stride_bt": "i32"}
-        signature |= {"stride_ob": "i32:16", "stride_oh": "i32:16", "H": "i32", "num_partitions": "i32"}
-        signature |= {"partition_size": "i32", "max_context_len": "i32", "qk_scale": "fp32"}
-        for config in configs_for(dtype):
-            for block_size, single in ((16, False), (32, True)):
-                specs.append(
-                    KernelSpec(
-                        name=f"decode_attention[{t},hd=64,bs={block_size},single={single}] BLOCK_N={config.block_n} "
-                        f"warps={config.num_warps} stages={config.num_stages}",
-                        fn=_decode_partition_kernel,
-                        signature=dict(signature),
-                        constexprs=dict(HEAD_DIM=64, BLOCK_SIZE=block_size, SINGLE=single, BLOCK_N=config.block_n),
-                        num_warps=config.num_warps,
-                        num_stages=config.num_stages,
-                    )
-                )
-        reduce_signature = {"context_lens": "*i32", "part_max": "*fp32", "part_sum": "*fp32", "part_acc": "*fp32"}
-        reduce_signature |= {"Out": f"*{t}", "stride_ob": "i32:16", "stride_oh": "i32:16", "H": "i32"}
-        reduce_signature |= {"num_partitions": "i32", "partition_size": "i32", "max_context_len": "i32"}
-        specs.append(
-            KernelSpec(
-                name=f"decode_attention_reduce[{t},hd=64] BLOCK_P={BLOCK_P}",
-                fn=_decode_reduce_kernel,
-                signature=reduce_signature,
-                constexprs={"HEAD_DIM": 64, "BLOCK_P": BLOCK_P},
-                num_warps=4,
-                num_stages=1,
-            )
-        )
-    return specs

@@ -2,7 +2,7 @@
 
 Decode is bound by reading weights, so storing them in 8 or 4 bits cuts the bytes per token 2x or 4x. The
 GEMM kernels load the quantized tiles, turn them into the activation dtype in registers and feed ``tl.dot``;
-the epilogue (bias, GELU, residual) is the one :mod:`kernels.linear` uses.
+the epilogue (bias, GELU, residual) is :mod:`kernels.gemm`'s, as for float weights.
 
 * int8: ``w[n, k] ~= q[n, k] * scale[n]``, ``q`` in [-127, 127] (symmetric). The scale is per output
   channel, so it factors out of the K sum and is applied once to the fp32 accumulator.
@@ -15,8 +15,9 @@ the epilogue (bias, GELU, residual) is the one :mod:`kernels.linear` uses.
   ``group_size`` is 64 or 128 and must divide K; :func:`quantize_int4` picks 128 when it divides K and
   64 otherwise (GPT-2 xl's width 1600 is divisible by 64 but not 128).
 
-Small-M GEMMs with few output tiles split K as :mod:`kernels.linear` does (fp32 partials per K range, then
-:func:`kernels.linear._splitk_epilogue_kernel`); the int8 scale is applied to each split's partial sum.
+Each format is one :class:`kernels.gemm.WeightFormat` (:data:`INT8_FORMAT`, :data:`INT4_FORMAT`): the launch,
+the epilogue and split-K (fp32 partials per K range, then :func:`kernels.gemm.splitk_epilogue_kernel`) are
+:mod:`kernels.gemm`'s; the int8 scale is applied to each split's partial sum.
 """
 
 from __future__ import annotations
@@ -27,31 +28,21 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.linear import (
+from kernels.gemm import (
     SMEM_LIMIT,
-    SPLIT_K_BUCKETS,
-    UNIT_STRIDES,
-    _dot,
-    _gemm_kernel,
-    _tile_setup,
-    _write_tile,
-    check_epilogue,
-    check_split_k,
-    config_name,
-    gemm_signature,
-    launch_gemm,
-    linear_ref,
-    m_key,
-    split_constexprs,
+    GemmOperands,
+    WeightFormat,
+    dot,
+    gemm_kernel,
+    tile_setup,
+    write_tile,
 )
+from kernels.linear import linear_ref
 from kernels.utils import (
     FLOAT_DTYPES,
-    KernelSpec,
     RestoreAliasedOutput,
     autotune,
-    check_device,
     check_tensor,
-    is_interpreter,
     magic_base,
     magic_uint_to_float,
 )
@@ -246,14 +237,14 @@ def _prune_int4(configs: list[triton.Config], named_args: dict, **kwargs) -> lis
 # kernels
 
 
-# the int8 GEMM is kernels.linear's body with W_INT8 (codes converted in registers, per-channel scale applied
+# the int8 GEMM is kernels.gemm's body with W_INT8 (codes converted in registers, per-channel scale applied
 # once after the K loop), tuned over int8's own tiles; the hooks keep tuning of out=residual from accumulating
 _int8_linear_kernel = autotune(
     configs=get_int8_configs(),
     key=["M_KEY", "N", "K", "SPLIT_K"],
     prune_configs_by={"early_config_prune": _prune_int8},
     **RestoreAliasedOutput().kwargs(),
-)(_gemm_kernel)
+)(gemm_kernel)
 
 
 @autotune(
@@ -298,7 +289,7 @@ def _int4_linear_kernel(
     BLOCK_K: tl.constexpr,  # reduction step in k (BLOCK_K // 2 bytes); divides GROUP_SIZE
     GROUP_M: tl.constexpr,  # row tiles per L2 group
 ):
-    offs_m, offs_n, k_lo, k_hi, rows_x, rows_w = _tile_setup(
+    offs_m, offs_n, k_lo, k_hi, rows_x, rows_w = tile_setup(
         M, N, K, SPLIT_K, PARTIAL, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
     )
     offs_p = tl.arange(0, BLOCK_K // 2)  # byte (k pair) index within the step
@@ -311,7 +302,7 @@ def _int4_linear_kernel(
     s_ptrs = S + rows_w * stride_sn  # (BLOCK_N,)
     z_ptrs = Z + rows_w * stride_sn
     # Codes become the exact integers q - zero in the activation dtype (fp32 for the interpreter's bf16, see
-    # _dot) by bit operations, not int-to-float conversions, which run at a sixteenth of the FMA rate and would
+    # dot) by bit operations, not int-to-float conversions, which run at a sixteenth of the FMA rate and would
     # cap a decode GEMV well below memory bandwidth (two per byte). Each step lies inside one group (BLOCK_K
     # divides GROUP_SIZE): decode tiles keep the weights exact and scale the step's fp32 partial sum; larger
     # tiles, where a second accumulator would spill, scale the weights (the scale rounded to the dtype).
@@ -330,22 +321,56 @@ def _int4_linear_kernel(
         w_lo = magic_uint_to_float(packed & 0xF, DQ) - zero  # (2^m + q) - (2^m + zero): exact
         w_hi = magic_uint_to_float(packed >> 4, DQ) - zero
         if BLOCK_M * BLOCK_N <= SCALED_PARTIAL_TILE:
-            part = _dot(a_even, w_lo, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST)
-            acc += _dot(a_odd, w_hi, part, UPCAST) * scale
+            part = dot(a_even, w_lo, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST)
+            acc += dot(a_odd, w_hi, part, UPCAST) * scale
         else:
             scale_dq = scale.to(DQ)
-            acc = _dot(a_even, w_lo * scale_dq, acc, UPCAST)
-            acc = _dot(a_odd, w_hi * scale_dq, acc, UPCAST)
+            acc = dot(a_even, w_lo * scale_dq, acc, UPCAST)
+            acc = dot(a_odd, w_hi * scale_dq, acc, UPCAST)
         x_even += BLOCK_K * stride_xk
         w_ptrs += (BLOCK_K // 2) * stride_wk
-    _write_tile(
+    write_tile(
         acc, offs_m, offs_n, M, N, B, R, Y, P, stride_rm, stride_rn, stride_ym, stride_yn,
         HAS_BIAS, APPLY_GELU, HAS_RESIDUAL, PARTIAL,
     )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
-# launcher and reference
+# formats, launcher and reference
+
+
+class Int8Format(WeightFormat):
+    """int8 codes with per-channel scales: :func:`kernels.gemm.gemm_kernel` with ``W_INT8``."""
+
+    name = "int8"
+    arg = "qweight"
+
+    def operands(self, qweight: Int8Weight) -> GemmOperands:
+        w = qweight.qweight
+        return GemmOperands((w, qweight.scales), w.stride(), {"W_INT8": True})
+
+
+class Int4Format(WeightFormat):
+    """Packed int4 codes with group scales and zero points: :func:`_int4_linear_kernel`."""
+
+    name = "int4"
+    arg = "qweight"
+
+    def operands(self, qweight: Int4Weight) -> GemmOperands:
+        w, s, z = qweight.qweight, qweight.scales, qweight.zeros
+        if s.stride() != z.stride():  # the kernel reads both with one pair of strides
+            z = z.contiguous()
+            s = s.contiguous()
+        return GemmOperands((w, s, z), (*w.stride(), *s.stride()), {"GROUP_SIZE": qweight.group_size})
+
+    def check_config(self, qweight: Int4Weight, config: triton.Config) -> None:
+        super().check_config(qweight, config)
+        if qweight.group_size % config.kwargs["BLOCK_K"]:
+            raise ValueError(f"config BLOCK_K={config.kwargs['BLOCK_K']} does not divide group {qweight.group_size}")
+
+
+INT8_FORMAT = Int8Format(_int8_linear_kernel, get_int8_configs)
+INT4_FORMAT = Int4Format(_int4_linear_kernel, get_int4_configs)
 
 
 def quant_linear(
@@ -364,68 +389,13 @@ def quant_linear(
     ``out`` may be ``residual`` (in-place add); ``split_k`` forces the number of K splits, None picks it;
     ``config`` (one of ``get_int8_configs()`` / ``get_int4_configs()``) runs that tile instead of autotuning.
     """
-    if not isinstance(qweight, (Int8Weight, Int4Weight)):
+    if isinstance(qweight, Int8Weight):
+        weight_format = INT8_FORMAT
+    elif isinstance(qweight, Int4Weight):
+        weight_format = INT4_FORMAT
+    else:
         raise ValueError(f"qweight must be an Int8Weight or Int4Weight, got {type(qweight).__name__}")
-    n, k = qweight.shape
-    named = check_epilogue(x, n, bias, activation, residual, out)
-    if x.shape[1] != k:
-        raise ValueError(f"x has {x.shape[1]} features but qweight is {qweight.shape} (expects K={k})")
-    check_device(*named, ("qweight", qweight.qweight))
-    m = x.shape[0]
-    y = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return y
-    if k == 0:
-        raise ValueError("x and qweight have K=0 features")
-    split_k = check_split_k(split_k, x.dtype, m, n, k, x.device)
-    r = residual if residual is not None else y
-    b = bias if bias is not None else y
-    w = qweight.qweight
-    s, z = (qweight.scales, None) if isinstance(qweight, Int8Weight) else (qweight.scales, qweight.zeros)
-    if z is not None and s.stride() != z.stride():
-        z = z.contiguous()
-        s = s.contiguous()
-    kind, tuned, shipped = (
-        ("int8", _int8_linear_kernel, get_int8_configs)
-        if z is None
-        else ("int4", _int4_linear_kernel, get_int4_configs)
-    )
-    kernel, tile = tuned, {}
-    if config is not None:
-        if config not in shipped():
-            raise ValueError(f"config {config} is not one of the shipped {kind} configs")
-        if z is not None and qweight.group_size % config.kwargs["BLOCK_K"]:
-            raise ValueError(f"config BLOCK_K={config.kwargs['BLOCK_K']} does not divide group {qweight.group_size}")
-        kernel, tile = tuned.fn, config.all_kwargs()  # the jitted kernel itself, bypassing the autotuner
-
-    def launch(partials: torch.Tensor | None) -> None:
-        split = 1 if partials is None else split_k
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
-        p = y if partials is None else partials
-        flags = dict(
-            HAS_BIAS=bias is not None,
-            APPLY_GELU=activation == "gelu_tanh",
-            HAS_RESIDUAL=residual is not None,
-            UPCAST=is_interpreter() and x.dtype == torch.bfloat16,  # interpreter bf16: tl.dot and int8 casts
-            PARTIAL=partials is not None,
-        )
-        if z is None:
-            kernel[grid](
-                x, w, s, b, r, y, p, m, n, k, m_key(m), split,
-                x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-                r.stride(0), r.stride(1), y.stride(0), y.stride(1),
-                W_INT8=True, **flags, **tile,
-            )  # fmt: skip
-        else:
-            kernel[grid](
-                x, w, s, z, b, r, y, p, m, n, k, m_key(m), split,
-                x.stride(0), x.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
-                r.stride(0), r.stride(1), y.stride(0), y.stride(1),
-                GROUP_SIZE=qweight.group_size, **flags, **tile,
-            )  # fmt: skip
-
-    launch_gemm(launch, m, n, split_k, y, bias, activation, residual)
-    return y
+    return weight_format.run(x, qweight, bias, activation, residual, out, split_k=split_k, config=config)
 
 
 def quant_linear_ref(
@@ -439,55 +409,3 @@ def quant_linear_ref(
     wide = torch.promote_types(x.dtype, torch.float32)
     y = linear_ref(x.to(wide), qweight.dequantize(wide), bias, activation, residual)
     return y.to(x.dtype)
-
-
-def compile_specs() -> list[KernelSpec]:
-    """AOT compile specs: every config for fp16/bf16 with the full epilogue, int4 at both group sizes' valid
-    configs (group 64 for BLOCK_K=64 tiles, 128 otherwise), the fp32 configs the pruner keeps, the bare
-    epilogue on the first config, and the split-K partial variant (fp16/bf16) of every config small M may use.
-    The split-K epilogue kernel is :mod:`kernels.linear`'s (its specs are there)."""
-    specs = []
-    kinds = (
-        ("int8", _int8_linear_kernel, get_int8_configs(), 8),
-        ("int4", _int4_linear_kernel, get_int4_configs(), 4),
-    )
-    for kind, kernel, configs, bits in kinds:
-        for t, nbytes in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
-            for i, c in enumerate(configs):
-                group = 0 if bits == 8 else (128 if c.kwargs["BLOCK_K"] == 128 else 64)
-                if not any(keep_quant(c, mb, nbytes, bits, group) for mb in (16, 64, 16384)):
-                    continue
-                variants = [(True, True, True, False)]
-                if i == 0 and t != "fp32":
-                    variants.append((False, False, False, False))
-                if t != "fp32" and any(keep_quant(c, mb, nbytes, bits, group) for mb in SPLIT_K_BUCKETS):
-                    variants.append((False, False, False, True))
-                for has_bias, gelu, res, partial in variants:
-                    if bits == 8:
-                        sig = gemm_signature(t, "i8", {"S": "*fp32"}, partial=partial)
-                        extra = {"W_INT8": True}
-                    else:
-                        sig = gemm_signature(t, "u8", {"S": "*fp32", "Z": "*u8"}, partial=partial)
-                        sig["stride_sn"] = "i32"  # K // group_size: 1600 // 64 = 25 is not a multiple of 16
-                        extra = {"GROUP_SIZE": group, "stride_sg": 1}
-                    epi = "split-k partial" if partial else "bias,gelu,residual" if has_bias else "plain"
-                    specs.append(
-                        KernelSpec(
-                            name=f"{kind}_linear[{t},{epi}{f',g{group}' if group else ''}] {config_name(c)}",
-                            fn=kernel.fn,
-                            signature={name: sig[name] for name in kernel.fn.arg_names if name in sig},
-                            constexprs={
-                                "HAS_BIAS": has_bias,
-                                "APPLY_GELU": gelu,
-                                "HAS_RESIDUAL": res,
-                                "UPCAST": False,
-                                **split_constexprs(partial),
-                                **UNIT_STRIDES,
-                                **extra,
-                                **c.kwargs,
-                            },  # fmt: skip
-                            num_warps=c.num_warps,
-                            num_stages=c.num_stages,
-                        )
-                    )
-    return specs

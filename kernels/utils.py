@@ -1,5 +1,5 @@
-"""Shared helpers for the Triton kernels: interpreter detection, autotuning, row-wise block picking,
-input validation, and the compile-gate spec each kernel module exports.
+"""Shared helpers for the Triton kernels: interpreter detection, autotuning, row-wise block picking and
+input validation.
 
 Nothing here runs at import time beyond reading ``TRITON_INTERPRET``, which Triton itself reads when a
 ``@triton.jit`` function is decorated, so the two always agree.
@@ -8,8 +8,7 @@ Nothing here runs at import time beyond reading ``TRITON_INTERPRET``, which Trit
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 
 import torch
 import triton
@@ -160,24 +159,3 @@ def check_device(*named: tuple[str, torch.Tensor]) -> torch.device:
     if device.type == "cpu" and not is_interpreter():
         raise ValueError("Triton kernels need CUDA tensors; CPU tensors run only with TRITON_INTERPRET=1")
     return device
-
-
-@dataclass
-class KernelSpec:
-    """One ahead-of-time compile of one kernel, for the compile gate (``python -m engine check-kernels``).
-
-    ``signature`` maps every non-constexpr argument to a Triton type string ("*fp16", "i32", "fp32", ...);
-    ``constexprs`` gives every ``tl.constexpr`` argument (block sizes included); ``num_warps``/``num_stages``
-    come from the autotune config being checked.
-    """
-
-    name: str  # human-readable, e.g. "linear[fp16,gelu] BLOCK_M=64 BLOCK_N=128 BLOCK_K=64"
-    fn: object  # the @triton.jit function (unwrap @triton.autotune via ``.fn``)
-    signature: dict[str, str]
-    constexprs: dict[str, object] = field(default_factory=dict)
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-# Every kernel module registers a function returning its KernelSpecs, for every autotune config it ships.
-SpecFactory = Callable[[], list[KernelSpec]]

@@ -11,8 +11,8 @@ import pytest
 import triton
 import triton.language as tl
 
-from kernels.compile_gate import KERNEL_MODULES, SMEM_LIMIT, main, run_gate
-from kernels.utils import KernelSpec
+from kernels.compile_gate import SMEM_LIMIT, SPEC_MODULES, main, run_gate
+from kernels.specs import KernelSpec
 
 ARCHS = (80, 90)
 
@@ -95,7 +95,7 @@ def bad_rows():
 @pytest.fixture(scope="module")
 def shipped_rows():
     """A sample of every shipped kernel module: two specs each (its first and last config), both archs."""
-    return run_gate(archs=ARCHS, modules=KERNEL_MODULES, jobs=2, max_per_module=2)
+    return run_gate(archs=ARCHS, modules=SPEC_MODULES, jobs=2, max_per_module=2)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -146,7 +146,7 @@ def test_main_rejects_bad_arguments():
         run_gate(jobs=0)
 
 
-@pytest.mark.parametrize("module", KERNEL_MODULES)
+@pytest.mark.parametrize("module", SPEC_MODULES)
 def test_shipped_kernels_compile_without_spills(shipped_rows, module):
     rows = [r for r in shipped_rows if r.module == module]
     assert {r.arch for r in rows} == set(ARCHS), f"{module}: no compiles for some arch: {rows}"

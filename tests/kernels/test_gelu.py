@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from kernels.gelu import compile_specs, gelu, gelu_ref
+from kernels.gelu import gelu, gelu_ref
+from kernels.specs.gelu import compile_specs
 from tests.helpers import DEVICE, rel_err
 
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 1e-3), (torch.bfloat16, 1e-2)]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.layernorm import MAX_N, compile_specs, layer_norm, layer_norm_ref
+from kernels.layernorm import MAX_N, layer_norm, layer_norm_ref
+from kernels.specs.layernorm import compile_specs
 from tests.helpers import DEVICE, rel_err
 
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)]

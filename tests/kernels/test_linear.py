@@ -9,18 +9,16 @@ import sys
 import pytest
 import torch
 
-import kernels.linear
+from kernels.gemm import SPLIT_K_MIN_K, choose_split_k, m_key
 from kernels.linear import (
-    SPLIT_K_MIN_K,
-    choose_split_k,
-    compile_specs,
-    config_name,
+    FLOAT_FORMAT,
     get_configs,
     keep,
     linear,
     linear_ref,
-    m_key,
 )
+from kernels.specs.gemm import config_name
+from kernels.specs.linear import compile_specs
 from kernels.utils import AUTOTUNE_ENV, RestoreAliasedOutput
 from tests.helpers import DEVICE, rel_err, tuning_every_config
 
@@ -237,8 +235,8 @@ def test_every_tuned_config(monkeypatch, m, has_residual, aliased, split_k, dtyp
         run()
         assert rel_err(out, ref) < tol, f"config #{len(timed)}"
 
-    tuned, timed = tuning_every_config(kernels.linear._linear_kernel, get_configs(), None if aliased else check)
-    monkeypatch.setattr(kernels.linear, "_linear_kernel", tuned)
+    tuned, timed = tuning_every_config(FLOAT_FORMAT.kernel, get_configs(), None if aliased else check)
+    monkeypatch.setattr(FLOAT_FORMAT, "kernel", tuned)
     y = linear(x, weight, bias, "gelu_tanh", residual, out=out, split_k=split_k)
     assert y is out and rel_err(y, ref) < tol
     nbytes = x.element_size()

@@ -9,13 +9,14 @@ import torch
 import triton
 import triton.language as tl
 
-import kernels.quant
-from kernels.linear import linear_ref, m_key
+from kernels.gemm import m_key
+from kernels.linear import linear_ref
 from kernels.quant import (
     FP32_TILES,
+    INT4_FORMAT,
+    INT8_FORMAT,
     Int4Weight,
     Int8Weight,
-    compile_specs,
     get_int4_configs,
     get_int8_configs,
     keep_quant,
@@ -24,6 +25,7 @@ from kernels.quant import (
     quantize_int4,
     quantize_int8,
 )
+from kernels.specs.quant import compile_specs
 from kernels.utils import magic_base, magic_uint_to_float
 from tests.helpers import DEVICE, rel_err, tuning_every_config
 
@@ -235,10 +237,8 @@ def test_every_tuned_config(monkeypatch, kind, m, aliased, dtype):
     """Triton's own tuning path, as on a GPU (see tests/test_linear.py): every kept tile is right, and tuning
     with ``out=residual`` leaves one residual add."""
     k, n, group_size = 256, 136, 128
-    name, configs, bits, group = {
-        "int8": ("_int8_linear_kernel", get_int8_configs, 8, 0),
-        "int4": ("_int4_linear_kernel", get_int4_configs, 4, group_size),
-    }[kind]
+    weight_format, bits, group = {"int8": (INT8_FORMAT, 8, 0), "int4": (INT4_FORMAT, 4, group_size)}[kind]
+    configs = weight_format.configs
     w = torch.randn(n, k, device=DEVICE) / k**0.5
     qw = quantize_int8(w) if kind == "int8" else quantize_int4(w, group_size)
     tol = dict(DTYPES)[dtype]
@@ -252,8 +252,8 @@ def test_every_tuned_config(monkeypatch, kind, m, aliased, dtype):
         run()
         assert rel_err(out, ref) < tol, f"config #{len(timed)}"
 
-    tuned, timed = tuning_every_config(getattr(kernels.quant, name), configs(), None if aliased else check)
-    monkeypatch.setattr(kernels.quant, name, tuned)
+    tuned, timed = tuning_every_config(weight_format.kernel, configs(), None if aliased else check)
+    monkeypatch.setattr(weight_format, "kernel", tuned)
     y = quant_linear(x, qw, None, "gelu_tanh", residual, out=out, split_k=1)
     assert y is out and rel_err(y, ref) < tol
     assert len(timed) == sum(keep_quant(c, m_key(m), x.element_size(), bits, group) for c in configs()) > 1
