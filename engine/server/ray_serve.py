@@ -26,6 +26,7 @@ APP_NAME = "gpt2-triton"
 DEPLOYMENT_NAME = "GPT2TritonReplica"
 REPLICA_HEADER = b"x-gpt2-triton-replica"
 METRICS_TIMEOUT_S = 10.0
+DEFAULT_MAX_NUM_SEQS = 256  # LLMEngine's default
 
 
 @dataclass
@@ -40,21 +41,24 @@ class ScaleOptions:
     num_cpus: float | None = None  # per replica; None: 1 with a GPU, else the cluster's CPUs shared out
     health_check_period_s: float = 5.0
 
-    def deployment_options(self, cluster: dict[str, float], grace_s: float) -> dict:
+    def deployment_options(self, cluster: dict[str, float], grace_s: float, max_num_seqs: int,
+                           max_waiting: int) -> dict:  # fmt: skip
+        """Serve's options. A replica takes as many requests as its engine runs plus its waiting queue (Serve's
+        default of 5 would starve continuous batching); autoscaling aims at a full batch per replica."""
         gpus = self.num_gpus if self.num_gpus is not None else (1.0 if cluster.get("GPU", 0) > 0 else 0.0)
         most = self.max_replicas or self.num_replicas
         cpus = self.num_cpus if self.num_cpus is not None else (1.0 if gpus else cluster.get("CPU", 1) / most)
         options = dict(
             name=DEPLOYMENT_NAME,
             ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
+            max_ongoing_requests=max_num_seqs + max_waiting,
             health_check_period_s=self.health_check_period_s,
             graceful_shutdown_timeout_s=grace_s + 5,
         )
         if self.min_replicas is None and self.max_replicas is None:
             return {**options, "num_replicas": self.num_replicas}
-        autoscaling = {"min_replicas": self.min_replicas or 1, "max_replicas": most}
-        if self.target_ongoing_requests is not None:
-            autoscaling["target_ongoing_requests"] = self.target_ongoing_requests
+        target = self.target_ongoing_requests if self.target_ongoing_requests is not None else max_num_seqs
+        autoscaling = {"min_replicas": self.min_replicas or 1, "max_replicas": most, "target_ongoing_requests": target}
         return {**options, "autoscaling_config": autoscaling}
 
 
@@ -106,7 +110,9 @@ class EngineReplica:
 def application(options: ServeOptions, engine_args: dict, scale: ScaleOptions, cluster: dict[str, float]):
     """The Serve application: the replica class as an ingress deployment, bound to its arguments."""
     deployment = serve.deployment(serve.ingress()(EngineReplica))
-    return deployment.options(**scale.deployment_options(cluster, options.shutdown_grace_s)).bind(options, engine_args)
+    max_num_seqs = engine_args.get("max_num_seqs", DEFAULT_MAX_NUM_SEQS)
+    chosen = scale.deployment_options(cluster, options.shutdown_grace_s, max_num_seqs, options.max_waiting)
+    return deployment.options(**chosen).bind(options, engine_args)
 
 
 def serve_on_ray(options: ServeOptions, engine_args: dict, scale: ScaleOptions, ray_address: str | None) -> int:
