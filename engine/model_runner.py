@@ -69,14 +69,18 @@ class ModelRunner:
     def _tokens(self, seq: Sequence, n: int) -> list[int]:
         return seq.all_token_ids()[seq.num_computed : seq.num_computed + n]
 
-    def _rows_to_sample(self, step: SchedulerOutput, order: list[int]) -> tuple[list[Sequence], torch.Tensor]:
-        """The packed row of each sampling sequence's last token, for sequences in batch ``order``, then the rows
-        whose logits give prompt logprobs (see :meth:`_prompt_rows`)."""
+    def _rows_to_sample(
+        self, step: SchedulerOutput, order: list[int]
+    ) -> tuple[list[Sequence], torch.Tensor, list[tuple[Request, int]]]:
+        """For sequences in batch ``order``: the sampling ones, then the packed rows whose logits to compute (each
+        sampling sequence's last token, then the rows that give prompt logprobs), then the ``(request, target
+        token)`` of each of those prompt rows, in order (see :meth:`_prompt_rows`)."""
         ends = _cumsum([step.num_tokens[i] for i in order])[1:]
         picked = [(step.seqs[i], end - 1) for i, end in zip(order, ends) if step.samples(i)]
-        prompt_rows = [row for i, end in zip(order, ends) for row, _, _ in self._prompt_rows(step, i, end)]
-        rows = [row for _, row in picked] + prompt_rows
-        return [seq for seq, _ in picked], _tensor(rows, torch.int64, self.device)
+        prompt = [row for i, end in zip(order, ends) for row in self._prompt_rows(step, i, end)]
+        rows = [row for _, row in picked] + [row for row, _, _ in prompt]
+        targets = [(request, token) for _, request, token in prompt]
+        return [seq for seq, _ in picked], _tensor(rows, torch.int64, self.device), targets
 
     def _prompt_rows(self, step: SchedulerOutput, i: int, end: int) -> list[tuple[int, Request, int]]:
         """``(packed row, request, target token)`` for each row of sequence ``i``'s chunk (packed rows ending at
@@ -90,15 +94,12 @@ class ModelRunner:
         return [(end - n + p - first, request, prompt[p + 1])
                 for p in range(max(first, have - 1), min(first + n, len(prompt) - 1))]  # fmt: skip
 
-    def _split_prompt_logits(self, step: SchedulerOutput, order: list[int], num_sampled: int,
-                             logits: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """Record the prompt logprobs from the logits past the first ``num_sampled`` rows; return the sampled rows'."""
-        if logits.shape[0] == num_sampled:
+    def _record_prompt_logprobs(self, targets: list[tuple[Request, int]], logits: torch.Tensor) -> torch.Tensor:
+        """Record the prompt logprobs of ``targets`` from the last ``len(targets)`` rows of ``logits``; return the
+        rows before them (the sampling sequences')."""
+        if not targets:
             return logits
-        ends = _cumsum([step.num_tokens[i] for i in order])[1:]
-        targets = [
-            (request, token) for i, end in zip(order, ends) for _, request, token in self._prompt_rows(step, i, end)
-        ]
+        num_sampled = logits.shape[0] - len(targets)
         tokens = _tensor([token for _, token in targets], torch.int64, self.device)
         num_top = [request.params.prompt_logprobs for request, _ in targets]
         _, entries = token_logprobs(logits[num_sampled:].log_softmax(-1), tokens, num_top)
@@ -110,10 +111,9 @@ class ModelRunner:
         """Every sequence starts at position 0: causal attention within the chunk, K/V stored on the way."""
         tokens = [self._tokens(seq, n) for seq, n in zip(step.seqs, step.num_tokens)]
         slots = [self._slots(seq, n) for seq, n in zip(step.seqs, step.num_tokens)]
-        order = list(range(len(step.seqs)))
-        seqs, rows = self._rows_to_sample(step, order)
+        seqs, rows, targets = self._rows_to_sample(step, list(range(len(step.seqs))))
         hidden = self.model.prefill(self.pack(tokens, slots), self.kv, rows=rows)
-        return seqs, self._split_prompt_logits(step, order, len(seqs), self.model.logits(hidden))
+        return seqs, self._record_prompt_logprobs(targets, self.model.logits(hidden))
 
     def extend(self, step: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor]:
         """A mixed step: one-token sequences first (decode attention), then chunks over their cached context."""
@@ -142,9 +142,9 @@ class ModelRunner:
             max_chunk_len=max(counts[nd:], default=0),
             max_seq_len=max(lens[nd:], default=0),
         )
-        sampled, rows = self._rows_to_sample(step, order)
+        sampled, rows, targets = self._rows_to_sample(step, order)
         logits = self.model.logits(self.model.extend(batch, self.kv, rows))
-        return sampled, self._split_prompt_logits(step, order, len(sampled), logits)
+        return sampled, self._record_prompt_logprobs(targets, logits)
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """Feed each sequence's last token; returns next-token logits ``[B, V]``."""

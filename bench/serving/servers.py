@@ -114,11 +114,12 @@ def launched_server(kind: str, checkpoint: Path, log_dir: Path, args, cb_num_blo
 
 def ray_server(replicas: int, checkpoint: Path, log_dir: Path, args) -> Server:
     """Ours on Ray Serve (``gpt2-triton serve --replicas N``, the ray extra), named ``ours-rayN``."""
-    command = ours_command(checkpoint, free_port(), args) + ["--replicas", str(replicas)]
+    port = free_port()
+    command = ours_command(checkpoint, port, args) + ["--replicas", str(replicas)]
     name = f"ours-ray{replicas}"
-    base_url = f"http://127.0.0.1:{command[command.index('--port') + 1]}"
     fmt = "text" if args.prompt_format == "text" else "ids"
-    return Server(name, "ours", base_url, args.model, fmt, command=command, log_path=str(log_dir / f"{name}.log"))
+    return Server(name, "ours", f"http://127.0.0.1:{port}", args.model, fmt, command=command,
+                  log_path=str(log_dir / f"{name}.log"))  # fmt: skip
 
 
 def http_get_json(url: str, timeout: float = 5.0) -> tuple[int, object]:
