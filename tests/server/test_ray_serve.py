@@ -278,3 +278,89 @@ def test_merged_metrics_keep_each_replicas_samples():
         assert samples["gpt2_triton:e2e_seconds_sum", None] == pytest.approx(sum(values))
         total = [s for s in merged["gpt2_triton:request_success"].samples if s.labels["replica"] == replica]
         assert total[0].value == len(values) and total[0].labels["finished_reason"] == "length"
+
+
+class FakeReplicas:
+    """Stands in for the engine replicas' handle: answers with ``batches`` of ASGI messages, then raises ``error``."""
+
+    def __init__(self, batches: list[list[dict]], error: Exception) -> None:
+        self.batches, self.error = batches, error
+
+    def options(self, **_):
+        return self
+
+    def remote(self, scope: dict, body: bytes):
+        async def answer():
+            for batch in self.batches:
+                yield batch
+            raise self.error
+
+        return answer()
+
+
+def relayed(batches: list[list[dict]], error: Exception) -> list[dict]:
+    """What a :class:`Relay` over failing replicas sends the client for one POST."""
+    import asyncio
+
+    from engine.server.ray_serve import Relay
+
+    sent, body = [], json.dumps({"model": "tiny", "prompt": words()}).encode()
+    incoming = [{"type": "http.request", "body": body[:7], "more_body": True},
+                {"type": "http.request", "body": body[7:], "more_body": False}]  # fmt: skip
+
+    async def receive():
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [], "query_string": b""}
+    asyncio.run(Relay(FakeReplicas(batches, error), 1 << 20)(scope, receive, send))
+    return sent
+
+
+def test_a_replica_that_dies_before_answering_is_a_503_with_the_error_body():
+    from ray.exceptions import ActorDiedError
+
+    sent = relayed([], ActorDiedError())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 503
+    assert is_unavailable(json.loads(b"".join(m.get("body", b"") for m in sent[1:])))
+
+
+def test_a_replica_error_that_is_not_its_death_is_a_500_with_the_error_body():
+    sent = relayed([], RuntimeError(words()))
+    error = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))["error"]
+    assert sent[0]["status"] == 500 and error["type"] == "server_error" and error["code"] == 500
+
+
+def test_a_stream_whose_replica_dies_ends_with_an_error_event_and_done():
+    from ray.exceptions import ActorDiedError
+
+    start = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+    chunks = [{"type": "http.response.body", "body": f"data: {json.dumps(words())}\n\n".encode(), "more_body": True}
+              for _ in range(random.randint(1, 5))]  # fmt: skip
+    sent = relayed([[start, *chunks[:1]], chunks[1:]], ActorDiedError())
+    assert sent[: 1 + len(chunks)] == [start, *chunks] and len(sent) == 2 + len(chunks)
+    assert sent[-1]["more_body"] is False
+    events = sent[-1]["body"].decode().split("\n\n")
+    assert is_unavailable(json.loads(events[0].removeprefix("data: "))) and events[1:] == ["data: [DONE]", ""]
+
+
+def test_an_answer_already_finished_is_left_as_it_is():
+    from ray.exceptions import ActorDiedError
+
+    whole = [{"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]},
+             {"type": "http.response.body", "body": json.dumps(words()).encode(), "more_body": False}]  # fmt: skip
+    assert relayed([whole], ActorDiedError()) == whole
+
+
+def test_fronts_follow_the_engine_replicas_on_no_cpu_of_their_own():
+    from engine.server.ray_serve import FRONT_NAME, ScaleOptions
+
+    most = random.randint(2, 8)
+    for scale in (ScaleOptions(num_replicas=most), ScaleOptions(min_replicas=1, max_replicas=most)):
+        engines = scale.deployment_options({"CPU": 2.0}, 10.0, random.randint(1, 64), random.randint(1, 512))
+        fronts = scale.front_options(engines)
+        assert fronts["name"] == FRONT_NAME and fronts["ray_actor_options"] == {"num_cpus": 0}
+        for key in ("num_replicas", "autoscaling_config", "max_ongoing_requests", "graceful_shutdown_timeout_s"):
+            assert fronts.get(key) == engines.get(key)
