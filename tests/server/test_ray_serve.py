@@ -1,6 +1,7 @@
 """``gpt2-triton serve --replicas 2``: two engine replicas on a local Ray (fractional CPUs) behind one OpenAI
 endpoint. Requests are right and spread over both replicas, streams work, ``/metrics`` answers for each replica, a
-killed replica is replaced while the other keeps serving, and SIGTERM stops every process Ray started.
+killed replica is replaced while the other keeps serving (what it held ends in a 503 or an error event), and SIGTERM
+stops every process Ray started.
 
 One Ray instance serves the whole module (starting one takes most of a minute on two cores)."""
 
@@ -17,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import psutil  # a dependency of ray
@@ -142,32 +144,93 @@ def test_metrics_answer_for_every_replica(ray_server):
     assert body.decode().count("# TYPE gpt2_triton:generation_tokens_total counter") == 1
 
 
+def post(url: str, body: dict, timeout: float = 120) -> tuple[int, dict, bytes]:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def running_on(server: RayServer) -> dict[str, float]:
+    """The sequences each replica's engine runs, from the merged ``/metrics``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, _, body = get(server.url + "/metrics")
+    assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    return {s.labels["replica"]: s.value for s in families["gpt2_triton:num_requests_running"].samples}
+
+
+def long_request(prompts: int, stream: bool) -> dict:
+    """Two sequences a prompt, 100 tokens each: seconds of work for a replica on half a core."""
+    return {"model": "tiny", "prompt": [words() for _ in range(prompts)], "n": 2, "max_tokens": 100,
+            "ignore_eos": True, "stream": stream}  # fmt: skip
+
+
+def open_stream(server: RayServer) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse, str]:
+    """A long stream, once its first event came: ``(connection, response, replica)``."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps(long_request(4, True)), {"Content-Type": "application/json"})
+    stream = conn.getresponse()
+    assert stream.status == 200 and stream.readline().startswith(b"data: ")
+    return conn, stream, stream.getheader(HEADER)
+
+
+def rest_of(conn: http.client.HTTPConnection, stream: http.client.HTTPResponse) -> list[str]:
+    """The stream's remaining events (what came before a cut, if cut)."""
+    try:
+        raw = stream.read()
+    except http.client.IncompleteRead as e:
+        raw = e.partial
+    conn.close()
+    return [line[len(b"data: ") :].decode() for line in raw.splitlines() if line.startswith(b"data: ")]
+
+
+def is_unavailable(error: dict) -> bool:
+    """OpenAI's error object for a 503, with a message."""
+    return error == {"error": {"message": error["error"]["message"], "type": "service_unavailable", "param": None,
+                               "code": 503}} and bool(error["error"]["message"])  # fmt: skip
+
+
 def test_a_killed_replica_is_replaced_and_the_other_keeps_serving(ray_server, reference):
-    """Kill the replica serving a long stream: the stream ends at once (cut short, never hanging), the next requests
-    are all answered right by the other replica, and Serve starts a new replica in the dead one's place."""
+    """Kill the replica running a whole completion and a stream: the completion gets 503 with OpenAI's error body
+    and the stream ends with an error event and ``[DONE]`` (never a hang or a plain 500), streams on the other
+    replica finish, the next requests are all answered right by it, and Serve replaces the dead replica."""
     import ray
 
     from engine.server.ray_serve import APP_NAME, DEPLOYMENT_NAME
 
     before = ray_server.replicas_serving(8)
+    pool = ThreadPoolExecutor(1)
+    whole = pool.submit(post, ray_server.url + "/v1/completions", long_request(8, False))
+    pool.shutdown(wait=False)
+    deadline = time.monotonic() + 30
+    while not (busy := [replica for replica, n in running_on(ray_server).items() if n > 0]):
+        assert time.monotonic() < deadline and not whole.done(), "the completion never ran"
+        time.sleep(0.05)
+    victim = busy[0]
+    streams: dict[str, list] = {}
+    while victim not in streams:  # Serve sends each to the replica with fewer requests: soon the victim
+        assert sum(map(len, streams.values())) < 4, "no stream came to the replica running the completion"
+        conn, stream, replica = open_stream(ray_server)
+        streams.setdefault(replica, []).append((conn, stream))
     ray.init(address="auto", log_to_driver=False)
     try:
-        body = {"model": "tiny", "prompt": [words() for _ in range(8)], "n": 4, "max_tokens": 100, "stream": True,
-                "ignore_eos": True}  # fmt: skip
-        conn = http.client.HTTPConnection("127.0.0.1", ray_server.port, timeout=60)
-        conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
-        stream = conn.getresponse()
-        assert stream.status == 200 and stream.readline().startswith(b"data: ")
-        victim = stream.getheader(HEADER)
         ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT_NAME}#{victim}", namespace="serve"))
     finally:
         ray.shutdown()
-    try:
-        rest = stream.read()
-    except http.client.IncompleteRead as e:
-        rest = e.partial
-    conn.close()
-    assert b"data: [DONE]" not in rest  # cut short: 3200 tokens take far longer than the kill
+    status, _, body = whole.result(timeout=120)
+    assert status == 503 and is_unavailable(json.loads(body))
+    for replica, opened in streams.items():
+        for events in [rest_of(conn, stream) for conn, stream in opened]:
+            assert events[-1] == "[DONE]"
+            chunks = [json.loads(e) for e in events[:-1]]
+            if replica == victim:  # cut short: 800 tokens outlast the kill
+                assert is_unavailable(chunks[-1]) and not any("error" in c for c in chunks[:-1])
+            else:
+                assert sum(c["finish_reason"] == "length" for chunk in chunks for c in chunk["choices"]) == 8
     for prompt in [words() for _ in range(10)]:  # the survivor answers all of these
         text, replica = ray_server.complete(prompt)
         assert text == expected(reference, prompt) and replica != victim
@@ -215,3 +278,89 @@ def test_merged_metrics_keep_each_replicas_samples():
         assert samples["gpt2_triton:e2e_seconds_sum", None] == pytest.approx(sum(values))
         total = [s for s in merged["gpt2_triton:request_success"].samples if s.labels["replica"] == replica]
         assert total[0].value == len(values) and total[0].labels["finished_reason"] == "length"
+
+
+class FakeReplicas:
+    """Stands in for the engine replicas' handle: answers with ``batches`` of ASGI messages, then raises ``error``."""
+
+    def __init__(self, batches: list[list[dict]], error: Exception) -> None:
+        self.batches, self.error = batches, error
+
+    def options(self, **_):
+        return self
+
+    def remote(self, scope: dict, body: bytes):
+        async def answer():
+            for batch in self.batches:
+                yield batch
+            raise self.error
+
+        return answer()
+
+
+def relayed(batches: list[list[dict]], error: Exception) -> list[dict]:
+    """What a :class:`Relay` over failing replicas sends the client for one POST."""
+    import asyncio
+
+    from engine.server.ray_serve import Relay
+
+    sent, body = [], json.dumps({"model": "tiny", "prompt": words()}).encode()
+    incoming = [{"type": "http.request", "body": body[:7], "more_body": True},
+                {"type": "http.request", "body": body[7:], "more_body": False}]  # fmt: skip
+
+    async def receive():
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [], "query_string": b""}
+    asyncio.run(Relay(FakeReplicas(batches, error), 1 << 20)(scope, receive, send))
+    return sent
+
+
+def test_a_replica_that_dies_before_answering_is_a_503_with_the_error_body():
+    from ray.exceptions import ActorDiedError
+
+    sent = relayed([], ActorDiedError())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 503
+    assert is_unavailable(json.loads(b"".join(m.get("body", b"") for m in sent[1:])))
+
+
+def test_a_replica_error_that_is_not_its_death_is_a_500_with_the_error_body():
+    sent = relayed([], RuntimeError(words()))
+    error = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))["error"]
+    assert sent[0]["status"] == 500 and error["type"] == "server_error" and error["code"] == 500
+
+
+def test_a_stream_whose_replica_dies_ends_with_an_error_event_and_done():
+    from ray.exceptions import ActorDiedError
+
+    start = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+    chunks = [{"type": "http.response.body", "body": f"data: {json.dumps(words())}\n\n".encode(), "more_body": True}
+              for _ in range(random.randint(1, 5))]  # fmt: skip
+    sent = relayed([[start, *chunks[:1]], chunks[1:]], ActorDiedError())
+    assert sent[: 1 + len(chunks)] == [start, *chunks] and len(sent) == 2 + len(chunks)
+    assert sent[-1]["more_body"] is False
+    events = sent[-1]["body"].decode().split("\n\n")
+    assert is_unavailable(json.loads(events[0].removeprefix("data: "))) and events[1:] == ["data: [DONE]", ""]
+
+
+def test_an_answer_already_finished_is_left_as_it_is():
+    from ray.exceptions import ActorDiedError
+
+    whole = [{"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]},
+             {"type": "http.response.body", "body": json.dumps(words()).encode(), "more_body": False}]  # fmt: skip
+    assert relayed([whole], ActorDiedError()) == whole
+
+
+def test_fronts_follow_the_engine_replicas_on_no_cpu_of_their_own():
+    from engine.server.ray_serve import FRONT_NAME, ScaleOptions
+
+    most = random.randint(2, 8)
+    for scale in (ScaleOptions(num_replicas=most), ScaleOptions(min_replicas=1, max_replicas=most)):
+        engines = scale.deployment_options({"CPU": 2.0}, 10.0, random.randint(1, 64), random.randint(1, 512))
+        fronts = scale.front_options(engines)
+        assert fronts["name"] == FRONT_NAME and fronts["ray_actor_options"] == {"num_cpus": 0}
+        for key in ("num_replicas", "autoscaling_config", "max_ongoing_requests", "graceful_shutdown_timeout_s"):
+            assert fronts.get(key) == engines.get(key)
