@@ -61,6 +61,9 @@ def expected_text(engine: LLMEngine, c: CompletionOutput) -> str:
 def test_final_only_and_delta_add_up_to_the_cumulative_output(engine):
     """Each request three times in one batch, one per output kind; texts checked against the tokenizer too."""
     requests = [([random.randrange(50257) for _ in range(random.randint(1, 12))], random_params()) for _ in range(12)]
+    ends_with_eos = SamplingParams(max_tokens=12, temperature=0.0, min_tokens=random.randint(1, 5),
+                                   logit_bias={50256: 100.0})  # EOS as soon as min_tokens allows  # fmt: skip
+    requests.append(([random.randrange(50257) for _ in range(5)], ends_with_eos))
     for i, (prompt, params) in enumerate(requests):
         for kind in KINDS:
             engine.add_request(f"{i}-{kind.value}", prompt, dataclasses.replace(params, output_kind=kind))
@@ -85,8 +88,8 @@ def test_final_only_and_delta_add_up_to_the_cumulative_output(engine):
         assert_same_completions(joined(deltas), cumulative[-1])
         if not requests[i][1].stop:
             assert [c.text for c in final[0].outputs] == [expected_text(engine, c) for c in final[0].outputs]
-    ends = [c for i in range(len(requests)) for c in seen[f"{i}-final_only"][0].outputs]
-    assert any(c.finish_reason == "stop" and c.stop_reason is None for c in ends), "no sample ended with EOS"
+    (eos_end,) = seen[f"{len(requests) - 1}-final_only"][0].outputs
+    assert (eos_end.finish_reason, eos_end.stop_reason, eos_end.token_ids[-1]) == ("stop", None, 50256)
 
 
 def test_output_kind_must_be_a_request_output_kind():
