@@ -9,12 +9,13 @@ from engine.llm import LLM
 from engine.llm_engine import LLMEngine
 from engine.outputs import CompletionOutput, EngineStats, RequestOutput, ScoreOutput, StreamDelta
 from engine.pipeline import pipeline, set_seed
-from engine.sampling import SamplingParams
+from engine.sampling import RequestOutputKind, SamplingParams
 
 __all__ = [
     "LLM",
     "LLMEngine",
     "SamplingParams",
+    "RequestOutputKind",
     "EngineStats",
     "RequestOutput",
     "CompletionOutput",

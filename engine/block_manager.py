@@ -101,6 +101,8 @@ class BlockManager:
         (preempted while scheduling), :meth:`free` unregisters what was never computed.
         """
         bs = self.block_size
+        if num_tokens // bs <= len(seq.block_hashes):  # no block newly filled (most decode steps)
+            return
         tokens = seq.all_token_ids()
         for i in range(len(seq.block_hashes), num_tokens // bs):
             parent = seq.block_hashes[-1] if seq.block_hashes else None
@@ -155,6 +157,14 @@ class BlockManager:
         return (
             num_tokens > seq.num_computed and i < len(seq.block_table) and self.blocks[seq.block_table[i]].ref_count > 1
         )
+
+    def holds(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether ``seq``'s blocks already hold ``num_tokens`` tokens and the next one written is in a block of its
+        own (nothing to allocate or copy): ``append`` would do nothing."""
+        if num_tokens > len(seq.block_table) * self.block_size:
+            return False
+        i = seq.num_computed // self.block_size
+        return i >= len(seq.block_table) or self.blocks[seq.block_table[i]].ref_count == 1
 
     def can_append(self, seq: Sequence, num_tokens: int) -> bool:
         """Whether ``seq`` can hold ``num_tokens`` tokens in all (copy-on-write included)."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.host_tensors import list_tensor, padded_rows
 from engine.kv_cache import KVCache, cdiv
 from engine.model import GPT2, DecodeBatch
 
@@ -100,13 +101,13 @@ class StaticDecoder:
             self._buckets[size] = self._new_bucket(size)
         bucket = self._buckets[size]
         b = bucket.batch
-        width = max(len(t) for t in tables)
-        rows = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-        b.input_ids[:n].copy_(torch.tensor(input_ids))
-        b.positions[:n].copy_(torch.tensor(positions))
-        b.slot_mapping[:n].copy_(torch.tensor(slots))
-        b.block_tables[:n, :width].copy_(rows)
-        b.context_lens[:n].copy_(torch.tensor(positions, dtype=torch.int32) + 1)
+        cpu = torch.device("cpu")
+        rows = padded_rows(tables, torch.int32, cpu)
+        b.input_ids[:n].copy_(list_tensor(input_ids, torch.int64, cpu))
+        b.positions[:n].copy_(list_tensor(positions, torch.int64, cpu))
+        b.slot_mapping[:n].copy_(list_tensor(slots, torch.int64, cpu))
+        b.block_tables[:n, : rows.shape[1]].copy_(rows)
+        b.context_lens[:n].copy_(list_tensor(positions, torch.int32, cpu) + 1)
         b.slot_mapping[n:].fill_(-1)  # rows a larger batch used before are padding again
         b.context_lens[n:].fill_(0)
         if bucket.graph is None:

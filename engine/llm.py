@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ import torch
 from engine.llm_engine import LLMEngine, Prompt
 from engine.outputs import RequestOutput, ScoreOutput, StreamDelta
 from engine.progress import progress_bar
-from engine.sampling import SamplingParams
+from engine.sampling import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -59,8 +60,9 @@ class LLM:
         return list(prompts)
 
     # ---------------------------------------------------------------- generation
-    def _add_requests(self, prompts, params) -> list[str]:
-        """Validate every prompt first (nothing is queued if one is refused), then queue them; returns their ids."""
+    def _add_requests(self, prompts, params, output_kind: RequestOutputKind) -> list[str]:
+        """Validate every prompt first (nothing is queued if one is refused), then queue them, each with the given
+        ``output_kind`` (the caller's params are left as they are); returns their ids."""
         engine = self.llm_engine
         if engine.has_unfinished_requests():
             raise RuntimeError("LLM is already generating (one generate/stream at a time)")
@@ -69,6 +71,10 @@ class LLM:
             params = [params] * len(prompts)
         elif not isinstance(params, (list, tuple)) or len(params) != len(prompts):
             raise ValueError("params must be one SamplingParams or a list with one per prompt")
+        params = [
+            dataclasses.replace(p, output_kind=output_kind) if isinstance(p, SamplingParams) else p  # make_request
+            for p in (SamplingParams() if p is None else p for p in params)  # refuses anything else, naming it
+        ]
         call = next(self._call_ids)
         requests = [
             engine.make_request(f"{call}-{i}", prompt, p, what=f"prompt {i}")
@@ -93,7 +99,7 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Complete each prompt; returns one :class:`RequestOutput` per prompt, in order."""
-        request_ids = self._add_requests(prompts, params)
+        request_ids = self._add_requests(prompts, params, RequestOutputKind.FINAL_ONLY)
         final: dict[str, RequestOutput] = {}
         with progress_bar(total=len(request_ids), desc="generate", unit="req",
                           disable=not (use_tqdm and self.progress)) as bar:  # fmt: skip
@@ -108,18 +114,13 @@ class LLM:
     ) -> Iterator[StreamDelta]:
         """Yield text deltas as tokens are produced; a stop string is never partly emitted."""
         self.get_tokenizer()
-        request_ids = self._add_requests(prompts, params)
+        request_ids = self._add_requests(prompts, params, RequestOutputKind.DELTA)
         index = {request_id: i for i, request_id in enumerate(request_ids)}
-        sent: dict[tuple[str, int], tuple[int, int]] = {}  # (request, sample) -> (characters, tokens) yielded
         for outputs in self._steps(request_ids):
             for out in outputs:
                 for c in out.outputs:
-                    chars, tokens = sent.get((out.request_id, c.index), (0, 0))
-                    if len(c.token_ids) == tokens:
-                        continue  # this sample did not move this step
-                    sent[out.request_id, c.index] = (len(c.text), len(c.token_ids))
-                    yield StreamDelta(index[out.request_id], c.index, c.text[chars:], c.token_ids[tokens:],
-                                      c.finish_reason)  # fmt: skip
+                    if c.token_ids:  # skip the samples that did not move this step
+                        yield StreamDelta(index[out.request_id], c.index, c.text, c.token_ids, c.finish_reason)
 
     # ---------------------------------------------------------------- scoring and features
     def _batches(self, items: list[list[int]]) -> Iterator[list[int]]:

@@ -24,6 +24,7 @@ from engine.block_manager import BlockManager
 from engine.config import ModelConfig
 from engine.cuda_graphs import StaticDecoder
 from engine.device import make_ops, resolve_device, resolve_dtype
+from engine.host_tensors import list_tensor
 from engine.kv_cache import KVCache, cdiv
 from engine.model import GPT2
 from engine.model_runner import ModelRunner
@@ -297,7 +298,8 @@ class LLMEngine:
 
     # ---------------------------------------------------------------- one step
     def step(self) -> list[RequestOutput]:
-        """Run one step; returns the outputs so far of every request that got a new token this step."""
+        """Run one step; returns an output for every request that got a new token this step, as its
+        ``SamplingParams.output_kind`` asks (default: everything so far; final-only requests only when done)."""
         if not self.scheduler.has_work:
             return []
         scheduled = self.scheduler.schedule()
@@ -317,7 +319,7 @@ class LLMEngine:
 
     def _fork(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
         """Sequences whose request's prompt just got computed start its other samples from the same logits."""
-        if not any(seq.request.num_pending_forks for seq in seqs):
+        if not any(seq.request.params.n > 1 and seq.request.num_pending_forks for seq in seqs):
             return seqs, logits
         expanded, rows = [], []
         for i, seq in enumerate(seqs):
@@ -327,7 +329,7 @@ class LLMEngine:
                 self.scheduler.fork(seq, family[1:])
             expanded += family
             rows += [i] * len(family)
-        return expanded, logits[torch.tensor(rows, device=logits.device)]
+        return expanded, logits[list_tensor(rows, torch.int64, logits.device)]
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         params = [seq.params for seq in seqs]
@@ -348,7 +350,9 @@ class LLMEngine:
             if request.finished:
                 metrics.finished_time = now
                 del self.requests[request.request_id]
-            outputs.append(self.output_processor.make_output(request))
+            output = self.output_processor.make_output(request)
+            if output is not None:  # a final-only request has none until it finishes
+                outputs.append(output)
         return outputs
 
     def get_stats(self) -> EngineStats:

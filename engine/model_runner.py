@@ -17,15 +17,12 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.cuda_graphs import StaticDecoder
+from engine.host_tensors import list_tensor, padded_rows
 from engine.kv_cache import KVCache
 from engine.model import GPT2, DecodeBatch, ExtendBatch, PrefillBatch
 from engine.sampling import token_logprobs
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Request, Sequence
-
-
-def _tensor(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _cumsum(lengths: list[int]) -> list[int]:
@@ -80,7 +77,7 @@ class ModelRunner:
         prompt = [row for i, end in zip(order, ends) for row in self._prompt_rows(step, i, end)]
         rows = [row for _, row in picked] + [row for row, _, _ in prompt]
         targets = [(request, token) for _, request, token in prompt]
-        return [seq for seq, _ in picked], _tensor(rows, torch.int64, self.device), targets
+        return [seq for seq, _ in picked], list_tensor(rows, torch.int64, self.device), targets
 
     def _prompt_rows(self, step: SchedulerOutput, i: int, end: int) -> list[tuple[int, Request, int]]:
         """``(packed row, request, target token)`` for each row of sequence ``i``'s chunk (packed rows ending at
@@ -100,7 +97,7 @@ class ModelRunner:
         if not targets:
             return logits
         num_sampled = logits.shape[0] - len(targets)
-        tokens = _tensor([token for _, token in targets], torch.int64, self.device)
+        tokens = list_tensor([token for _, token in targets], torch.int64, self.device)
         num_top = [request.params.prompt_logprobs for request, _ in targets]
         _, entries = token_logprobs(logits[num_sampled:].log_softmax(-1), tokens, num_top)
         for (request, _), entry in zip(targets, entries):
@@ -122,23 +119,20 @@ class ModelRunner:
         counts = [step.num_tokens[i] for i in order]
         nd = counts.count(1)
         lens = [seq.num_computed + n for seq, n in zip(seqs, counts)]
-        width = max(len(seq.block_table) for seq in seqs)
         dev = self.device
         batch = ExtendBatch(
-            input_ids=_tensor([t for seq, n in zip(seqs, counts) for t in self._tokens(seq, n)], torch.int64, dev),
-            positions=_tensor(
+            input_ids=list_tensor([t for seq, n in zip(seqs, counts) for t in self._tokens(seq, n)], torch.int64, dev),
+            positions=list_tensor(
                 [p for seq, n in zip(seqs, counts) for p in range(seq.num_computed, seq.num_computed + n)],
                 torch.int64,
                 dev,
             ),  # fmt: skip
-            slot_mapping=_tensor([s for seq, n in zip(seqs, counts) for s in self._slots(seq, n)], torch.int64, dev),
+            slot_mapping=list_tensor([s for seq, n in zip(seqs, counts) for s in self._slots(seq, n)], torch.int64, dev),
             num_decodes=nd,
-            block_tables=_tensor(
-                [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs], torch.int32, dev
-            ),  # fmt: skip
-            seq_lens=_tensor(lens, torch.int32, dev),
+            block_tables=padded_rows([seq.block_table for seq in seqs], torch.int32, dev),
+            seq_lens=list_tensor(lens, torch.int32, dev),
             max_decode_len=max(lens[:nd], default=0),
-            chunk_cu_seqlens=_tensor(_cumsum(counts[nd:]), torch.int32, dev),
+            chunk_cu_seqlens=list_tensor(_cumsum(counts[nd:]), torch.int32, dev),
             max_chunk_len=max(counts[nd:], default=0),
             max_seq_len=max(lens[nd:], default=0),
         )
@@ -157,15 +151,13 @@ class ModelRunner:
 
     def decode_batch(self, seqs: list[Sequence], positions: list[int], slots: list[int]) -> DecodeBatch:
         """One token per sequence: its last token, at position ``num_computed``."""
-        width = max(len(seq.block_table) for seq in seqs)
-        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
         dev = self.device
         return DecodeBatch(
-            input_ids=_tensor([seq.last_token for seq in seqs], torch.int64, dev),
-            positions=_tensor(positions, torch.int64, dev),
-            slot_mapping=_tensor(slots, torch.int64, dev),
-            block_tables=_tensor(tables, torch.int32, dev),
-            context_lens=_tensor([p + 1 for p in positions], torch.int32, dev),
+            input_ids=list_tensor([seq.last_token for seq in seqs], torch.int64, dev),
+            positions=list_tensor(positions, torch.int64, dev),
+            slot_mapping=list_tensor(slots, torch.int64, dev),
+            block_tables=padded_rows([seq.block_table for seq in seqs], torch.int32, dev),
+            context_lens=list_tensor([p + 1 for p in positions], torch.int32, dev),
             max_context_len=max(positions) + 1,
         )
 
@@ -177,11 +169,11 @@ class ModelRunner:
         slots = [s for row in slot_lists for s in row] if slot_lists is not None else [-1] * len(ids)
         dev = self.device
         return PrefillBatch(
-            input_ids=_tensor(ids, torch.int64, dev),
-            positions=_tensor(positions, torch.int64, dev),
-            cu_seqlens=_tensor(_cumsum([len(t) for t in token_lists]), torch.int32, dev),
+            input_ids=list_tensor(ids, torch.int64, dev),
+            positions=list_tensor(positions, torch.int64, dev),
+            cu_seqlens=list_tensor(_cumsum([len(t) for t in token_lists]), torch.int32, dev),
             max_seqlen=max(len(t) for t in token_lists),
-            slot_mapping=_tensor(slots, torch.int64, dev),
+            slot_mapping=list_tensor(slots, torch.int64, dev),
         )
 
     def hidden_states(self, token_lists: list[list[int]]) -> torch.Tensor:

@@ -6,13 +6,16 @@ end the sequence without adding their text; a stop string is cut off with what f
 the first ``min_tokens`` tokens (vLLM's rule; a stop string must end in the text of a later token), only
 ``max_tokens`` does. While a sequence runs, its visible text holds back the last ``len(longest stop string) - 1``
 characters, which a stop string may yet claim, so a stream never shows text that the final output does not have.
+
+Each step's output follows the request's ``output_kind``: everything so far (the engine's default), only what is
+new (``DELTA``, for streams), or nothing until the end (``FINAL_ONLY``, what ``LLM.generate`` and a non-streamed
+server request ask for). A final-only request without stop strings is detokenized once, when it finishes.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampling import RequestOutputKind
 from engine.sequence import Request, Sequence
 
 
@@ -30,32 +33,46 @@ class OutputProcessor:
             seq.detokenizer = IncrementalDecoder(tokenizer)
 
     def append_token(self, seq: Sequence, token: int, logprob: float, top: dict[int, float] | None) -> None:
-        """Record a sampled token and finish the sequence if it meets a stop condition."""
+        """Record a sampled token and finish the sequence if it meets a stop condition.
+
+        The text grows token by token when something reads it before the end (stop strings, streamed or cumulative
+        outputs); a final-only output without stop strings detokenizes all its tokens at once when it finishes."""
         seq.output_token_ids.append(token)
-        seq.output_logprobs.append(logprob)
+        seq.cumulative_logprob += logprob
         if top is not None:
             seq.top_logprobs.append(top)
-        self._check_stop(seq, token)
-        if seq.is_finished and seq.detokenizer is not None:
-            seq.text += seq.detokenizer.flush()  # bytes of an unfinished character, as replacement characters
-
-    def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params
-        may_stop = len(seq.output_token_ids) > p.min_tokens  # the first min_tokens tokens never stop it (vLLM)
+        count = len(seq.output_token_ids)
+        may_stop = count > p.min_tokens  # the first min_tokens tokens never stop it (vLLM)
         if may_stop and token == self.eos_token_id and not p.ignore_eos:
-            return seq.finish("stop")
+            return self._finish(seq, "stop", None, text_upto=count - 1)  # EOS adds no text
         if may_stop and p.stop_token_ids and token in p.stop_token_ids:
-            return seq.finish("stop", token)
-        if seq.detokenizer is not None:
+            return self._finish(seq, "stop", token, text_upto=count - 1)
+        if seq.detokenizer is not None and (p.stop or p.output_kind is not RequestOutputKind.FINAL_ONLY):
             before = len(seq.text)
-            seq.text += seq.detokenizer.push(token)
-            for s in (p.stop or ()) if may_stop else ():
+            self._detokenize(seq, count)
+            for s in p.stop if may_stop and p.stop else ():
                 cut = seq.text.find(s, max(0, before - len(s) + 1))
                 if cut >= 0:
-                    seq.text = seq.text[:cut]
-                    return seq.finish("stop", s)
-        if len(seq.output_token_ids) >= p.max_tokens:
-            seq.finish("length")
+                    seq.text = seq.text[:cut]  # the stop string and anything after it, partial bytes included
+                    return self._finish(seq, "stop", s, text_upto=None)
+        if count >= p.max_tokens:
+            self._finish(seq, "length", None, text_upto=count)
+
+    @staticmethod
+    def _detokenize(seq: Sequence, upto: int) -> None:
+        """Append the text of output tokens ``num_detokenized .. upto`` to ``seq.text``."""
+        if upto > seq.num_detokenized:
+            seq.text += seq.detokenizer.push_many(seq.output_token_ids[seq.num_detokenized : upto])
+            seq.num_detokenized = upto
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None, text_upto: int | None) -> None:
+        """End ``seq``; its text takes the output tokens before ``text_upto`` and the bytes of an unfinished
+        character as replacement characters (``None``: the text is final as it is)."""
+        seq.finish(reason, stop_reason)
+        if seq.detokenizer is not None and text_upto is not None:
+            self._detokenize(seq, text_upto)
+            seq.text += seq.detokenizer.flush()
 
     @staticmethod
     def visible_text(seq: Sequence) -> str:
@@ -65,17 +82,26 @@ class OutputProcessor:
         hold = max(len(s) for s in seq.params.stop) - 1
         return seq.text[: max(len(seq.text) - hold, 0)]
 
-    def make_output(self, request: Request) -> RequestOutput:
-        """The request's outputs so far (cumulative), one completion per sample."""
+    def make_output(self, request: Request) -> RequestOutput | None:
+        """The request's output for this step, as its ``output_kind`` asks: everything so far, what is new since its
+        previous output, or (final-only) nothing until it finishes. One completion per sample."""
+        kind = request.params.output_kind
+        if kind is RequestOutputKind.FINAL_ONLY and not request.finished:
+            return None
+        delta = kind is RequestOutputKind.DELTA
+        prompt_logprobs = None
+        if request.params.prompt_logprobs is not None and not (delta and request.num_outputs):
+            prompt_logprobs = list(request.prompt_logprobs)  # a delta stream sends them with its first output
+        request.num_outputs += 1
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,
             prompt_token_ids=request.prompt_token_ids,
-            outputs=[self._completion(seq) for seq in request.seqs],
+            outputs=[self._delta(seq) if delta else self._completion(seq) for seq in request.seqs],
             finished=request.finished,
             num_cached_tokens=request.num_cached_tokens or 0,
-            prompt_logprobs=list(request.prompt_logprobs) if request.params.prompt_logprobs is not None else None,
-            metrics=dataclasses.replace(request.metrics),  # a snapshot: the request's own keeps changing
+            prompt_logprobs=prompt_logprobs,
+            metrics=request.metrics.snapshot(),  # the request's own keeps changing
         )
 
     def _completion(self, seq: Sequence) -> CompletionOutput:
@@ -86,5 +112,19 @@ class OutputProcessor:
             cumulative_logprob=seq.cumulative_logprob,
             finish_reason=seq.finish_reason,
             logprobs=list(seq.top_logprobs) if seq.params.logprobs is not None else None,
+            stop_reason=seq.stop_reason,
+        )
+
+    def _delta(self, seq: Sequence) -> CompletionOutput:
+        """What ``seq`` produced since its previous output: new text, tokens and their logprobs (empty if none)."""
+        text, tokens, chars = self.visible_text(seq), seq.num_sent_tokens, seq.num_sent_chars
+        seq.num_sent_tokens, seq.num_sent_chars = len(seq.output_token_ids), len(text)
+        return CompletionOutput(
+            index=seq.sample_index,
+            text=text[chars:],
+            token_ids=seq.output_token_ids[tokens:],
+            cumulative_logprob=seq.cumulative_logprob,
+            finish_reason=seq.finish_reason,
+            logprobs=seq.top_logprobs[tokens:] if seq.params.logprobs is not None else None,
             stop_reason=seq.stop_reason,
         )

@@ -11,6 +11,7 @@ mask, the repetition, frequency and presence penalties): each is one indexed ten
 
 from __future__ import annotations
 
+import enum
 import itertools
 import re
 from collections.abc import Iterable, Sequence
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from engine.host_tensors import list_tensor
 
 MAX_LOGPROBS = 20  # most alternatives a request may ask for per token (vLLM's default limit)
 MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2] (OpenAI's range)
@@ -55,6 +58,15 @@ def _normalize_logit_bias(bias) -> dict[int, float] | None:
     return out
 
 
+class RequestOutputKind(enum.Enum):
+    """Which outputs ``LLMEngine.step`` returns for a request (vLLM's names): everything so far at each step, only
+    what is new since the previous output, or one output when the request finishes."""
+
+    CUMULATIVE = "cumulative"  # the engine's default: each step's output holds all text and tokens so far
+    DELTA = "delta"  # each output holds the text, tokens and logprobs new since the previous one (streaming)
+    FINAL_ONLY = "final_only"  # one output, when finished (what ``LLM.generate`` asks for)
+
+
 @dataclass
 class SamplingParams:
     """How to sample one request's completions. Invalid values raise ``ValueError`` naming the field."""
@@ -78,6 +90,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted once per time a token was generated; in [-2, 2]
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
     min_tokens: int = 0  # tokens to generate before EOS, a stop token or a stop string may end the sequence
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # what each step's output holds (see the enum)
 
     def __post_init__(self) -> None:
         if not _is_int(self.n) or self.n < 1:
@@ -127,6 +140,8 @@ class SamplingParams:
             raise ValueError(
                 f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}"
             )
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
 
     @property
     def greedy(self) -> bool:
@@ -339,21 +354,27 @@ class Sampler:
             process_logits(logits, params, histories, self.eos_token_id)
         logprobs = torch.log_softmax(logits, dim=-1)
         greedy_tokens = logits.argmax(dim=-1)
-        if all(p.greedy for p in params):
+        greedy = [p.greedy for p in params]
+        if all(greedy):
             return greedy_tokens, logprobs
         device = logits.device
-        temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
+        temps = list_tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32, device)
         scaled = logits / temps[:, None]
         truncated = [i for i, p in enumerate(params) if p.top_k_enabled or p.top_p < 1.0]
         if truncated:  # only those rows: one row without top-k would make filter_logits sort every row
-            rows = torch.tensor(truncated, device=device)
-            top_k = torch.tensor([max(params[i].top_k, 0) for i in truncated], device=device)
-            top_p = torch.tensor([float(params[i].top_p) for i in truncated], device=device)
-            scaled[rows] = filter_logits(scaled[rows], top_k, top_p)
+            top_k = list_tensor([max(params[i].top_k, 0) for i in truncated], torch.int64, device)
+            top_p = list_tensor([params[i].top_p for i in truncated], torch.float32, device)
+            if len(truncated) == len(params):
+                scaled = filter_logits(scaled, top_k, top_p)
+            else:
+                rows = list_tensor(truncated, torch.int64, device)
+                scaled[rows] = filter_logits(scaled[rows], top_k, top_p)
         probs = scaled.softmax(dim=-1)
-        noise = torch.empty_like(probs)
+        noise = torch.empty_like(probs).exponential_()  # one draw for the rows of unseeded requests
         for i, g in enumerate(generators):
-            noise[i].exponential_(generator=g)
+            if g is not None:  # a seeded request's row comes from its own stream, whatever the batch
+                noise[i].exponential_(generator=g)
         sampled = (probs / noise).argmax(dim=-1)
-        is_greedy = torch.tensor([p.greedy for p in params], device=device)
-        return torch.where(is_greedy, greedy_tokens, sampled), logprobs
+        if not any(greedy):
+            return sampled, logprobs
+        return torch.where(list_tensor(greedy, torch.bool, device), greedy_tokens, sampled), logprobs

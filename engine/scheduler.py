@@ -62,32 +62,37 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        decoding = [s for s in self.running if s.num_uncomputed == 1]
-        prefilling = [s for s in self.running if s.num_uncomputed > 1]
-        for seq in decoding + prefilling:
+        todo = [(seq, seq.num_uncomputed) for seq in self.running]
+        todo.sort(key=lambda item: item[1] != 1)  # decodes first, each group in admission order (a stable sort)
+        for seq, uncomputed in todo:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted for an earlier one this step
                 continue
-            n = min(seq.num_uncomputed, budget)
+            n = min(uncomputed, budget)
+            preempted = out.num_preempted
             if self._reserve(seq, n, out):
                 out.seqs.append(seq)
                 out.num_tokens.append(n)
-            budget = self.max_num_batched_tokens - out.total_tokens
-        if not out.num_preempted:
+                budget -= n
+            if out.num_preempted != preempted:  # sequences scheduled earlier may have been taken back
+                budget = self.max_num_batched_tokens - out.total_tokens
+        if self.waiting and not out.num_preempted:
             self._admit(out, budget)
         return out
 
     def _reserve(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
         """Blocks for ``seq``'s next ``n`` tokens, preempting the newest running sequences until they fit; False
         when ``seq`` itself had to go."""
-        while not self.blocks.can_append(seq, seq.num_computed + n):
-            victim = self.running[-1]
-            self._preempt(victim, out)
-            if victim is seq:
-                return False
-        out.block_copies += self.blocks.append(seq, seq.num_computed + n)
-        self.blocks.register_full_blocks(seq, seq.num_computed + n)
+        target = seq.num_computed + n
+        if not self.blocks.holds(seq, target):  # most decode steps write into a block the sequence already owns
+            while not self.blocks.can_append(seq, target):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is seq:
+                    return False
+            out.block_copies += self.blocks.append(seq, target)
+        self.blocks.register_full_blocks(seq, target)
         return True
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
@@ -104,7 +109,7 @@ class Scheduler:
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         # running sequences, and the samples their requests will fork once their prompts are computed
-        seats = len(self.running) + sum(seq.request.num_pending_forks for seq in self.running)
+        seats = len(self.running) + sum(seq.request.num_pending_forks for seq in self.running if seq.params.n > 1)
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             wanted = 1 + seq.request.num_pending_forks

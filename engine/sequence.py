@@ -33,7 +33,7 @@ class Sequence:
     sample_index: int  # which of the request's n completions
     generator: torch.Generator | None = None  # seeded requests draw from their own stream
     output_token_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[float] = field(default_factory=list)  # of each sampled token
+    cumulative_logprob: float = 0.0  # sum of the sampled tokens' log-probs
     top_logprobs: list[dict[int, float]] = field(default_factory=list)  # when params.logprobs is set
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of the full blocks computed so far
@@ -43,6 +43,9 @@ class Sequence:
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
     text: str = ""  # detokenized output so far (a stop string cut off)
     detokenizer: object | None = None  # IncrementalDecoder when the request wants text
+    num_detokenized: int = 0  # output tokens already in ``text`` (a final-only output detokenizes at the end)
+    num_sent_tokens: int = 0  # output tokens already returned in a DELTA output
+    num_sent_chars: int = 0  # characters of ``text`` already returned in a DELTA output
 
     @property
     def params(self) -> SamplingParams:
@@ -69,10 +72,6 @@ class Sequence:
         """Tokens this sequence may hold in the cache at most (the last sampled token is never fed back)."""
         return len(self.request.prompt_token_ids) + self.params.max_tokens - 1
 
-    @property
-    def cumulative_logprob(self) -> float:
-        return float(sum(self.output_logprobs))
-
     def all_token_ids(self) -> list[int]:
         return self.request.prompt_token_ids + self.output_token_ids
 
@@ -95,6 +94,10 @@ class RequestMetrics:
     first_token_time: float | None = None
     finished_time: float | None = None
 
+    def snapshot(self) -> RequestMetrics:
+        """A copy that later changes to this one leave alone."""
+        return RequestMetrics(self.arrival_time, self.first_scheduled_time, self.first_token_time, self.finished_time)
+
 
 @dataclass(eq=False)
 class Request:
@@ -111,10 +114,14 @@ class Request:
     # with params.prompt_logprobs: entry t for prompt token t (its logprob and top alternatives), None for token 0;
     # filled chunk by chunk as the prompt is computed
     prompt_logprobs: list[dict[int, float] | None] = field(default_factory=lambda: [None])
+    num_outputs: int = 0  # outputs returned so far
 
     @property
     def finished(self) -> bool:
-        return all(seq.is_finished for seq in self.seqs)
+        for seq in self.seqs:  # a loop, not all(genexpr): asked for every request at every step
+            if seq.status is not SequenceStatus.FINISHED:
+                return False
+        return True
 
     @property
     def num_pending_forks(self) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import functools
 import hashlib
 import importlib.util
 import json
@@ -304,8 +305,25 @@ class Tokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The bytes of one token."""
-        return self.decode_bytes([token_id])
+        """The bytes of one token (``ValueError`` for an id that is not in the vocabulary)."""
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"token id {token_id!r} is outside the vocabulary [0, {self.vocab_size})")
+        found = self._bytes_of[token_id]
+        if found is None:
+            raise ValueError(f"token id {token_id!r} is not in the vocabulary")
+        return found
+
+    @functools.cached_property
+    def _bytes_of(self) -> list[bytes | None]:
+        """Every token's bytes by id (None for an unused id), built on first use: a stream looks one up per token."""
+
+        def lookup(token_id: int) -> bytes | None:
+            try:
+                return self.encoding.decode_single_token_bytes(token_id)
+            except KeyError:
+                return None
+
+        return [lookup(i) for i in range(self.vocab_size)]
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.encoding.name!r}, vocab_size={self.vocab_size})"
@@ -321,6 +339,12 @@ class IncrementalDecoder:
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes ("" while a character is still partial)."""
         return self._utf8.decode(self.tokenizer.token_bytes(token_id))
+
+    def push_many(self, token_ids: Sequence[int]) -> str:
+        """Add tokens; return the text they complete (the same as pushing them one by one)."""
+        if len(token_ids) == 1:
+            return self.push(token_ids[0])
+        return self._utf8.decode(self.tokenizer.decode_bytes(token_ids))
 
     def flush(self) -> str:
         """End of stream: return what is left (an unfinished character becomes U+FFFD) and reset."""

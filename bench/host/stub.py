@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from engine import LLMEngine, SamplingParams
+from engine import LLMEngine, RequestOutputKind, SamplingParams
 
 HOST_VOCAB = 128  # logits columns when the math would run on a GPU (see the module's docstring)
 TINY_MODEL = dict(n_layer=1, n_embd=64, n_head=1, n_positions=1024, vocab_size=50257)  # never run: the stub is
@@ -50,15 +50,25 @@ def write_model_dir(directory: Path, tokenizer_dir: Path) -> Path:
     return directory
 
 
-def sampling(kind: str, max_tokens: int) -> SamplingParams:
+# what each step returns: ``LLM.generate``'s one final output per request, or a server stream's per-step deltas
+OUTPUT_KINDS = {"final": RequestOutputKind.FINAL_ONLY, "stream": RequestOutputKind.DELTA}
+
+
+def sampling(kind: str, max_tokens: int, output: str = "stream") -> SamplingParams:
     """``greedy`` or ``sampled`` (temperature 0.8, top-p 0.95: a chat server's defaults), never stopping early."""
+    common = dict(max_tokens=max_tokens, ignore_eos=True, output_kind=OUTPUT_KINDS[output])
     if kind == "greedy":
-        return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    return SamplingParams(max_tokens=max_tokens, temperature=0.8, top_p=0.95, ignore_eos=True)
+        return SamplingParams(temperature=0.0, **common)
+    return SamplingParams(temperature=0.8, top_p=0.95, **common)
 
 
 def decoding_engine(
-    model_dir: Path, prompts: list[str], kind: str, vocab: int = HOST_VOCAB, max_tokens: int = 600
+    model_dir: Path,
+    prompts: list[str],
+    kind: str,
+    output: str = "stream",
+    vocab: int = HOST_VOCAB,
+    max_tokens: int = 600,
 ) -> LLMEngine:
     """An engine with every prompt admitted, prefilled and decoding: each ``step()`` from here is a decode step of
     ``len(prompts)`` sequences."""
@@ -74,7 +84,7 @@ def decoding_engine(
     )
     engine.runner.model = StubModel(vocab, len(prompts))  # a row per sequence: no prompt logprobs asked
     for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, sampling(kind, max_tokens))
+        engine.add_request(str(i), prompt, sampling(kind, max_tokens, output))
     while engine.scheduler.waiting or any(seq.num_uncomputed > 1 for seq in engine.scheduler.running):
         engine.step()
     engine.step()

@@ -24,36 +24,44 @@ def prompts(text) -> list[str]:
     return [" ".join(words[(37 * i) % (len(words) - 24) :][:24]) for i in range(256)]
 
 
-def check_step(engine, batch: int) -> None:
-    """Validate before timing: a step gives each running sequence one token, and its request an output."""
+def check_step(engine, batch: int, output: str) -> None:
+    """Validate before timing: a step gives each running sequence one token; a stream's request gets an output
+    with that token and its text, a final-only request none until it finishes."""
     before = {seq.seq_id: len(seq.output_token_ids) for seq in engine.scheduler.running}
     outputs = engine.step()
-    assert len(outputs) == batch and len(before) == batch
+    assert len(before) == batch
     assert all(len(seq.output_token_ids) == before[seq.seq_id] + 1 for seq in engine.scheduler.running)
-    assert all(out.outputs[0].text for out in outputs)  # detokenized
+    if output == "final":
+        assert outputs == []
+    else:
+        assert len(outputs) == batch
+        assert all(len(out.outputs[0].token_ids) == 1 for out in outputs)
+        assert "".join(out.outputs[0].text for out in outputs)  # detokenized (one token may hold half a character)
 
 
 @pytest.mark.benchmark(group="step: host time of a decode step (stub forward)")
+@pytest.mark.parametrize("output", ["final", "stream"])
 @pytest.mark.parametrize("kind", ["greedy", "sampled"])
 @pytest.mark.parametrize("batch", [1, 64, 256])
-def test_decode_step(benchmark, model_dir, prompts, batch, kind):
-    engine = decoding_engine(model_dir, prompts[:batch], kind)
-    check_step(engine, batch)
+def test_decode_step(benchmark, model_dir, prompts, batch, kind, output):
+    """``final``: ``LLM.generate`` (one output per request, at its end); ``stream``: a server streaming each token."""
+    engine = decoding_engine(model_dir, prompts[:batch], kind, output)
+    check_step(engine, batch, output)
     benchmark.pedantic(engine.step, rounds=ROUNDS[batch], warmup_rounds=3)
 
 
 @pytest.mark.benchmark(group="step: the full vocabulary's math on this CPU (a CPU deployment)")
 def test_decode_step_full_vocab_cpu(benchmark, model_dir, prompts):
     """The same step with 50257 logits per row: sampling's math over [256, 50257] on the CPU, for reference."""
-    engine = decoding_engine(model_dir, prompts, "greedy", vocab=50257)
-    check_step(engine, 256)
+    engine = decoding_engine(model_dir, prompts, "greedy", "final", vocab=50257)
+    check_step(engine, 256, "final")
     benchmark.pedantic(engine.step, rounds=5, warmup_rounds=1)
 
 
 @pytest.fixture
 def engine_256(model_dir, prompts):
     engine = decoding_engine(model_dir, prompts, "sampled")
-    check_step(engine, 256)
+    check_step(engine, 256, "stream")
     return engine
 
 

@@ -13,10 +13,11 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine.async_llm import AsyncLLM
 from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampling import RequestOutputKind
 from engine.sequence import Request
 from engine.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingFields
 
@@ -244,6 +245,8 @@ def make_job(llm: AsyncLLM, model: str, req: SamplingFields, prompts: list, max_
     check_common(req)
     try:
         params = req.sampling_params(max_tokens, logprobs, prompt_logprobs)
+        if not req.stream:  # one output per request, at its end: no per-step outputs or detokenizing on the way
+            params = replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
     except ValueError as e:
         raise ApiError(400, str(e), str(e).split()[0]) from None
     job_id = f"cmpl-{uuid.uuid4().hex}"

@@ -497,3 +497,19 @@ def test_tokenizer_requires_eos():
     )
     with pytest.raises(ValueError, match="endoftext"):
         Tokenizer(encoding)
+
+
+def test_push_many_equals_pushing_one_by_one(tokenizer):
+    """Byte-level tokens (ids below 256 include lone UTF-8 lead and continuation bytes) split characters across
+    tokens: the text of a run of tokens at once equals the tokens pushed one at a time, flush included."""
+    from engine.tokenizer import IncrementalDecoder
+
+    ids = [random.choice([random.randrange(256), random.randrange(50257)]) for _ in range(200)]
+    one, many = IncrementalDecoder(tokenizer), IncrementalDecoder(tokenizer)
+    cut = random.randrange(len(ids))
+    text_one = "".join(one.push(t) for t in ids) + one.flush()
+    text_many = many.push_many(ids[:cut]) + many.push_many(ids[cut:]) + many.flush()
+    assert text_one == text_many == tokenizer.decode(ids)
+    assert [tokenizer.token_bytes(t) for t in ids[:20]] == [tokenizer.decode_bytes([t]) for t in ids[:20]]
+    with pytest.raises(ValueError, match="50257"):
+        tokenizer.token_bytes(50257)
