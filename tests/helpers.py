@@ -117,6 +117,25 @@ def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids) :].tolist()
 
 
+def half_precision_errors(hf_model, llm, ids: list[int], dtype: torch.dtype) -> dict[str, tuple[float, float]]:
+    """FlashAttention's criterion, measured: ``{"hidden" | "logits": (ours, transformers')}``, each the relative
+    error against transformers' fp32 model, ours from ``llm`` (loaded in ``dtype``) and theirs from transformers
+    itself run in ``dtype``. Over whole ``[T, D]`` hidden states and ``[T, V]`` logits, so the ratio is stable."""
+    hidden = llm.features(ids)[0]
+    logits = llm.model.logits(hidden).cpu()
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        ref = hf_model(x, output_hidden_states=True)
+        theirs = hf_model.to(dtype)(x, output_hidden_states=True)
+    hf_model.float()
+    ref_h, their_h = ref.hidden_states[-1][0], theirs.hidden_states[-1][0]
+    ref_lg, their_lg = ref.logits[0].double(), theirs.logits[0].double()
+    return {
+        "hidden": (rel_err(hidden.cpu(), ref_h), rel_err(their_h, ref_h)),
+        "logits": (rel_err(logits, ref_lg), rel_err(their_lg, ref_lg)),
+    }
+
+
 def save_checkpoint(model, directory, tokenizer_dir=None, published_layout=False):
     """Write ``model`` as a Hugging Face checkpoint; ``published_layout`` mimics openai-community's files."""
     import shutil

@@ -23,6 +23,8 @@ def test_matches_the_triton_backends_quantization(mode, dtype, tol):
     m = random.randint(1, 9)
     w = torch.randn(n, k).to(dtype)
     x = torch.randn(m, k).to(dtype)
+    if w.device.type == "cpu":
+        tol = max(tol, 1e-2)  # on CPU the GEMMs compute on bf16 activations and scales (engine.quantization)
     ours = quantize(w, mode)
     theirs = quantize_int8(w) if mode == "int8" else quantize_int4(w)  # group 128 where it divides K, else 64
     ref = x.double() @ theirs.dequantize(torch.float64).t()

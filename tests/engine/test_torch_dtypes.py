@@ -1,0 +1,85 @@
+"""The torch backend on CPU in fp16 and bf16: weights packed once for the fast 16-bit path, parity within 2x of
+transformers' own error in that dtype (as the triton backend's test_triton_model checks)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.ops import Fp16PackedWeight, TorchOps
+from tests.helpers import half_precision_errors, make_hf_model, rel_err, save_checkpoint
+
+SMALL = dict(n_embd=128, n_head=2, n_layer=2, vocab_size=1000, n_positions=64)
+HALF = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    model = make_hf_model(**SMALL)
+    return model, save_checkpoint(model, tmp_path_factory.mktemp("small-gpt2"))
+
+
+def cpu_llm(path, dtype: torch.dtype) -> LLM:
+    return LLM(str(path), backend="torch", dtype=str(dtype).removeprefix("torch."), device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_error_within_2x_of_transformers(small_model, dtype):
+    model, path = small_model
+    llm = cpu_llm(path, dtype)
+    assert isinstance(llm.model.w.layers[0].fc_weight, Fp16PackedWeight)  # the fast path, not a fallback
+    assert isinstance(llm.model.lm_head, Fp16PackedWeight)
+    ids = torch.randint(0, SMALL["vocab_size"], (random.randint(48, SMALL["n_positions"]),)).tolist()
+    errors = half_precision_errors(model, llm, ids, dtype)
+    print(dtype, errors)
+    for ours, theirs in errors.values():
+        assert theirs > 0  # the comparison means something: half precision does lose bits
+        assert ours <= 2 * theirs
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_decode_matches_its_prefill(small_model, dtype):
+    """Decode (M = batch through the packed GEMV) gives the logits a prefill of the same tokens does."""
+    _, path = small_model
+    llm = cpu_llm(path, dtype)
+    prompts = [torch.randint(0, SMALL["vocab_size"], (random.randint(2, 20),)).tolist() for _ in range(3)]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
+    for ids, out in zip(prompts, llm.generate(prompts, params, use_tqdm=False)):
+        tokens = out.outputs[0].token_ids
+        decoded = torch.tensor([lp[t] for lp, t in zip(out.outputs[0].logprobs, tokens)])
+        full = llm.model.logits(llm.features(ids + tokens)[0]).log_softmax(-1)
+        rescored = full[len(ids) - 1 : -1].gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
+        assert rel_err(decoded, rescored) < (2e-2 if dtype == torch.bfloat16 else 5e-3)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("activation, with_residual", [(None, False), ("gelu_tanh", False), (None, True)])
+def test_packed_linear_epilogues(dtype, activation, with_residual):
+    """``act(x @ W.T + b) + residual`` through the packed weight, against float64, at decode and prefill sizes."""
+    ops = TorchOps()
+    (n, k), m = random.choice([(96, 128), (200, 64), (1000, 128)]), random.choice([1, 3, 8, 37])
+    w, b, x = (torch.randn(*s).to(dtype) * 0.5 for s in ((n, k), (n,), (m, k)))
+    res = torch.randn(m, n).to(dtype) if with_residual else None
+    packed = ops.prepare_weight(w)
+    assert isinstance(packed, Fp16PackedWeight)
+    out = ops.linear(x, packed, b, activation=activation, residual=res)
+    ref = x.double() @ w.double().t() + b.double()
+    if activation:
+        ref = torch.nn.functional.gelu(ref, approximate="tanh")
+    if res is not None:
+        ref = ref + res.double()
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert rel_err(out, ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+def test_bf16_weight_beyond_fp16_range_keeps_bf16():
+    """A bf16 weight fp16 cannot hold is not packed through fp16: it stays bf16 ([N, K], torch's GEMV)."""
+    w = torch.randn(64, 128).to(torch.bfloat16)
+    w[random.randrange(64), random.randrange(128)] = 1e6
+    prepared = TorchOps().prepare_weight(w)
+    assert isinstance(prepared, torch.Tensor) and prepared.dtype == torch.bfloat16 and prepared.is_contiguous()
+    x = torch.randn(5, 128).to(torch.bfloat16)
+    assert rel_err(TorchOps().linear(x, prepared), x.double() @ w.double().t()) < 1e-2
