@@ -125,8 +125,9 @@ def check_parity(llama: LlamaCpp, gguf: Path, hf: Path, args):
     return check_greedy(llama, gguf, ours, tokenizer.token_bytes, llm.config.eos_token_id, args.check_tokens)
 
 
-def measure_all(llama: LlamaCpp, ggufs: dict[str, Path], hf: Path, args) -> tuple[dict, str]:
-    """Every pair at every batch, ``args.rounds`` times, llama.cpp's side then ours, pair after pair."""
+def measure_all(llama: LlamaCpp, ggufs: dict[str, Path], hf: Path, args, after_round) -> tuple[dict, str]:
+    """Every pair at every batch, ``args.rounds`` times, llama.cpp's side then ours, pair after pair;
+    ``after_round(measured, source)`` after each round (the JSON so far, should a later round never end)."""
     measure_decode, source = our_measure()
     measured: dict[tuple[str, str, int], list[dict]] = {}
     for r in range(args.rounds):
@@ -152,6 +153,7 @@ def measure_all(llama: LlamaCpp, ggufs: dict[str, Path], hf: Path, args) -> tupl
                         )
                     log(f"  prefill {rates['prefill_tok_s']:.1f} tok/s, decode {rates['decode_tok_s']:.1f} tok/s")
                     measured.setdefault((side, name, batch), []).append({k: float(rates[k]) for k in tbl.RATES})
+        after_round(measured, source)
     return measured, source
 
 
@@ -166,11 +168,7 @@ def jsonable(obj):
     return obj
 
 
-def write_json(args, result: dict) -> Path:
-    path = (
-        args.output_json
-        or RESULTS / f"llama_cpp_{slug(result['machine']['cpu'])}_{_dt.datetime.now():%Y%m%d-%H%M%S}.json"
-    )
+def write_json(path: Path, result: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(jsonable(result), indent=2) + "\n")
     return path
@@ -200,29 +198,35 @@ def run(args) -> int:
     )
     parity = check_parity(llama, ggufs["f32"], hf, args)
     print(f"f32 greedy parity: {parity.describe()}")
-    measured, source = measure_all(llama, ggufs, hf, args)
-    rows = tbl.rows(measured, args.pairs, args.batches)
-    print(f"ours: {source}; ratio = ours / llama.cpp (above 1: we are faster)\n")
-    print(tbl.markdown(rows))
-    result = dict(
-        machine=machine,
-        llama_cpp=dict(commit=commit, llama_cpp_python=llama.version),
-        settings=dict(
-            model=args.model_size,
-            seed=args.seed,
-            prompt_tokens=args.prompt_tokens,
-            new_tokens=args.new_tokens,
-            threads=args.threads,
-            rounds=args.rounds,
-            batches=args.batches,
-            pairs=args.pairs,
-            ours_source=source,
-        ),
-        parity=dict(ok=parity.ok, detail=parity.describe()),
-        rows=rows,
-        measurements=[dict(side=s, name=n, batch=b, rounds=v) for (s, n, b), v in measured.items()],
+    path = args.output_json or RESULTS / f"llama_cpp_{slug(machine['cpu'])}_{_dt.datetime.now():%Y%m%d-%H%M%S}.json"
+
+    def result(measured: dict, source: str, complete: bool) -> dict:
+        return dict(
+            complete=complete,
+            machine=machine,
+            llama_cpp=dict(commit=commit, llama_cpp_python=llama.version),
+            settings=dict(
+                model=args.model_size,
+                seed=args.seed,
+                prompt_tokens=args.prompt_tokens,
+                new_tokens=args.new_tokens,
+                threads=args.threads,
+                rounds=args.rounds,
+                batches=args.batches,
+                pairs=args.pairs,
+                ours_source=source,
+            ),
+            parity=dict(ok=parity.ok, detail=parity.describe()),
+            rows=tbl.rows(measured, args.pairs, args.batches),
+            measurements=[dict(side=s, name=n, batch=b, rounds=v) for (s, n, b), v in measured.items()],
+        )
+
+    measured, source = measure_all(
+        llama, ggufs, hf, args, lambda m, src: write_json(path, result(m, src, complete=False))
     )
-    log(f"wrote {write_json(args, result)}")
+    print(f"ours: {source}; ratio = ours / llama.cpp (above 1: we are faster)\n")
+    print(tbl.markdown(tbl.rows(measured, args.pairs, args.batches)))
+    log(f"wrote {write_json(path, result(measured, source, complete=True))}")
     return 0 if parity.ok else 1
 
 

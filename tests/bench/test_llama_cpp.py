@@ -252,3 +252,24 @@ def test_local_measure_decode_runs_the_engine_on_a_tiny_checkpoint(tiny_checkpoi
     assert math.isnan(out["decode_tok_s"]) or out["decode_tok_s"] > 0  # nan: the two timings lost in the noise
     with pytest.raises(ValueError, match="new_tokens"):
         measure_decode(str(tiny_checkpoint), "float32", None, batch, prompt, new_tokens=1)
+
+
+def test_cached_build_is_found_or_refused_with_skip_build(tmp_path):
+    from bench.llamacpp.build import TOOLS, cached, ensure_built, is_built
+
+    version = f"9.9.{random.randint(0, 99)}"
+    with pytest.raises(LlamaCppError, match="--skip-build"):
+        ensure_built(version, skip_build=True, root=tmp_path)
+    llama = cached(version, tmp_path)
+    llama.source.mkdir(parents=True)
+    llama.converter.write_text("")
+    llama.bin.mkdir(parents=True)
+    for tool in TOOLS[:-1]:
+        llama.tool(tool).write_text("")
+    assert not is_built(llama)  # one tool missing
+    llama.tool(TOOLS[-1]).write_text("")
+    assert ensure_built(version, skip_build=True, root=tmp_path) == llama
+    commit = random.randbytes(4).hex()[:7]
+    (llama.bin.parent / "common").mkdir()
+    (llama.bin.parent / "common" / "build-info.cpp").write_text(f'char const * LLAMA_COMMIT = "{commit}";\n')
+    assert llama.commit() == commit
