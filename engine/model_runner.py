@@ -127,7 +127,9 @@ class ModelRunner:
                 torch.int64,
                 dev,
             ),  # fmt: skip
-            slot_mapping=list_tensor([s for seq, n in zip(seqs, counts) for s in self._slots(seq, n)], torch.int64, dev),
+            slot_mapping=list_tensor(
+                [s for seq, n in zip(seqs, counts) for s in self._slots(seq, n)], torch.int64, dev
+            ),  # fmt: skip
             num_decodes=nd,
             block_tables=padded_rows([seq.block_table for seq in seqs], torch.int32, dev),
             seq_lens=list_tensor(lens, torch.int32, dev),
