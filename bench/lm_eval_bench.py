@@ -1,15 +1,16 @@
 """The same lm-evaluation-harness run through the ``gpt2-triton`` backend and through lm-eval's ``hf`` backend, timed
 in one process on the same checkpoint (gpt2 with random weights, fp32, CPU by default).
 
-    python bench/lm_eval_bench.py                        # 64 four-choice questions (256 requests) + 4 rolling texts
-    python bench/lm_eval_bench.py --docs 20 --rolling-docs 4 --hf-batch-size 32
+    python bench/lm_eval_bench.py        # 64 four-choice questions (256 requests), 4 rolling texts, 32 generations
+    python bench/lm_eval_bench.py --docs 20 --rolling-docs 4 --gen-docs 0 --hf-batch-size 32
 
-The tasks are local YAMLs over JSONL files this script writes: a multiple-choice task (a context of
-``--context-words`` words and four short continuations per question, lm-eval's most common request shape) and a
-rolling-perplexity task over texts longer than the context. Before timing, both backends run the first few
-documents and must give the same per-request responses (1e-4 relative); after the timed runs every metric must
-match too. Model loading is outside the timings: each side is built first, then ``simple_evaluate`` is timed, one
-task at a time, so the ratio of each request shape shows.
+The tasks are local YAMLs over JSONL files this script writes, one per request type: a multiple-choice task (a
+context of ``--context-words`` words and four short continuations per question, lm-eval's most common request
+shape), a rolling-perplexity task over texts of about a context's length and longer, and a greedy generation task
+(``--gen-tokens`` tokens at most, stop string ``\n\n``). Before timing, both backends run the first few documents
+and must give the same per-request responses (log-likelihoods within 1e-4 relative, generated texts identical);
+after the timed runs every metric must match too. Model loading is outside the timings: each side is built first,
+then ``simple_evaluate`` is timed, one task at a time, so the ratio of each request type shows.
 Goal (the issue's): ours at least 3x faster with equal metrics.
 """
 
@@ -41,17 +42,22 @@ def words(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
-def write_tasks(directory: Path, docs: int, rolling_docs: int, context_words: int, seed: int) -> list[str]:
+def write_tasks(directory: Path, docs: int, rolling_docs: int, gen_docs: int, gen_tokens: int, context_words: int,
+                seed: int) -> list[str]:  # fmt: skip
     rng = random.Random(seed)
     mc = [{"question": words(rng, rng.randint(context_words // 2, context_words)),
            "choices": [" " + words(rng, rng.randint(1, 5)) for _ in range(4)], "label": rng.randrange(4)}
           for _ in range(docs)]  # fmt: skip
     rolling = [{"page": words(rng, rng.randint(600, 1200))} for _ in range(rolling_docs)]
+    gen = [{"prompt": words(rng, rng.randint(20, 60)), "answer": rng.choice(WORDS)} for _ in range(gen_docs)]
     specs = {
         "bench_mc": (mc, "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_target: label\n"
                          "doc_to_choice: '{{choices}}'\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n"),
         "bench_rolling": (rolling, "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{page}}'\n"
                                    "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n"),
+        "bench_gen": (gen, "output_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{answer}}'\n"
+                           f"generation_kwargs:\n  until: [\"\\n\\n\"]\n  max_gen_toks: {gen_tokens}\n"
+                           "  do_sample: false\nmetric_list:\n  - metric: exact_match\n"),
     }  # fmt: skip
     names = []
     for name, (rows, body) in specs.items():
@@ -101,19 +107,26 @@ def evaluate(lm, tasks: list[str], directory: Path, limit: int | None) -> tuple[
     return result, time.perf_counter() - start
 
 
-def responses(result: dict, task: str) -> list[float]:
-    """Every number each request returned, in document order (log-likelihoods; greedy flags as 0/1)."""
+def responses(result: dict, task: str) -> list[float | str]:
+    """Everything each request returned, in document order (log-likelihoods, greedy flags as 0/1, generated
+    texts)."""
     samples = sorted(result["samples"][task], key=lambda s: s["doc_id"])
     flat = []
     for s in samples:
         for r in s["resps"]:
             value = r[0]
-            flat += [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)]
+            values = value if isinstance(value, (list, tuple)) else [value]
+            flat += [v if isinstance(v, str) else float(v) for v in values]
     return flat
 
 
-def same(a: list[float], b: list[float], rel: float = 1e-4) -> bool:
-    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=rel, abs_tol=rel) for x, y in zip(a, b))
+def same(a: list[float | str], b: list[float | str], rel: float = 1e-4) -> bool:
+    def close(x, y):
+        if isinstance(x, str) or isinstance(y, str):
+            return x == y
+        return math.isclose(x, y, rel_tol=rel, abs_tol=rel)
+
+    return len(a) == len(b) and all(close(x, y) for x, y in zip(a, b))
 
 
 def metrics(result: dict, task: str) -> dict[str, float]:
@@ -125,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="gpt2", help="a preset (random weights)")
     p.add_argument("--docs", type=int, default=64, help="multiple-choice questions (4 requests each)")
     p.add_argument("--rolling-docs", type=int, default=4, help="texts for the rolling-perplexity task")
+    p.add_argument("--gen-docs", type=int, default=32, help="prompts for the greedy generation task")
+    p.add_argument("--gen-tokens", type=int, default=32, help="max_gen_toks of the generation task")
     p.add_argument("--context-words", type=int, default=200, help="longest question context, in words")
     p.add_argument("--hf-batch-size", type=int, default=16)
     p.add_argument("--validate-docs", type=int, default=4, help="documents per task compared before timing")
@@ -142,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         checkpoint = write_checkpoint(tmp / "ckpt", args.model, args.seed, args.tokenizer)
-        tasks = write_tasks(tmp, args.docs, args.rolling_docs, args.context_words, args.seed)
+        tasks = write_tasks(tmp, args.docs, args.rolling_docs, args.gen_docs, args.gen_tokens, args.context_words,
+                            args.seed)  # fmt: skip
         ours = GPT2TritonLM(pretrained=str(checkpoint), backend="torch", dtype="float32", device="cpu",
                             progress=False)  # fmt: skip
         hf = HFLM(pretrained=str(checkpoint), dtype="float32", device="cpu", batch_size=args.hf_batch_size)

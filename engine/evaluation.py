@@ -10,16 +10,17 @@ same rolling windows); only the way they are computed differs:
 * ``loglikelihood``: a request whose context + continuation fits the context runs through the engine as one prompt
   scored from its continuation on (``SamplingParams.prompt_logprobs_start``), so requests that share a context (the
   choices of a multiple-choice question) take its K/V from the prefix cache, in whole blocks, instead of computing
-  it again; only the continuation's rows go through the LM head. Longer requests (and rolling windows, which fill
-  the context) are scored whole, packed without padding, the LM head again on the scored rows only.
+  it again; only the continuation's rows go through the LM head. Longer requests are scored whole, packed without
+  padding, the LM head again on the scored rows only (log-softmax of the target as its logit minus logsumexp).
 * ``loglikelihood_rolling``: lm-eval's own window rules (``get_rolling_token_windows`` + ``make_disjoint_window``,
-  context length 1, max length = the model's context), each window as a loglikelihood request.
+  context length 1, max length = the model's context), each window scored whole (windows share no prefix).
 * ``generate_until``: every request in one ``LLM.generate`` (continuous batching), stop strings ``until`` plus
   ``<|endoftext|>``, contexts left-truncated to leave room for ``max_gen_toks``, as the ``hf`` backend does.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -36,6 +37,7 @@ from engine.sampling import SamplingParams
 DEFAULT_MAX_GEN_TOKS = 256  # the hf backend's default
 # generation kwargs a task may set, beyond until / max_gen_toks / do_sample / temperature (lm-eval's names)
 SAMPLING_KWARGS = ("top_p", "top_k", "repetition_penalty")
+SCORE_CHUNK = 128  # rows per LM-head call when scoring whole windows: 128 x 50257 fp32 logits = 26 MB
 
 TokenRequest = tuple[tuple[str, str] | None, list[int], list[int]]  # (request strings, context ids, continuation ids)
 
@@ -173,21 +175,32 @@ class GPT2TritonLM(TemplateLM):
 
     def _score_whole(self, requests: list[TokenRequest], ids: list[int]) -> Iterator[tuple[int, tuple]]:
         """The hf backend's window (context + continuation, left-truncated to ``max_length + 1``, its last token
-        dropped) computed whole, packed without padding; logits of the continuation's rows only."""
+        dropped) computed whole, packed without padding; the LM head on the continuation's rows only."""
         windows = [(ctx + cont)[-(self.max_length + 1) :][:-1] for _, ctx, cont in requests]
         for group in self.llm._batches(windows):
             hidden = self.llm.runner.hidden_states([windows[j] for j in group])
-            offset = 0
-            for j in group:
-                continuation = requests[j][2]
-                end = offset + len(windows[j])
-                rows = hidden[end - len(continuation) : end]
-                logp = self.llm.model.logits(rows).float().log_softmax(-1)
-                targets = torch.tensor(continuation, device=logp.device)
-                logprob = logp.gather(1, targets[:, None]).sum()
-                greedy = bool((logp.argmax(-1) == targets).all())
-                offset = end
-                yield ids[j], (float(logprob), greedy)
+            ends = itertools.accumulate(len(windows[j]) for j in group)
+            rows = torch.cat([hidden[end - len(requests[j][2]) : end] for j, end in zip(group, ends)])
+            targets = torch.tensor([t for j in group for t in requests[j][2]], device=hidden.device)
+            logprobs, greedy = self._score_rows(rows, targets)
+            counts = [len(requests[j][2]) for j in group]
+            for j, logprob, hits in zip(group, logprobs.split(counts), greedy.split(counts)):
+                yield ids[j], (float(logprob.sum()), bool(hits.all()))
+
+    def _score_rows(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's log-probability of its target and whether the target is its argmax: the LM head
+        ``SCORE_CHUNK`` rows at a time (a chunk's fp32 logits stay in cache), log-softmax as target logit minus
+        logsumexp, computed in place."""
+        logprobs, greedy = [], []
+        with torch.inference_mode():
+            for rows, chunk_targets in zip(hidden.split(SCORE_CHUNK), targets.split(SCORE_CHUNK)):
+                logits = self.llm.model.logits(rows)  # fp32 [n, V]
+                greedy.append(logits.argmax(-1) == chunk_targets)
+                picked = logits.gather(1, chunk_targets[:, None]).squeeze(1)
+                top = logits.amax(-1, keepdim=True)
+                lse = logits.sub_(top).exp_().sum(-1).log_() + top.squeeze(1)
+                logprobs.append(picked - lse)
+        return torch.cat(logprobs).double(), torch.cat(greedy)
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of whole texts in lm-eval's disjoint rolling windows over the model's context."""
@@ -199,8 +212,13 @@ class GPT2TritonLM(TemplateLM):
                 windows.append((None, ctx, cont))
                 owners.append(i)
         totals = [0.0] * len(requests)
-        for i, (logprob, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)):
-            totals[i] += logprob
+        # distinct texts share no context worth caching: every window is scored whole, outside the engine
+        with tqdm(
+            total=len(windows), desc="loglikelihood_rolling", disable=disable_tqdm or not self.llm.progress
+        ) as bar:
+            for w, (logprob, _) in self._score_whole(windows, list(range(len(windows)))):
+                totals[owners[w]] += logprob
+                bar.update(1)
         for req, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return totals

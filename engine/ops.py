@@ -254,16 +254,25 @@ class TorchOps(Ops):
         k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
         v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
 
+    prefill_query_block = 256  # query rows per SDPA call in prefill_attention
+
     def prefill_attention(self, q, k, v, cu_seqlens, max_seqlen, scale, kv_cache=None):
         if kv_cache is not None:
             self.store_kv(k, v, *kv_cache)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         bounds = cu_seqlens.tolist()
         for start, end in zip(bounds[:-1], bounds[1:]):
-            # (T, H, hd) -> (H, T, hd) for SDPA
+            # (T, H, hd) -> (H, T, hd) for SDPA. Queries a block at a time, each against the keys up to its last
+            # row: one causal call over a 1024-token sequence took ~3x as long (2 CPU cores, torch 2.13, q/k/v
+            # as views of the fused QKV output), blocks of 256 skip most of the masked upper triangle.
             qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
-            out[start:end] = o.transpose(0, 1)
+            for first in range(0, end - start, self.prefill_query_block):
+                last = min(first + self.prefill_query_block, end - start)
+                causal = torch.ones(last - first, last, dtype=torch.bool, device=q.device).tril(first)
+                o = F.scaled_dot_product_attention(
+                    qs[:, first:last], ks[:, :last], vs[:, :last], attn_mask=causal, scale=scale
+                )
+                out[start + first : start + last] = o.transpose(0, 1)
         return out
 
     def decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, max_context_len, scale):
