@@ -97,32 +97,23 @@ class OutputProcessor:
             request_id=request.request_id,
             prompt=request.prompt,
             prompt_token_ids=request.prompt_token_ids,
-            outputs=[self._delta(seq) if delta else self._completion(seq) for seq in request.seqs],
+            outputs=[self._completion(seq, delta) for seq in request.seqs],
             finished=request.finished,
             num_cached_tokens=request.num_cached_tokens or 0,
             prompt_logprobs=prompt_logprobs,
             metrics=request.metrics.snapshot(),  # the request's own keeps changing
         )
 
-    def _completion(self, seq: Sequence) -> CompletionOutput:
-        return CompletionOutput(
-            index=seq.sample_index,
-            text=self.visible_text(seq),
-            token_ids=list(seq.output_token_ids),
-            cumulative_logprob=seq.cumulative_logprob,
-            finish_reason=seq.finish_reason,
-            logprobs=list(seq.top_logprobs) if seq.params.logprobs is not None else None,
-            stop_reason=seq.stop_reason,
-        )
-
-    def _delta(self, seq: Sequence) -> CompletionOutput:
-        """What ``seq`` produced since its previous output: new text, tokens and their logprobs (empty if none)."""
-        text, tokens, chars = self.visible_text(seq), seq.num_sent_tokens, seq.num_sent_chars
-        seq.num_sent_tokens, seq.num_sent_chars = len(seq.output_token_ids), len(text)
+    def _completion(self, seq: Sequence, delta: bool) -> CompletionOutput:
+        """``seq``'s output so far, or (``delta``) only what it produced since its previous output (empty if none)."""
+        text, tokens, chars = self.visible_text(seq), 0, 0
+        if delta:
+            tokens, chars = seq.num_sent_tokens, seq.num_sent_chars
+            seq.num_sent_tokens, seq.num_sent_chars = len(seq.output_token_ids), len(text)
         return CompletionOutput(
             index=seq.sample_index,
             text=text[chars:],
-            token_ids=seq.output_token_ids[tokens:],
+            token_ids=seq.output_token_ids[tokens:],  # a copy, as are the logprobs: the sequence's lists keep growing
             cumulative_logprob=seq.cumulative_logprob,
             finish_reason=seq.finish_reason,
             logprobs=seq.top_logprobs[tokens:] if seq.params.logprobs is not None else None,
