@@ -190,6 +190,29 @@ def _pack_fp16(weight: torch.Tensor) -> Fp16PackedWeight | None:
     return Fp16PackedWeight(packed, tuple(weight.shape))
 
 
+def _valid_slots(slot_mapping: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(keep, slots)``: the rows to store (None: all of them) and their int64 slots."""
+    keep = slot_mapping >= 0
+    if bool(keep.all()):
+        return None, slot_mapping.long()
+    return keep, slot_mapping[keep].long()
+
+
+def _decode_gather(
+    block_tables: torch.Tensor, context_lens: torch.Tensor, max_context_len: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(slots, mask)`` for a decode step: the flat cache slot of each sequence's positions ``0 .. S-1``
+    (``[B * S]``; past a sequence's context its first slot, always written, so never NaN or stale garbage) and the
+    attention mask ``[B, 1, 1, S]`` hiding those, or None where every sequence fills ``S``."""
+    B, S = block_tables.shape[0], max_context_len
+    pos = torch.arange(S, device=block_tables.device)
+    valid = pos[None, :] < context_lens[:, None]  # (B, S): a cached token is there
+    slots = block_tables.gather(1, (pos // block_size).expand(B, -1)).long() * block_size + pos % block_size
+    if bool(valid.all()):
+        return slots.view(-1), None
+    return torch.where(valid, slots, slots[:, :1]).view(-1), valid[:, None, None, :]
+
+
 class TorchOps(Ops):
     """Plain PyTorch: the CPU backend and the baseline every other backend is checked against.
 
@@ -198,6 +221,9 @@ class TorchOps(Ops):
     """
 
     name = "torch"
+
+    def __init__(self) -> None:
+        self._memos: dict[str, tuple] = {}  # see _step_memo
 
     def prepare_weight(self, weight: torch.Tensor, quantization: str | None = None) -> object:
         if quantization is not None:
@@ -249,10 +275,11 @@ class TorchOps(Ops):
         return gelu_tanh(x)
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
-        keep = slot_mapping >= 0
-        slots = slot_mapping[keep].long()
-        k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
-        v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
+        keep, slots = self._step_memo("store", (slot_mapping,), _valid_slots)
+        if keep is not None:
+            k, v = k[keep], v[keep]
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
 
     prefill_query_block = 256  # query rows per SDPA call in prefill_attention
 
@@ -276,19 +303,27 @@ class TorchOps(Ops):
         return out
 
     def decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, max_context_len, scale):
-        block_size = k_cache.shape[1]
-        pos = torch.arange(max_context_len, device=q.device)
-        valid = pos[None, :] < context_lens[:, None]  # (B, S): a cached token is there
-        slots = (
-            block_tables.gather(1, (pos // block_size).expand(q.shape[0], -1)).long() * block_size + pos % block_size
+        B, S = q.shape[0], max_context_len
+        slots, mask = self._step_memo(
+            "decode", (block_tables, context_lens), lambda t, n: _decode_gather(t, n, S, k_cache.shape[1])
         )
-        # past a sequence's context, read its first slot instead (always written, so never NaN or stale garbage)
-        # and mask the score: one gather per pool, no masked copies
-        slots = torch.where(valid, slots, slots[:, :1])
-        keys = k_cache.flatten(0, 1)[slots].transpose(1, 2)  # (B, H, S, hd)
-        values = v_cache.flatten(0, 1)[slots].transpose(1, 2)
-        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=valid[:, None, None, :], scale=scale)
+        shape = (B, S, *k_cache.shape[2:])
+        keys = k_cache.flatten(0, 1).index_select(0, slots).view(shape).transpose(1, 2)  # (B, H, S, hd)
+        values = v_cache.flatten(0, 1).index_select(0, slots).view(shape).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale)
         return o.squeeze(2)
+
+    def _step_memo(self, name: str, inputs: tuple[torch.Tensor, ...], compute):
+        """``compute(*inputs)``, reused while the same ``inputs`` come back unmodified: every layer of a step passes
+        the step's slot mapping and block tables, so their index math runs once a step instead of once a layer."""
+        key = tuple((t, t._version) for t in inputs)
+        memo = self._memos.get(name)
+        if memo is None or len(memo[0]) != len(key) or any(
+            a is not b or va != vb for (a, va), (b, vb) in zip(memo[0], key)
+        ):
+            memo = (key, compute(*inputs))
+            self._memos[name] = memo
+        return memo[1]
 
     def context_attention(self, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, max_seqlen_q,
                           max_seqlen_k, scale):  # fmt: skip
