@@ -73,10 +73,11 @@ class GPT2:
     def __init__(self, config: ModelConfig, weights: GPT2Weights, ops: Ops, quantization: str | None = None) -> None:
         self.config = config
         self.ops = ops
-        # once, at load: re-layout (and quantize the block weights, if asked) for the backend; the head stays
+        # once, at load: re-layout (and quantize the block weights, if asked) for the backend; the head is never
+        # quantized
         weights.map_linear(lambda w: ops.prepare_weight(w, quantization))
         self.w = weights
-        self.lm_head = ops.prepare_weight(weights.head)
+        self.lm_head = ops.prepare_lm_head(weights.head, quantization)
         self.scales = [config.attn_scale(i) for i in range(config.n_layer)]
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttentionFn) -> torch.Tensor:

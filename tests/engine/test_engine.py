@@ -225,6 +225,23 @@ def test_torch_backend_quantized_logits_sqnr(gpt2_init_checkpoint, quantization,
     assert not torch.equal(got, ref)  # the weights really were quantized
 
 
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_torch_backend_lm_head_precision(gpt2_init_checkpoint, quantization):
+    """The head stays in fp32 unquantized; under weight quantization on CPU it reads fp16 weights (half the bytes),
+    its logits those of the fp16-rounded head, in fp32 accumulation."""
+    llm = LLM(str(gpt2_init_checkpoint), backend="torch", device="cpu", progress=False, quantization=quantization)
+    hidden = llm.features(random_ids(random.randint(5, 40)))[0]
+    head = llm.model.w.head
+    if quantization is not None and "fbgemm" in torch.backends.quantized.supported_engines:
+        head = head.half()
+    ref = hidden.double() @ head.double().T
+    got = llm.model.logits(hidden)
+    assert got.dtype == torch.float32
+    assert rel_err(got, ref) < 1e-5
+    if head.dtype == torch.float16:  # and the fp32 head would have been measurably different
+        assert rel_err(hidden.double() @ llm.model.w.head.double().T, ref) > 1e-5
+
+
 def test_torch_backend_never_imports_the_kernels(tiny_checkpoint):
     """The torch backend (quantized too) runs without Triton's kernels: nothing under kernels/ is imported."""
     import subprocess
