@@ -324,23 +324,31 @@ def truncate(logits: torch.Tensor, k: torch.Tensor | None, top_p: torch.Tensor, 
 
     Each row's ``width`` largest logits are sorted; the kept ones are the first ``k`` of them, then the smallest
     prefix whose mass reaches ``top_p`` (the token that crosses it included). The sort gives values only: the kept
-    tokens are those above the last kept value, and of the tokens equal to it, the lowest ids, as many as the sorted
-    prefix holds (a stable sort's choice), so exactly that many are kept even among ties.
+    tokens are those above the last kept value, the cut, and of the tokens equal to it, the lowest ids, as many as
+    the sorted prefix holds (a stable sort's choice), so that exactly that many are kept even among ties.
     """
+    V = logits.shape[-1]
     top = _largest(logits, width)  # [B, width], descending
+    masked = top
     if k is not None:
         rank = torch.arange(width, device=logits.device)
-        top = top.masked_fill(rank[None, :] >= k[:, None], float("-inf"))
-    probs = top.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs
-    num_kept = (mass_before < top_p[:, None]).sum(dim=-1)  # the first token (mass before it 0) always stays
+        masked = top.masked_fill(rank[None, :] >= k[:, None], float("-inf"))
+    probs = masked.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # non-decreasing, 0 for the first token (always kept)
+    num_kept = torch.searchsorted(mass_before, top_p[:, None])  # [B, 1]: the tokens with mass before them < top_p
     if k is not None:
-        num_kept = torch.minimum(num_kept, k)
-    cut = top.gather(1, (num_kept - 1)[:, None])  # [B, 1]: the smallest kept value
-    above = logits > cut
+        num_kept = torch.minimum(num_kept, k[:, None])
+    cut = top.gather(1, num_kept - 1)  # [B, 1]: the smallest kept value
+    ascending = top.neg()
+    above = torch.searchsorted(ascending, cut.neg())  # tokens above the cut (all among the width largest)
+    quota = num_kept - above  # how many of the tokens equal to the cut the sorted prefix holds
+    at_least = logits >= cut
+    if logits.device.type == "cpu" and width == V:  # a host check costs nothing here: are all tied tokens kept?
+        tied = torch.searchsorted(ascending, cut.neg(), side="right") - above
+        if bool((tied == quota).all()):
+            return logits.where(at_least, float("-inf"))
     tied = logits == cut
-    quota = num_kept - above.sum(dim=-1)  # how many of the tied tokens the sorted prefix holds
-    kept = above | (tied & (tied.cumsum(dim=-1) <= quota[:, None]))
+    kept = at_least & ~(tied & (tied.cumsum(dim=-1) > quota))
     return logits.where(kept, float("-inf"))
 
 
