@@ -73,6 +73,37 @@ def test_stream_concatenates_to_the_full_text(client, server):
     assert usage == full.usage
 
 
+def test_stream_of_several_prompts_and_samples_adds_up_to_the_answer(client, server):
+    """Two prompts, n=3 seeded samples, stop strings and logprobs: each choice's streamed chunks (the engine's deltas)
+    add up to the non-streamed answer: text, tokens, logprobs, running text offsets, finish reason; and the usage
+    chunk counts what the answer does."""
+    prompts = [words(), words()]
+    body = dict(model=server.model, prompt=prompts, max_tokens=12, n=3, seed=random.randrange(1 << 30), logprobs=1,
+                stop=[random.choice(["e", "a", " t"])], extra_body={"top_k": 30})  # fmt: skip
+    full = client.completions.create(**body)
+    stream = client.completions.create(**body, stream=True, stream_options={"include_usage": True})
+    streamed, usage = {}, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+            continue
+        for c in chunk.choices:
+            s = streamed.setdefault(c.index, {"text": "", "tokens": [], "token_logprobs": [], "text_offset": []})
+            assert "finish_reason" not in s  # nothing after a choice's finish_reason
+            s["text"] += c.text
+            for key in ("tokens", "token_logprobs", "text_offset"):
+                s[key] += getattr(c.logprobs, key)
+            if c.finish_reason is not None:
+                s["finish_reason"] = c.finish_reason
+    assert sorted(streamed) == list(range(6))
+    for c in full.choices:
+        s = streamed[c.index]
+        assert (s["text"], s["finish_reason"]) == (c.text, c.finish_reason)
+        assert (s["tokens"], s["text_offset"]) == (c.logprobs.tokens, c.logprobs.text_offset)
+        assert s["token_logprobs"] == pytest.approx(c.logprobs.token_logprobs, rel=1e-5)
+    assert usage == full.usage
+
+
 def test_async_client_64_concurrent_streams(server, reference):
     """64 streaming requests at once all complete, each with its own right text."""
     prompts = [words() for _ in range(64)]
