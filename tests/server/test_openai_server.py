@@ -284,6 +284,23 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(server):
     assert 'gpt2_triton:request_success_total{finished_reason="length"}' in text
 
 
+def test_a_stream_is_measured_on_all_its_tokens(server):
+    """A stream's outputs are deltas, one token each: its time per output token is still observed (it is for any
+    finished request of more than one token), as is its success."""
+    tpot, length = metric(server, "time_per_output_token_seconds_count"), finished(server, "length")
+    body = {"model": server.model, "prompt": words(), "max_tokens": random.randint(2, 8), "ignore_eos": True,
+            "stream": True, "n": 2}  # fmt: skip
+    assert server.post("/v1/completions", json=body).text.endswith("data: [DONE]\n\n")
+    assert metric(server, "time_per_output_token_seconds_count") == tpot + 1
+    assert finished(server, "length") == length + 2
+
+
+def finished(server, reason: str) -> float:
+    label = f'gpt2_triton:request_success_total{{finished_reason="{reason}"'
+    lines = [line for line in server.get("/metrics").text.splitlines() if line.startswith(label)]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+
 def test_disconnect_while_waiting_for_a_whole_completion_aborts_it(server):
     """Not streamed: the client leaves while 64 completions of up to 100 tokens run; they stop early."""
     before = metric(server, "generation_tokens_total")
