@@ -83,7 +83,8 @@ class AsyncLLM:
         return self.engine.make_request(request_id, prompt, params)
 
     async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
-        """Queue ``request`` and yield its outputs (cumulative) as the engine produces them, the last one finished."""
+        """Queue ``request`` and yield its outputs as the engine produces them (as its ``output_kind`` asks:
+        cumulative by default), the last one finished."""
         self.check_accepting()
         if request.request_id in self._active:
             raise ValueError(f"request_id {request.request_id!r} is already in use by an unfinished request")

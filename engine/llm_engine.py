@@ -344,13 +344,15 @@ class LLMEngine:
     def _outputs(self, seqs: list[Sequence]) -> list[RequestOutput]:
         now = time.time()
         outputs = []
+        make_output = self.output_processor.make_output
         for request in dict.fromkeys(seq.request for seq in seqs):  # each once, in batch order
             metrics = request.metrics
             metrics.first_token_time = metrics.first_token_time or now
-            if request.finished:
+            finished = request.finished
+            if finished:
                 metrics.finished_time = now
                 del self.requests[request.request_id]
-            output = self.output_processor.make_output(request)
+            output = make_output(request, finished)
             if output is not None:  # a final-only request has none until it finishes
                 outputs.append(output)
         return outputs

@@ -15,8 +15,8 @@ server request ask for). A final-only request without stop strings is detokenize
 from __future__ import annotations
 
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.sampling import RequestOutputKind
-from engine.sequence import Request, Sequence
+from engine.sampling import RequestOutputKind, SamplingParams
+from engine.sequence import Request, RequestMetrics, Sequence
 
 
 class OutputProcessor:
@@ -48,9 +48,14 @@ class OutputProcessor:
             return self._finish(seq, "stop", None, text_upto=count - 1)  # EOS adds no text
         if may_stop and p.stop_token_ids and token in p.stop_token_ids:
             return self._finish(seq, "stop", token, text_upto=count - 1)
-        if seq.detokenizer is not None and (p.stop or p.output_kind is not RequestOutputKind.FINAL_ONLY):
+        detokenizer = seq.detokenizer
+        if detokenizer is not None and (p.stop or p.output_kind is not RequestOutputKind.FINAL_ONLY):
             before = len(seq.text)
-            self._detokenize(seq, count)
+            if seq.num_detokenized == count - 1:  # every step of a stream: just this token
+                seq.text += detokenizer.push(token)
+                seq.num_detokenized = count
+            else:
+                self._detokenize(seq, count)
             for s in p.stop if may_stop and p.stop else ():
                 cut = seq.text.find(s, max(0, before - len(s) + 1))
                 if cut >= 0:
@@ -82,40 +87,50 @@ class OutputProcessor:
         hold = max(len(s) for s in seq.params.stop) - 1
         return seq.text[: max(len(seq.text) - hold, 0)]
 
-    def make_output(self, request: Request) -> RequestOutput | None:
+    def make_output(self, request: Request, finished: bool | None = None) -> RequestOutput | None:
         """The request's output for this step, as its ``output_kind`` asks: everything so far, what is new since its
-        previous output, or (final-only) nothing until it finishes. One completion per sample."""
-        kind = request.params.output_kind
-        if kind is RequestOutputKind.FINAL_ONLY and not request.finished:
+        previous output, or (final-only) nothing until it finishes. One completion per sample. ``finished``: whether
+        the request is, when the caller knows it.
+
+        It runs for every streamed request at every step: its objects are built from positional arguments (keyword
+        arguments cost twice as much) and a delta's lists are slices of what is new only."""
+        params = request.params
+        kind = params.output_kind
+        if finished is None:
+            finished = request.finished
+        if kind is RequestOutputKind.FINAL_ONLY and not finished:
             return None
         delta = kind is RequestOutputKind.DELTA
         prompt_logprobs = None
-        if request.params.prompt_logprobs is not None and not (delta and request.num_outputs):
+        if params.prompt_logprobs is not None and not (delta and request.num_outputs):
             prompt_logprobs = list(request.prompt_logprobs)  # a delta stream sends them with its first output
         request.num_outputs += 1
+        m = request.metrics  # a snapshot: the request's own keeps changing
         return RequestOutput(
-            request_id=request.request_id,
-            prompt=request.prompt,
-            prompt_token_ids=request.prompt_token_ids,
-            outputs=[self._completion(seq, delta) for seq in request.seqs],
-            finished=request.finished,
-            num_cached_tokens=request.num_cached_tokens or 0,
-            prompt_logprobs=prompt_logprobs,
-            metrics=request.metrics.snapshot(),  # the request's own keeps changing
+            request.request_id,
+            request.prompt,
+            request.prompt_token_ids,
+            [self._completion(seq, params, delta) for seq in request.seqs],
+            finished,
+            request.num_cached_tokens or 0,
+            prompt_logprobs,
+            RequestMetrics(m.arrival_time, m.first_scheduled_time, m.first_token_time, m.finished_time),
         )
 
-    def _completion(self, seq: Sequence, delta: bool) -> CompletionOutput:
+    def _completion(self, seq: Sequence, params: SamplingParams, delta: bool) -> CompletionOutput:
         """``seq``'s output so far, or (``delta``) only what it produced since its previous output (empty if none)."""
-        text, tokens, chars = self.visible_text(seq), 0, 0
+        text = self.visible_text(seq) if params.stop else seq.text
+        ids = seq.output_token_ids
+        tokens = chars = 0
         if delta:
             tokens, chars = seq.num_sent_tokens, seq.num_sent_chars
-            seq.num_sent_tokens, seq.num_sent_chars = len(seq.output_token_ids), len(text)
+            seq.num_sent_tokens, seq.num_sent_chars = len(ids), len(text)
         return CompletionOutput(
-            index=seq.sample_index,
-            text=text[chars:],
-            token_ids=seq.output_token_ids[tokens:],  # a copy, as are the logprobs: the sequence's lists keep growing
-            cumulative_logprob=seq.cumulative_logprob,
-            finish_reason=seq.finish_reason,
-            logprobs=seq.top_logprobs[tokens:] if seq.params.logprobs is not None else None,
-            stop_reason=seq.stop_reason,
+            seq.sample_index,
+            text[chars:] if chars else text,
+            ids[tokens:],  # a copy, as are the logprobs: the sequence's lists keep growing
+            seq.cumulative_logprob,
+            seq.finish_reason,
+            seq.top_logprobs[tokens:] if params.logprobs is not None else None,
+            seq.stop_reason,
         )

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from engine.sequence import RequestMetrics
 
 
-@dataclass
+@dataclass(slots=True)
 class CompletionOutput:
     """One completion of a prompt."""
 
@@ -21,7 +21,7 @@ class CompletionOutput:
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it, if any
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """All completions of one prompt: final from ``LLM.generate``, or so far from ``LLMEngine.step``."""
 

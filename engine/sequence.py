@@ -85,7 +85,7 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestMetrics:
     """Wall-clock times (``time.time()``) of a request's life."""
 

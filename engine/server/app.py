@@ -149,7 +149,7 @@ def build_app(llm: AsyncLLM, config: ServerConfig, exposition: Callable[[], Awai
             _log_job(job, None, started)
             return Response(status_code=499)
         for out in finals:
-            metrics.observe(out)
+            metrics.observe(out, job.completion_tokens(out))
         _log_job(job, finals, started)
         return JSONResponse(full(job, finals))
 
@@ -260,8 +260,8 @@ async def _observed_stream(chunks: AsyncIterator[str], job: serving.Job, metrics
         yield serving.sse("[DONE]")
     finally:
         finals = [out for out in job.last if out is not None and out.finished] if finished else None
-        for out in finals or ():
-            metrics.observe(out)
+        for out in finals or ():  # a stream's last deltas: its token counts are the job's
+            metrics.observe(out, job.completion_tokens(out))
         _log_job(job, finals, started)
 
 

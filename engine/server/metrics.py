@@ -60,8 +60,9 @@ class Metrics:
                               buckets=TOKEN_BUCKETS, **kw)  # fmt: skip
         self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "arrival to finish", buckets=LATENCY_BUCKETS, **kw)
 
-    def observe(self, out: RequestOutput) -> None:
-        """Record one finished request."""
+    def observe(self, out: RequestOutput, num_tokens: list[int] | None = None) -> None:
+        """Record one finished request; ``num_tokens``: each completion's token count, when ``out`` holds only the
+        last of them (a stream's delta)."""
         for c in out.outputs:
             self.request_success.labels(finished_reason=c.finish_reason or "abort").inc()
         m = out.metrics
@@ -69,7 +70,7 @@ class Metrics:
             return
         self.ttft.observe(m.first_token_time - m.arrival_time)
         self.e2e.observe(m.finished_time - m.arrival_time)
-        tokens = max(len(c.token_ids) for c in out.outputs)
+        tokens = max(num_tokens if num_tokens is not None else [len(c.token_ids) for c in out.outputs])
         if tokens > 1:
             self.tpot.observe((m.finished_time - m.first_token_time) / (tokens - 1))
 

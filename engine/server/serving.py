@@ -57,7 +57,11 @@ async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tu
 
 @dataclass
 class Job:
-    """One HTTP request's engine requests and how to present them."""
+    """One HTTP request's engine requests and how to present them.
+
+    A stream asks the engine for ``DELTA`` outputs (each holds only what is new); the job keeps what the stream needs
+    across them: how many tokens each choice has sent (the usage), the prompt logprobs (sent with a request's first
+    output, echoed with each choice's first chunk)."""
 
     llm: AsyncLLM
     model: str
@@ -69,6 +73,8 @@ class Job:
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
     last: list[RequestOutput | None] = field(default_factory=list)  # each request's latest output, when streaming
+    sent_tokens: dict[str, list[int]] = field(default_factory=dict)  # streaming: request id -> tokens sent per sample
+    prompt_logprobs: list[list | None] = field(default_factory=list)  # streaming: each request's, once received
 
     @property
     def n(self) -> int:
@@ -77,9 +83,16 @@ class Job:
     def choice_index(self, prompt_index: int, sample_index: int) -> int:
         return prompt_index * self.n + sample_index
 
+    def completion_tokens(self, final: RequestOutput) -> list[int]:
+        """Tokens of each completion of a request's final output; a stream's last output is a delta, so the tokens
+        its stream sent."""
+        if self.stream:
+            return self.sent_tokens[final.request_id]
+        return [len(c.token_ids) for c in final.outputs]
+
     def usage(self, finals: list[RequestOutput]) -> dict:
         prompt = sum(len(out.prompt_token_ids) for out in finals)
-        completion = sum(len(c.token_ids) for out in finals for c in out.outputs)
+        completion = sum(sum(self.completion_tokens(out)) for out in finals)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     async def finals(self) -> list[RequestOutput]:
@@ -90,22 +103,23 @@ class Job:
                 finals[i] = out
         return finals  # type: ignore[return-value]
 
-    async def deltas(self) -> AsyncIterator[tuple[int, RequestOutput, CompletionOutput, str, int]]:
-        """Per choice with new tokens: ``(prompt index, output, completion, new text, index of its first new token)``;
-        the last ones finished. Also keeps the final outputs for the usage."""
-        sent: dict[tuple[int, int], tuple[int, int]] = {}  # (prompt, sample) -> (characters, tokens) sent
+    async def deltas(self) -> AsyncIterator[tuple[int, RequestOutput, CompletionOutput, str, bool]]:
+        """Per choice with new tokens: ``(prompt index, output, completion, its text to send, whether it is the
+        choice's first)``; the last ones finished. ``completion`` holds the new tokens only (a ``DELTA`` output)."""
         self.last = [None] * len(self.requests)
+        self.prompt_logprobs = [None] * len(self.requests)
+        self.sent_tokens = {r.request_id: [0] * r.params.n for r in self.requests}
         async for i, out in merge([self.llm.generate(r) for r in self.requests]):
             self.last[i] = out
+            if out.prompt_logprobs is not None:
+                self.prompt_logprobs[i] = out.prompt_logprobs
+            sent = self.sent_tokens[out.request_id]
             for c in out.outputs:
-                chars, tokens = sent.get((i, c.index), (0, 0))
-                if len(c.token_ids) == tokens:
+                if not c.token_ids:
                     continue
-                sent[i, c.index] = (len(c.text), len(c.token_ids))
-                text = c.text[chars:]
-                if self.echo and tokens == 0:
-                    text = self.prompt_texts[i] + text
-                yield i, out, c, text, tokens
+                first = sent[c.index] == 0
+                sent[c.index] += len(c.token_ids)
+                yield i, out, c, self.prompt_texts[i] + c.text if self.echo and first else c.text, first
 
 
 def sse(obj: dict | str) -> str:
@@ -133,14 +147,15 @@ def logprobs_object(tokenizer, tokens: list[tuple[int, dict[int, float] | None]]
     return {"tokens": texts, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
-def completion_logprobs(tokenizer, job: Job, out: RequestOutput, c: CompletionOutput, first: int,
-                        offset: int) -> dict | None:  # fmt: skip
-    """The logprobs of tokens ``first ..`` of a completion, after its prompt's when echoed from its first token."""
+def completion_logprobs(tokenizer, out: RequestOutput, c: CompletionOutput, offset: int,
+                        prompt_logprobs: list | None = None) -> dict | None:  # fmt: skip
+    """The logprobs of a completion's tokens (a stream's delta: its new ones), after its prompt's when
+    ``prompt_logprobs`` are given (echo, from the completion's first token)."""
     if c.logprobs is None:
         return None
-    tokens = list(zip(c.token_ids[first:], c.logprobs[first:]))
-    if job.echo and first == 0:
-        tokens = list(zip(out.prompt_token_ids, out.prompt_logprobs)) + tokens
+    tokens = list(zip(c.token_ids, c.logprobs))
+    if prompt_logprobs is not None:
+        tokens = list(zip(out.prompt_token_ids, prompt_logprobs)) + tokens
     return logprobs_object(tokenizer, tokens, offset)
 
 
@@ -153,7 +168,7 @@ def completion_response(job: Job, finals: list[RequestOutput]) -> dict:
             choices.append({
                 "index": job.choice_index(i, c.index),
                 "text": prefix + c.text,
-                "logprobs": completion_logprobs(tokenizer, job, out, c, 0, 0),
+                "logprobs": completion_logprobs(tokenizer, out, c, 0, out.prompt_logprobs if job.echo else None),
                 "finish_reason": c.finish_reason,
             })  # fmt: skip
     return {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
@@ -165,7 +180,7 @@ async def completion_stream(job: Job) -> AsyncIterator[str]:
     offsets: dict[tuple[int, int], int] = {}  # text offset of each choice's next token
     async for i, out, c, text, first in job.deltas():
         start = offsets.get((i, c.index), 0)
-        logprobs = completion_logprobs(tokenizer, job, out, c, first, start)
+        logprobs = completion_logprobs(tokenizer, out, c, start, job.prompt_logprobs[i] if job.echo and first else None)
         if logprobs is not None:
             offsets[i, c.index] = start + sum(map(len, logprobs["tokens"]))
         choice = {"index": job.choice_index(i, c.index), "text": text, "logprobs": logprobs,
@@ -179,8 +194,9 @@ async def completion_stream(job: Job) -> AsyncIterator[str]:
 
 
 # --------------------------------------------------------------------------------------------- chat
-def chat_logprobs(tokenizer, c: CompletionOutput, first: int) -> dict | None:
-    """The chat API's logprobs: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}``."""
+def chat_logprobs(tokenizer, c: CompletionOutput) -> dict | None:
+    """The chat API's logprobs of a completion's tokens (a stream's delta: its new ones): ``{"content": [{"token",
+    "logprob", "bytes", "top_logprobs": [...]}]}``."""
     if c.logprobs is None:
         return None
 
@@ -189,7 +205,7 @@ def chat_logprobs(tokenizer, c: CompletionOutput, first: int) -> dict | None:
         return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
     content = []
-    for token_id, entries in zip(c.token_ids[first:], c.logprobs[first:]):
+    for token_id, entries in zip(c.token_ids, c.logprobs):
         others = sorted(((t, lp) for t, lp in entries.items()), key=lambda kv: -kv[1])
         content.append({**entry(token_id, entries[token_id]), "top_logprobs": [entry(t, lp) for t, lp in others]})
     return {"content": content}
@@ -199,7 +215,7 @@ def chat_response(job: Job, finals: list[RequestOutput]) -> dict:
     tokenizer = job.llm.get_tokenizer()
     choices = [
         {"index": c.index, "message": {"role": "assistant", "content": c.text},
-         "logprobs": chat_logprobs(tokenizer, c, 0), "finish_reason": c.finish_reason}
+         "logprobs": chat_logprobs(tokenizer, c), "finish_reason": c.finish_reason}
         for c in finals[0].outputs
     ]  # fmt: skip
     return {"id": job.id.replace("cmpl-", "chatcmpl-"), "object": "chat.completion", "created": job.created,
@@ -213,8 +229,8 @@ async def chat_stream(job: Job) -> AsyncIterator[str]:
     for j in range(job.n):  # OpenAI opens each choice with the assistant's role
         yield sse({**head, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]})  # fmt: skip
-    async for _, _, c, text, first in job.deltas():
-        choice = {"index": c.index, "delta": {"content": text}, "logprobs": chat_logprobs(tokenizer, c, first),
+    async for _, _, c, text, _ in job.deltas():
+        choice = {"index": c.index, "delta": {"content": text}, "logprobs": chat_logprobs(tokenizer, c),
                   "finish_reason": c.finish_reason}  # fmt: skip
         yield sse({**head, "choices": [choice]})
     if job.include_usage:
@@ -245,8 +261,9 @@ def make_job(llm: AsyncLLM, model: str, req: SamplingFields, prompts: list, max_
     check_common(req)
     try:
         params = req.sampling_params(max_tokens, logprobs, prompt_logprobs)
-        if not req.stream:  # one output per request, at its end: no per-step outputs or detokenizing on the way
-            params = replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
+        # one output per request at its end (no per-step outputs or detokenizing on the way), or what is new per step
+        kind = RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
+        params = replace(params, output_kind=kind)
     except ValueError as e:
         raise ApiError(400, str(e), str(e).split()[0]) from None
     job_id = f"cmpl-{uuid.uuid4().hex}"

@@ -1,5 +1,6 @@
-"""Sampling: parameter validation, top-k / top-p masks, the sampler's distribution, the logit processing (bias,
-min_tokens, penalties) against a per-row float64 reference, and min_tokens in the stop conditions."""
+"""Sampling: parameter validation, top-k / top-p masks (ties included), the sampler's distribution and its noise,
+the logit processing (bias, min_tokens, penalties) against a per-row float64 reference, and min_tokens in the stop
+conditions."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from engine.output_processor import OutputProcessor
-from engine.sampling import Sampler, SamplingParams, filter_logits, process_logits
+from engine.sampling import Sampler, SamplingParams, exponential_, filter_logits, process_logits
 from engine.sequence import Request, Sequence
 from tests.helpers import History, reference_processed, rel_err
 
@@ -80,6 +81,69 @@ def test_filter_logits_matches_definition(V):
         # fp32 cumulative sums may land either side of p when a prefix's mass is within rounding of it
         assert reference_filter(logits[b], k, p - 1e-5) <= kept <= reference_filter(logits[b], k, p + 1e-5)
         assert torch.equal(out[b][list(kept)], logits[b][list(kept)])
+
+
+@pytest.mark.parametrize("V", [1000, 50257])
+def test_filter_logits_with_narrow_top_k(V):
+    """Every row with a top-k far below V (``torch.topk`` rather than a sort of the whole row)."""
+    B = 5
+    logits = torch.randn(B, V) * 3
+    top_k = torch.randint(1, 20, (B,))
+    top_p = torch.tensor([1.0, 0.9, 0.5, 0.2, random.uniform(0.05, 1.0)])
+    out = filter_logits(logits.clone(), top_k, top_p)
+    for b in range(B):
+        kept = set(torch.nonzero(out[b] > float("-inf")).flatten().tolist())
+        k, p = int(top_k[b]), float(top_p[b])
+        assert reference_filter(logits[b], k, p - 1e-5) <= kept <= reference_filter(logits[b], k, p + 1e-5)
+        assert torch.equal(out[b][list(kept)], logits[b][list(kept)])
+
+
+def stable_order(row: torch.Tensor) -> list[int]:
+    """Token ids by descending logit, equal logits by ascending id (a stable sort's order)."""
+    return sorted(range(row.shape[0]), key=lambda t: (-row[t].item(), t))
+
+
+@pytest.mark.parametrize("V", [7, 128])
+def test_filter_logits_breaks_ties_by_token_id(V):
+    """Logits with many ties (as bf16 logits have): top-k keeps exactly k tokens and the nucleus exactly its prefix's
+    length, taking equal logits by ascending token id; nothing is kept beyond the prefix."""
+    B = 8
+    logits = torch.randint(-2, 3, (B, V)).float() * 1.5
+    top_k = torch.tensor([1, 2, 3, 0] + [random.randint(1, V) for _ in range(B - 4)])
+    top_p = torch.tensor([1.0, 1.0, 1.0, 0.5] + [random.choice([1.0, random.uniform(0.05, 1.0)]) for _ in range(B - 4)])
+    out = filter_logits(logits.clone(), top_k, top_p)
+    for b in range(B):
+        order = stable_order(logits[b])
+        kept = torch.nonzero(torch.isfinite(out[b])).flatten().tolist()
+        assert sorted(kept) == sorted(order[: len(kept)])
+        k, p = int(top_k[b]), float(top_p[b])
+        lo, hi = len(reference_filter(logits[b], k, p - 1e-5)), len(reference_filter(logits[b], k, p + 1e-5))
+        assert lo <= len(kept) <= hi
+        if p == 1.0 and k:
+            assert len(kept) == min(k, V)
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (1, 2048), (3, 4099), (2, 50257)])
+@pytest.mark.parametrize("seeded", [False, True])
+def test_exponential_draws_torchs_values(shape, seeded):
+    """The sampler's noise (float64 uniforms, then a vectorized log, on the CPU) is what ``Tensor.exponential_`` draws
+    from the same generator, bit for bit, for a whole batch and for one row of it, and leaves the generator where
+    ``exponential_`` would: seeded requests keep their samples."""
+    seed = random.randrange(1 << 31)
+    want_gen = torch.Generator().manual_seed(seed) if seeded else None
+    got_gen = torch.Generator().manual_seed(seed) if seeded else None
+    torch.manual_seed(seed)
+    want = torch.empty(shape).exponential_(generator=want_gen)
+    want_next = torch.rand(3, generator=want_gen)
+    torch.manual_seed(seed)
+    got = exponential_(torch.full(shape, float("nan")), generator=got_gen)
+    assert torch.equal(got, want) and torch.equal(torch.rand(3, generator=got_gen), want_next)
+    rows = torch.full((3, shape[-1]), float("nan"))
+    torch.manual_seed(seed)
+    exponential_(rows[1], generator=got_gen)
+    torch.manual_seed(seed)
+    assert torch.equal(rows[1], torch.empty(shape[-1]).exponential_(generator=want_gen))
+    assert rows[0].isnan().all() and rows[2].isnan().all()
 
 
 def test_sampler_draws_from_the_filtered_distribution():

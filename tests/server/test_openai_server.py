@@ -73,6 +73,37 @@ def test_stream_concatenates_to_the_full_text(client, server):
     assert usage == full.usage
 
 
+def test_stream_of_several_prompts_and_samples_adds_up_to_the_answer(client, server):
+    """Two prompts, n=3 seeded samples, stop strings and logprobs: each choice's streamed chunks (the engine's deltas)
+    add up to the non-streamed answer: text, tokens, logprobs, running text offsets, finish reason; and the usage
+    chunk counts what the answer does."""
+    prompts = [words(), words()]
+    body = dict(model=server.model, prompt=prompts, max_tokens=12, n=3, seed=random.randrange(1 << 30), logprobs=1,
+                stop=[random.choice(["e", "a", " t"])], extra_body={"top_k": 30})  # fmt: skip
+    full = client.completions.create(**body)
+    stream = client.completions.create(**body, stream=True, stream_options={"include_usage": True})
+    streamed, usage = {}, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+            continue
+        for c in chunk.choices:
+            s = streamed.setdefault(c.index, {"text": "", "tokens": [], "token_logprobs": [], "text_offset": []})
+            assert "finish_reason" not in s  # nothing after a choice's finish_reason
+            s["text"] += c.text
+            for key in ("tokens", "token_logprobs", "text_offset"):
+                s[key] += getattr(c.logprobs, key)
+            if c.finish_reason is not None:
+                s["finish_reason"] = c.finish_reason
+    assert sorted(streamed) == list(range(6))
+    for c in full.choices:
+        s = streamed[c.index]
+        assert (s["text"], s["finish_reason"]) == (c.text, c.finish_reason)
+        assert (s["tokens"], s["text_offset"]) == (c.logprobs.tokens, c.logprobs.text_offset)
+        assert s["token_logprobs"] == pytest.approx(c.logprobs.token_logprobs, rel=1e-5)
+    assert usage == full.usage
+
+
 def test_async_client_64_concurrent_streams(server, reference):
     """64 streaming requests at once all complete, each with its own right text."""
     prompts = [words() for _ in range(64)]
@@ -251,6 +282,23 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(server):
     for name in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds"):
         assert f"gpt2_triton:{name}_bucket" in text
     assert 'gpt2_triton:request_success_total{finished_reason="length"}' in text
+
+
+def test_a_stream_is_measured_on_all_its_tokens(server):
+    """A stream's outputs are deltas, one token each: its time per output token is still observed (it is for any
+    finished request of more than one token), as is its success."""
+    tpot, length = metric(server, "time_per_output_token_seconds_count"), finished(server, "length")
+    body = {"model": server.model, "prompt": words(), "max_tokens": random.randint(2, 8), "ignore_eos": True,
+            "stream": True, "n": 2}  # fmt: skip
+    assert server.post("/v1/completions", json=body).text.endswith("data: [DONE]\n\n")
+    assert metric(server, "time_per_output_token_seconds_count") == tpot + 1
+    assert finished(server, "length") == length + 2
+
+
+def finished(server, reason: str) -> float:
+    label = f'gpt2_triton:request_success_total{{finished_reason="{reason}"'
+    lines = [line for line in server.get("/metrics").text.splitlines() if line.startswith(label)]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
 
 
 def test_disconnect_while_waiting_for_a_whole_completion_aborts_it(server):
