@@ -341,8 +341,10 @@ class TorchOps(Ops):
         the step's slot mapping and block tables, so their index math runs once a step instead of once a layer."""
         key = tuple((t, t._version) for t in inputs)
         memo = self._memos.get(name)
-        if memo is None or len(memo[0]) != len(key) or any(
-            a is not b or va != vb for (a, va), (b, vb) in zip(memo[0], key)
+        if (
+            memo is None
+            or len(memo[0]) != len(key)
+            or any(a is not b or va != vb for (a, va), (b, vb) in zip(memo[0], key))
         ):
             memo = (key, compute(*inputs))
             self._memos[name] = memo

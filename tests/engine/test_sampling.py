@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from engine import sampling
 from engine.output_processor import OutputProcessor
 from engine.sampling import Sampler, SamplingParams, exponential_, filter_logits, process_logits
 from engine.sequence import Request, Sequence
@@ -96,6 +97,20 @@ def test_filter_logits_with_narrow_top_k(V):
         k, p = int(top_k[b]), float(top_p[b])
         assert reference_filter(logits[b], k, p - 1e-5) <= kept <= reference_filter(logits[b], k, p + 1e-5)
         assert torch.equal(out[b][list(kept)], logits[b][list(kept)])
+
+
+@pytest.mark.parametrize("V", [128, 1000])
+def test_filter_logits_same_without_numpy(V, monkeypatch):
+    """numpy is optional (the fast CPU sort when installed): torch's sort must give the same filtered logits."""
+    B = 6
+    logits = torch.randn(B, V) * 3
+    logits[0, : V // 2] = logits[0, V // 2 :]  # ties
+    top_k = torch.tensor([0, 1, 3, V // 2, 0, random.randint(1, V)])
+    top_p = torch.tensor([0.9, 1.0, 0.5, 0.9, 0.3, random.uniform(0.05, 1.0)])
+    with_numpy = filter_logits(logits.clone(), top_k, top_p)
+    monkeypatch.setattr(sampling, "np", None)
+    assert torch.equal(filter_logits(logits.clone(), top_k, top_p), with_numpy)
+    assert torch.isinf(with_numpy).any() and torch.isfinite(with_numpy).any()
 
 
 def stable_order(row: torch.Tensor) -> list[int]:
