@@ -339,7 +339,9 @@ def truncate(logits: torch.Tensor, k: torch.Tensor | None, top_p: torch.Tensor, 
         masked = top.masked_fill(rank[None, :] >= k[:, None], float("-inf"))
     probs = masked.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # non-decreasing, 0 for the first token (always kept)
-    num_kept = torch.searchsorted(mass_before, top_p[:, None])  # [B, 1]: the tokens with mass before them < top_p
+    # [B, 1]: the tokens with mass before them < top_p; top_p 1 keeps every one (fp32 sums pass 1 before the end of
+    # a 50257-wide row)
+    num_kept = torch.searchsorted(mass_before, torch.where(top_p < 1.0, top_p, 2.0)[:, None])
     if k is not None:
         num_kept = torch.minimum(num_kept, k[:, None])
     cut = top.gather(1, num_kept - 1)  # [B, 1]: the smallest kept value

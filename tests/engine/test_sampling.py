@@ -113,6 +113,15 @@ def test_filter_logits_same_without_numpy(V, monkeypatch):
     assert torch.isinf(with_numpy).any() and torch.isfinite(with_numpy).any()
 
 
+def test_top_p_one_keeps_every_token():
+    """fp32 cumulative mass passes 1.0 well before the end of a 50257-wide row: top_p 1 must still keep every token
+    (all of them, or exactly top_k)."""
+    logits = torch.randn(3, 50257) * torch.tensor([[1.0], [3.0], [6.0]])
+    out = filter_logits(logits.clone(), torch.tensor([0, 0, 40000]), torch.ones(3))
+    assert torch.equal(out[:2], logits[:2])
+    assert torch.isfinite(out[2]).sum() == 40000
+
+
 def stable_order(row: torch.Tensor) -> list[int]:
     """Token ids by descending logit, equal logits by ascending id (a stable sort's order)."""
     return sorted(range(row.shape[0]), key=lambda t: (-row[t].item(), t))
