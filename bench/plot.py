@@ -69,10 +69,11 @@ def series(rows: list[dict], key: str) -> tuple[dict[str, list[tuple[float, floa
 
 
 def figures(rows: list[dict]) -> dict[tuple[str, str, str], list[dict]]:
-    """Rows grouped by (GPU, kernel, sweep): one figure each."""
+    """Measured rows grouped by (GPU, kernel, sweep): one figure each, a panel per variant and dtype that ran (a
+    case skipped for time or failing validation draws nothing, so it gets no empty panel)."""
     groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
     for r in rows:
-        if r["sweep"]:
+        if r["sweep"] and r["status"] == "OK":
             groups[(r["gpu"], r["kernel"], r["sweep"])].append(r)
     return groups
 

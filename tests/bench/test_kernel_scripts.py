@@ -125,3 +125,17 @@ def test_plot_keeps_the_latest_measurement_of_each_point(tmp_path):
     assert lines == {OURS: [(1.0, 2.0)]}
     assert roof == [(1.0, pytest.approx(1000.0))]  # 1 MB in 1 us
     assert plot.main([str(tmp_path / "missing.csv")]) == 2
+
+
+def test_plot_leaves_out_what_never_ran(tmp_path):
+    """A variant whose cases were all skipped (time budget) or failed gets no empty panel; a sweep with nothing
+    measured gets no figure."""
+    base = dict.fromkeys(COLUMNS)
+    base.update(gpu="H200", kernel="linear", dtype="float16", provider=OURS, date="2026-11-30T10:00:00+00:00",
+                flops=2e9, bytes=1e6, roofline_ms=0.001, ms=0.01, tflops=200.0, gbps=100.0)  # fmt: skip
+    rows = [dict(base, sweep="m", variant="qkv", x=x, status="OK") for x in (1, 4)]
+    rows += [dict(base, sweep="m", variant=v, x=1, status=s) for v, s in (("fc", "SKIP"), ("lm_head", "FAIL"))]
+    rows += [dict(base, sweep="k", variant="qkv", x=1, status="SKIP")]
+    groups = plot.figures(plot.latest(rows))
+    assert list(groups) == [("H200", "linear", "m")]
+    assert {r["variant"] for r in groups[("H200", "linear", "m")]} == {"qkv"}
