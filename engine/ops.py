@@ -204,10 +204,16 @@ def _sdpa(q, k, v, mask, scale) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def _host_all(mask: torch.Tensor) -> bool:
+    """Whether every element is set, read on the host; False under ``torch.compile`` (no data-dependent branch there:
+    the general path is taken)."""
+    return not torch.compiler.is_compiling() and bool(mask.all())
+
+
 def _valid_slots(slot_mapping: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
     """``(keep, slots)``: the rows to store (None: all of them) and their int64 slots."""
     keep = slot_mapping >= 0
-    if bool(keep.all()):
+    if _host_all(keep):
         return None, slot_mapping.long()
     return keep, slot_mapping[keep].long()
 
@@ -222,7 +228,7 @@ def _decode_gather(
     pos = torch.arange(S, device=block_tables.device)
     valid = pos[None, :] < context_lens[:, None]  # (B, S): a cached token is there
     slots = block_tables.gather(1, (pos // block_size).expand(B, -1)).long() * block_size + pos % block_size
-    if bool(valid.all()):
+    if _host_all(valid):
         return slots.view(-1), None
     return torch.where(valid, slots, slots[:, :1]).view(-1), valid[:, None, None, :]
 
@@ -339,6 +345,8 @@ class TorchOps(Ops):
     def _step_memo(self, name: str, inputs: tuple[torch.Tensor, ...], compute):
         """``compute(*inputs)``, reused while the same ``inputs`` come back unmodified: every layer of a step passes
         the step's slot mapping and block tables, so their index math runs once a step instead of once a layer."""
+        if torch.compiler.is_compiling():  # a traced graph holds no Python state between calls
+            return compute(*inputs)
         key = tuple((t, t._version) for t in inputs)
         memo = self._memos.get(name)
         if (
