@@ -69,19 +69,24 @@ def reference_filter(row: torch.Tensor, k: int, p: float) -> set[int]:
     return set(kept)
 
 
+def assert_filtered_as_defined(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> None:
+    """filter_logits keeps, in each row, the reference's set (unchanged values) and -inf elsewhere."""
+    out = filter_logits(logits.clone(), top_k, top_p)
+    for b in range(logits.shape[0]):
+        kept = set(torch.nonzero(out[b] > float("-inf")).flatten().tolist())
+        k, p = int(top_k[b]), float(top_p[b])
+        # fp32 cumulative sums may land either side of p when a prefix's mass is within rounding of it
+        assert reference_filter(logits[b], k, p - 1e-5) <= kept <= reference_filter(logits[b], k, p + 1e-5)
+        assert torch.equal(out[b][list(kept)], logits[b][list(kept)])
+
+
 @pytest.mark.parametrize("V", [7, 1000])
 def test_filter_logits_matches_definition(V):
     B = 6
     logits = torch.randn(B, V) * 3
     top_k = torch.tensor([0, 1, 3, 5, 0, random.randint(1, V)])
     top_p = torch.tensor([1.0, 1.0, 0.5, 0.9, 0.3, random.uniform(0.05, 1.0)])
-    out = filter_logits(logits.clone(), top_k, top_p)
-    for b in range(B):
-        kept = set(torch.nonzero(out[b] > float("-inf")).flatten().tolist())
-        k, p = int(top_k[b]), float(top_p[b])
-        # fp32 cumulative sums may land either side of p when a prefix's mass is within rounding of it
-        assert reference_filter(logits[b], k, p - 1e-5) <= kept <= reference_filter(logits[b], k, p + 1e-5)
-        assert torch.equal(out[b][list(kept)], logits[b][list(kept)])
+    assert_filtered_as_defined(logits, top_k, top_p)
 
 
 @pytest.mark.parametrize("V", [1000, 50257])
@@ -91,12 +96,7 @@ def test_filter_logits_with_narrow_top_k(V):
     logits = torch.randn(B, V) * 3
     top_k = torch.randint(1, 20, (B,))
     top_p = torch.tensor([1.0, 0.9, 0.5, 0.2, random.uniform(0.05, 1.0)])
-    out = filter_logits(logits.clone(), top_k, top_p)
-    for b in range(B):
-        kept = set(torch.nonzero(out[b] > float("-inf")).flatten().tolist())
-        k, p = int(top_k[b]), float(top_p[b])
-        assert reference_filter(logits[b], k, p - 1e-5) <= kept <= reference_filter(logits[b], k, p + 1e-5)
-        assert torch.equal(out[b][list(kept)], logits[b][list(kept)])
+    assert_filtered_as_defined(logits, top_k, top_p)
 
 
 @pytest.mark.parametrize("V", [128, 1000])
