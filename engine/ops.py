@@ -307,7 +307,7 @@ class TorchOps(Ops):
         return gelu_tanh(x)
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
-        keep, slots = self._step_memo("store", (slot_mapping,), _valid_slots)
+        keep, slots = self._step_memo("store", (slot_mapping,), (), lambda: _valid_slots(slot_mapping))
         if keep is not None:
             k, v = k[keep], v[keep]
         k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
@@ -334,29 +334,30 @@ class TorchOps(Ops):
 
     def decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, max_context_len, scale):
         B, S = q.shape[0], max_context_len
+        block_size = k_cache.shape[1]
         slots, mask = self._step_memo(
-            "decode", (block_tables, context_lens), lambda t, n: _decode_gather(t, n, S, k_cache.shape[1])
+            "decode",
+            (block_tables, context_lens),
+            (S, block_size),
+            lambda: _decode_gather(block_tables, context_lens, S, block_size),
         )
         shape = (B, S, *k_cache.shape[2:])
         keys = k_cache.flatten(0, 1).index_select(0, slots).view(shape).transpose(1, 2)  # (B, H, S, hd)
         values = v_cache.flatten(0, 1).index_select(0, slots).view(shape).transpose(1, 2)
         return _sdpa(q.unsqueeze(2), keys, values, mask, scale).squeeze(2)
 
-    def _step_memo(self, name: str, inputs: tuple[torch.Tensor, ...], compute):
-        """``compute(*inputs)``, reused while the same ``inputs`` come back unmodified: every layer of a step passes
-        the step's slot mapping and block tables, so their index math runs once a step instead of once a layer."""
+    def _step_memo(self, name: str, tensors: tuple[torch.Tensor, ...], extra: tuple, compute):
+        """``compute()``, reused while the same ``tensors`` come back unmodified with the same ``extra`` arguments:
+        every layer of a step passes the step's slot mapping and block tables, so their index math runs once a step
+        instead of once a layer."""
         if torch.compiler.is_compiling():  # a traced graph holds no Python state between calls
-            return compute(*inputs)
-        key = tuple((t, t._version) for t in inputs)
+            return compute()
+        versions = tuple(t._version for t in tensors)
         memo = self._memos.get(name)
-        if (
-            memo is None
-            or len(memo[0]) != len(key)
-            or any(a is not b or va != vb for (a, va), (b, vb) in zip(memo[0], key))
-        ):
-            memo = (key, compute(*inputs))
+        if memo is None or memo[1:3] != (versions, extra) or any(a is not b for a, b in zip(memo[3], tensors)):
+            memo = (compute(), versions, extra, tensors)
             self._memos[name] = memo
-        return memo[1]
+        return memo[0]
 
     def context_attention(self, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, max_seqlen_q,
                           max_seqlen_k, scale):  # fmt: skip

@@ -37,9 +37,15 @@ def test_decode_index_is_reused_across_layers_and_redone_when_changed():
     layers = [(k_cache, v_cache)] + [tuple(torch.randn_like(c).masked_fill(c.isnan(), float("nan")) for c in
                                            (k_cache, v_cache))]  # fmt: skip
     q = fused_q(3, 2, 64, torch.float32)
+    index = None
     for k_layer, v_layer in layers:
         out = ops.decode_attention(q, k_layer, v_layer, tables, context_lens, 40, 0.125)
         assert rel_err(out, decode_attention_ref(q, k_layer, v_layer, tables, context_lens, 0.125)) < 1e-5
+        assert index is None or ops._memos["decode"][0] is index  # the second layer reused the first's
+        index = ops._memos["decode"][0]
+
+    out = ops.decode_attention(q, k_cache, v_cache, tables, context_lens, 48, 0.125)  # a longer max_context_len
+    assert rel_err(out, decode_attention_ref(q, k_cache, v_cache, tables, context_lens, 0.125)) < 1e-5
 
     other = context_lens.clone()
     context_lens[0] -= 7  # the same tensor, changed in place
