@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling import RequestOutputKind, SamplingParams
-from engine.sequence import Request, RequestMetrics, Sequence
+from engine.sequence import Request, Sequence
 
 
 class OutputProcessor:
@@ -48,14 +48,9 @@ class OutputProcessor:
             return self._finish(seq, "stop", None, text_upto=count - 1)  # EOS adds no text
         if may_stop and p.stop_token_ids and token in p.stop_token_ids:
             return self._finish(seq, "stop", token, text_upto=count - 1)
-        detokenizer = seq.detokenizer
-        if detokenizer is not None and (p.stop or p.output_kind is not RequestOutputKind.FINAL_ONLY):
+        if seq.detokenizer is not None and (p.stop or p.output_kind is not RequestOutputKind.FINAL_ONLY):
             before = len(seq.text)
-            if seq.num_detokenized == count - 1:  # every step of a stream: just this token
-                seq.text += detokenizer.push(token)
-                seq.num_detokenized = count
-            else:
-                self._detokenize(seq, count)
+            self._detokenize(seq, count)
             for s in p.stop if may_stop and p.stop else ():
                 cut = seq.text.find(s, max(0, before - len(s) + 1))
                 if cut >= 0:
@@ -67,9 +62,14 @@ class OutputProcessor:
     @staticmethod
     def _detokenize(seq: Sequence, upto: int) -> None:
         """Append the text of output tokens ``num_detokenized .. upto`` to ``seq.text``."""
-        if upto > seq.num_detokenized:
-            seq.text += seq.detokenizer.push_many(seq.output_token_ids[seq.num_detokenized : upto])
-            seq.num_detokenized = upto
+        done = seq.num_detokenized
+        if upto == done + 1:  # every step of a stream: one token, no slice
+            seq.text += seq.detokenizer.push(seq.output_token_ids[done])
+        elif upto > done:
+            seq.text += seq.detokenizer.push_many(seq.output_token_ids[done:upto])
+        else:
+            return
+        seq.num_detokenized = upto
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None, text_upto: int | None) -> None:
         """End ``seq``; its text takes the output tokens before ``text_upto`` and the bytes of an unfinished
@@ -105,7 +105,6 @@ class OutputProcessor:
         if params.prompt_logprobs is not None and not (delta and request.num_outputs):
             prompt_logprobs = list(request.prompt_logprobs)  # a delta stream sends them with its first output
         request.num_outputs += 1
-        m = request.metrics  # a snapshot: the request's own keeps changing
         return RequestOutput(
             request.request_id,
             request.prompt,
@@ -114,7 +113,7 @@ class OutputProcessor:
             finished,
             request.num_cached_tokens or 0,
             prompt_logprobs,
-            RequestMetrics(m.arrival_time, m.first_scheduled_time, m.first_token_time, m.finished_time),
+            request.metrics.snapshot(),  # the request's own keeps changing
         )
 
     def _completion(self, seq: Sequence, params: SamplingParams, delta: bool) -> CompletionOutput:
