@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -164,6 +165,21 @@ def test_one_short_provider_sends_the_whole_case_to_graphs():
     result = measure(gpu_bench(Timers(device, lambda fn: 1.0, graph_replays(0.04))), rotating_case(dry_bench()))
     assert len(seen) == 2 and result.method.startswith("cudagraph")
     assert [t.ms for t in result.timings.values()] == [0.04, 0.04]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="times the GPU")
+def test_device_ms_leaves_out_the_host_time_of_a_call():
+    """A call that spends 0.5 ms on the host before its microsecond kernel: do_bench would time the host, device_ms
+    times the kernel (the GPU spin queued ahead of it, 1-2 ms, covers the host's 0.5 ms)."""
+    from bench.harness import device_ms
+
+    x = torch.randn(4096, device="cuda")
+
+    def slow_launch():
+        time.sleep(0.0005)
+        return x * 2
+
+    assert device_ms(slow_launch) < 0.2
 
 
 def test_split_k_sweep_is_timed_as_the_linear_section():
