@@ -7,10 +7,11 @@ output (float32 or float64) every call is checked against. :func:`measure` then
 
 1. validates every provider (``‖out − ref‖ / ‖ref‖`` within the dtype's tolerance): a provider that fails is
    recorded with its error and not timed;
-2. times the others the same way: ``triton.testing.do_bench`` medians (L2 flushed before each call); when any of
-   them runs under ``GRAPH_BELOW_MS``, all are re-timed as CUDA-graph replays (launch overhead hidden) that cycle
-   through copies of the big operands (~``ROTATE_BYTES`` in all, over 4x an H200's L2), so every call reads its
-   operands from device memory, as a decode step does;
+2. times the others the same way. When any of them runs under ``GRAPH_BELOW_MS`` on the device (its device time
+   alone, the host's launch time excluded: :func:`device_ms`), all are timed as CUDA-graph replays (launch
+   overhead hidden) that cycle through copies of the big operands (~``ROTATE_BYTES`` in all, over 4x an H200's
+   L2), so every call reads its operands from device memory, as a decode step does; otherwise as
+   ``triton.testing.do_bench`` medians (L2 flushed before each call);
 3. puts each time against the case's roofline: the larger of bytes / copy bandwidth and flops / matmul rate, both
    ceilings measured in the same run (:func:`measure_ceilings`).
 
@@ -48,7 +49,9 @@ OURS = "triton"
 PEERS = ("torch", "torch.compile")  # every script's peers; some add their own (e.g. torch-paged)
 DTYPES = ("float16", "bfloat16")
 TOL = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}  # relative-norm error vs the float32/64 reference
-GRAPH_BELOW_MS = 0.1  # cases with a call faster than this are re-timed as CUDA-graph replays
+GRAPH_BELOW_MS = 0.1  # cases with a call shorter than this on the device are timed as CUDA-graph replays
+PROBE_SPIN_CYCLES = 2_000_000  # GPU spin queued before each probed call: 1-2 ms, over any launcher's host time
+PROBE_REPS = 3
 GRAPH_REP_MS = 10  # GPU time per graph replay; capturing a replay of ~3 us kernels records thousands of launches
 ROTATE_BYTES = 256 << 20  # operand copies cycled through per graph timing: ~4x the 60 MB L2 of an H200
 MAX_COPIES = 512
@@ -126,6 +129,7 @@ class Bench:
     compile_mode: str | None = None  # torch.compile's mode (inductor only)
     copy_gbps: float | None = None
     matmul_tflops: dict[str, float] = field(default_factory=dict)  # per dtype name
+    timers: Timers | None = None  # how a GPU run times calls; None: triton.testing's (tests swap in fakes)
 
     @property
     def compile_backend(self) -> str:
@@ -188,8 +192,73 @@ def _cycling(fns: list[Call]) -> Call:
     return lambda: next(it)()
 
 
+def device_ms(fn: Call) -> float:
+    """Median device time of one call (L2 flushed first, as ``do_bench`` does), without the host's launch time.
+
+    ``do_bench`` times a call from an event queued before it to one queued after it, so when the launcher spends
+    longer on the host than the GPU needs for the L2 flush queued before it (~60 us for 256 MB on an H200), the
+    GPU waits for the launch and the time is the host's. Here a GPU spin is queued first: the host has queued
+    the flush, the events and the whole call before the GPU reaches them.
+    """
+    from triton import runtime
+
+    driver = runtime.driver.active
+    cache = driver.get_empty_cache_for_benchmark()
+    times = []
+    for _ in range(PROBE_REPS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(PROBE_SPIN_CYCLES)
+        driver.clear_cache(cache)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+@dataclass(frozen=True)
+class Timers:
+    """How a GPU run times a call, in ms (tests swap in fakes): ``device`` decides the method (device time alone),
+    ``plain`` (``do_bench``, L2 flushed) or ``graph`` (``do_bench_cudagraph``) times it."""
+
+    device: Callable[[Call], float]
+    plain: Callable[[Call], float]
+    graph: Callable[[Call], float]
+
+
+def gpu_timers() -> Timers:
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    return Timers(
+        device=device_ms,
+        plain=lambda fn: do_bench(fn, return_mode="median"),
+        graph=lambda fn: do_bench_cudagraph(fn, rep=GRAPH_REP_MS, return_mode="median"),
+    )
+
+
+def rotations(calls: dict[str, Call], setup: Setup) -> tuple[dict[str, list[Call]], str]:
+    """Each provider's calls over the operand copies a graph timing cycles through (see :class:`Setup`), and the
+    method that names them."""
+    rotated = {p: [fn] for p, fn in calls.items()}
+    if setup.copies is None:
+        return rotated, "cudagraph"
+    n = max(1, min(MAX_COPIES, math.ceil(ROTATE_BYTES / max(setup.copy_bytes, 1))))
+    for _ in range(n - 1):
+        fresh = setup.copies()
+        for p in rotated:
+            rotated[p].append(fresh[p])
+    return rotated, f"cudagraph, {n} operand copies"
+
+
 def time_calls(bench: Bench, calls: dict[str, Call], setup: Setup) -> tuple[dict[str, float], str]:
-    """Median ms of each call, all measured the same way, and how (see the module's docstring)."""
+    """Median ms of each call, all measured the same way, and how (see the module's docstring).
+
+    The method is chosen on device times, not on ``do_bench``'s, which are the host's launch times when those are
+    longer (see :func:`device_ms`). Chosen on ``do_bench``, a case whose providers all launch from Python (the
+    split-K and decode-config sweeps: our launcher against itself) was timed at its host time, 100-250 us for
+    ~8 us GEMVs on the first H200 run, while the linear section's cuBLAS peer sent the same launcher to graphs.
+    """
     if bench.dry_run:
         if setup.copies is not None:  # the GPU's graph timings run on copies: prove they run, without recompiling
             with torch._dynamo.config.patch(error_on_recompile=True):
@@ -197,25 +266,15 @@ def time_calls(bench: Bench, calls: dict[str, Call], setup: Setup) -> tuple[dict
                 for p in calls:
                     fresh[p]()
         return {p: _wall_ms(fn) for p, fn in calls.items()}, "wallclock-interpreter"
-    from triton.testing import do_bench, do_bench_cudagraph
-
-    plain = {p: do_bench(fn, return_mode="median") for p, fn in calls.items()}
-    if min(plain.values()) >= GRAPH_BELOW_MS:
-        return plain, "do_bench"
-    rotations, method = {p: [fn] for p, fn in calls.items()}, "cudagraph"
-    if setup.copies is not None:
-        n = max(1, min(MAX_COPIES, math.ceil(ROTATE_BYTES / max(setup.copy_bytes, 1))))
-        for _ in range(n - 1):
-            fresh = setup.copies()
-            for p in rotations:
-                rotations[p].append(fresh[p])
-        method = f"cudagraph, {n} operand copies"
+    timers = bench.timers or gpu_timers()
+    if min(timers.device(fn) for fn in calls.values()) >= GRAPH_BELOW_MS:
+        return {p: timers.plain(fn) for p, fn in calls.items()}, "do_bench"
+    rotated, method = rotations(calls, setup)
     try:
-        graphs = {p: do_bench_cudagraph(_cycling(fns), rep=GRAPH_REP_MS, return_mode="median")
-                  for p, fns in rotations.items()}  # fmt: skip
-        return graphs, method
-    except Exception as e:  # noqa: BLE001 - e.g. a call that syncs: keep the plain timings, say why
+        return {p: timers.graph(_cycling(fns)) for p, fns in rotated.items()}, method
+    except Exception as e:  # noqa: BLE001 - e.g. a call that syncs: time them all plainly, say why
         torch.cuda.synchronize()
+        plain = {p: timers.plain(fn) for p, fn in calls.items()}
         return plain, f"do_bench (graph failed: {type(e).__name__}: {str(e)[:120]})"
 
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
 
 from bench.harness import (
+    GRAPH_BELOW_MS,
     OURS,
     Bench,
     Case,
     Setup,
+    Timers,
     append_rows,
     csv_rows,
     environment,
@@ -19,6 +22,7 @@ from bench.harness import (
     read_rows,
     rel_err,
 )
+from bench.shapes import model_for
 
 
 def dry_bench(**kw) -> Bench:
@@ -100,6 +104,100 @@ def test_copies_run_in_a_dry_run():
     result = measure(bench, Case("demo", "copy", torch.float16, setup))
     assert result.timings[OURS].status == "OK"
     assert len({id(a) for a in used}) == 2  # the original operand and one copy
+
+
+def graph_replays(ms: float):
+    """A stand-in for ``do_bench_cudagraph``: runs the cycled call three times (over three copies), returns ``ms``."""
+
+    def graph(fn) -> float:
+        for _ in range(3):
+            fn()
+        return ms
+
+    return graph
+
+
+def gpu_bench(timers: Timers) -> Bench:
+    """A bench that takes the GPU's timing path on the CPU, with ``timers`` standing in for triton.testing's."""
+    return Bench(device=torch.device("cpu"), dry_run=False, timers=timers)
+
+
+def rotating_case(bench: Bench, read: list | None = None) -> Case:
+    """Two providers of ``a * 2`` over copies of ``a``; each call appends the copy it read to ``read``."""
+    read = [] if read is None else read
+
+    def setup() -> Setup:
+        a = bench.randn(8, 8, dtype=torch.float16)
+
+        def calls(a):
+            return {OURS: lambda: (read.append(a), a * 2)[1], "triton-split": lambda: (read.append(a), a * 2)[1]}
+
+        return Setup(calls(a), a.float() * 2, copies=lambda: calls(a.clone()), copy_bytes=100 << 20)
+
+    return Case("demo", "rotate", torch.float16, setup)
+
+
+def test_calls_short_on_the_device_are_graph_timed_however_long_their_host_time():
+    """The first H200 run timed its split-K sweep (our launcher against itself) with do_bench at 100-250 us, the
+    launcher's host time, for GEMVs of ~8 us on the device. The method follows the device time."""
+    host_bound = Timers(device=lambda fn: 0.008, plain=lambda fn: 0.2, graph=graph_replays(0.0075))
+    read = []
+    result = measure(gpu_bench(host_bound), rotating_case(dry_bench(), read))
+    assert result.method == "cudagraph, 3 operand copies"  # 256 MiB over 100 MiB copies
+    assert all(t.status == "OK" and t.ms == 0.0075 for t in result.timings.values())
+    replayed = read[2:]  # after the two validations: each provider's three replays
+    assert len(replayed) == 6 and len({id(a) for a in replayed}) == 3  # each replay on its own copy
+
+    device_bound = Timers(device=lambda fn: GRAPH_BELOW_MS, plain=lambda fn: 0.3, graph=graph_replays(0.0075))
+    result = measure(gpu_bench(device_bound), rotating_case(dry_bench()))
+    assert result.method == "do_bench"
+    assert all(t.ms == 0.3 for t in result.timings.values())
+
+
+def test_one_short_provider_sends_the_whole_case_to_graphs():
+    """Ours and its peer are always timed the same way: one call under GRAPH_BELOW_MS on the device decides."""
+    seen = []
+
+    def device(fn) -> float:
+        seen.append(fn)
+        return 0.05 if len(seen) == 2 else 0.5
+
+    result = measure(gpu_bench(Timers(device, lambda fn: 1.0, graph_replays(0.04))), rotating_case(dry_bench()))
+    assert len(seen) == 2 and result.method.startswith("cudagraph")
+    assert [t.ms for t in result.timings.values()] == [0.04, 0.04]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="times the GPU")
+def test_device_ms_leaves_out_the_host_time_of_a_call():
+    """A call that spends 0.5 ms on the host before its microsecond kernel: do_bench would time the host, device_ms
+    times the kernel (the GPU spin queued ahead of it, 1-2 ms, covers the host's 0.5 ms)."""
+    from bench.harness import device_ms
+
+    x = torch.randn(4096, device="cuda")
+
+    def slow_launch():
+        time.sleep(0.0005)
+        return x * 2
+
+    assert device_ms(slow_launch) < 0.2
+
+
+def test_split_k_sweep_is_timed_as_the_linear_section():
+    """On a GPU the split-K sweep (our launcher with a forced depth against its own pick) and the linear section
+    (ours, cuBLAS, torch.compile) time GEMVs short on the device the same way: graph replays over copies of the
+    weight, whatever do_bench says (here: over GRAPH_BELOW_MS for every call, launch-bound, as on the H200)."""
+    from bench.kernels import linear as linear_bench
+
+    shapes = dry_bench()  # tiny GPT-2 shapes, on the CPU
+    layer = model_for(dry_run=True).layer("mlp_out+res")
+    timers = Timers(device=lambda fn: 0.008, plain=lambda fn: 2 * GRAPH_BELOW_MS, graph=graph_replays(0.0075))
+    cases = [linear_bench.case(shapes, torch.float16, 1, layer)]
+    cases += linear_bench.split_k_cases(shapes, torch.float16, [layer])
+    assert [c.x for c in cases[1:]] == [2, 4]  # the depths that keep 64 of K = 256 per split, but the pick (1)
+    for case in cases:
+        result = measure(gpu_bench(timers), case)
+        assert [t.status for t in result.timings.values()] == ["OK"] * len(result.timings), result.timings
+        assert result.method == "cudagraph, 512 operand copies", case.name
 
 
 def test_roofline_is_the_larger_floor():

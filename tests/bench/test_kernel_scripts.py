@@ -70,6 +70,19 @@ def test_dry_run_validates_every_provider(name, tmp_path):
             assert all(r["pct_roofline"] and r["copy_gbps"] and r["matmul_tflops"] for r in got)
 
 
+def test_split_k_sweep_dry_run(tmp_path):
+    """``linear.py --split-k``: every forced depth that keeps 64 of K per split, against the launcher's own pick
+    (1 on the CPU), both validated."""
+    out = tmp_path / "splitk.csv"
+    assert script_main("linear", ["--dry-run", "--split-k", "--layers", "mlp_out+res", "--out", str(out)]) == 0
+    rows = read_rows(out)
+    assert {r["sweep"] for r in rows} == {"split_k"} and {r["x"] for r in rows} == {2.0, 4.0}  # K = 256
+    for dtype in ("float16", "bfloat16"):
+        got = [r for r in rows if r["dtype"] == dtype]
+        assert [r["provider"] for r in got] == ["triton-split", OURS] * 2
+        assert all(r["status"] == "OK" and r["ms"] > 0 and r["rel_err"] <= r["tol"] for r in got)
+
+
 def test_script_runs_alone(tmp_path):
     """``python bench/kernels/store_kv.py --dry-run`` in its own process, without TRITON_INTERPRET set."""
     out = tmp_path / "kernels.csv"
