@@ -140,8 +140,20 @@ class Bench:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
+    def __post_init__(self) -> None:
+        # Operands come from a generator of the bench's own, seeded from torch's default one (so
+        # ``torch.manual_seed`` still fixes a run): a CUDA-graph capture that fails part-way leaves the default CUDA
+        # generator mid-capture, and every later draw from it raises ("Offset increment outside graph capture"),
+        # which on the first H200 run turned every paged-decode case after the first into an ERROR.
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(int(torch.randint(2**62, ())))
+
     def randn(self, *shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, device=self.device, dtype=torch.float32) * scale).to(dtype)
+        x = torch.randn(*shape, device=self.device, dtype=torch.float32, generator=self.generator)
+        return (x * scale).to(dtype)
+
+    def randperm(self, n: int) -> torch.Tensor:
+        return torch.randperm(n, device=self.device, generator=self.generator)
 
     def compile(self, fn: Callable) -> Callable:
         """``torch.compile`` of torch code, whole graph (a graph break raises), static shapes."""
@@ -225,6 +237,7 @@ class Timers:
     device: Callable[[Call], float]
     plain: Callable[[Call], float]
     graph: Callable[[Call], float]
+    syncs: Callable[[Call], bool] = lambda fn: False  # whether a call waits on the device from the host
 
 
 def gpu_timers() -> Timers:
@@ -234,7 +247,24 @@ def gpu_timers() -> Timers:
         device=device_ms,
         plain=lambda fn: do_bench(fn, return_mode="median"),
         graph=lambda fn: do_bench_cudagraph(fn, rep=GRAPH_REP_MS, return_mode="median"),
+        syncs=host_syncs,
     )
+
+
+def host_syncs(fn: Call) -> bool:
+    """Whether a call waits on the GPU from the host (a device value read: ``.item()``, ``bool()``, a boolean mask),
+    run once under torch's sync debug mode. A CUDA graph can't capture such a call, and trying breaks the capture
+    part-way (the torch backend's paged decode on the first H200 run)."""
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    except RuntimeError:
+        return True
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    return False
 
 
 def rotations(calls: dict[str, Call], setup: Setup) -> tuple[dict[str, list[Call]], str]:
@@ -269,6 +299,9 @@ def time_calls(bench: Bench, calls: dict[str, Call], setup: Setup) -> tuple[dict
     timers = bench.timers or gpu_timers()
     if min(timers.device(fn) for fn in calls.values()) >= GRAPH_BELOW_MS:
         return {p: timers.plain(fn) for p, fn in calls.items()}, "do_bench"
+    syncing = [p for p, fn in calls.items() if timers.syncs(fn)]
+    if syncing:
+        return {p: timers.plain(fn) for p, fn in calls.items()}, f"do_bench ({', '.join(syncing)} syncs: no graph)"
     rotated, method = rotations(calls, setup)
     try:
         return {p: timers.graph(_cycling(fns)) for p, fns in rotated.items()}, method
@@ -327,7 +360,7 @@ def copy_case(bench: Bench, nbytes: int) -> Case:
     """Device-to-device ``copy_`` of ``nbytes`` (read + write): the memory ceiling."""
 
     def setup() -> Setup:
-        src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=bench.device)
+        src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=bench.device, generator=bench.generator)
         dst = torch.empty_like(src)
         return Setup(calls={"torch": lambda: dst.copy_(src)}, reference=src)
 

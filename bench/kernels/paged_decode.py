@@ -36,7 +36,7 @@ def paged_cache(bench: Bench, dtype: torch.dtype, batch: int, ctx: int):
     per_seq = -(-ctx // bs)
     num_blocks = batch * per_seq + 3  # a few spare blocks nobody reads
     k_cache, v_cache = (bench.randn(num_blocks, bs, model.heads, model.head_dim, dtype=dtype) for _ in range(2))
-    tables = torch.randperm(num_blocks, device=bench.device)[: batch * per_seq].view(batch, per_seq)
+    tables = bench.randperm(num_blocks)[: batch * per_seq].view(batch, per_seq)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device=bench.device)
     return k_cache, v_cache, tables.to(torch.int32).contiguous(), lens
 

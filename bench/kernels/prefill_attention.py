@@ -53,7 +53,7 @@ def case(bench: Bench, dtype: torch.dtype, batch: int, seq: int, store: bool) ->
         cu = torch.arange(0, t + 1, seq, dtype=torch.int32, device=bench.device)
         num_blocks = -(-t // bs) + 1
         k_cache, v_cache = (bench.randn(num_blocks, bs, h, hd, dtype=dtype) for _ in range(2))
-        slots = torch.randperm(num_blocks * bs, device=bench.device)[:t]
+        slots = bench.randperm(num_blocks * bs)[:t]
         cache = (k_cache, v_cache, slots) if store else (None, None, None)
         compiled = bench.compile(torch_prefill)
         calls = {

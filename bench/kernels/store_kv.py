@@ -39,7 +39,7 @@ def case(bench: Bench, dtype: torch.dtype, tokens: int) -> Case:
         k_cache, v_cache = (bench.randn(num_blocks, bs, h, hd, dtype=dtype) for _ in range(2))
         qkv = bench.randn(tokens, 3, h, hd, dtype=dtype)
         k, v = qkv[:, 1], qkv[:, 2]
-        slots = torch.randperm(num_blocks * bs, device=bench.device)[:tokens].to(torch.int32)
+        slots = bench.randperm(num_blocks * bs)[:tokens].to(torch.int32)
         compiled = bench.compile(torch_store_kv)
         calls = {
             "triton": lambda: store_kv(k, v, k_cache, v_cache, slots),

@@ -167,6 +167,60 @@ def test_one_short_provider_sends_the_whole_case_to_graphs():
     assert [t.ms for t in result.timings.values()] == [0.04, 0.04]
 
 
+def test_a_provider_that_syncs_keeps_the_whole_case_out_of_graphs():
+    """A call that reads a device value on the host can't be captured, and a capture it breaks part-way broke every
+    later case on the first H200 run: such a case is timed plainly, all its providers alike, and never captured."""
+    captured = []
+    timers = Timers(
+        device=lambda fn: 0.008,
+        plain=lambda fn: 0.3,
+        graph=lambda fn: captured.append(fn) or 0.0075,
+        syncs=lambda fn: getattr(fn, "reads_the_device", False),
+    )
+    case = rotating_case(dry_bench())
+    setup = case.setup
+
+    def setup_with_a_syncing_peer() -> Setup:
+        s = setup()
+        peer = s.calls["triton-split"]
+
+        def syncing_peer():
+            return peer()
+
+        syncing_peer.reads_the_device = True
+        s.calls["triton-split"] = syncing_peer
+        return s
+
+    case.setup = setup_with_a_syncing_peer
+    result = measure(gpu_bench(timers), case)
+    assert result.method == "do_bench (triton-split syncs: no graph)"
+    assert [t.ms for t in result.timings.values()] == [0.3, 0.3]
+    assert captured == []
+
+
+def test_operands_come_from_the_bench_generator_seeded_by_torch():
+    """Draws from torch's default generator in between (a capture may break it on a GPU) change nothing, and
+    ``torch.manual_seed`` still fixes a run's operands."""
+    seed = int(torch.randint(2**31, ()))
+    torch.manual_seed(seed)
+    bench = dry_bench()
+    torch.randn(100)
+    a, p = bench.randn(16, dtype=torch.float32), bench.randperm(16)
+    torch.manual_seed(seed)
+    bench = dry_bench()
+    assert torch.equal(bench.randn(16, dtype=torch.float32), a) and torch.equal(bench.randperm(16), p)
+    assert not torch.equal(dry_bench().randn(16, dtype=torch.float32), a)  # a fresh bench draws fresh operands
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_host_syncs_finds_a_device_read():
+    from bench.harness import host_syncs
+
+    x = torch.randn(4096, device="cuda")
+    assert host_syncs(lambda: bool(x.sum() > 0))
+    assert not host_syncs(lambda: x * 2)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="times the GPU")
 def test_device_ms_leaves_out_the_host_time_of_a_call():
     """A call that spends 0.5 ms on the host before its microsecond kernel: do_bench would time the host, device_ms
