@@ -1,10 +1,8 @@
 """Sampling parameters (vLLM's names and meanings) and the batched sampler.
 
-The sampler draws by inverse transform: one uniform per row, and the token where the row's running sum of
-probabilities passes it. Like the exponential race of gpt-fast and nano-vllm (``argmax(probs / Exponential(1))``)
-it needs no host sync, and because each seeded request draws its uniform from its own ``torch.Generator``, its
-samples do not depend on what else is in the batch or where it sits; unlike the race it draws one random number
-per row instead of one per logit, which on the CPU was most of a sampled step's tensor work.
+The sampler draws with the exponential-race trick (``argmax(probs / Exponential(1))``, as gpt-fast and
+nano-vllm do): it needs no host sync, and because each seeded request draws its noise from its own
+``torch.Generator``, its samples do not depend on what else is in the batch or where it sits.
 
 Before that, :func:`process_logits` applies the per-request logit changes (``logit_bias``, the ``min_tokens``
 mask, the repetition, frequency and presence penalties): each is one indexed tensor op for the whole batch over the
@@ -32,6 +30,7 @@ from engine.host_tensors import list_tensor
 MAX_LOGPROBS = 20  # most alternatives a request may ask for per token (vLLM's default limit)
 MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2] (OpenAI's range)
 MAX_LOGIT_BIAS = 100.0  # logit_bias values lie in [-100, 100] (OpenAI's range)
+EXPONENTIAL_VECTOR_MIN = 2048  # elements from which exponential_ below draws uniforms and takes a vectorized log
 
 
 def _is_int(v) -> bool:
@@ -373,18 +372,16 @@ def _largest(x: torch.Tensor, width: int) -> torch.Tensor:
     return x.sort(dim=-1, descending=True).values
 
 
-def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Per row of ``probs`` [B, V] (non-negative, a positive sum, not necessarily 1): the token drawn by
-    ``uniforms`` [B] float64 in [0, 1), the first whose running sum exceeds ``uniforms[i]`` times the row's sum, so
-    token ``t`` is drawn with probability ``probs[i, t] / sum``. The running sums are float64: a float32 sum over
-    50257 tokens would round the small probabilities away.
+def exponential_(out: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``out.exponential_(generator=generator)``: the same values, twice as fast on the CPU for large tensors.
 
-    A token of probability 0 is never drawn: the running sum does not grow at it, and the target stays below the
-    row's sum (the largest uniform, ``1 - 2**-53``, times any sum rounds below it), so some token's sum exceeds it.
-    """
-    running = probs.to(torch.float64, copy=True).cumsum_(dim=-1)  # cumsum(dtype=...) is half as slow again (CPU)
-    target = uniforms[:, None] * running[:, -1:]
-    return torch.searchsorted(running, target, side="right").squeeze(1)
+    PyTorch's CPU kernel draws each value alone as ``-log1p(-u)`` of a float64 uniform ``u`` (the generator's next
+    53 bits); ``uniform_`` draws the same ``u`` in the same order, and the log then runs vectorized.
+    ``tests/engine/test_sampling.py`` checks the values bit for bit against ``exponential_``."""
+    if out.device.type != "cpu" or out.numel() < EXPONENTIAL_VECTOR_MIN:
+        return out.exponential_(generator=generator)
+    u = torch.empty(out.shape, dtype=torch.float64).uniform_(generator=generator)
+    return out.copy_(u.neg_().log1p_().neg_())
 
 
 class Sampler:
@@ -434,11 +431,12 @@ class Sampler:
             else:
                 rows = list_tensor(truncated, torch.int64, device)
                 scaled[rows] = truncate(scaled[rows], k, top_p, width)
-        uniforms = torch.rand(len(params), dtype=torch.float64, device=device)  # the rows of unseeded requests
+        probs = scaled.softmax(dim=-1)
+        noise = exponential_(torch.empty_like(probs))  # one draw for the rows of unseeded requests
         for i, g in enumerate(generators):
             if g is not None:  # a seeded request's row comes from its own stream, whatever the batch
-                uniforms[i].uniform_(generator=g)
-        sampled = inverse_cdf(scaled.softmax(dim=-1), uniforms)
+                exponential_(noise[i], generator=g)
+        sampled = (probs / noise).argmax(dim=-1)
         if not any(greedy):
             return sampled, logprobs
         return torch.where(list_tensor(greedy, torch.bool, device), logits.argmax(dim=-1), sampled), logprobs

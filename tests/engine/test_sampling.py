@@ -1,4 +1,4 @@
-"""Sampling: parameter validation, top-k / top-p masks (ties included), the sampler's distribution and its draws,
+"""Sampling: parameter validation, top-k / top-p masks (ties included), the sampler's distribution and its noise,
 the logit processing (bias, min_tokens, penalties) against a per-row float64 reference, and min_tokens in the stop
 conditions."""
 
@@ -11,7 +11,7 @@ import torch
 
 from engine import sampling
 from engine.output_processor import OutputProcessor
-from engine.sampling import Sampler, SamplingParams, filter_logits, inverse_cdf, process_logits
+from engine.sampling import Sampler, SamplingParams, exponential_, filter_logits, process_logits
 from engine.sequence import Request, Sequence
 from tests.helpers import History, reference_processed, rel_err
 
@@ -147,68 +147,27 @@ def test_filter_logits_breaks_ties_by_token_id(V):
             assert len(kept) == min(k, V)
 
 
-LARGEST_UNIFORM = 1.0 - 2.0**-53  # the largest float64 a uniform in [0, 1) can be
-
-
-@pytest.mark.parametrize("V", [1, 7, 50257])
-def test_inverse_cdf_draws_the_token_whose_interval_holds_the_uniform(V):
-    """Against a float64 loop over each row: token t is drawn when u * sum lies in [sum before t, sum through t),
-    unnormalized rows included; the ends of [0, 1) draw the first and the last token of positive probability."""
-    B = 6
-    probs = torch.rand(B, V) * (torch.rand(B, V) < 0.3)  # most tokens masked (probability 0)
-    probs[:, random.randrange(V)] = torch.rand(B) + 0.1  # at least one token of positive probability per row
-    probs[-1] = 0.0
-    probs[-1, -1] = 0.5  # only the last token
-    uniforms = torch.rand(B, dtype=torch.float64)
-    uniforms[0], uniforms[1] = 0.0, LARGEST_UNIFORM
-    got = inverse_cdf(probs, uniforms).tolist()
-    for b in range(B):
-        row = probs[b].double()
-        positive = torch.nonzero(row).flatten().tolist()
-        if b == 0:
-            assert got[b] == positive[0]
-        elif b == 1:
-            assert got[b] == positive[-1]
-        else:
-            ends = row.cumsum(0)
-            target = float(uniforms[b]) * float(ends[-1])
-            assert float(ends[got[b]]) - float(row[got[b]]) <= target < float(ends[got[b]]) + 1e-12 * float(ends[-1])
-        assert row[got[b]] > 0  # a masked token is never drawn
-
-
-def test_inverse_cdf_never_draws_a_masked_tail():
-    """The largest uniform still draws the last token of positive probability, not a masked token after it (nor an
-    index past the row), whatever the row's sum."""
-    V, B = 64, 1000
-    probs = torch.zeros(B, V)
-    probs[:, : V // 2] = torch.rand(B, V // 2) * torch.logspace(-20, 20, B)[:, None]
-    got = inverse_cdf(probs, torch.full((B,), LARGEST_UNIFORM, dtype=torch.float64))
-    assert got.tolist() == [V // 2 - 1] * B
-
-
-def test_seeded_rows_do_not_depend_on_the_batch():
-    """A seeded row draws the same tokens step after step wherever it sits and whatever the other rows are (seeded
-    or not); a different seed draws differently."""
-    V, steps, seed = 40, 12, random.randrange(1 << 30)
-    row = torch.randn(V)
-    params = SamplingParams(temperature=1.0, seed=seed)
-
-    def draws(position: int, batch: int, seed: int) -> list[int]:
-        gen = torch.Generator().manual_seed(seed)
-        others = [torch.Generator().manual_seed(random.randrange(1 << 30)) if random.random() < 0.5 else None
-                  for _ in range(batch)]  # fmt: skip
-        tokens = []
-        for _ in range(steps):
-            logits = torch.randn(batch, V) * 3
-            logits[position] = row
-            gens = list(others)
-            gens[position] = gen
-            tokens.append(int(Sampler()(logits, [params] * batch, gens)[0][position]))
-        return tokens
-
-    alone = draws(0, 1, seed)
-    assert draws(3, 5, seed) == alone and draws(6, 7, seed) == alone
-    assert draws(0, 1, seed + 1) != alone  # 12 draws over 40 tokens agree by chance about never
+@pytest.mark.parametrize("shape", [(1, 7), (1, 2048), (3, 4099), (2, 50257)])
+@pytest.mark.parametrize("seeded", [False, True])
+def test_exponential_draws_torchs_values(shape, seeded):
+    """The sampler's noise (float64 uniforms, then a vectorized log, on the CPU) is what ``Tensor.exponential_`` draws
+    from the same generator, bit for bit, for a whole batch and for one row of it, and leaves the generator where
+    ``exponential_`` would: seeded requests keep their samples."""
+    seed = random.randrange(1 << 31)
+    want_gen = torch.Generator().manual_seed(seed) if seeded else None
+    got_gen = torch.Generator().manual_seed(seed) if seeded else None
+    torch.manual_seed(seed)
+    want = torch.empty(shape).exponential_(generator=want_gen)
+    want_next = torch.rand(3, generator=want_gen)
+    torch.manual_seed(seed)
+    got = exponential_(torch.full(shape, float("nan")), generator=got_gen)
+    assert torch.equal(got, want) and torch.equal(torch.rand(3, generator=got_gen), want_next)
+    rows = torch.full((3, shape[-1]), float("nan"))
+    torch.manual_seed(seed)
+    exponential_(rows[1], generator=got_gen)
+    torch.manual_seed(seed)
+    assert torch.equal(rows[1], torch.empty(shape[-1]).exponential_(generator=want_gen))
+    assert rows[0].isnan().all() and rows[2].isnan().all()
 
 
 def test_sampler_draws_from_the_filtered_distribution():
