@@ -73,6 +73,11 @@ class BlockManager:
     def slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
 
+    def slots(self, seqs: list[Sequence], positions: list[int]) -> list[int]:
+        """``slot(seqs[i], positions[i])`` for each ``i``, in one loop (a decode step asks for one per sequence)."""
+        bs = self.block_size
+        return [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)]
+
     # ------------------------------------------------------------------ prefix cache
     def match_prefix(self, token_ids: Seq[int]) -> tuple[list[int], list[int]]:
         """The registered blocks holding the longest prefix of ``token_ids`` in whole blocks, never its last token:

@@ -53,7 +53,7 @@ class ModelRunner:
         """Run one step (``num_computed`` not yet advanced); returns the sequences whose tokens are then all
         computed and their next-token logits ``[S, V]``, in that order."""
         self.kv.copy_blocks(step.block_copies)
-        if all(seq.num_uncomputed == n == 1 for seq, n in zip(step.seqs, step.num_tokens)):
+        if step.all_decodes or all(seq.num_uncomputed == n == 1 for seq, n in zip(step.seqs, step.num_tokens)):
             return list(step.seqs), self.decode(step.seqs)
         if all(seq.num_computed == 0 for seq in step.seqs):
             return self.prefill(step)
@@ -145,7 +145,7 @@ class ModelRunner:
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """Feed each sequence's last token; returns next-token logits ``[B, V]``."""
         positions = [seq.num_computed for seq in seqs]
-        slots = [self.blocks.slot(s, p) for s, p in zip(seqs, positions)]
+        slots = self.blocks.slots(seqs, positions)
         static = self.static_decoder
         if static is not None and static.bucket_size(len(seqs)) is not None:
             return static.decode([seq.last_token for seq in seqs], positions, slots, [s.block_table for s in seqs])

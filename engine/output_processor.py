@@ -105,11 +105,16 @@ class OutputProcessor:
         if params.prompt_logprobs is not None and not (delta and request.num_outputs):
             prompt_logprobs = list(request.prompt_logprobs)  # a delta stream sends them with its first output
         request.num_outputs += 1
+        seqs = request.seqs
+        if len(seqs) == 1:  # no list comprehension (a function call of its own in Python 3.11) for one sample
+            completions = [self._completion(seqs[0], params, delta)]
+        else:
+            completions = [self._completion(seq, params, delta) for seq in seqs]
         return RequestOutput(
             request.request_id,
             request.prompt,
             request.prompt_token_ids,
-            [self._completion(seq, params, delta) for seq in request.seqs],
+            completions,
             finished,
             request.num_cached_tokens or 0,
             prompt_logprobs,

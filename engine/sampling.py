@@ -189,6 +189,8 @@ def token_logprobs(
     """Per row: the sampled token's log-prob, and (where ``num_top[i]`` is not None) a dict of it and the row's
     ``num_top[i]`` most likely tokens. One top-k for the whole batch, one transfer to the host."""
     chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+    if num_top.count(None) == len(num_top):  # no row asks for alternatives (most steps): no loop over the rows
+        return chosen, [None] * len(num_top)
     width = max((k for k in num_top if k), default=0)
     top = logprobs.topk(width, dim=-1) if width else None
     top_ids, top_values = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])

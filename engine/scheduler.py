@@ -30,6 +30,9 @@ class SchedulerOutput:
     num_tokens: list[int] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     num_preempted: int = 0
+    # every sequence computes its one uncomputed token (a pure decode step): the scheduler knows it for free, the
+    # runner would ask each sequence again; False when not known
+    all_decodes: bool = False
 
     @property
     def total_tokens(self) -> int:
@@ -62,8 +65,11 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        todo = [(seq, seq.num_uncomputed) for seq in self.running]
-        todo.sort(key=lambda item: item[1] != 1)  # decodes first, each group in admission order (a stable sort)
+        uncomputed = [seq.num_uncomputed for seq in self.running]
+        out.all_decodes = uncomputed.count(1) == len(uncomputed)  # the sequences preempted below leave it true
+        todo = list(zip(self.running, uncomputed))
+        if not out.all_decodes:  # decodes first, each group in admission order (a stable sort)
+            todo.sort(key=lambda item: item[1] != 1)
         for seq, uncomputed in todo:
             if budget == 0:
                 break
@@ -134,6 +140,7 @@ class Scheduler:
             self.running.append(seq)
             out.seqs.append(seq)
             out.num_tokens.append(n)
+            out.all_decodes = False
             budget -= n
             seats += wanted
 

@@ -325,6 +325,19 @@ class Tokenizer:
 
         return [lookup(i) for i in range(self.vocab_size)]
 
+    @functools.cached_property
+    def _text_of(self) -> list[str | None]:
+        """Every token's text where its bytes are whole UTF-8 characters (None where they are not, and for an unused
+        id), built on first use: a stream with no partial character pending takes a token's text from here."""
+
+        def whole_text(token: bytes | None) -> str | None:
+            try:
+                return token.decode("utf-8") if token is not None else None
+            except UnicodeDecodeError:
+                return None
+
+        return [whole_text(token) for token in self._bytes_of]
+
     def __repr__(self) -> str:
         return f"Tokenizer({self.encoding.name!r}, vocab_size={self.vocab_size})"
 
@@ -335,21 +348,36 @@ class IncrementalDecoder:
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._partial = False  # whether ``_utf8`` holds the first bytes of a character
+        self._whole_texts = tokenizer._text_of
 
     def push(self, token_id: int) -> str:
-        """Add one token; return the text it completes ("" while a character is still partial)."""
-        return self._utf8.decode(self.tokenizer.token_bytes(token_id))
+        """Add one token; return the text it completes ("" while a character is still partial).
+
+        It runs for every streamed token: a token of whole characters with nothing pending is its own text, looked
+        up, without the incremental UTF-8 decoder's Python-level buffering."""
+        if not self._partial and 0 <= token_id < len(self._whole_texts):
+            text = self._whole_texts[token_id]
+            if text is not None:
+                return text
+        return self._decode(self.tokenizer.token_bytes(token_id))
 
     def push_many(self, token_ids: Sequence[int]) -> str:
         """Add tokens; return the text they complete (the same as pushing them one by one)."""
         if len(token_ids) == 1:
             return self.push(token_ids[0])
-        return self._utf8.decode(self.tokenizer.decode_bytes(token_ids))
+        return self._decode(self.tokenizer.decode_bytes(token_ids))
+
+    def _decode(self, data: bytes) -> str:
+        text = self._utf8.decode(data)
+        self._partial = bool(self._utf8.getstate()[0])
+        return text
 
     def flush(self) -> str:
         """End of stream: return what is left (an unfinished character becomes U+FFFD) and reset."""
         text = self._utf8.decode(b"", final=True)
         self._utf8.reset()
+        self._partial = False
         return text
 
 

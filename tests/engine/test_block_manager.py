@@ -39,6 +39,8 @@ def test_lazy_allocation_slots_and_exhaustion():
     bm.append(a, 9)
     assert len(a.block_table) == 3 and bm.usage == pytest.approx(0.3)
     assert [bm.slot(a, p) for p in range(9)] == [a.block_table[p // 4] * 4 + p % 4 for p in range(9)]
+    positions = random.choices(range(9), k=5)
+    assert bm.slots([a] * 5, positions) == [bm.slot(a, p) for p in positions]
     b = make_sequence(list(range(30)))
     assert not bm.can_append(b, 30)  # 8 blocks > 7 free
     with pytest.raises(RuntimeError, match="exhausted"):

@@ -17,8 +17,14 @@ def scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=16) -> Schedul
 
 def step(s: Scheduler):
     """One step as the engine runs it, sampling a random token for each sequence whose tokens are all computed."""
+    running = list(s.running)
+    decoding = all(seq.num_uncomputed == 1 for seq in running)
     out = s.schedule()
     assert out.total_tokens <= s.max_num_batched_tokens and len(set(out.seqs)) == len(out.seqs)
+    if out.all_decodes:  # the runner takes the decode path on the scheduler's word
+        assert all(seq.num_uncomputed == n == 1 for seq, n in zip(out.seqs, out.num_tokens))
+    elif decoding:  # then only an admission clears it
+        assert any(seq not in running for seq in out.seqs)
     sampled = [seq for i, seq in enumerate(out.seqs) if out.samples(i)]
     s.step_done(out)
     for seq in list(sampled):
@@ -138,5 +144,11 @@ def test_random_workloads_always_drain():
         if s.blocks.blocks_needed(p + max_tokens - 1) * n <= s.blocks.num_blocks:
             seqs.append(seq)
             s.add(seq)
-    run_to_end(s, max_steps=5000)
+    decode_steps = 0
+    for _ in range(5000):
+        if not s.has_work:
+            break
+        decode_steps += step(s).all_decodes
+    assert_scheduler_empty(s)
+    assert decode_steps > 0
     assert all(len(c.output_token_ids) == c.params.max_tokens for seq in seqs for c in seq.request.seqs)

@@ -335,6 +335,9 @@ def test_incremental_decoder_holds_partial_characters(tokenizer, ranks):
     dec.push(byte_ids[0])
     assert dec.flush() == "\ufffd"  # an unfinished character at the end of the stream
     assert dec.push(ranks[b"a"]) == "a"  # and flush reset the state
+    dec.push(byte_ids[0])
+    assert dec.push(ranks[b"a"]) == "\ufffda"  # a whole-character token after a partial one ends it, replaced
+    assert dec.push(ranks[b"a"]) == "a" and dec.flush() == ""
 
 
 # ---------------------------------------------------------------- errors -----------------------------------------
