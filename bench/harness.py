@@ -297,18 +297,21 @@ def time_calls(bench: Bench, calls: dict[str, Call], setup: Setup) -> tuple[dict
                     fresh[p]()
         return {p: _wall_ms(fn) for p, fn in calls.items()}, "wallclock-interpreter"
     timers = bench.timers or gpu_timers()
+
+    def plainly(why: str = "") -> tuple[dict[str, float], str]:
+        return {p: timers.plain(fn) for p, fn in calls.items()}, f"do_bench ({why})" if why else "do_bench"
+
     if min(timers.device(fn) for fn in calls.values()) >= GRAPH_BELOW_MS:
-        return {p: timers.plain(fn) for p, fn in calls.items()}, "do_bench"
+        return plainly()
     syncing = [p for p, fn in calls.items() if timers.syncs(fn)]
     if syncing:
-        return {p: timers.plain(fn) for p, fn in calls.items()}, f"do_bench ({', '.join(syncing)} syncs: no graph)"
+        return plainly(f"{', '.join(syncing)} syncs: no graph")
     rotated, method = rotations(calls, setup)
     try:
         return {p: timers.graph(_cycling(fns)) for p, fns in rotated.items()}, method
     except Exception as e:  # noqa: BLE001 - e.g. a call that syncs: time them all plainly, say why
         torch.cuda.synchronize()
-        plain = {p: timers.plain(fn) for p, fn in calls.items()}
-        return plain, f"do_bench (graph failed: {type(e).__name__}: {str(e)[:120]})"
+        return plainly(f"graph failed: {type(e).__name__}: {str(e)[:120]}")
 
 
 def _validate(call: Call, reference, tol: float) -> Timing:
