@@ -4,6 +4,7 @@ conditions."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -147,27 +148,41 @@ def test_filter_logits_breaks_ties_by_token_id(V):
             assert len(kept) == min(k, V)
 
 
-@pytest.mark.parametrize("shape", [(1, 7), (1, 2048), (3, 4099), (2, 50257)])
+@pytest.mark.parametrize("shape", [(1, 7), (3, 4099), (2, 50257)])
 @pytest.mark.parametrize("seeded", [False, True])
-def test_exponential_draws_torchs_values(shape, seeded):
-    """The sampler's noise (float64 uniforms, then a vectorized log, on the CPU) is what ``Tensor.exponential_`` draws
-    from the same generator, bit for bit, for a whole batch and for one row of it, and leaves the generator where
-    ``exponential_`` would: seeded requests keep their samples."""
+def test_exponential_noise_is_minus_log_of_the_generators_uniforms(shape, seeded):
+    """The race's noise on the CPU is ``-log(u)`` of the float32 uniforms the same generator gives (computed here in
+    float64), for a whole batch and for one row of it (a seeded request's row), and leaves the generator where
+    those uniforms leave it, so seeded requests keep their samples whatever the batch."""
     seed = random.randrange(1 << 31)
     want_gen = torch.Generator().manual_seed(seed) if seeded else None
     got_gen = torch.Generator().manual_seed(seed) if seeded else None
     torch.manual_seed(seed)
-    want = torch.empty(shape).exponential_(generator=want_gen)
+    want = torch.empty(shape).uniform_(generator=want_gen).double().log().neg()
     want_next = torch.rand(3, generator=want_gen)
     torch.manual_seed(seed)
     got = exponential_(torch.full(shape, float("nan")), generator=got_gen)
-    assert torch.equal(got, want) and torch.equal(torch.rand(3, generator=got_gen), want_next)
+    assert got.dtype == torch.float32 and (got > 0).all()
+    assert torch.allclose(got.double(), want, rtol=2e-7, atol=0)
+    assert torch.equal(torch.rand(3, generator=got_gen), want_next)
     rows = torch.full((3, shape[-1]), float("nan"))
     torch.manual_seed(seed)
     exponential_(rows[1], generator=got_gen)
     torch.manual_seed(seed)
-    assert torch.equal(rows[1], torch.empty(shape[-1]).exponential_(generator=want_gen))
+    u = torch.empty(shape[-1]).uniform_(generator=want_gen)  # where got_gen stood: both drew the same so far
+    assert torch.allclose(rows[1].double(), u.double().log().neg(), rtol=2e-7, atol=0)
     assert rows[0].isnan().all() and rows[2].isnan().all()
+
+
+def test_exponential_noise_has_the_exponential_distribution():
+    """200k draws: the mean is 1 and P(E > t) is exp(-t) at a few points, each within 5 standard errors."""
+    n = 200_000
+    generator = torch.Generator().manual_seed(random.randrange(1 << 31))
+    draws = exponential_(torch.full((4, n // 4), float("nan")), generator=generator)
+    assert abs(draws.double().mean().item() - 1.0) < 5 / n**0.5  # Exp(1) has standard deviation 1
+    for t in (0.01, 0.5, 1.0, 3.0, 8.0):
+        p = math.exp(-t)
+        assert abs((draws > t).double().mean().item() - p) < 5 * (p * (1 - p) / n) ** 0.5
 
 
 def test_sampler_draws_from_the_filtered_distribution():
@@ -184,6 +199,15 @@ def test_sampler_draws_from_the_filtered_distribution():
     freq = torch.bincount(tokens, minlength=V).float() / draws
     assert set(torch.nonzero(freq).flatten().tolist()) <= set(top.tolist())
     assert (freq - want).abs().max() < 0.02  # ~4 sigma at 20k draws
+
+
+def test_row_argmax_is_torchs_argmax():
+    """numpy's argmax on the CPU picks what torch's does: the first of tied maxima (small integers make many), a NaN
+    over any number, on contiguous rows and on a transposed view."""
+    x = torch.randint(0, 4, (random.randint(50, 300), random.randint(2, 130))).float()
+    x[random.randrange(x.shape[0]), random.randrange(x.shape[1])] = float("nan")
+    assert torch.equal(sampling.row_argmax(x), x.argmax(dim=-1))
+    assert torch.equal(sampling.row_argmax(x.T), x.T.argmax(dim=-1))
 
 
 def test_greedy_rows_take_the_argmax_and_logprobs_are_normalized():
