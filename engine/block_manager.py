@@ -171,6 +171,17 @@ class BlockManager:
         i = seq.num_computed // self.block_size
         return i >= len(seq.block_table) or self.blocks[seq.block_table[i]].ref_count == 1
 
+    def lacking_next_slot(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Those of ``seqs`` for which ``holds(seq, seq.num_computed + 1)`` is false, in one loop (a decode step asks
+        it of every running sequence): their next token needs one block, a new one or a copy of a shared one."""
+        bs, blocks = self.block_size, self.blocks
+        lacking = []
+        for seq in seqs:
+            table, position = seq.block_table, seq.num_computed
+            if position >= len(table) * bs or blocks[table[position // bs]].ref_count != 1:
+                lacking.append(seq)
+        return lacking
+
     def can_append(self, seq: Sequence, num_tokens: int) -> bool:
         """Whether ``seq`` can hold ``num_tokens`` tokens in all (copy-on-write included)."""
         missing = self.blocks_needed(num_tokens) - len(seq.block_table)

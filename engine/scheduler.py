@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine.block_manager import BlockManager
 from engine.sequence import Sequence, SequenceStatus
@@ -64,6 +64,37 @@ class Scheduler:
     # ------------------------------------------------------------------ one step
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        if not self._schedule_decodes(out):
+            self._schedule_running(out)
+        if self.waiting and not out.num_preempted:
+            self._admit(out, self.max_num_batched_tokens - out.total_tokens)
+        return out
+
+    def _schedule_decodes(self, out: SchedulerOutput) -> bool:
+        """Most steps, in one pass: every running sequence decodes one token, and the pool has a block for each one
+        whose token starts a block or lands in a shared one, so nobody is preempted. False, ``out`` untouched,
+        when that is not so."""
+        running = self.running
+        if not running or len(running) > self.max_num_batched_tokens:
+            return False
+        for seq in running:  # num_uncomputed == 1, without two property calls per sequence
+            if len(seq.request.prompt_token_ids) + len(seq.output_token_ids) - seq.num_computed != 1:
+                return False
+        lacking = self.blocks.lacking_next_slot(running)  # about one sequence in 16 at each step
+        if len(lacking) > self.blocks.num_free:
+            return False
+        for seq in lacking:
+            out.block_copies += self.blocks.append(seq, seq.num_computed + 1)
+        bs = self.blocks.block_size
+        for seq in running:
+            if (seq.num_computed + 1) // bs > len(seq.block_hashes):  # the token fills a block: register it
+                self.blocks.register_full_blocks(seq, seq.num_computed + 1)
+        out.seqs, out.num_tokens, out.all_decodes = list(running), [1] * len(running), True
+        return True
+
+    def _schedule_running(self, out: SchedulerOutput) -> None:
+        """Running sequences in the general case: decodes first, then prompt chunks from the budget left, taking
+        blocks as they are needed and preempting the newest sequences when there are none."""
         budget = self.max_num_batched_tokens
         uncomputed = [seq.num_uncomputed for seq in self.running]
         out.all_decodes = uncomputed.count(1) == len(uncomputed)  # the sequences preempted below leave it true
@@ -83,9 +114,6 @@ class Scheduler:
                 budget -= n
             if out.num_preempted != preempted:  # sequences scheduled earlier may have been taken back
                 budget = self.max_num_batched_tokens - out.total_tokens
-        if self.waiting and not out.num_preempted:
-            self._admit(out, budget)
-        return out
 
     def _reserve(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
         """Blocks for ``seq``'s next ``n`` tokens, preempting the newest running sequences until they fit; False
@@ -135,7 +163,7 @@ class Scheduler:
             request = seq.request
             if request.num_cached_tokens is None:
                 request.num_cached_tokens = cached
-                request.metrics.first_scheduled_time = time.time()
+                request.metrics = replace(request.metrics, first_scheduled_time=time.time())
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.seqs.append(seq)

@@ -152,3 +152,40 @@ def test_random_workloads_always_drain():
     assert_scheduler_empty(s)
     assert decode_steps > 0
     assert all(len(c.output_token_ids) == c.params.max_tokens for seq in seqs for c in seq.request.seqs)
+
+
+def test_the_decode_fast_path_schedules_what_the_general_one_does():
+    """Two schedulers run the same random workload in lockstep (prompts, n up to 3, a pool small enough to preempt
+    and copy on write), one with the one-pass decode step turned off: every step's sequences, token counts, block
+    copies and preemptions, and every block table, are the same; the fast path ran on most decode steps."""
+    specs = [(prompt(random.randint(1, 12)), random.randint(1, 14), random.randint(1, 3)) for _ in range(24)]
+    pair = [scheduler(num_blocks=14, block_size=4, max_num_seqs=6, budget=24) for _ in range(2)]
+    general, fast = pair
+    general._schedule_decodes = lambda out: False
+    taken = []
+    decodes_once = fast._schedule_decodes
+    fast._schedule_decodes = lambda out: taken.append(decodes_once(out)) or taken[-1]
+    for i, (tokens, max_tokens, n) in enumerate(specs):
+        for s in pair:
+            s.add(make_sequence(tokens, max_tokens=max_tokens, n=n, request_id=str(i)))
+
+    def key(seq):
+        return seq.request.request_id, seq.sample_index
+
+    for _ in range(3000):
+        if not general.has_work:
+            break
+        state = random.getstate()
+        outs = []
+        for s in pair:  # the same "sampled" tokens on both sides
+            random.setstate(state)
+            outs.append(step(s))
+        a, b = outs
+        assert [key(seq) for seq in a.seqs] == [key(seq) for seq in b.seqs] and a.num_tokens == b.num_tokens
+        assert a.block_copies == b.block_copies and a.num_preempted == b.num_preempted
+        assert a.all_decodes == b.all_decodes
+        tables = [{key(seq): seq.block_table for seq in s.running} for s in pair]
+        assert tables[0] == tables[1]
+    assert_scheduler_empty(general)
+    assert_scheduler_empty(fast)
+    assert taken.count(True) > taken.count(False) > 0
