@@ -17,6 +17,7 @@ import itertools
 import os
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 
@@ -30,7 +31,7 @@ from engine.model import GPT2
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
 from engine.outputs import EngineStats, RequestOutput
-from engine.sampling import Sampler, SamplingParams, seeded_generator, token_logprobs
+from engine.sampling import RequestOutputKind, Sampler, SamplingParams, seeded_generator, token_logprobs
 from engine.scheduler import Scheduler
 from engine.sequence import Request, Sequence, SequenceStatus
 
@@ -276,7 +277,7 @@ class LLMEngine:
         """Queue a prompt (text or token ids); its outputs come from :meth:`step` under ``request_id``."""
         request = self.make_request(request_id, prompt, params)
         if arrival_time is not None:
-            request.metrics.arrival_time = arrival_time
+            request.metrics = replace(request.metrics, arrival_time=arrival_time)
         self.add(request)
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
@@ -345,13 +346,16 @@ class LLMEngine:
         now = time.time()
         outputs = []
         make_output = self.output_processor.make_output
+        final_only = RequestOutputKind.FINAL_ONLY
         for request in dict.fromkeys(seq.request for seq in seqs):  # each once, in batch order
-            metrics = request.metrics
-            metrics.first_token_time = metrics.first_token_time or now
+            if request.metrics.first_token_time is None:
+                request.metrics = replace(request.metrics, first_token_time=now)
             finished = request.finished
             if finished:
-                metrics.finished_time = now
+                request.metrics = replace(request.metrics, finished_time=now)
                 del self.requests[request.request_id]
+            elif request.params.output_kind is final_only:  # no output until it finishes (make_output's rule)
+                continue
             output = make_output(request, finished)
             if output is not None:  # a final-only request has none until it finishes
                 outputs.append(output)

@@ -50,7 +50,11 @@ class OutputProcessor:
             return self._finish(seq, "stop", token, text_upto=count - 1)
         if seq.detokenizer is not None and (p.stop or p.output_kind is not RequestOutputKind.FINAL_ONLY):
             before = len(seq.text)
-            self._detokenize(seq, count)
+            if seq.num_detokenized == count - 1:  # a stream's every step: this token, inline
+                seq.text += seq.detokenizer.push(token)
+                seq.num_detokenized = count
+            else:
+                self._detokenize(seq, count)
             for s in p.stop if may_stop and p.stop else ():
                 cut = seq.text.find(s, max(0, before - len(s) + 1))
                 if cut >= 0:
@@ -63,7 +67,7 @@ class OutputProcessor:
     def _detokenize(seq: Sequence, upto: int) -> None:
         """Append the text of output tokens ``num_detokenized .. upto`` to ``seq.text``."""
         done = seq.num_detokenized
-        if upto == done + 1:  # every step of a stream: one token, no slice
+        if upto == done + 1:
             seq.text += seq.detokenizer.push(seq.output_token_ids[done])
         elif upto > done:
             seq.text += seq.detokenizer.push_many(seq.output_token_ids[done:upto])
@@ -118,7 +122,7 @@ class OutputProcessor:
             finished,
             request.num_cached_tokens or 0,
             prompt_logprobs,
-            request.metrics.snapshot(),  # the request's own keeps changing
+            request.metrics,  # frozen: the engine replaces it when a time is set
         )
 
     def _completion(self, seq: Sequence, params: SamplingParams, delta: bool) -> CompletionOutput:

@@ -85,18 +85,15 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class RequestMetrics:
-    """Wall-clock times (``time.time()``) of a request's life."""
+    """Wall-clock times (``time.time()``) of a request's life. Frozen: the engine replaces a request's metrics when a
+    time is set (three times in its life), so every output can hold the request's current one without a copy."""
 
     arrival_time: float
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
-
-    def snapshot(self) -> RequestMetrics:
-        """A copy that later changes to this one leave alone."""
-        return RequestMetrics(self.arrival_time, self.first_scheduled_time, self.first_token_time, self.finished_time)
 
 
 @dataclass(eq=False)
