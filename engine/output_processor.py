@@ -18,6 +18,9 @@ from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling import RequestOutputKind, SamplingParams
 from engine.sequence import Request, Sequence
 
+# read for every sequence at every step: module constants (an enum member found through its class costs 0.1 us)
+_FINAL_ONLY, _DELTA = RequestOutputKind.FINAL_ONLY, RequestOutputKind.DELTA
+
 
 class OutputProcessor:
     def __init__(self, eos_token_id: int | None) -> None:
@@ -48,7 +51,7 @@ class OutputProcessor:
             return self._finish(seq, "stop", None, text_upto=count - 1)  # EOS adds no text
         if may_stop and p.stop_token_ids and token in p.stop_token_ids:
             return self._finish(seq, "stop", token, text_upto=count - 1)
-        if seq.detokenizer is not None and (p.stop or p.output_kind is not RequestOutputKind.FINAL_ONLY):
+        if seq.detokenizer is not None and (p.stop or p.output_kind is not _FINAL_ONLY):
             before = len(seq.text)
             if seq.num_detokenized == count - 1:  # a stream's every step: this token, inline
                 seq.text += seq.detokenizer.push(token)
@@ -102,9 +105,9 @@ class OutputProcessor:
         kind = params.output_kind
         if finished is None:
             finished = request.finished
-        if kind is RequestOutputKind.FINAL_ONLY and not finished:
+        if kind is _FINAL_ONLY and not finished:
             return None
-        delta = kind is RequestOutputKind.DELTA
+        delta = kind is _DELTA
         prompt_logprobs = None
         if params.prompt_logprobs is not None and not (delta and request.num_outputs):
             prompt_logprobs = list(request.prompt_logprobs)  # a delta stream sends them with its first output

@@ -24,6 +24,11 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
+# Python 3.11 finds an enum member through its class in about 0.15 us, a cost per sequence in a step's loops: the
+# properties below that run for every sequence at every step compare with this module constant instead
+_FINISHED = SequenceStatus.FINISHED
+
+
 @dataclass(eq=False)
 class Sequence:
     """One completion of a request: its tokens, its place in the paged KV cache, and its output so far."""
@@ -82,7 +87,7 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
+        return self.status is _FINISHED
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +121,7 @@ class Request:
     @property
     def finished(self) -> bool:
         for seq in self.seqs:  # a loop, not all(genexpr): asked for every request at every step
-            if seq.status is not SequenceStatus.FINISHED:
+            if seq.status is not _FINISHED:
                 return False
         return True
 
