@@ -24,7 +24,7 @@ def list_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch
 
 def padded_rows(rows: list[list[int]], dtype: torch.dtype, device: torch.device, pad: int = 0) -> torch.Tensor:
     """Rows of different lengths as a ``[len(rows), longest]`` tensor, each row padded with ``pad``."""
-    width = max((len(row) for row in rows), default=0)
+    width = max(map(len, rows), default=0)
     padding = [pad] * width
     flat: list[int] = []
     for row in rows:  # in-place list extends: a third faster than chaining padded copies
