@@ -14,6 +14,7 @@ aborted between any two steps. ``LLM`` is the offline front over it.
 from __future__ import annotations
 
 import itertools
+import operator
 import os
 import time
 from collections.abc import Iterable
@@ -31,7 +32,14 @@ from engine.model import GPT2
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
 from engine.outputs import EngineStats, RequestOutput
-from engine.sampling import RequestOutputKind, Sampler, SamplingParams, seeded_generator, token_logprobs
+from engine.sampling import (
+    RequestOutputKind,
+    Sampler,
+    SamplingBatch,
+    SamplingParams,
+    seeded_generator,
+    token_logprobs,
+)
 from engine.scheduler import Scheduler
 from engine.sequence import Request, Sequence, SequenceStatus
 
@@ -127,6 +135,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv, self.blocks, self.device, static)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, self.max_num_batched_tokens)
         self.sampler = Sampler(self.config.eos_token_id)
+        self._sampling: tuple[list[Sequence], int, SamplingBatch] | None = None  # the last step's, see _sample
         self.output_processor = OutputProcessor(self.config.eos_token_id)
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self._seq_ids = itertools.count()  # unique even across requests made but never added
@@ -333,21 +342,33 @@ class LLMEngine:
         return expanded, logits[list_tensor(rows, torch.int64, logits.device)]
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        params = [seq.params for seq in seqs]
-        tokens, logprobs = self.sampler(logits, params, [seq.generator for seq in seqs], seqs)  # seqs: histories
-        chosen, tops = token_logprobs(logprobs, tokens, [p.logprobs for p in params])
+        batch = self._sampling_batch(seqs, logits.shape[-1])
+        tokens, logprobs = self.sampler.sample(logits, batch, seqs)  # seqs: the histories penalties read
+        chosen, tops = token_logprobs(logprobs, tokens, batch.num_top)
         for seq, token, logprob, top in zip(seqs, tokens.tolist(), chosen, tops):
             self.output_processor.append_token(seq, token, logprob, top)
             if seq.is_finished:
                 self.scheduler.finish(seq)
         self.generation_tokens += len(seqs)
 
+    def _sampling_batch(self, seqs: list[Sequence], vocab: int) -> SamplingBatch:
+        """The sampling parameters of ``seqs``, read again only when the batch is not the previous step's (the
+        same sequences in the same order: most decode steps)."""
+        previous = self._sampling
+        if previous is not None and previous[1] == vocab and len(previous[0]) == len(seqs):
+            if all(map(operator.is_, previous[0], seqs)):
+                return previous[2]
+        params, generators = [seq.params for seq in seqs], [seq.generator for seq in seqs]
+        batch = SamplingBatch.of(params, generators, vocab, self.device)
+        self._sampling = (seqs, vocab, batch)  # the sequences kept alive: no new one can take an old one's id
+        return batch
+
     def _outputs(self, seqs: list[Sequence]) -> list[RequestOutput]:
         now = time.time()
         outputs = []
         make_output = self.output_processor.make_output
         final_only = RequestOutputKind.FINAL_ONLY
-        for request in dict.fromkeys(seq.request for seq in seqs):  # each once, in batch order
+        for request in dict.fromkeys([seq.request for seq in seqs]):  # each once, in batch order
             if request.metrics.first_token_time is None:
                 request.metrics = replace(request.metrics, first_token_time=now)
             finished = request.finished

@@ -84,16 +84,17 @@ def test_part_build_tensors(benchmark, engine_256):
 
 @pytest.mark.benchmark(group="step parts at 256 sequences (sampled)")
 def test_part_sample(benchmark, engine_256):
-    """The sampler and the chosen tokens' log-probs, as ``LLMEngine._sample`` calls them."""
+    """The sampler and the chosen tokens' log-probs, as ``LLMEngine._sample`` calls them (the batch's sampling
+    parameters read once, as for the same sequences step after step)."""
     from engine.sampling import token_logprobs
 
     seqs = list(engine_256.scheduler.running)
     logits = engine_256.runner.model.table[: len(seqs)]  # what the stub forward returns
-    params, gens = [s.params for s in seqs], [s.generator for s in seqs]
 
     def sample():
-        tokens, logprobs = engine_256.sampler(logits, params, gens, seqs)
-        return token_logprobs(logprobs, tokens, [p.logprobs for p in params])
+        batch = engine_256._sampling_batch(seqs, logits.shape[-1])
+        tokens, logprobs = engine_256.sampler.sample(logits, batch, seqs)
+        return token_logprobs(logprobs, tokens, batch.num_top)
 
     chosen, _ = sample()
     assert len(chosen) == 256

@@ -280,6 +280,29 @@ def test_step_outputs_metrics_and_stats(checkpoint):
     assert_engine_empty(eng)
 
 
+def test_a_batchs_sampling_parameters_are_kept_while_its_sequences_are_the_same(checkpoint):
+    """The engine reads a batch's sampling parameters once per composition: the same sequences in the same order
+    give the same ``SamplingBatch``; another order, a sequence replaced or one fewer give a new one, read from the
+    sequences' own parameters."""
+    eng = engine(checkpoint, max_num_seqs=4)
+    temperatures = random.sample([0.3, 0.5, 0.7, 0.9, 1.1], 4)
+    for i, t in enumerate(temperatures):
+        eng.add_request(str(i), random_ids(5), SamplingParams(max_tokens=4, temperature=t, top_p=0.9))
+    eng.step()
+    seqs = list(eng.scheduler.running)
+    V = eng.config.vocab_size
+    batch = eng._sampling_batch(seqs, V)
+    assert eng._sampling_batch(list(seqs), V) is batch
+    assert batch.temperatures.tolist() == pytest.approx([seq.params.temperature for seq in seqs])
+    other = eng.make_request("x", random_ids(3), SamplingParams(temperature=0.0))
+    for changed in (seqs[::-1], seqs[:3], seqs[:3] + other.seqs):
+        new = eng._sampling_batch(changed, V)
+        assert new is not batch
+        want = [seq.params.temperature or 1.0 for seq in changed]  # greedy rows divide by 1
+        assert new.temperatures.tolist() == pytest.approx(want)
+        batch = new
+
+
 def test_llm_is_a_front_over_the_engine(checkpoint):
     llm = LLM(str(checkpoint), backend="torch", dtype="float32", device="cpu", block_size=BLOCK, progress=False)
     assert isinstance(llm.llm_engine, LLMEngine)

@@ -53,23 +53,23 @@ def test_frequency_penalty_cuts_greedy_repeats_with_the_engine_feeding_output_co
     free = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
     penalized = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True, frequency_penalty=2.0,
                                presence_penalty=random.uniform(-0.5, 0.5))  # fmt: skip
-    engine = llm.llm_engine
-    sampler, steps = engine.sampler, []
+    sampler, steps = llm.llm_engine.sampler, []
+    sample = sampler.sample
 
-    def recording(logits, params, generators, histories):
+    def recording(logits, batch, histories):
         snapshot = [(list(h.prompt_token_ids), list(h.output_token_ids)) for h in histories]
         raw = logits.clone()
-        tokens, logprobs = sampler(logits, params, generators, histories)
-        steps.append((raw, params, snapshot, tokens))
+        tokens, logprobs = sample(logits, batch, histories)
+        steps.append((raw, batch.params, snapshot, tokens))
         return tokens, logprobs
 
-    engine.sampler = recording
+    sampler.sample = recording
     try:
         base = generate(llm, prompts, free)
         steps.clear()
         outs = generate(llm, prompts, [penalized, free, penalized, free])  # rows without penalties mixed in
     finally:
-        engine.sampler = sampler
+        del sampler.sample
     assert sum(repeats(base[i].token_ids) for i in (0, 2)) > 0, "the greedy runs never repeated: nothing to cut"
     assert sum(repeats(outs[i].token_ids) for i in (0, 2)) < sum(repeats(base[i].token_ids) for i in (0, 2))
     assert [outs[i].token_ids for i in (1, 3)] == [base[i].token_ids for i in (1, 3)]
