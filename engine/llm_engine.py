@@ -135,7 +135,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv, self.blocks, self.device, static)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, self.max_num_batched_tokens)
         self.sampler = Sampler(self.config.eos_token_id)
-        self._sampling: tuple[list[Sequence], int, SamplingBatch] | None = None  # the last step's, see _sample
+        self._last_sampling: tuple[list[Sequence], int, SamplingBatch] | None = None  # the last step's, see _sample
         self.output_processor = OutputProcessor(self.config.eos_token_id)
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self._seq_ids = itertools.count()  # unique even across requests made but never added
@@ -354,13 +354,13 @@ class LLMEngine:
     def _sampling_batch(self, seqs: list[Sequence], vocab: int) -> SamplingBatch:
         """The sampling parameters of ``seqs``, read again only when the batch is not the previous step's (the
         same sequences in the same order: most decode steps)."""
-        previous = self._sampling
+        previous = self._last_sampling
         if previous is not None and previous[1] == vocab and len(previous[0]) == len(seqs):
             if all(map(operator.is_, previous[0], seqs)):
                 return previous[2]
         params, generators = [seq.params for seq in seqs], [seq.generator for seq in seqs]
         batch = SamplingBatch.of(params, generators, vocab, self.device)
-        self._sampling = (seqs, vocab, batch)  # the sequences kept alive: no new one can take an old one's id
+        self._last_sampling = (seqs, vocab, batch)  # the sequences kept alive: no new one can take an old one's id
         return batch
 
     def _outputs(self, seqs: list[Sequence]) -> list[RequestOutput]:
@@ -375,11 +375,9 @@ class LLMEngine:
             if finished:
                 request.metrics = replace(request.metrics, finished_time=now)
                 del self.requests[request.request_id]
-            elif request.params.output_kind is final_only:  # no output until it finishes (make_output's rule)
+            elif request.params.output_kind is final_only:  # no output until it finishes
                 continue
-            output = make_output(request, finished)
-            if output is not None:  # a final-only request has none until it finishes
-                outputs.append(output)
+            outputs.append(make_output(request, finished))
         return outputs
 
     def get_stats(self) -> EngineStats:

@@ -69,14 +69,9 @@ class OutputProcessor:
     @staticmethod
     def _detokenize(seq: Sequence, upto: int) -> None:
         """Append the text of output tokens ``num_detokenized .. upto`` to ``seq.text``."""
-        done = seq.num_detokenized
-        if upto == done + 1:
-            seq.text += seq.detokenizer.push(seq.output_token_ids[done])
-        elif upto > done:
-            seq.text += seq.detokenizer.push_many(seq.output_token_ids[done:upto])
-        else:
-            return
-        seq.num_detokenized = upto
+        if upto > seq.num_detokenized:
+            seq.text += seq.detokenizer.push_many(seq.output_token_ids[seq.num_detokenized : upto])
+            seq.num_detokenized = upto
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None, text_upto: int | None) -> None:
         """End ``seq``; its text takes the output tokens before ``text_upto`` and the bytes of an unfinished

@@ -414,37 +414,31 @@ class SamplingBatch:
         cls, params: list[SamplingParams], generators: list[torch.Generator | None], vocab: int, device: torch.device
     ) -> SamplingBatch:
         greedy = [p.temperature == 0.0 for p in params]  # p.greedy, without a property call per row
-        sampled = not all(greedy)
-        temperatures = greedy_rows = truncated_rows = top_k = top_p = None
-        truncated: list[int] = []
-        width = vocab
-        if sampled:
-            temps = [1.0 if g else p.temperature for p, g in zip(params, greedy)]
-            temperatures = list_tensor(temps, torch.float32, device)
-            greedy_rows = list_tensor(greedy, torch.bool, device) if any(greedy) else None
-            # only these rows: one row without top-k would make the sort take every row's whole width
-            truncated = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1.0]
-        if truncated:
-            if any(params[i].top_k > 0 for i in truncated):
-                ks = [min(params[i].top_k, vocab) if params[i].top_k > 0 else vocab for i in truncated]
-                width = max(ks)
-                top_k = list_tensor(ks, torch.int64, device) if min(ks) < vocab else None
-            top_p = list_tensor([params[i].top_p for i in truncated], torch.float32, device)
-            if len(truncated) < len(params):
-                truncated_rows = list_tensor(truncated, torch.int64, device)
-        return cls(
-            params,
-            any(p.modifies_logits for p in params),
-            temperatures,
-            greedy_rows,
-            truncated,
-            truncated_rows,
-            top_k,
-            width,
-            top_p,
-            [(i, g) for i, g in enumerate(generators) if g is not None] if sampled else [],
-            [p.logprobs for p in params],
-        )
+        modifies, num_top = any(p.modifies_logits for p in params), [p.logprobs for p in params]
+        if all(greedy):
+            return cls(params, modifies, None, None, [], None, None, vocab, None, [], num_top)
+        temperatures = list_tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32, device)
+        greedy_rows = list_tensor(greedy, torch.bool, device) if any(greedy) else None
+        # only these rows: one row without top-k would make the sort take every row's whole width
+        truncated = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1.0]
+        truncated_rows = list_tensor(truncated, torch.int64, device) if 0 < len(truncated) < len(params) else None
+        top_k, width, top_p = _truncation([params[i] for i in truncated], vocab, device)
+        seeded = [(i, g) for i, g in enumerate(generators) if g is not None]
+        return cls(params, modifies, temperatures, greedy_rows, truncated, truncated_rows, top_k, width, top_p, seeded,
+                   num_top)  # fmt: skip
+
+
+def _truncation(params: list[SamplingParams], vocab: int, device: torch.device):
+    """``(top_k, width, top_p)`` of the rows that truncate, as :func:`truncate` takes them (``top_k`` None when no
+    row keeps fewer than ``vocab``; all None and ``vocab`` when no row truncates)."""
+    if not params:
+        return None, vocab, None
+    top_k, width = None, vocab
+    if any(p.top_k > 0 for p in params):
+        ks = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
+        width = max(ks)
+        top_k = list_tensor(ks, torch.int64, device) if min(ks) < vocab else None
+    return top_k, width, list_tensor([p.top_p for p in params], torch.float32, device)
 
 
 class Sampler:
