@@ -375,7 +375,7 @@ class LLMEngine:
             if finished:
                 request.metrics = replace(request.metrics, finished_time=now)
                 del self.requests[request.request_id]
-            elif request.params.output_kind is final_only:  # no output until it finishes
+            elif request.params.output_kind is final_only:  # a final-only request's one output is its last
                 continue
             outputs.append(make_output(request, finished))
         return outputs

@@ -89,20 +89,15 @@ class OutputProcessor:
         hold = max(len(s) for s in seq.params.stop) - 1
         return seq.text[: max(len(seq.text) - hold, 0)]
 
-    def make_output(self, request: Request, finished: bool | None = None) -> RequestOutput | None:
-        """The request's output for this step, as its ``output_kind`` asks: everything so far, what is new since its
-        previous output, or (final-only) nothing until it finishes. One completion per sample. ``finished``: whether
-        the request is, when the caller knows it.
+    def make_output(self, request: Request, finished: bool) -> RequestOutput:
+        """The request's output for this step, as its ``output_kind`` asks: everything so far, or what is new since
+        its previous output (the caller asks for a final-only request's once, when it finishes). One completion per
+        sample. ``finished``: whether the request is.
 
         It runs for every streamed request at every step: its objects are built from positional arguments (keyword
         arguments cost twice as much) and a delta's lists are slices of what is new only."""
         params = request.params
-        kind = params.output_kind
-        if finished is None:
-            finished = request.finished
-        if kind is _FINAL_ONLY and not finished:
-            return None
-        delta = kind is _DELTA
+        delta = params.output_kind is _DELTA
         prompt_logprobs = None
         if params.prompt_logprobs is not None and not (delta and request.num_outputs):
             prompt_logprobs = list(request.prompt_logprobs)  # a delta stream sends them with its first output

@@ -401,11 +401,10 @@ class SamplingBatch:
     modifies_logits: bool  # some row has a logit bias, min_tokens or a penalty: process_logits runs
     temperatures: torch.Tensor | None  # [B] fp32, 1 for greedy rows; None when every row is greedy
     greedy_rows: torch.Tensor | None  # [B] bool, when greedy rows and sampled rows mix
-    truncated: list[int]  # rows with top-k or top-p
-    truncated_rows: torch.Tensor | None  # ``truncated`` as an index, when it is not every row
+    truncated_rows: torch.Tensor | None  # the rows with top-k or top-p, when they are not every row
     top_k: torch.Tensor | None  # per truncated row, in [1, V]; None when no row keeps fewer than V
     width: int  # max(top_k), or V
-    top_p: torch.Tensor | None  # per truncated row
+    top_p: torch.Tensor | None  # per truncated row; None when no row truncates
     seeded: list[tuple[int, torch.Generator]]  # rows drawing from their own generator
     num_top: list[int | None]  # each row's ``logprobs`` (alternatives asked for)
 
@@ -416,7 +415,7 @@ class SamplingBatch:
         greedy = [p.temperature == 0.0 for p in params]  # p.greedy, without a property call per row
         modifies, num_top = any(p.modifies_logits for p in params), [p.logprobs for p in params]
         if all(greedy):
-            return cls(params, modifies, None, None, [], None, None, vocab, None, [], num_top)
+            return cls(params, modifies, None, None, None, None, vocab, None, [], num_top)
         temperatures = list_tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32, device)
         greedy_rows = list_tensor(greedy, torch.bool, device) if any(greedy) else None
         # only these rows: one row without top-k would make the sort take every row's whole width
@@ -424,8 +423,7 @@ class SamplingBatch:
         truncated_rows = list_tensor(truncated, torch.int64, device) if 0 < len(truncated) < len(params) else None
         top_k, width, top_p = _truncation([params[i] for i in truncated], vocab, device)
         seeded = [(i, g) for i, g in enumerate(generators) if g is not None]
-        return cls(params, modifies, temperatures, greedy_rows, truncated, truncated_rows, top_k, width, top_p, seeded,
-                   num_top)  # fmt: skip
+        return cls(params, modifies, temperatures, greedy_rows, truncated_rows, top_k, width, top_p, seeded, num_top)
 
 
 def _truncation(params: list[SamplingParams], vocab: int, device: torch.device):
@@ -482,7 +480,7 @@ class Sampler:
         if batch.truncated_rows is not None:
             rows = batch.truncated_rows
             scaled[rows] = truncate(scaled[rows], batch.top_k, batch.top_p, batch.width)
-        elif batch.truncated:
+        elif batch.top_p is not None:  # every row truncates
             scaled = truncate(scaled, batch.top_k, batch.top_p, batch.width)
         probs = scaled.softmax(dim=-1)
         noise = exponential_(torch.empty_like(probs))  # one draw for the rows of unseeded requests
