@@ -1,8 +1,8 @@
 """Sampling parameters (vLLM's names and meanings) and the batched sampler.
 
 The sampler draws with the exponential-race trick (``argmax(probs / Exponential(1))``, as gpt-fast and
-nano-vllm do): it needs no host sync, and because each seeded request draws its noise from its own
-``torch.Generator``, its samples do not depend on what else is in the batch or where it sits.
+nano-vllm do; see :mod:`engine.race`): it needs no host sync, and because each seeded request draws its noise from
+its own ``torch.Generator``, its samples do not depend on what else is in the batch or where it sits.
 
 Before that, :func:`process_logits` applies the per-request logit changes (``logit_bias``, the ``min_tokens``
 mask, the repetition, frequency and presence penalties): each is one indexed tensor op for the whole batch over the
@@ -26,6 +26,7 @@ except ImportError:
     np = None
 
 from engine.host_tensors import list_tensor
+from engine.race import race, row_argmax
 
 MAX_LOGPROBS = 20  # most alternatives a request may ask for per token (vLLM's default limit)
 MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2] (OpenAI's range)
@@ -320,12 +321,13 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     """
     V = logits.shape[-1]
     k = torch.where(top_k > 0, top_k, V).clamp(max=V)
-    return truncate(logits, k, top_p, int(k.max()))
+    return logits.where(kept_tokens(logits, k, top_p, int(k.max())), float("-inf"))
 
 
-def truncate(logits: torch.Tensor, k: torch.Tensor | None, top_p: torch.Tensor, width: int) -> torch.Tensor:
-    """:func:`filter_logits` with the top-k bounds known: ``k`` [B] in [1, V] (None: no row uses top-k) and
-    ``width = max(k)`` (V without top-k), so that the caller's host lists spare a device sync.
+def kept_tokens(logits: torch.Tensor, k: torch.Tensor | None, top_p: torch.Tensor, width: int) -> torch.Tensor:
+    """The mask ``[B, V]`` of the tokens :func:`filter_logits` keeps, with the top-k bounds known: ``k`` [B] in
+    [1, V] (None: no row uses top-k) and ``width = max(k)`` (V without top-k), so that the caller's host lists spare
+    a device sync.
 
     Each row's ``width`` largest logits are sorted; the kept ones are the first ``k`` of them, then the smallest
     prefix whose mass reaches ``top_p`` (the token that crosses it included). The sort gives values only: the kept
@@ -353,10 +355,9 @@ def truncate(logits: torch.Tensor, k: torch.Tensor | None, top_p: torch.Tensor, 
     if logits.device.type == "cpu" and width == V:  # a host check costs nothing here: are all tied tokens kept?
         tied = torch.searchsorted(ascending, cut.neg(), side="right") - above
         if bool((tied == quota).all()):
-            return logits.where(at_least, float("-inf"))
+            return at_least
     tied = logits == cut
-    kept = at_least & ~(tied & (tied.cumsum(dim=-1) > quota))
-    return logits.where(kept, float("-inf"))
+    return at_least & ~(tied & (tied.cumsum(dim=-1) > quota))
 
 
 def _largest(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -369,24 +370,6 @@ def _largest(x: torch.Tensor, width: int) -> torch.Tensor:
     if width < V:
         return x.topk(width, dim=-1).values
     return x.sort(dim=-1, descending=True).values
-
-
-def exponential_(out: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Fill ``out`` with Exponential(1) draws for the race, in place: ``Tensor.exponential_`` on a GPU, ``-log(u)``
-    of float32 uniforms on the CPU, where PyTorch's ``exponential_`` draws each value alone in float64 and takes four
-    times as long at [256, 128]. ``u`` is a multiple of 2**-24 in [0, 1): ``u = 0`` (one draw in 16 million) gives
-    ``inf``, whose token cannot win the race."""
-    if out.device.type != "cpu":
-        return out.exponential_(generator=generator)
-    return out.uniform_(generator=generator).log_().neg_()
-
-
-def row_argmax(x: torch.Tensor) -> torch.Tensor:
-    """``x.argmax(dim=-1)`` of a 2-D tensor (the first of equal maxima; NaN counts as the largest, as in torch). On
-    the CPU numpy's vectorized argmax is six times faster than torch's at [256, 128]."""
-    if np is not None and x.device.type == "cpu":
-        return torch.from_numpy(x.numpy().argmax(axis=-1))
-    return x.argmax(dim=-1)
 
 
 @dataclass
@@ -477,16 +460,20 @@ class Sampler:
         if batch.temperatures is None:  # every row is greedy
             return row_argmax(logits), logprobs
         scaled = logits / batch.temperatures[:, None]
-        if batch.truncated_rows is not None:
-            rows = batch.truncated_rows
-            scaled[rows] = truncate(scaled[rows], batch.top_k, batch.top_p, batch.width)
-        elif batch.top_p is not None:  # every row truncates
-            scaled = truncate(scaled, batch.top_k, batch.top_p, batch.width)
-        probs = scaled.softmax(dim=-1)
-        noise = exponential_(torch.empty_like(probs))  # one draw for the rows of unseeded requests
-        for i, generator in batch.seeded:  # a seeded request's row comes from its own stream, whatever the batch
-            exponential_(noise[i], generator=generator)
-        sampled = row_argmax(probs / noise)
+        sampled = race(scaled, _kept(scaled, batch), batch.seeded)
         if batch.greedy_rows is None:
             return sampled, logprobs
         return torch.where(batch.greedy_rows, row_argmax(logits), sampled), logprobs
+
+
+def _kept(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor | None:
+    """The tokens each row may sample ``[B, V]`` (its top-k / top-p set; every token in a row that doesn't
+    truncate), or None when no row truncates."""
+    if batch.top_p is None:
+        return None
+    rows = batch.truncated_rows
+    if rows is None:  # every row truncates
+        return kept_tokens(scaled, batch.top_k, batch.top_p, batch.width)
+    kept = torch.ones_like(scaled, dtype=torch.bool)
+    kept[rows] = kept_tokens(scaled[rows], batch.top_k, batch.top_p, batch.width)
+    return kept

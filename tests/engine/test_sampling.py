@@ -1,10 +1,9 @@
-"""Sampling: parameter validation, top-k / top-p masks (ties included), the sampler's distribution and its noise,
-the logit processing (bias, min_tokens, penalties) against a per-row float64 reference, and min_tokens in the stop
-conditions."""
+"""Sampling: parameter validation, top-k / top-p masks (ties included), greedy rows and logprobs, the logit
+processing (bias, min_tokens, penalties) against a per-row float64 reference, and min_tokens in the stop conditions.
+The race that draws the sampled tokens: ``test_race.py``."""
 
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 
 from engine import sampling
 from engine.output_processor import OutputProcessor
-from engine.sampling import Sampler, SamplingParams, exponential_, filter_logits, process_logits
+from engine.sampling import Sampler, SamplingParams, filter_logits, process_logits
 from engine.sequence import Request, Sequence
 from tests.helpers import History, reference_processed, rel_err
 
@@ -146,68 +145,6 @@ def test_filter_logits_breaks_ties_by_token_id(V):
         assert lo <= len(kept) <= hi
         if p == 1.0 and k:
             assert len(kept) == min(k, V)
-
-
-@pytest.mark.parametrize("shape", [(1, 7), (3, 4099), (2, 50257)])
-@pytest.mark.parametrize("seeded", [False, True])
-def test_exponential_noise_is_minus_log_of_the_generators_uniforms(shape, seeded):
-    """The race's noise on the CPU is ``-log(u)`` of the float32 uniforms the same generator gives (computed here in
-    float64), for a whole batch and for one row of it (a seeded request's row), and leaves the generator where
-    those uniforms leave it, so seeded requests keep their samples whatever the batch."""
-    seed = random.randrange(1 << 31)
-    want_gen = torch.Generator().manual_seed(seed) if seeded else None
-    got_gen = torch.Generator().manual_seed(seed) if seeded else None
-    torch.manual_seed(seed)
-    want = torch.empty(shape).uniform_(generator=want_gen).double().log().neg()
-    want_next = torch.rand(3, generator=want_gen)
-    torch.manual_seed(seed)
-    got = exponential_(torch.full(shape, float("nan")), generator=got_gen)
-    assert got.dtype == torch.float32 and (got > 0).all()
-    assert torch.allclose(got.double(), want, rtol=2e-7, atol=0)
-    assert torch.equal(torch.rand(3, generator=got_gen), want_next)
-    rows = torch.full((3, shape[-1]), float("nan"))
-    torch.manual_seed(seed)
-    exponential_(rows[1], generator=got_gen)
-    torch.manual_seed(seed)
-    u = torch.empty(shape[-1]).uniform_(generator=want_gen)  # where got_gen stood: both drew the same so far
-    assert torch.allclose(rows[1].double(), u.double().log().neg(), rtol=2e-7, atol=0)
-    assert rows[0].isnan().all() and rows[2].isnan().all()
-
-
-def test_exponential_noise_has_the_exponential_distribution():
-    """200k draws: the mean is 1 and P(E > t) is exp(-t) at a few points, each within 5 standard errors."""
-    n = 200_000
-    generator = torch.Generator().manual_seed(random.randrange(1 << 31))
-    draws = exponential_(torch.full((4, n // 4), float("nan")), generator=generator)
-    assert abs(draws.double().mean().item() - 1.0) < 5 / n**0.5  # Exp(1) has standard deviation 1
-    for t in (0.01, 0.5, 1.0, 3.0, 8.0):
-        p = math.exp(-t)
-        assert abs((draws > t).double().mean().item() - p) < 5 * (p * (1 - p) / n) ** 0.5
-
-
-def test_sampler_draws_from_the_filtered_distribution():
-    """Empirical frequencies of 20k seeded draws match softmax(logits / T) over the top-k set."""
-    V, draws, T, k = 12, 20000, 0.7, 5
-    logits = torch.randn(V) * 2
-    params = [SamplingParams(temperature=T, top_k=k)] * draws
-    gen = torch.Generator().manual_seed(random.randrange(1 << 30))
-    # one generator shared by all rows is fine here: we test the distribution, not independence
-    tokens, _ = Sampler()(logits.expand(draws, V).clone(), params, [gen] * draws)
-    top = logits.topk(k).indices
-    want = torch.zeros(V)
-    want[top] = (logits[top] / T).softmax(-1)
-    freq = torch.bincount(tokens, minlength=V).float() / draws
-    assert set(torch.nonzero(freq).flatten().tolist()) <= set(top.tolist())
-    assert (freq - want).abs().max() < 0.02  # ~4 sigma at 20k draws
-
-
-def test_row_argmax_is_torchs_argmax():
-    """numpy's argmax on the CPU picks what torch's does: the first of tied maxima (small integers make many), a NaN
-    over any number, on contiguous rows and on a transposed view."""
-    x = torch.randint(0, 4, (random.randint(50, 300), random.randint(2, 130))).float()
-    x[random.randrange(x.shape[0]), random.randrange(x.shape[1])] = float("nan")
-    assert torch.equal(sampling.row_argmax(x), x.argmax(dim=-1))
-    assert torch.equal(sampling.row_argmax(x.T), x.T.argmax(dim=-1))
 
 
 def test_greedy_rows_take_the_argmax_and_logprobs_are_normalized():
