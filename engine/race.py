@@ -65,7 +65,7 @@ def device_race(scaled: torch.Tensor, kept: torch.Tensor | None, seeded: Seeded)
 
 def host_race(scaled: torch.Tensor, kept: torch.Tensor | None, seeded: Seeded) -> torch.Tensor:
     """:func:`race` with numpy on the CPU, noise for the kept tokens only; a seeded row draws one value per kept
-    token, in token order. Every row keeps at least one token (top-k and top-p always keep the most likely).
+    token, in token order. Top-k and top-p keep at least the most likely token of a row with finite logits.
 
     Each row's candidates go into a ``[B, most kept]`` table of keys padded with -inf, whose row argmax names the
     winner."""
@@ -76,6 +76,10 @@ def host_race(scaled: torch.Tensor, kept: torch.Tensor | None, seeded: Seeded) -
     flat = np.flatnonzero(kept.numpy())  # row by row, each row's kept tokens in id order
     rows = flat // V
     counts = np.bincount(rows, minlength=B)
+    if not counts.all():  # a row kept nothing (NaN logits): its first token stands alone, as the device race picks
+        kept = kept.clone()
+        kept[torch.from_numpy(counts == 0), 0] = True
+        return host_race(scaled, kept, seeded)
     starts = np.cumsum(counts) - counts
     noise = _noise(len(flat), [(starts[i], counts[i], generator) for i, generator in seeded])
     table = np.full((B, int(counts.max())), -np.inf, dtype=np.float32)

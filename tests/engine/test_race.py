@@ -12,7 +12,7 @@ import torch
 
 from engine import race
 from engine.race import exponential_
-from engine.sampling import Sampler, SamplingParams
+from engine.sampling import Sampler, SamplingParams, filter_logits
 
 
 @pytest.fixture(params=["host", "device"])
@@ -150,3 +150,20 @@ def test_seeded_rows_sample_the_same_alone_and_in_any_batch(path):
         (gen,) = generators([i])
         alone = [sampler(logits[s, i : i + 1].clone(), [params[i]], [gen])[0].item() for s in range(4)]
         assert in_batch[:, i].tolist() == alone, params[i]
+
+
+def test_a_row_of_bad_logits_leaves_the_others_sampling(path):
+    """A row of NaN, inf or -inf logits (a broken checkpoint's) gets some token; the batch's other rows still sample
+    from their own kept sets."""
+    V = random.randint(8, 64)
+    logits = torch.randn(6, V) * 3
+    bad = random.sample(range(6), 3)
+    for row, value in zip(bad, [float("nan"), float("inf"), float("-inf")]):
+        logits[row] = value
+    top_k = random.choice([0, 3])
+    params = [SamplingParams(temperature=0.8, top_p=0.5, top_k=top_k)] * 6
+    tokens, _ = Sampler()(logits.clone(), params, [None] * 6)
+    assert ((tokens >= 0) & (tokens < V)).all()
+    kept = filter_logits(logits / 0.8, torch.full((6,), top_k), torch.full((6,), 0.5)).isfinite()
+    for row in set(range(6)) - set(bad):
+        assert kept[row, tokens[row]]
