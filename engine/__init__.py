@@ -9,7 +9,7 @@ from engine.llm import LLM
 from engine.llm_engine import LLMEngine
 from engine.outputs import CompletionOutput, EngineStats, RequestOutput, ScoreOutput, StreamDelta
 from engine.pipeline import pipeline, set_seed
-from engine.sampling import RequestOutputKind, SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 
 __all__ = [
     "LLM",

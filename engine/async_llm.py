@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from engine.llm_engine import LLMEngine, Prompt
 from engine.outputs import EngineStats, RequestOutput
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 from engine.sequence import Request
 
 logger = logging.getLogger("gpt2_triton.engine")

@@ -32,7 +32,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from engine.llm import LLM
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 
 DEFAULT_MAX_GEN_TOKS = 256  # the hf backend's default
 # generation kwargs a task may set, beyond until / max_gen_toks / do_sample / temperature (lm-eval's names)

@@ -13,7 +13,7 @@ import torch
 from engine.llm_engine import LLMEngine, Prompt
 from engine.outputs import RequestOutput, ScoreOutput, StreamDelta
 from engine.progress import progress_bar
-from engine.sampling import RequestOutputKind, SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:

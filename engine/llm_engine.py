@@ -32,14 +32,8 @@ from engine.model import GPT2
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
 from engine.outputs import EngineStats, RequestOutput
-from engine.sampling import (
-    RequestOutputKind,
-    Sampler,
-    SamplingBatch,
-    SamplingParams,
-    seeded_generator,
-    token_logprobs,
-)
+from engine.sampling import Sampler, SamplingBatch, seeded_generator, token_logprobs
+from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Request, Sequence, SequenceStatus
 

@@ -15,7 +15,7 @@ server request ask for). A final-only request without stop strings is detokenize
 from __future__ import annotations
 
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.sampling import RequestOutputKind, SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.sequence import Request, Sequence
 
 # read for every sequence at every step: module constants (an enum member found through its class costs 0.1 us)

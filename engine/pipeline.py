@@ -14,7 +14,7 @@ import random
 import torch
 
 from engine.llm import LLM
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 
 # GPT-2's generation_config.json / task_specific_params["text-generation"]: sample, top-k 50, 50 tokens in all.
 DEFAULT_MAX_LENGTH = 50

@@ -163,7 +163,7 @@ _seq_ids = itertools.count()
 
 def make_sequence(token_ids: list[int], max_tokens: int = 16, n: int = 1, request_id: str = "r"):
     """A request's first sequence (for block-manager and scheduler tests, no model); samples 1..n-1 wait to fork."""
-    from engine.sampling import SamplingParams
+    from engine.sampling_params import SamplingParams
     from engine.sequence import Request, Sequence, SequenceStatus
 
     request = Request(request_id, None, list(token_ids), SamplingParams(max_tokens=max_tokens, n=n), detokenize=False)
@@ -224,7 +224,7 @@ def assert_engine_empty(eng) -> None:
 
 @dataclass
 class History:
-    """What the sampler reads of a sequence (``engine.sampling.TokenHistory``)."""
+    """What the sampler reads of a sequence (``engine.logits_processing.TokenHistory``)."""
 
     prompt_token_ids: list[int]
     output_token_ids: list[int] = field(default_factory=list)

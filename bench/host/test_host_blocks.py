@@ -9,7 +9,7 @@ import random
 import pytest
 
 from engine.block_manager import BlockManager
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 from engine.sequence import Request, Sequence
 
 BLOCK_SIZE = 16

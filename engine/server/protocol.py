@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions API
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from engine.async_llm import AsyncLLM
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.sampling import RequestOutputKind
+from engine.sampling_params import RequestOutputKind
 from engine.sequence import Request
 from engine.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingFields
 

@@ -12,7 +12,8 @@ import torch
 
 from engine import race
 from engine.race import exponential_
-from engine.sampling import Sampler, SamplingParams, filter_logits
+from engine.sampling import Sampler, filter_logits
+from engine.sampling_params import SamplingParams
 
 
 @pytest.fixture(params=["host", "device"])

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from engine import sampling
+from engine.logits_processing import process_logits
 from engine.output_processor import OutputProcessor
-from engine.sampling import Sampler, SamplingParams, filter_logits, process_logits
+from engine.sampling import Sampler, filter_logits
+from engine.sampling_params import SamplingParams
 from engine.sequence import Request, Sequence
 from tests.helpers import History, reference_processed, rel_err
 

@@ -1,0 +1,123 @@
+"""The per-request logit changes, applied before sampling (vLLM's order): ``logit_bias``, the ``min_tokens`` mask,
+the repetition, frequency and presence penalties. Each is one indexed tensor op for the whole batch over the
+(row, token) pairs it touches, and runs only when some row of the batch asks for it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+import torch
+
+from engine.sampling_params import SamplingParams
+
+
+class TokenHistory(Protocol):
+    """A sequence's tokens so far, as the penalties and ``min_tokens`` need them (``Sequence`` is one)."""
+
+    @property
+    def prompt_token_ids(self) -> list[int]: ...
+
+    @property
+    def output_token_ids(self) -> list[int]: ...
+
+
+def _occurrences(
+    rows: list[int], token_lists: list[Iterable[int]], per_row: list[list[float]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every token occurrence in ``token_lists[j]`` as the index pair (``rows[j]``, token), with each per-row value
+    ``per_row[k][j]`` repeated for row ``j``'s occurrences: ``(row_index [N], token_index [N], values [K, N])`` on
+    ``device``, built on the host and copied in two transfers."""
+    token_lists = [list(ids) for ids in token_lists]
+    which = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor([len(ids) for ids in token_lists]))
+    tokens = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.long)
+    index = torch.stack([torch.tensor(rows, dtype=torch.long)[which], tokens]).to(device)
+    values = torch.tensor(per_row, dtype=torch.float32)[:, which].to(device)
+    return index[0], index[1], values
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: list[int], biases: list[dict[int, float]]) -> None:
+    """In place: add ``biases[j][t]`` to ``logits[rows[j], t]``, all rows in one indexed add."""
+    row_ids = [i for i, bias in zip(rows, biases) for _ in bias]
+    tokens = [t for bias in biases for t in bias]
+    values = torch.tensor([v for bias in biases for v in bias.values()], dtype=logits.dtype)
+    index = torch.tensor([row_ids, tokens], device=logits.device)
+    logits.index_put_((index[0], index[1]), values.to(logits.device), accumulate=True)
+
+
+def mask_tokens(logits: torch.Tensor, rows: list[int], tokens: list[list[int]]) -> None:
+    """In place: ``logits[rows[j], t] = -inf`` for every ``t`` in ``tokens[j]`` (ids past the vocabulary, which can
+    never be sampled, are skipped)."""
+    V = logits.shape[-1]
+    pairs = [(i, t) for i, ids in zip(rows, tokens) for t in ids if t < V]
+    if pairs:
+        index = torch.tensor(pairs, device=logits.device).T
+        logits.index_put_((index[0], index[1]), torch.tensor(float("-inf"), device=logits.device))
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, rows: list[int], token_lists: list[Iterable[int]], penalties: list[float]
+) -> None:
+    """CTRL's penalty in place: in row ``rows[j]``, each token of ``token_lists[j]`` has a positive logit divided by
+    ``penalties[j]``, a negative one multiplied by it. A token listed twice is gathered before any write and
+    written the same value twice, so it is penalized once."""
+    r, t, (p,) = _occurrences(rows, token_lists, [penalties], logits.device)
+    v = logits[r, t]
+    logits[r, t] = torch.where(v > 0, v / p, v * p).to(logits.dtype)
+
+
+def apply_frequency_presence(
+    logits: torch.Tensor,
+    rows: list[int],
+    token_lists: list[Iterable[int]],
+    frequency: list[float],
+    presence: list[float],
+) -> None:
+    """In place, OpenAI's penalties: row ``rows[j]`` loses ``frequency[j] * count + presence[j] * (count > 0)`` on
+    each token, ``count`` being its occurrences in ``token_lists[j]``. Sparse (work per occurrence, not per
+    vocabulary entry) and without a host sync: the frequency term is an accumulating indexed add of ``-f`` per
+    occurrence, the presence term a gather then a write that duplicates repeat identically."""
+    r, t, (f, p) = _occurrences(rows, token_lists, [frequency, presence], logits.device)
+    logits.index_put_((r, t), -f.to(logits.dtype), accumulate=True)
+    logits[r, t] = logits[r, t] - p.to(logits.dtype)
+
+
+def process_logits(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    histories: Sequence[TokenHistory] | None,
+    eos_token_id: int | None,
+) -> None:
+    """In place, in vLLM's order: add ``logit_bias``; set EOS (unless ``ignore_eos``) and ``stop_token_ids`` to
+    -inf in rows with fewer than ``min_tokens`` output tokens; the repetition penalty over prompt and output
+    tokens; the frequency and presence penalties over output tokens only (OpenAI's and vLLM's definition).
+    Rows that use none of these are left untouched, and a feature no row uses costs nothing.
+    ``histories[i]`` holds row ``i``'s tokens (needed for the penalties and ``min_tokens``)."""
+    biased = [i for i, p in enumerate(params) if p.logit_bias]
+    if biased:
+        apply_logit_bias(logits, biased, [params[i].logit_bias for i in biased])
+    rows = [i for i, p in enumerate(params) if p.min_tokens or p.penalized]
+    if not rows:
+        return
+    if histories is None:
+        raise ValueError("min_tokens and the penalties need the sequences' tokens (histories)")
+    short = [i for i in rows if len(histories[i].output_token_ids) < params[i].min_tokens]
+    if short:
+        mask_tokens(logits, short, [_min_tokens_stops(params[i], eos_token_id) for i in short])
+    repeated = [i for i in rows if params[i].repetition_penalty != 1.0]
+    if repeated:
+        seen = [itertools.chain(histories[i].prompt_token_ids, histories[i].output_token_ids) for i in repeated]
+        apply_repetition_penalty(logits, repeated, seen, [float(params[i].repetition_penalty) for i in repeated])
+    counted = [i for i in rows if params[i].frequency_penalty or params[i].presence_penalty]
+    if counted:
+        apply_frequency_presence(logits, counted, [histories[i].output_token_ids for i in counted],
+                                 [float(params[i].frequency_penalty) for i in counted],
+                                 [float(params[i].presence_penalty) for i in counted])  # fmt: skip
+
+
+def _min_tokens_stops(p: SamplingParams, eos_token_id: int | None) -> list[int]:
+    """The tokens ``min_tokens`` holds back: the stop tokens, and EOS unless ignored (vLLM's set)."""
+    eos = [eos_token_id] if eos_token_id is not None and not p.ignore_eos else []
+    return (p.stop_token_ids or []) + eos

@@ -1,0 +1,154 @@
+"""What a request asks of the sampler: ``SamplingParams`` (vLLM's names and meanings, each field validated) and
+``RequestOutputKind`` (which outputs the engine returns for it)."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+MAX_LOGPROBS = 20  # most alternatives a request may ask for per token (vLLM's default limit)
+MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2] (OpenAI's range)
+MAX_LOGIT_BIAS = 100.0  # logit_bias values lie in [-100, 100] (OpenAI's range)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _normalize_logit_bias(bias) -> dict[int, float] | None:
+    """``{token id: bias}`` with int keys; JSON's decimal-string keys ("50256") become ints. ``ValueError`` naming
+    ``logit_bias`` for anything else. Whether the ids are inside the vocabulary is the engine's check."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must be a dict of token id -> bias or None, got {type(bias).__name__}")
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        if isinstance(key, str) and re.fullmatch(r"[0-9]+", key):
+            token = int(key)
+        elif _is_int(key) and key >= 0:
+            token = key
+        else:
+            raise ValueError(f"logit_bias keys must be token ids (non-negative ints or decimal strings), got {key!r}")
+        if not _is_number(value) or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {value!r} for token {key!r}")
+        if token in out:
+            raise ValueError(f"logit_bias names token {token} twice")
+        out[token] = float(value)
+    return out
+
+
+class RequestOutputKind(enum.Enum):
+    """Which outputs ``LLMEngine.step`` returns for a request (vLLM's names): everything so far at each step, only
+    what is new since the previous output, or one output when the request finishes."""
+
+    CUMULATIVE = "cumulative"  # the engine's default: each step's output holds all text and tokens so far
+    DELTA = "delta"  # each output holds the text, tokens and logprobs new since the previous one (streaming)
+    FINAL_ONLY = "final_only"  # one output, when finished (what ``LLM.generate`` asks for)
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request's completions. Invalid values raise ``ValueError`` naming the field."""
+
+    n: int = 1  # completions per prompt
+    max_tokens: int = 16  # new tokens per completion
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 or -1: off
+    top_p: float = 1.0  # nucleus mass; 1.0: off
+    repetition_penalty: float = 1.0  # CTRL-style, over prompt and generated tokens; 1.0: off
+    stop: str | list[str] | None = None  # stop strings (not included in the output text)
+    stop_token_ids: list[int] | None = None  # stop tokens (not included in the output)
+    ignore_eos: bool = False  # keep going past <|endoftext|>
+    seed: int | None = None  # per-request generator: reproducible, batch-independent samples
+    logprobs: int | None = None  # return the sampled token's logprob plus this many top alternatives
+    prompt_logprobs: int | None = None  # each prompt token's logprob plus this many top alternatives
+    # with prompt_logprobs: the first prompt position scored (earlier entries are None); the prefix cache may serve
+    # the tokens before position prompt_logprobs_start - 1, whose logits nobody needs (lm-eval's continuations)
+    prompt_logprobs_start: int = 1
+    presence_penalty: float = 0.0  # subtracted from each token already generated; in [-2, 2]
+    frequency_penalty: float = 0.0  # subtracted once per time a token was generated; in [-2, 2]
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    min_tokens: int = 0  # tokens to generate before EOS, a stop token or a stop string may end the sequence
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # what each step's output holds (see the enum)
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.n) or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool):
+            raise ValueError(f"temperature must be a number, got {self.temperature!r}")
+        if not 0.0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be >= 0 and finite, got {self.temperature!r}")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise ValueError(f"top_k must be an integer >= 1, or 0 / -1 for off; got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.repetition_penalty, (int, float)) or not 0.0 < self.repetition_penalty < float("inf"):
+            raise ValueError(f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop is not None:
+            if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+                raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+            self.stop = list(self.stop)
+        if self.stop_token_ids is not None:
+            if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
+                _is_int(t) and t >= 0 for t in self.stop_token_ids
+            ):
+                raise ValueError(
+                    f"stop_token_ids must be a list of non-negative token ids, got {self.stop_token_ids!r}"
+                )
+            self.stop_token_ids = list(self.stop_token_ids)
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, got {value!r}")
+        if not _is_int(self.prompt_logprobs_start) or self.prompt_logprobs_start < 1:
+            raise ValueError(f"prompt_logprobs_start must be an integer >= 1, got {self.prompt_logprobs_start!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+        self.logit_bias = _normalize_logit_bias(self.logit_bias)
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}"
+            )
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def top_k_enabled(self) -> bool:
+        return self.top_k > 0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether a repetition, frequency or presence penalty applies (they need the sequence's tokens)."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+    @property
+    def modifies_logits(self) -> bool:
+        """Whether :func:`process_logits` changes this request's logits at all (checked for every row every step:
+        one flat expression)."""
+        return bool(
+            self.min_tokens
+            or self.logit_bias
+            or self.frequency_penalty
+            or self.presence_penalty
+            or self.repetition_penalty != 1.0
+        )
