@@ -123,7 +123,7 @@ def run_section(name: str, bench: Bench, dtype: torch.dtype, sizes: Sizes, repor
 def check_imports() -> list[str]:
     """Import the op interface and every kernel module; return the failures."""
     bad = []
-    for mod in ("engine.ops", *kernel_modules()):
+    for mod in ("engine.ops", "engine.torch_ops", *kernel_modules()):
         try:
             importlib.import_module(mod)
         except Exception as e:  # noqa: BLE001

@@ -42,7 +42,7 @@ def make_ops(backend: str, device: torch.device):
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
     if backend == "torch":
-        from engine.ops import TorchOps
+        from engine.torch_ops import TorchOps
 
         return TorchOps()
     from engine.triton_ops import TritonOps

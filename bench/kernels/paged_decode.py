@@ -53,7 +53,7 @@ def torch_decode(q, keys, values, scale):
 
 def torch_paged_decode(q, k_cache, v_cache, tables, lens, ctx, scale):
     """The torch backend's decode attention: gather through the block table, then masked SDPA."""
-    from engine.ops import TorchOps
+    from engine.torch_ops import TorchOps
 
     return TorchOps().decode_attention(q, k_cache, v_cache, tables, lens, ctx, scale)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.ops import Fp16PackedWeight, TorchOps
+from engine.torch_ops import Fp16PackedWeight, TorchOps
 from tests.helpers import half_precision_errors, make_hf_model, rel_err, save_checkpoint
 
 SMALL = dict(n_embd=128, n_head=2, n_layer=2, vocab_size=1000, n_positions=64)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.ops import TorchOps
+from engine.torch_ops import TorchOps
 from kernels.kv_cache import store_kv_ref
 from kernels.paged_attention import decode_attention_ref
 from tests.helpers import rel_err

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from engine.ops import TorchOps
+from engine.torch_ops import TorchOps
 from kernels import attention
 from kernels.attention import fits, get_configs, keep, prefill_attention, prefill_attention_ref
 from kernels.kv_cache import store_kv_ref

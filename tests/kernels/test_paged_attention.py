@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from engine.ops import TorchOps
+from engine.torch_ops import TorchOps
 from kernels.paged_attention import CONFIGS, FP32_CONFIGS, DecodeConfig, decode_attention, decode_attention_ref
 from tests.helpers import DEVICE, rel_err
 
