@@ -5,9 +5,10 @@ It runs one of two ways:
 - **on the device** (a GPU, or a CPU without numpy): noise for every token of every row, the tokens outside a row's
   top-k / top-p set at probability 0;
 - **on the host** (the CPU, with numpy): noise only for the tokens each row keeps, found with numpy. Top-p keeps a
-  handful of a row's tokens, so this skips most of the uniforms (0.15 ms of a [256, 128] step, 60 ms of a
-  [256, 50257] one) and the softmax: it compares ``log(p / E)``, taking ``log(p)`` as the scaled logit (a row's
-  normalizer is the same for all its tokens).
+  handful of a row's tokens, so this skips most of the uniforms and the softmax: it compares ``log(p / E)``, taking
+  ``log(p)`` as the scaled logit (a row's normalizer is the same for all its tokens). Measured on 2 cores with
+  top-p 0.95: the sampler at [256, 128] in 0.52 ms instead of 0.63, at batch 8 over the whole vocabulary in 6.6 ms
+  instead of 11.
 
 A seeded request's row draws its noise from its own generator, one value per candidate token in token order, and its
 tokens' keys are computed alone: what it samples depends on its own logits and generator, whatever else is in the
