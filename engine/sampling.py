@@ -208,7 +208,8 @@ class Sampler:
 
 def _kept(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor | None:
     """The tokens each row may sample ``[B, V]`` (its top-k / top-p set; every token in a row that doesn't
-    truncate), or None when no row truncates."""
+    truncate), or None when no row truncates. A greedy row among rows that don't truncate keeps its first token
+    only: its sample is thrown away (it takes its argmax), so on the CPU it costs the race one draw, not ``V``."""
     if batch.top_p is None:
         return None
     rows = batch.truncated_rows
@@ -216,4 +217,6 @@ def _kept(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor | None:
         return kept_tokens(scaled, batch.top_k, batch.top_p, batch.width)
     kept = torch.ones_like(scaled, dtype=torch.bool)
     kept[rows] = kept_tokens(scaled[rows], batch.top_k, batch.top_p, batch.width)
+    if batch.greedy_rows is not None:
+        kept[batch.greedy_rows, 1:] = False
     return kept

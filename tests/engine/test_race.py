@@ -129,7 +129,7 @@ def test_host_race_gives_each_kept_token_its_own_noise_in_token_order():
 
 def test_seeded_rows_sample_the_same_alone_and_in_any_batch(path):
     """Seeded rows, mixed with greedy, untruncated, top-k and top-p rows (seeded or not): each seeded sampled row's
-    tokens over four steps are those it samples alone."""
+    tokens over four steps are those it samples alone, and each greedy row's are its argmax."""
     V = random.randint(20, 200)
     kinds = [dict(temperature=0.0), dict(), dict(top_k=random.randint(1, 5)), dict(top_p=0.7), dict(top_k=8, top_p=0.9)]
     # each kind seeded and unseeded, then a few more at random, in random order
@@ -146,7 +146,10 @@ def test_seeded_rows_sample_the_same_alone_and_in_any_batch(path):
     sampler, batch_gens = Sampler(), generators(range(B))
     in_batch = torch.stack([sampler(logits[s].clone(), params, batch_gens)[0] for s in range(4)])
     for i in range(B):
-        if params[i].seed is None or params[i].greedy:
+        if params[i].greedy:  # whatever it keeps for the race, a greedy row takes its argmax
+            assert torch.equal(in_batch[:, i], logits[:, i].argmax(dim=-1))
+            continue
+        if params[i].seed is None:
             continue
         (gen,) = generators([i])
         alone = [sampler(logits[s, i : i + 1].clone(), [params[i]], [gen])[0].item() for s in range(4)]
