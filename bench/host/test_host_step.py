@@ -51,9 +51,10 @@ def test_decode_step(benchmark, model_dir, prompts, batch, kind, output):
 
 
 @pytest.mark.benchmark(group="step: the full vocabulary's math on this CPU (a CPU deployment)")
-def test_decode_step_full_vocab_cpu(benchmark, model_dir, prompts):
+@pytest.mark.parametrize("kind", ["greedy", "sampled"])
+def test_decode_step_full_vocab_cpu(benchmark, model_dir, prompts, kind):
     """The same step with 50257 logits per row: sampling's math over [256, 50257] on the CPU, for reference."""
-    engine = decoding_engine(model_dir, prompts, "greedy", "final", vocab=50257)
+    engine = decoding_engine(model_dir, prompts, kind, "final", vocab=50257)
     check_step(engine, 256, "final")
     benchmark.pedantic(engine.step, rounds=5, warmup_rounds=1)
 
