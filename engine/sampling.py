@@ -217,6 +217,6 @@ def _kept(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor | None:
         return kept_tokens(scaled, batch.top_k, batch.top_p, batch.width)
     kept = torch.ones_like(scaled, dtype=torch.bool)
     kept[rows] = kept_tokens(scaled[rows], batch.top_k, batch.top_p, batch.width)
-    if batch.greedy_rows is not None:
-        kept[batch.greedy_rows, 1:] = False
+    if batch.greedy_rows is not None:  # in place through a view: a boolean index would sync with a GPU
+        kept[:, 1:].logical_and_(~batch.greedy_rows[:, None])
     return kept

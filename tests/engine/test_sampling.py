@@ -12,7 +12,7 @@ import torch
 from engine import sampling
 from engine.logits_processing import process_logits
 from engine.output_processor import OutputProcessor
-from engine.sampling import Sampler, filter_logits
+from engine.sampling import Sampler, SamplingBatch, _kept, filter_logits
 from engine.sampling_params import SamplingParams
 from engine.sequence import Request, Sequence
 from tests.helpers import History, reference_processed, rel_err
@@ -155,6 +155,26 @@ def test_greedy_rows_take_the_argmax_and_logprobs_are_normalized():
     tokens, logprobs = Sampler()(logits.clone(), params, [None, torch.Generator().manual_seed(1), None])
     assert tokens[0] == logits[0].argmax() and tokens[2] == logits[2].argmax()
     assert torch.allclose(logprobs.exp().sum(-1), torch.ones(3), atol=1e-5)
+
+
+def test_the_race_candidates_of_each_kind_of_row():
+    """What each row puts in the race when some rows truncate: a truncating row its top-k / top-p set, a sampled row
+    without truncation every token, a greedy row its first token only (its sample is thrown away)."""
+    V = random.randint(10, 300)
+    kinds = [dict(temperature=0.0), dict(temperature=0.9), dict(temperature=0.9, top_p=0.8), dict(top_k=3)]
+    params = [SamplingParams(**random.choice(kinds)) for _ in range(random.randint(4, 20))] + [
+        SamplingParams(**kind) for kind in kinds
+    ]
+    B = len(params)
+    batch = SamplingBatch.of(params, [None] * B, V, torch.device("cpu"))
+    scaled = torch.randn(B, V) * 3
+    kept = _kept(scaled, batch)
+    filtered = filter_logits(scaled, torch.tensor([p.top_k for p in params]), torch.tensor([p.top_p for p in params]))
+    for i, p in enumerate(params):
+        if p.greedy:
+            assert kept[i].nonzero().flatten().tolist() == [0]
+        else:
+            assert torch.equal(kept[i], filtered[i].isfinite())
 
 
 def assert_processed(got: torch.Tensor, want: torch.Tensor) -> None:
