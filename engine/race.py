@@ -57,11 +57,10 @@ def race(scaled: torch.Tensor, kept: torch.Tensor | None, seeded: Seeded) -> tor
 
 def device_race(scaled: torch.Tensor, kept: torch.Tensor | None, seeded: Seeded) -> torch.Tensor:
     """:func:`race` in tensor ops over all ``[B, V]`` tokens; a seeded row draws ``V`` values."""
+    B, V = scaled.shape
     probs = (scaled if kept is None else scaled.where(kept, float("-inf"))).softmax(dim=-1)
-    noise = exponential_(torch.empty_like(probs))  # one draw for the rows of unseeded requests
-    for i, generator in seeded:
-        exponential_(noise[i], generator=generator)
-    return row_argmax(probs / noise)
+    noise = _noise(B * V, [(i * V, V, generator) for i, generator in seeded], probs.device)
+    return row_argmax(probs / noise.view(B, V))
 
 
 def host_race(scaled: torch.Tensor, kept: torch.Tensor | None, seeded: Seeded) -> torch.Tensor:
@@ -72,7 +71,7 @@ def host_race(scaled: torch.Tensor, kept: torch.Tensor | None, seeded: Seeded) -
     winner."""
     B, V = scaled.shape
     if kept is None:  # every token is a candidate: the table is the whole [B, V]
-        noise = _noise(B * V, [(i * V, V, generator) for i, generator in seeded])
+        noise = _noise(B * V, [(i * V, V, generator) for i, generator in seeded], scaled.device)
         return torch.from_numpy(_keys(scaled.numpy(), noise.view(B, V)).argmax(axis=-1))
     flat = np.flatnonzero(kept.numpy())  # row by row, each row's kept tokens in id order
     rows = flat // V
@@ -82,16 +81,17 @@ def host_race(scaled: torch.Tensor, kept: torch.Tensor | None, seeded: Seeded) -
         kept[torch.from_numpy(counts == 0), 0] = True
         return host_race(scaled, kept, seeded)
     starts = np.cumsum(counts) - counts
-    noise = _noise(len(flat), [(starts[i], counts[i], generator) for i, generator in seeded])
+    noise = _noise(len(flat), [(starts[i], counts[i], generator) for i, generator in seeded], scaled.device)
     table = np.full((B, int(counts.max())), -np.inf, dtype=np.float32)
     table[rows, np.arange(len(flat)) - starts[rows]] = _keys(scaled.numpy().ravel()[flat], noise)
     winner = flat[starts + table.argmax(axis=-1)]
     return torch.from_numpy(winner - np.arange(B) * V)
 
 
-def _noise(n: int, seeded: list[tuple[int, int, torch.Generator]]) -> torch.Tensor:
-    """``n`` Exponential(1) draws, the slices ``(start, length, generator)`` from their own generators."""
-    noise = exponential_(torch.empty(n))  # one draw for the candidates of unseeded requests
+def _noise(n: int, seeded: list[tuple[int, int, torch.Generator]], device: torch.device) -> torch.Tensor:
+    """``n`` Exponential(1) draws on ``device``, the slices ``(start, length, generator)`` from their own
+    generators (a seeded row's candidates)."""
+    noise = exponential_(torch.empty(n, device=device))  # one draw for the candidates of unseeded requests
     for start, length, generator in seeded:
         exponential_(noise[start : start + length], generator=generator)
     return noise
