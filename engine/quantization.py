@@ -1,16 +1,19 @@
-"""Weight-only int8 / int4 linear weights for the ``torch`` backend, on PyTorch's own weight-only GEMMs.
+"""Weight-only int8 / int4 linear weights for the ``torch`` backend: a hand-written CPU GEMM, or PyTorch's own.
 
 The schemes are the Triton kernels' (:mod:`kernels.quant`), so both backends quantize a checkpoint alike:
   * int8: symmetric per output channel, ``w[n, k] ~= q[n, k] * scale[n]`` with ``q`` in [-127, 127];
   * int4: asymmetric in groups along K (128, or 64 where 128 does not divide K),
     ``w[n, k] ~= (q[n, k] - zero[n, g]) * scale[n, g]`` with ``q`` in [0, 15].
-On CPU they run PyTorch's weight-only kernels (``torch._weight_int8pack_mm``, ``torch._weight_int4pack_mm_for_cpu``,
-the ones gpt-fast uses), which read 8 or 4 bits per weight and convert in registers; on other devices the
-weight is dequantized for each matmul (a reference path: the triton backend is the fast one there).
+On CPU, int8 runs the hand-written GEMM of :mod:`engine.cpu_gemm` (int16 activation codes rounded per row, exact
+int32 sums against the int8 codes, fp32 scales): 12-16 ms for a decode step of gpt2-medium's block linears at
+M = 1 and 35 ms at M = 8 (2 cores, AVX2). Where that kernel can't run, and for int4, PyTorch's weight-only
+kernels do it (``torch._weight_int8pack_mm``, ``torch._weight_int4pack_mm_for_cpu``, the ones gpt-fast uses),
+which read 8 or 4 bits per weight and convert in registers; on other devices the weight is dequantized for each
+matmul (a reference path: the triton backend is the fast one there).
 
-The CPU kernels are vectorized for bf16 activations only: a decode step of gpt2-medium's block linears (2 cores,
+PyTorch's kernels are vectorized for bf16 activations only: a decode step of gpt2-medium's block linears (2 cores,
 AVX2) took 29 ms in int8 and 25 ms in int4 on bf16 activations, against 203 ms (int8, fp16), 253 ms (int8, fp32)
-and 353 ms (int4, fp32); the fp32 weights themselves take 63 ms through oneDNN. So on CPU the activations of
+and 353 ms (int4, fp32); the fp32 weights themselves take 63 ms through oneDNN. So on that path the activations of
 every model go through bf16 around these GEMMs (a 2e-3 relative rounding, under the int8 weights' own ~8e-3)
 and come back in the model's dtype; the scales are kept in bf16 for it. Activations are rounded row by row, so
 a row's result never depends on the other rows of the batch (unlike dynamic activation quantization, which
@@ -24,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine import cpu_gemm
+
 MODES = ("int8", "int4")
 INT4_GROUP_SIZES = (128, 64)  # the first that divides K
 # PyTorch's CPU int4 kernel dequantizes ``(q - 8) * scale + offset``; ours is ``(q - zero) * scale``, so
@@ -34,14 +39,15 @@ CPU_KERNEL_DTYPE = torch.bfloat16  # the activation dtype PyTorch's CPU weight-o
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype a weight's matmul runs its activations and keeps its scales in."""
+    """The dtype PyTorch's weight-only GEMM (or the dequantized matmul) runs a weight's activations and keeps its
+    scales in."""
     return CPU_KERNEL_DTYPE if weight.device.type == "cpu" else weight.dtype
 
 
 @dataclass
 class Int8WeightOnly:
-    """``qweight [N, K]`` int8 and ``scales [N]`` in the dtype the matmul computes in (bf16 on CPU, else the
-    activation dtype)."""
+    """``qweight [N, K]`` int8 and ``scales [N]``: fp32 for the CPU GEMM of :mod:`engine.cpu_gemm`, else in the
+    dtype the matmul computes in (bf16 for PyTorch's CPU kernel, else the activation dtype)."""
 
     qweight: torch.Tensor
     scales: torch.Tensor
@@ -55,8 +61,11 @@ class Int8WeightOnly:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` for ``x [M, K]`` in the activation dtype."""
+        if self.scales.dtype == torch.float32 and cpu_gemm.supports(self.qweight):
+            return cpu_gemm.matmul(x, self.qweight, self.scales).to(x.dtype)
         if x.device.type == "cpu":
-            y = torch._weight_int8pack_mm(x.to(self.scales.dtype).contiguous(), self.qweight, self.scales)
+            scales = self.scales.to(CPU_KERNEL_DTYPE)
+            y = torch._weight_int8pack_mm(x.to(CPU_KERNEL_DTYPE).contiguous(), self.qweight, scales)
             return y.to(x.dtype)
         return x @ self.dequantize(x.dtype).t()
 
@@ -95,8 +104,9 @@ class Int4WeightOnly:
 def quantize_int8(weight: torch.Tensor) -> Int8WeightOnly:
     w = weight.float()
     scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-    return Int8WeightOnly(q.contiguous(), scales.to(_compute_dtype(weight)).contiguous())
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+    scale_dtype = torch.float32 if cpu_gemm.supports(q) else _compute_dtype(weight)
+    return Int8WeightOnly(q, scales.to(scale_dtype).contiguous())
 
 
 def quantize_int4(weight: torch.Tensor) -> Int4WeightOnly:

@@ -1,11 +1,13 @@
 """The plain-PyTorch backend of :class:`engine.ops.Ops`: the CPU path and the baseline every other backend is
-checked against, with the CPU weight layouts it packs at load (oneDNN's fp32, fbgemm's fp16)."""
+checked against. On CPU its linears run the hand-written GEMM of :mod:`engine.cpu_gemm`, or where that can't run,
+the CPU weight layouts PyTorch's GEMMs are fastest on (oneDNN's packed fp32, fbgemm's packed fp16)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from engine import cpu_gemm
 from engine.ops import Ops
 
 ACTIVATIONS = (None, "gelu_tanh")
@@ -72,6 +74,22 @@ def _pack_fp16(weight: torch.Tensor) -> Fp16PackedWeight | None:
     return Fp16PackedWeight(packed, tuple(weight.shape))
 
 
+class CpuGemmWeight:
+    """A CPU linear weight ``[N, K]`` in fp32, fp16 or bf16, as loaded, for the hand-written GEMM of
+    :mod:`engine.cpu_gemm` (fp32 activations and accumulation, each weight read once and widened in registers)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight.contiguous()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` in fp32 for ``x [M, K]`` of any float dtype."""
+        return cpu_gemm.matmul(x, self.weight)
+
+
 def _sdpa(q, k, v, mask, scale) -> torch.Tensor:
     """SDPA in ``q``'s dtype, but in fp32 for 16-bit inputs on CPU, where PyTorch's 16-bit SDPA ran 2-4x slower
     (2 cores, AVX2: a decode layer at batch 8, context 96, 2.4 ms in fp16 vs 0.56 ms through fp32)."""
@@ -129,6 +147,8 @@ class TorchOps(Ops):
             return quantize(weight, quantization)  # PyTorch's weight-only int8 / int4 GEMMs
         if weight.device.type != "cpu":
             return weight
+        if cpu_gemm.supports(weight):
+            return CpuGemmWeight(weight)
         packed = _pack_for_onednn(weight) if weight.dtype == torch.float32 else _pack_fp16(weight)
         if packed is not None:
             return packed
@@ -141,13 +161,13 @@ class TorchOps(Ops):
         return weight.t().contiguous().t()
 
     def prepare_lm_head(self, weight: torch.Tensor, quantization: str | None = None) -> object:
-        # Under weight quantization on CPU, an fp32 head in fbgemm's fp16: half its bytes (the head is a third of
-        # what an int8 decode step reads; 9 -> 5 ms at batch 1 on gpt2-medium) for a rounding far below the
-        # quantized blocks' own (logits' SQNR stays above 40 dB).
+        # Under weight quantization on CPU, an fp32 head in fp16: half its bytes (the head is a third of what an
+        # int8 decode step reads; 9 -> 5 ms at batch 1 on gpt2-medium) for a rounding far below the quantized
+        # blocks' own (logits' SQNR stays above 40 dB).
         if quantization is not None and weight.device.type == "cpu" and weight.dtype == torch.float32:
-            packed = _pack_fp16(weight.half())
-            if packed is not None:
-                return packed
+            head = self.prepare_weight(weight.half())
+            if not isinstance(head, torch.Tensor):  # the fp16 GEMM, not torch's mm (which can't mix dtypes)
+                return head
         return self.prepare_weight(weight)
 
     def layer_norm(self, x, weight, bias, eps, residual=None):
@@ -170,7 +190,7 @@ class TorchOps(Ops):
             if isinstance(weight, torch.Tensor):
                 wt = weight.t()
                 y = torch.addmm(bias, x, wt) if bias is not None else torch.mm(x, wt)
-            else:  # fbgemm's fp16 or a quantized weight (engine.quantization): fp32 out, epilogue in fp32
+            else:  # the CPU GEMM, fbgemm's fp16 or a quantized weight (engine.quantization): fp32 out and epilogue
                 y = weight.matmul(x)
                 if bias is not None:
                     y += bias

@@ -120,14 +120,16 @@ def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
 def half_precision_errors(hf_model, llm, ids: list[int], dtype: torch.dtype) -> dict[str, tuple[float, float]]:
     """FlashAttention's criterion, measured: ``{"hidden" | "logits": (ours, transformers')}``, each the relative
     error against transformers' fp32 model, ours from ``llm`` (loaded in ``dtype``) and theirs from transformers
-    itself run in ``dtype``. Over whole ``[T, D]`` hidden states and ``[T, V]`` logits, so the ratio is stable."""
+    itself run in ``dtype`` (on a copy: casting ``hf_model`` there and back would leave its weights rounded). Over whole
+    ``[T, D]`` hidden states and ``[T, V]`` logits, so the ratio is stable."""
+    import copy
+
     hidden = llm.features(ids)[0]
     logits = llm.model.logits(hidden).cpu()
     x = torch.tensor([ids])
     with torch.no_grad():
         ref = hf_model(x, output_hidden_states=True)
-        theirs = hf_model.to(dtype)(x, output_hidden_states=True)
-    hf_model.float()
+        theirs = copy.deepcopy(hf_model).to(dtype)(x, output_hidden_states=True)
     ref_h, their_h = ref.hidden_states[-1][0], theirs.hidden_states[-1][0]
     ref_lg, their_lg = ref.logits[0].double(), theirs.logits[0].double()
     return {

@@ -1,5 +1,6 @@
-"""The torch backend on CPU in fp16 and bf16: weights packed once for the fast 16-bit path, parity within 2x of
-transformers' own error in that dtype (as the triton backend's test_triton_model checks)."""
+"""The torch backend on CPU in fp16 and bf16, on both of its 16-bit paths (the hand-written CPU GEMM, and fbgemm's
+packed fp16 where that can't run): parity within 2x of transformers' own error in that dtype (as the triton
+backend's test_triton_model checks)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,23 @@ import random
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.torch_ops import Fp16PackedWeight, TorchOps
+from engine import LLM, SamplingParams, cpu_gemm
+from engine.torch_ops import CpuGemmWeight, Fp16PackedWeight, TorchOps
 from tests.helpers import half_precision_errors, make_hf_model, rel_err, save_checkpoint
 
 SMALL = dict(n_embd=128, n_head=2, n_layer=2, vocab_size=1000, n_positions=64)
 HALF = [torch.float16, torch.bfloat16]
+WEIGHT_CLASS = {"cpu_gemm": CpuGemmWeight, "fbgemm": Fp16PackedWeight}  # each path's prepared 16-bit weight
+
+
+@pytest.fixture(params=list(WEIGHT_CLASS))
+def path(request, monkeypatch):
+    """The 16-bit path under test: the CPU GEMM, or fbgemm's packed fp16 with the CPU GEMM turned off."""
+    if request.param == "cpu_gemm" and not cpu_gemm.available():
+        pytest.skip("the CPU GEMM needs x86-64 with AVX2 and a C++ compiler")
+    if request.param == "fbgemm":
+        monkeypatch.setattr(cpu_gemm, "supports", lambda weight: False)
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +39,11 @@ def cpu_llm(path, dtype: torch.dtype) -> LLM:
 
 
 @pytest.mark.parametrize("dtype", HALF)
-def test_half_precision_error_within_2x_of_transformers(small_model, dtype):
-    model, path = small_model
-    llm = cpu_llm(path, dtype)
-    assert isinstance(llm.model.w.layers[0].fc_weight, Fp16PackedWeight)  # the fast path, not a fallback
-    assert isinstance(llm.model.lm_head, Fp16PackedWeight)
+def test_half_precision_error_within_2x_of_transformers(small_model, dtype, path):
+    model, checkpoint = small_model
+    llm = cpu_llm(checkpoint, dtype)
+    assert isinstance(llm.model.w.layers[0].fc_weight, WEIGHT_CLASS[path])  # the path under test, not a fallback
+    assert isinstance(llm.model.lm_head, WEIGHT_CLASS[path])
     ids = torch.randint(0, SMALL["vocab_size"], (random.randint(48, SMALL["n_positions"]),)).tolist()
     errors = half_precision_errors(model, llm, ids, dtype)
     print(dtype, errors)
@@ -41,10 +53,10 @@ def test_half_precision_error_within_2x_of_transformers(small_model, dtype):
 
 
 @pytest.mark.parametrize("dtype", HALF)
-def test_half_precision_decode_matches_its_prefill(small_model, dtype):
-    """Decode (M = batch through the packed GEMV) gives the logits a prefill of the same tokens does."""
-    _, path = small_model
-    llm = cpu_llm(path, dtype)
+def test_half_precision_decode_matches_its_prefill(small_model, dtype, path):
+    """Decode (M = batch through the GEMV) gives the logits a prefill of the same tokens does."""
+    _, checkpoint = small_model
+    llm = cpu_llm(checkpoint, dtype)
     prompts = [torch.randint(0, SMALL["vocab_size"], (random.randint(2, 20),)).tolist() for _ in range(3)]
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
     for ids, out in zip(prompts, llm.generate(prompts, params, use_tqdm=False)):
@@ -57,14 +69,14 @@ def test_half_precision_decode_matches_its_prefill(small_model, dtype):
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("activation, with_residual", [(None, False), ("gelu_tanh", False), (None, True)])
-def test_packed_linear_epilogues(dtype, activation, with_residual):
-    """``act(x @ W.T + b) + residual`` through the packed weight, against float64, at decode and prefill sizes."""
+def test_packed_linear_epilogues(dtype, activation, with_residual, path):
+    """``act(x @ W.T + b) + residual`` through the prepared weight, against float64, at decode and prefill sizes."""
     ops = TorchOps()
     (n, k), m = random.choice([(96, 128), (200, 64), (1000, 128)]), random.choice([1, 3, 8, 37])
     w, b, x = (torch.randn(*s).to(dtype) * 0.5 for s in ((n, k), (n,), (m, k)))
     res = torch.randn(m, n).to(dtype) if with_residual else None
     packed = ops.prepare_weight(w)
-    assert isinstance(packed, Fp16PackedWeight)
+    assert isinstance(packed, WEIGHT_CLASS[path])
     out = ops.linear(x, packed, b, activation=activation, residual=res)
     ref = x.double() @ w.double().t() + b.double()
     if activation:
@@ -75,11 +87,15 @@ def test_packed_linear_epilogues(dtype, activation, with_residual):
     assert rel_err(out, ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
 
 
-def test_bf16_weight_beyond_fp16_range_keeps_bf16():
-    """A bf16 weight fp16 cannot hold is not packed through fp16: it stays bf16 ([N, K], torch's GEMV)."""
+def test_bf16_weight_beyond_fp16_range(path):
+    """A bf16 weight fp16 cannot hold: the CPU GEMM reads bf16 itself; fbgemm's path does not pack it through fp16,
+    so it stays bf16 ([N, K], torch's GEMV)."""
     w = torch.randn(64, 128).to(torch.bfloat16)
     w[random.randrange(64), random.randrange(128)] = 1e6
     prepared = TorchOps().prepare_weight(w)
-    assert isinstance(prepared, torch.Tensor) and prepared.dtype == torch.bfloat16 and prepared.is_contiguous()
+    if path == "cpu_gemm":
+        assert isinstance(prepared, CpuGemmWeight)
+    else:
+        assert isinstance(prepared, torch.Tensor) and prepared.dtype == torch.bfloat16 and prepared.is_contiguous()
     x = torch.randn(5, 128).to(torch.bfloat16)
     assert rel_err(TorchOps().linear(x, prepared), x.double() @ w.double().t()) < 1e-2

@@ -1,0 +1,215 @@
+// The torch backend's CPU GEMM: y[M, N] = x[M, K] . W[N, K]^T in fp32, for fp32 / fp16 / bf16 weights and for int8
+// weight codes with per-row scales. AVX2 + FMA + F16C intrinsics, OpenMP threads (the libgomp PyTorch has loaded).
+// Built and called by engine/cpu_gemm.py, which documents the measurements behind the choices here.
+//
+// * Float weights: each weight is read once per tile and widened to fp32 in registers (F16C for fp16, a shift for
+//   bf16); a tile is R weight rows against B activation rows with one fp32 accumulator each, so a row's sum runs in
+//   the same order whatever the batch (batch-invariant, bit for bit).
+// * int8 weights: activations are rounded to int16 row by row (scale = the row's max |x| / 32767) and multiplied
+//   with the codes widened to int16, 16 products per instruction (vpmaddwd), summed exactly in int32 within chunks
+//   of K that cannot overflow, then scaled: w_scale[n] * x_scale[m] * sum.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+enum Kind { kF32 = 0, kF16 = 1, kBF16 = 2, kInt8 = 3 };
+
+constexpr long kKMultiple = 16;       // K must be a multiple of this (engine/cpu_gemm.py checks it)
+constexpr float kInt16Max = 32767.0f;  // |activation code| <= this
+// int32 sums per lane: each vpmaddwd term is at most 2 * 32767 * 127, and a lane takes one term per 16 values of
+// K, so 2048 values of K (128 terms) stay under 2^31 with 8x to spare.
+constexpr long kInt8Chunk = 2048;
+
+struct BF16 {
+  uint16_t bits;
+};
+using FP16 = uint16_t;
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const FP16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8(const BF16* p) {
+  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// f(std::integral_constant<int, b>{}, m) for each block of b <= B activation rows starting at row m: full blocks of
+// B, then one smaller block for the rest, so every tile size is a compile-time constant.
+template <int B, typename F>
+inline void rest_block(long left, long m, F& f) {
+  if (left == B) {
+    f(std::integral_constant<int, B>{}, m);
+  } else if constexpr (B > 1) {
+    rest_block<B - 1>(left, m, f);
+  }
+}
+
+template <int B, typename F>
+inline void activation_blocks(long M, F&& f) {
+  long m = 0;
+  for (; m + B <= M; m += B) f(std::integral_constant<int, B>{}, m);
+  if (m < M) rest_block<B - 1>(M - m, m, f);
+}
+
+// ---- float weights ----
+
+template <int R, int B, typename W>
+inline void float_tile(const float* x, const W* w, long K, float* y, long N) {
+  __m256 acc[R][B];
+  for (int r = 0; r < R; r++)
+    for (int b = 0; b < B; b++) acc[r][b] = _mm256_setzero_ps();
+  for (long k = 0; k < K; k += 8) {
+    __m256 wv[R];
+    for (int r = 0; r < R; r++) wv[r] = load8(w + r * K + k);
+    for (int b = 0; b < B; b++) {
+      __m256 xv = _mm256_loadu_ps(x + b * K + k);
+      for (int r = 0; r < R; r++) acc[r][b] = _mm256_fmadd_ps(wv[r], xv, acc[r][b]);
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int b = 0; b < B; b++) y[b * N + r] = hsum(acc[r][b]);
+}
+
+// Weight rows n .. n+R-1 against every activation row, B at a time.
+template <int R, int B, typename W>
+inline void float_rows(const float* x, const W* w, float* y, long M, long N, long K, long n) {
+  activation_blocks<B>(M, [&](auto b, long m) {
+    float_tile<R, decltype(b)::value>(x + m * K, w + n * K, K, y + m * N + n, N);
+  });
+}
+
+template <int R, int B, typename W>
+void float_gemm(const float* x, const W* w, float* y, long M, long N, long K, int threads) {
+  const long groups = N / R;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long g = 0; g < groups; g++) float_rows<R, B>(x, w, y, M, N, K, g * R);
+  for (long n = groups * R; n < N; n++) float_rows<1, B>(x, w, y, M, N, K, n);
+}
+
+// Tiles measured on gpt2-medium's block GEMMs (2 Zen 3 cores): 6 weight rows at M = 1 keeps six independent FMA
+// chains in flight; 3 x 4 leaves registers for the weights and one activation vector at M > 1.
+template <typename W>
+void float_weights(const float* x, const void* w, float* y, long M, long N, long K, int threads) {
+  const W* weights = static_cast<const W*>(w);
+  if (M == 1) {
+    float_gemm<6, 1>(x, weights, y, M, N, K, threads);
+  } else {
+    float_gemm<3, 4>(x, weights, y, M, N, K, threads);
+  }
+}
+
+// ---- int8 weights ----
+
+// Row m of x as int16 codes and its scale; a row holding inf or NaN gets a NaN scale (so its outputs are NaN,
+// as a float GEMM's would be), an all-zero row a zero scale.
+void quantize_row(const float* x, long K, int16_t* q, float* scale) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 top = _mm256_setzero_ps(), probe = _mm256_setzero_ps();
+  for (long k = 0; k < K; k += 8) {
+    __m256 v = _mm256_loadu_ps(x + k);
+    top = _mm256_max_ps(top, _mm256_andnot_ps(sign, v));
+    probe = _mm256_add_ps(probe, _mm256_mul_ps(v, _mm256_setzero_ps()));  // NaN once any value is inf or NaN
+  }
+  float most = 0.0f;
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, top);
+  for (float lane : lanes) most = std::max(most, lane);
+  if (hsum(probe) != 0.0f) {  // only NaN compares unequal to 0 here
+    *scale = std::numeric_limits<float>::quiet_NaN();
+    std::memset(q, 0, K * sizeof(int16_t));
+    return;
+  }
+  *scale = most / kInt16Max;
+  const __m256 inv = _mm256_set1_ps(most > 0.0f ? kInt16Max / most : 0.0f);
+  for (long k = 0; k < K; k += 16) {
+    __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), inv));  // round to nearest even
+    __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), inv));
+    __m256i packed = _mm256_packs_epi32(lo, hi);  // saturating; interleaves the 128-bit halves
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), _mm256_permute4x64_epi64(packed, 0xD8));
+  }
+}
+
+// One weight row (codes w, scale w_scale) against B activation rows.
+template <int B>
+inline void int8_tile(const int16_t* x, const float* x_scale, const int8_t* w, float w_scale, long K, float* y,
+                      long N) {
+  __m256 total[B];
+  for (int b = 0; b < B; b++) total[b] = _mm256_setzero_ps();
+  for (long start = 0; start < K; start += kInt8Chunk) {
+    const long end = std::min(K, start + kInt8Chunk);
+    __m256i acc[B];
+    for (int b = 0; b < B; b++) acc[b] = _mm256_setzero_si256();
+    for (long k = start; k < end; k += 16) {
+      __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k)));
+      for (int b = 0; b < B; b++) {
+        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + b * K + k));
+        acc[b] = _mm256_add_epi32(acc[b], _mm256_madd_epi16(wv, xv));
+      }
+    }
+    for (int b = 0; b < B; b++) total[b] = _mm256_add_ps(total[b], _mm256_cvtepi32_ps(acc[b]));
+  }
+  for (int b = 0; b < B; b++) y[b * N] = hsum(total[b]) * w_scale * x_scale[b];
+}
+
+// One weight row per step (measured faster than 2-6 at M = 1: the int32 adds have no latency to hide), 8
+// activation rows per tile, whose codes (8 x K int16) stay in L1/L2 while the weights stream past.
+void int8_weights(const float* x, const void* w, const float* w_scale, float* y, long M, long N, long K,
+                  int threads) {
+  std::vector<int16_t> codes(M * K);
+  std::vector<float> x_scale(M);
+  for (long m = 0; m < M; m++) quantize_row(x + m * K, K, codes.data() + m * K, &x_scale[m]);
+  const int8_t* weights = static_cast<const int8_t*>(w);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long n = 0; n < N; n++) {
+    activation_blocks<8>(M, [&](auto b, long m) {
+      int8_tile<decltype(b)::value>(codes.data() + m * K, x_scale.data() + m, weights + n * K, w_scale[n], K,
+                                    y + m * N + n, N);
+    });
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// The multiple of K every call needs.
+long gpt2_cpu_gemm_k_multiple() { return kKMultiple; }
+
+// y[M, N] = x[M, K] . W[N, K]^T, all row-major and contiguous; ``scales`` (per weight row) only for int8.
+// Returns 0, or -1 for arguments it does not take (an unknown kind, K not a multiple of 16, int8 without scales).
+int gpt2_cpu_gemm(int kind, const float* x, const void* w, const float* scales, float* y, long M, long N, long K,
+                  int threads) {
+  if (K % kKMultiple != 0 || M < 0 || N < 0 || threads < 1) return -1;
+  switch (kind) {
+    case kF32:
+      float_weights<float>(x, w, y, M, N, K, threads);
+      return 0;
+    case kF16:
+      float_weights<FP16>(x, w, y, M, N, K, threads);
+      return 0;
+    case kBF16:
+      float_weights<BF16>(x, w, y, M, N, K, threads);
+      return 0;
+    case kInt8:
+      if (scales == nullptr) return -1;
+      int8_weights(x, w, scales, y, M, N, K, threads);
+      return 0;
+  }
+  return -1;
+}
+
+}  // extern "C"
