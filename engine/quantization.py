@@ -4,7 +4,7 @@ The schemes are the Triton kernels' (:mod:`kernels.quant`), so both backends qua
   * int8: symmetric per output channel, ``w[n, k] ~= q[n, k] * scale[n]`` with ``q`` in [-127, 127];
   * int4: asymmetric in groups along K (128, or 64 where 128 does not divide K),
     ``w[n, k] ~= (q[n, k] - zero[n, g]) * scale[n, g]`` with ``q`` in [0, 15].
-On CPU, int8 runs the hand-written GEMM of :mod:`engine.cpu_gemm` (int16 activation codes rounded per row, exact
+On CPU, int8 runs the hand-written GEMM of :mod:`engine.cpu_kernels` (int16 activation codes rounded per row, exact
 int32 sums against the int8 codes, fp32 scales): 12-16 ms for a decode step of gpt2-medium's block linears at
 M = 1 and 35 ms at M = 8 (2 cores, AVX2). Where that kernel can't run, and for int4, PyTorch's weight-only
 kernels do it (``torch._weight_int8pack_mm``, ``torch._weight_int4pack_mm_for_cpu``, the ones gpt-fast uses),
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine import cpu_gemm
+from engine import cpu_kernels
 
 MODES = ("int8", "int4")
 INT4_GROUP_SIZES = (128, 64)  # the first that divides K
@@ -46,7 +46,7 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
 
 @dataclass
 class Int8WeightOnly:
-    """``qweight [N, K]`` int8 and ``scales [N]``: fp32 for the CPU GEMM of :mod:`engine.cpu_gemm`, else in the
+    """``qweight [N, K]`` int8 and ``scales [N]``: fp32 for the CPU GEMM of :mod:`engine.cpu_kernels`, else in the
     dtype the matmul computes in (bf16 for PyTorch's CPU kernel, else the activation dtype)."""
 
     qweight: torch.Tensor
@@ -61,8 +61,8 @@ class Int8WeightOnly:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` for ``x [M, K]`` in the activation dtype."""
-        if self.scales.dtype == torch.float32 and cpu_gemm.supports(self.qweight):
-            return cpu_gemm.matmul(x, self.qweight, self.scales).to(x.dtype)
+        if self.scales.dtype == torch.float32 and cpu_kernels.gemm_supports(self.qweight):
+            return cpu_kernels.matmul(x, self.qweight, self.scales).to(x.dtype)
         if x.device.type == "cpu":
             scales = self.scales.to(CPU_KERNEL_DTYPE)
             y = torch._weight_int8pack_mm(x.to(CPU_KERNEL_DTYPE).contiguous(), self.qweight, scales)
@@ -105,7 +105,7 @@ def quantize_int8(weight: torch.Tensor) -> Int8WeightOnly:
     w = weight.float()
     scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
     q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-    scale_dtype = torch.float32 if cpu_gemm.supports(q) else _compute_dtype(weight)
+    scale_dtype = torch.float32 if cpu_kernels.gemm_supports(q) else _compute_dtype(weight)
     return Int8WeightOnly(q, scales.to(scale_dtype).contiguous())
 
 

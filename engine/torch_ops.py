@@ -1,13 +1,14 @@
 """The plain-PyTorch backend of :class:`engine.ops.Ops`: the CPU path and the baseline every other backend is
-checked against. On CPU its linears run the hand-written GEMM of :mod:`engine.cpu_gemm`, or where that can't run,
-the CPU weight layouts PyTorch's GEMMs are fastest on (oneDNN's packed fp32, fbgemm's packed fp16)."""
+checked against. On CPU its linears, decode attention and KV store run the hand-written kernels of
+:mod:`engine.cpu_kernels`, or where those can't run, PyTorch's ops (with the CPU weight layouts PyTorch's GEMMs are
+fastest on: oneDNN's packed fp32, fbgemm's packed fp16)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from engine import cpu_gemm
+from engine import cpu_kernels
 from engine.ops import Ops
 
 ACTIVATIONS = (None, "gelu_tanh")
@@ -76,7 +77,7 @@ def _pack_fp16(weight: torch.Tensor) -> Fp16PackedWeight | None:
 
 class CpuGemmWeight:
     """A CPU linear weight ``[N, K]`` in fp32, fp16 or bf16, as loaded, for the hand-written GEMM of
-    :mod:`engine.cpu_gemm` (fp32 activations and accumulation, each weight read once and widened in registers)."""
+    :mod:`engine.cpu_kernels` (fp32 activations and accumulation, each weight read once and widened in registers)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight.contiguous()
@@ -87,7 +88,7 @@ class CpuGemmWeight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` in fp32 for ``x [M, K]`` of any float dtype."""
-        return cpu_gemm.matmul(x, self.weight)
+        return cpu_kernels.matmul(x, self.weight)
 
 
 def _sdpa(q, k, v, mask, scale) -> torch.Tensor:
@@ -147,7 +148,7 @@ class TorchOps(Ops):
             return quantize(weight, quantization)  # PyTorch's weight-only int8 / int4 GEMMs
         if weight.device.type != "cpu":
             return weight
-        if cpu_gemm.supports(weight):
+        if cpu_kernels.gemm_supports(weight):
             return CpuGemmWeight(weight)
         packed = _pack_for_onednn(weight) if weight.dtype == torch.float32 else _pack_fp16(weight)
         if packed is not None:
@@ -204,6 +205,9 @@ class TorchOps(Ops):
         return gelu_tanh(x)
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
+        if cpu_kernels.store_supports(k, k_cache):
+            cpu_kernels.store_kv(k, v, k_cache, v_cache, slot_mapping)
+            return
         keep, slots = self._step_memo("store", (slot_mapping,), (), lambda: _valid_slots(slot_mapping))
         if keep is not None:
             k, v = k[keep], v[keep]
@@ -230,6 +234,8 @@ class TorchOps(Ops):
         return out
 
     def decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, max_context_len, scale):
+        if cpu_kernels.attention_supports(k_cache):  # in place through the block tables, no gathered copy
+            return cpu_kernels.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale).to(q.dtype)
         B, S = q.shape[0], max_context_len
         block_size = k_cache.shape[1]
         slots, mask = self._step_memo(

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from engine import LLM, SamplingParams, cpu_gemm
+from engine import LLM, SamplingParams, cpu_kernels
 from engine.torch_ops import CpuGemmWeight, Fp16PackedWeight, TorchOps
 from tests.helpers import half_precision_errors, make_hf_model, rel_err, save_checkpoint
 
@@ -21,10 +21,10 @@ WEIGHT_CLASS = {"cpu_gemm": CpuGemmWeight, "fbgemm": Fp16PackedWeight}  # each p
 @pytest.fixture(params=list(WEIGHT_CLASS))
 def path(request, monkeypatch):
     """The 16-bit path under test: the CPU GEMM, or fbgemm's packed fp16 with the CPU GEMM turned off."""
-    if request.param == "cpu_gemm" and not cpu_gemm.available():
+    if request.param == "cpu_gemm" and not cpu_kernels.available():
         pytest.skip("the CPU GEMM needs x86-64 with AVX2 and a C++ compiler")
     if request.param == "fbgemm":
-        monkeypatch.setattr(cpu_gemm, "supports", lambda weight: False)
+        monkeypatch.setattr(cpu_kernels, "gemm_supports", lambda weight: False)
     return request.param
 
 

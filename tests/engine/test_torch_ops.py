@@ -1,11 +1,13 @@
-"""TorchOps' paged KV paths (the CPU backend's store and decode attention) against the kernels' float64 references,
-on caches poisoned with NaN wherever no context token lives; and its per-step reuse of index math across layers."""
+"""TorchOps' paged KV paths (the CPU backend's store and decode attention, each through the CPU kernels and through
+PyTorch's ops) against the kernels' float64 references, on caches poisoned with NaN wherever no context
+token lives; and its per-step reuse of index math across layers."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from engine import cpu_kernels
 from engine.torch_ops import TorchOps
 from kernels.kv_cache import store_kv_ref
 from kernels.paged_attention import decode_attention_ref
@@ -16,9 +18,25 @@ from tests.kernels.test_paged_attention import fused_q, paged_cache, random_cont
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)]
 
 
+def pytorch_path(monkeypatch):
+    """Decode attention and the KV store through PyTorch's ops (a gathered context and SDPA, ``index_copy_``), not
+    the CPU kernels."""
+    monkeypatch.setattr(cpu_kernels, "attention_supports", lambda k_cache: False)
+    monkeypatch.setattr(cpu_kernels, "store_supports", lambda k, k_cache: False)
+
+
+@pytest.fixture(params=["cpu_kernel", "pytorch"])
+def path(request, monkeypatch):
+    if request.param == "cpu_kernel" and not cpu_kernels.available():
+        pytest.skip("the CPU kernels need x86-64 with AVX2 and a C++ compiler")
+    if request.param == "pytorch":
+        pytorch_path(monkeypatch)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype, tol", DTYPES)
 @pytest.mark.parametrize("B, max_len", [(1, 1), (1, 37), (4, 45), (3, 70)])
-def test_decode_attention_matches_reference(B, max_len, dtype, tol):
+def test_decode_attention_matches_reference(B, max_len, dtype, tol, path):
     """Batch 1 fills max_context_len (no mask); ragged batches read their first slot past their context, which a
     NaN there would expose."""
     lens = random_context_lens(B, max_len)
@@ -29,8 +47,9 @@ def test_decode_attention_matches_reference(B, max_len, dtype, tol):
     assert rel_err(out, decode_attention_ref(q, k_cache, v_cache, tables, context_lens, 0.125)) < tol
 
 
-def test_decode_index_is_reused_across_layers_and_redone_when_changed():
+def test_decode_index_is_reused_across_layers_and_redone_when_changed(monkeypatch):
     """Two layers share a step's tables (one index computation); lengths grown in place, or new tensors, are seen."""
+    pytorch_path(monkeypatch)  # the index is the PyTorch path's
     ops = TorchOps()
     k_cache, v_cache, tables, context_lens = paged_cache(random_context_lens(3, 40), 2, 64, 16, torch.float32)
     # a second layer: other values in the same slots, NaN in the same places
@@ -59,7 +78,7 @@ def test_decode_index_is_reused_across_layers_and_redone_when_changed():
 
 @pytest.mark.parametrize("skipped", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_store_kv_matches_reference_across_layers(skipped, dtype):
+def test_store_kv_matches_reference_across_layers(skipped, dtype, path):
     """One slot mapping for every layer of a step, all kept (a decode step) or some skipped (-1)."""
     ops = TorchOps()
     T, H, hd, block_size, num_blocks = 9, 2, 64, 16, 3

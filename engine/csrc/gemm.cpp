@@ -1,15 +1,15 @@
 // The torch backend's CPU GEMM: y[M, N] = x[M, K] . W[N, K]^T in fp32, for fp32 / fp16 / bf16 weights and for int8
 // weight codes with per-row scales. AVX2 + FMA + F16C intrinsics, OpenMP threads (the libgomp PyTorch has loaded).
-// Built and called by engine/cpu_gemm.py, which documents the measurements behind the choices here.
+// Built and called by engine/cpu_kernels.py, which documents the measurements behind the choices here.
 //
 // * Float weights: each weight is read once per tile and widened to fp32 in registers (F16C for fp16, a shift for
 //   bf16); a tile is R weight rows against B activation rows with one fp32 accumulator each, so a row's sum runs in
 //   the same order whatever the batch (batch-invariant, bit for bit).
 // * int8 weights: activations are rounded to int16 row by row (scale = the row's max |x| / 32767) and multiplied
 //   with the codes widened to int16, 16 products per instruction (vpmaddwd), summed exactly in int32 within chunks
-//   of K that cannot overflow, then scaled: w_scale[n] * x_scale[m] * sum.
-
-#include <immintrin.h>
+//   of K that cannot overflow, then scaled: w_scale[n] * x_scale[m] * sum. The codes of each block of 8 rows are
+//   stored 16 values of K at a time, row after row ([K / 16][rows][16]), so a tile reads all its rows' codes from
+//   one pointer at fixed offsets: with a pointer per row the loop ran out of registers and took 2.6x as long.
 
 #include <algorithm>
 #include <cstdint>
@@ -18,34 +18,18 @@
 #include <type_traits>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
-enum Kind { kF32 = 0, kF16 = 1, kBF16 = 2, kInt8 = 3 };
+using namespace gpt2_cpu;
 
-constexpr long kKMultiple = 16;       // K must be a multiple of this (engine/cpu_gemm.py checks it)
+constexpr long kKMultiple = 16;       // K must be a multiple of this (engine/cpu_kernels.py checks it)
 constexpr float kInt16Max = 32767.0f;  // |activation code| <= this
 // int32 sums per lane: each vpmaddwd term is at most 2 * 32767 * 127, and a lane takes one term per 16 values of
 // K, so 2048 values of K (128 terms) stay under 2^31 with 8x to spare.
 constexpr long kInt8Chunk = 2048;
-
-struct BF16 {
-  uint16_t bits;
-};
-using FP16 = uint16_t;
-
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const FP16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline __m256 load8(const BF16* p) {
-  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+constexpr int kInt8Rows = 8;  // activation rows per int8 tile
 
 // f(std::integral_constant<int, b>{}, m) for each block of b <= B activation rows starting at row m: full blocks of
 // B, then one smaller block for the rest, so every tile size is a compile-time constant.
@@ -114,9 +98,10 @@ void float_weights(const float* x, const void* w, float* y, long M, long N, long
 
 // ---- int8 weights ----
 
-// Row m of x as int16 codes and its scale; a row holding inf or NaN gets a NaN scale (so its outputs are NaN,
-// as a float GEMM's would be), an all-zero row a zero scale.
-void quantize_row(const float* x, long K, int16_t* q, float* scale) {
+// A row of x as int16 codes, each 16 of them ``chunk_stride`` codes after the previous 16, and its scale; a row
+// holding inf or NaN gets a NaN scale (so its outputs are NaN, as a float GEMM's would be), an all-zero row a zero
+// scale.
+void quantize_row(const float* x, long K, int16_t* q, long chunk_stride, float* scale) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 top = _mm256_setzero_ps(), probe = _mm256_setzero_ps();
   for (long k = 0; k < K; k += 8) {
@@ -130,7 +115,7 @@ void quantize_row(const float* x, long K, int16_t* q, float* scale) {
   for (float lane : lanes) most = std::max(most, lane);
   if (hsum(probe) != 0.0f) {  // only NaN compares unequal to 0 here
     *scale = std::numeric_limits<float>::quiet_NaN();
-    std::memset(q, 0, K * sizeof(int16_t));
+    for (long k = 0; k < K; k += 16) std::memset(q + k / 16 * chunk_stride, 0, 16 * sizeof(int16_t));
     return;
   }
   *scale = most / kInt16Max;
@@ -139,30 +124,31 @@ void quantize_row(const float* x, long K, int16_t* q, float* scale) {
     __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), inv));  // round to nearest even
     __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), inv));
     __m256i packed = _mm256_packs_epi32(lo, hi);  // saturating; interleaves the 128-bit halves
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), _mm256_permute4x64_epi64(packed, 0xD8));
+    __m256i ordered = _mm256_permute4x64_epi64(packed, 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k / 16 * chunk_stride), ordered);
   }
 }
 
-// One weight row (codes w, scale w_scale) against B activation rows.
+// One weight row (codes w, scale w_scale) against the B activation rows of one block of codes x.
 template <int B>
 inline void int8_tile(const int16_t* x, const float* x_scale, const int8_t* w, float w_scale, long K, float* y,
                       long N) {
-  __m256 total[B];
-  for (int b = 0; b < B; b++) total[b] = _mm256_setzero_ps();
+  float total[B] = {};
   for (long start = 0; start < K; start += kInt8Chunk) {
     const long end = std::min(K, start + kInt8Chunk);
     __m256i acc[B];
     for (int b = 0; b < B; b++) acc[b] = _mm256_setzero_si256();
     for (long k = start; k < end; k += 16) {
       __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k)));
+      const int16_t* xk = x + k * B;  // this step's 16 codes of each of the B rows, side by side
       for (int b = 0; b < B; b++) {
-        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + b * K + k));
+        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xk + b * 16));
         acc[b] = _mm256_add_epi32(acc[b], _mm256_madd_epi16(wv, xv));
       }
     }
-    for (int b = 0; b < B; b++) total[b] = _mm256_add_ps(total[b], _mm256_cvtepi32_ps(acc[b]));
+    for (int b = 0; b < B; b++) total[b] += hsum(_mm256_cvtepi32_ps(acc[b]));
   }
-  for (int b = 0; b < B; b++) y[b * N] = hsum(total[b]) * w_scale * x_scale[b];
+  for (int b = 0; b < B; b++) y[b * N] = total[b] * w_scale * x_scale[b];
 }
 
 // One weight row per step (measured faster than 2-6 at M = 1: the int32 adds have no latency to hide), 8
@@ -171,11 +157,14 @@ void int8_weights(const float* x, const void* w, const float* w_scale, float* y,
                   int threads) {
   std::vector<int16_t> codes(M * K);
   std::vector<float> x_scale(M);
-  for (long m = 0; m < M; m++) quantize_row(x + m * K, K, codes.data() + m * K, &x_scale[m]);
+  for (long m = 0; m < M; m++) {
+    const long first = m / kInt8Rows * kInt8Rows, rows = std::min<long>(kInt8Rows, M - first);  // row m's block
+    quantize_row(x + m * K, K, codes.data() + first * K + (m - first) * 16, rows * 16, &x_scale[m]);
+  }
   const int8_t* weights = static_cast<const int8_t*>(w);
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long n = 0; n < N; n++) {
-    activation_blocks<8>(M, [&](auto b, long m) {
+    activation_blocks<kInt8Rows>(M, [&](auto b, long m) {  // m: the first row of a block
       int8_tile<decltype(b)::value>(codes.data() + m * K, x_scale.data() + m, weights + n * K, w_scale[n], K,
                                     y + m * N + n, N);
     });

@@ -1,0 +1,131 @@
+// The torch backend's CPU paged decode attention: one query per sequence and head against that sequence's cached
+// keys and values, read in place through its block table (no gathered copy of the context), in fp32 for fp32 /
+// fp16 / bf16 caches. AVX2 + FMA + F16C, OpenMP threads over (sequence, head). Built and called by
+// engine/cpu_kernels.py.
+//
+// out[b, h] = softmax(scale * q[b, h] . K[b, :, h]^T) . V[b, :, h] over the context_lens[b] cached tokens of
+// sequence b, token s in slot block_tables[b, s / block_size] * block_size + s % block_size of the
+// [slots, H, D] caches. Exact softmax in two passes over the scores (kept per thread), no online rescaling.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "simd.h"
+
+namespace {
+
+using namespace gpt2_cpu;
+
+constexpr long kMaxHeadDim = 256;  // D <= this and a multiple of 8 (engine/cpu_kernels.py checks both)
+
+inline long slot_of(const int32_t* table, long s, long block_size) {
+  return static_cast<long>(table[s / block_size]) * block_size + s % block_size;
+}
+
+// One (sequence, head): q and out are its D values; k and v point at head h of slot 0 (the next slot is H * D on).
+template <typename T>
+void attend(const float* q, const T* k, const T* v, const int32_t* table, long n, long HD, long D, long block_size,
+            float scale, float* scores, float* out) {
+  float top = -INFINITY;
+  long s = 0;
+  for (; s + 4 <= n; s += 4) {  // four tokens at a time: four independent FMA chains
+    const T* key[4];
+    __m256 dot[4];
+    for (int j = 0; j < 4; j++) {
+      key[j] = k + slot_of(table, s + j, block_size) * HD;
+      dot[j] = _mm256_setzero_ps();
+    }
+    for (long d = 0; d < D; d += 8) {
+      const __m256 qd = _mm256_loadu_ps(q + d);
+      for (int j = 0; j < 4; j++) dot[j] = _mm256_fmadd_ps(load8(key[j] + d), qd, dot[j]);
+    }
+    for (int j = 0; j < 4; j++) {
+      scores[s + j] = hsum(dot[j]) * scale;
+      top = std::max(top, scores[s + j]);
+    }
+  }
+  for (; s < n; s++) {
+    const T* key = k + slot_of(table, s, block_size) * HD;
+    __m256 dot = _mm256_setzero_ps();
+    for (long d = 0; d < D; d += 8) dot = _mm256_fmadd_ps(load8(key + d), _mm256_loadu_ps(q + d), dot);
+    scores[s] = hsum(dot) * scale;
+    top = std::max(top, scores[s]);
+  }
+  float total = 0.0f;
+  const __m256 top8 = _mm256_set1_ps(top);
+  __m256 total8 = _mm256_setzero_ps();
+  for (s = 0; s + 8 <= n; s += 8) {
+    const __m256 p = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + s), top8));
+    _mm256_storeu_ps(scores + s, p);
+    total8 = _mm256_add_ps(total8, p);
+  }
+  for (; s < n; s++) {
+    scores[s] = std::exp(scores[s] - top);
+    total += scores[s];
+  }
+  total += hsum(total8);
+  alignas(32) float acc[kMaxHeadDim] = {};
+  for (long s = 0; s < n; s++) {
+    const T* value = v + slot_of(table, s, block_size) * HD;
+    const __m256 p = _mm256_set1_ps(scores[s]);
+    for (long d = 0; d < D; d += 8) {
+      _mm256_store_ps(acc + d, _mm256_fmadd_ps(p, load8(value + d), _mm256_load_ps(acc + d)));
+    }
+  }
+  const float inv = n > 0 ? 1.0f / total : 0.0f;  // a sequence with nothing cached attends to nothing: zeros
+  for (long d = 0; d < D; d++) out[d] = acc[d] * inv;
+}
+
+template <typename T>
+void decode(const float* q, const void* k_cache, const void* v_cache, const int32_t* block_tables, long table_stride,
+            const int32_t* context_lens, float* out, long B, long H, long D, long block_size, float scale,
+            int threads) {
+  const T* k = static_cast<const T*>(k_cache);
+  const T* v = static_cast<const T*>(v_cache);
+  long longest = 0;
+  for (long b = 0; b < B; b++) longest = std::max<long>(longest, context_lens[b]);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> scores(longest);
+#pragma omp for schedule(static)
+    for (long i = 0; i < B * H; i++) {
+      const long b = i / H, h = i % H;
+      attend(q + i * D, k + h * D, v + h * D, block_tables + b * table_stride, context_lens[b], H * D, D, block_size,
+             scale, scores.data(), out + i * D);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// The largest head size gpt2_cpu_decode_attention takes.
+long gpt2_cpu_decode_attention_max_head_dim() { return kMaxHeadDim; }
+
+// q, out: fp32 [B, H, D]; k_cache, v_cache: [slots, H, D] of ``kind`` (fp32, fp16 or bf16); block_tables: int32
+// [B, table_stride]; context_lens: int32 [B]. All contiguous. Returns 0, or -1 for arguments it does not take.
+int gpt2_cpu_decode_attention(int kind, const float* q, const void* k_cache, const void* v_cache,
+                              const int32_t* block_tables, long table_stride, const int32_t* context_lens, float* out,
+                              long B, long H, long D, long block_size, float scale, int threads) {
+  if (D % 8 != 0 || D > kMaxHeadDim || block_size < 1 || threads < 1) return -1;
+  switch (kind) {
+    case kF32:
+      decode<float>(q, k_cache, v_cache, block_tables, table_stride, context_lens, out, B, H, D, block_size, scale,
+                    threads);
+      return 0;
+    case kF16:
+      decode<FP16>(q, k_cache, v_cache, block_tables, table_stride, context_lens, out, B, H, D, block_size, scale,
+                   threads);
+      return 0;
+    case kBF16:
+      decode<BF16>(q, k_cache, v_cache, block_tables, table_stride, context_lens, out, B, H, D, block_size, scale,
+                   threads);
+      return 0;
+  }
+  return -1;
+}
+
+}  // extern "C"

@@ -1,0 +1,302 @@
+"""The hand-written CPU GEMM (engine/cpu_kernels.cpp through engine.cpu_kernels): exact against float64 for every weight
+dtype and tile remainder, batch- and thread-invariant bit for bit, and a clean fall-back where it can't build."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine import cpu_kernels
+from engine.torch_ops import CpuGemmWeight, TorchOps
+from tests.helpers import rel_err
+
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ALL_DTYPES = FLOAT_DTYPES + [torch.int8]
+
+needs_kernel = pytest.mark.skipif(
+    not cpu_kernels.available(), reason="the CPU kernels need x86-64 with AVX2 and a C++ compiler"
+)
+
+
+def random_weight(dtype: torch.dtype, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A weight in ``dtype`` and, for int8, its per-row scales."""
+    if dtype != torch.int8:
+        return (torch.randn(n, k) * 0.1).to(dtype), None
+    return torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) * 0.01 + 1e-4
+
+
+def run(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    out = torch.full((x.shape[0], w.shape[0]), float("nan"))  # poisoned: every element must be written
+    cpu_kernels.matmul(x, w, scales, out=out)
+    return out
+
+
+def int16_reference(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """What the int8 kernel computes, in float64 from its own activation codes: each row of ``x`` rounded (half to
+    even, in fp32 arithmetic as the kernel does it) to int16 codes at 32767 / max |row|."""
+    most = x.abs().amax(dim=1, keepdim=True)
+    codes = torch.round(x * (torch.tensor(32767.0) / most))
+    x_scale = (most / torch.tensor(32767.0)).double()
+    return (codes.double() @ w.double().t()) * x_scale * scales.double()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_matches_float64(dtype):
+    """Every tile remainder: M around the 4- and 8-row blocks (and M = 1's own tiles), N around the 3- and 6-row
+    groups, K long enough for int8's int32 chunks to roll over."""
+    m = random.choice([1, 2, 3, 4, 5, 7, 8, 9, 13, 17])
+    n = random.randint(1, 40)
+    k = 16 * random.randint(1, 40) if random.random() < 0.5 else 2048 + 16 * random.randint(1, 200)
+    w, scales = random_weight(dtype, n, k)
+    x = torch.randn(m, k)
+    got = run(x, w, scales)
+    if dtype == torch.int8:
+        assert rel_err(got, int16_reference(x, w, scales)) < 1e-6  # the sums are exact; only fp32 scaling rounds
+        exact = x.double() @ (w.double() * scales.double()[:, None]).t()
+        assert rel_err(got, exact) < 2e-4  # and the int16 codes are close to the activations
+    else:
+        assert rel_err(got, x.double() @ w.double().t()) < 1e-5  # fp32 sums of the dtype's own values
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_a_row_gets_the_same_bits_alone_and_in_any_batch(dtype):
+    k = 16 * random.randint(1, 64)
+    w, scales = random_weight(dtype, random.randint(1, 50), k)
+    x = torch.randn(random.randint(3, 19), k)
+    batch = run(x, w, scales)
+    for i in random.sample(range(x.shape[0]), 3):
+        assert torch.equal(run(x[i : i + 1], w, scales), batch[i : i + 1])
+        assert torch.equal(run(x[i:], w, scales), batch[i:])
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+def test_thread_count_does_not_change_the_bits(dtype):
+    k = 16 * random.randint(1, 64)
+    w, scales = random_weight(dtype, random.randint(20, 90), k)
+    x = torch.randn(random.randint(1, 9), k)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(x, w, scales)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(run(x, w, scales), one)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_int8_nonfinite_activations_poison_only_their_row(bad):
+    k = 16 * random.randint(1, 32)
+    w, scales = random_weight(torch.int8, 24, k)
+    x = torch.randn(5, k)
+    row = random.randrange(5)
+    x[row, random.randrange(k)] = bad
+    got = run(x, w, scales)
+    assert got[row].isnan().all()
+    others = [i for i in range(5) if i != row]
+    assert torch.equal(got[others], run(x[others], w, scales))
+
+
+@needs_kernel
+def test_int8_sums_never_overflow():
+    """The largest codes everywhere (+-32767 against +-127) over a K of 2^14: 8x past int32 in one sum, so the kernel
+    must move its int32 sums to fp32 chunk by chunk."""
+    k = 16384
+    sign = random.choice([1, -1])
+    w = torch.full((4, k), 127 * sign, dtype=torch.int8)
+    scales = torch.rand(4) + 0.5
+    x = torch.rand(2, 1) + 0.5 + torch.zeros(2, k)  # every activation its row's max
+    assert rel_err(run(x, w, scales), x.double() @ (w.double() * scales.double()[:, None]).t()) < 1e-6
+
+
+@needs_kernel
+def test_int8_zero_row_gives_zeros():
+    w, scales = random_weight(torch.int8, 12, 64)
+    x = torch.randn(3, 64)
+    x[1] = 0.0
+    got = run(x, w, scales)
+    assert torch.equal(got[1], torch.zeros(12))
+    assert got[[0, 2]].abs().min() > 0
+
+
+@needs_kernel
+def test_bad_arguments():
+    w, scales = random_weight(torch.int8, 8, 32)
+    with pytest.raises(ValueError, match="does not match"):
+        cpu_kernels.matmul(torch.randn(2, 48), w, scales)
+    with pytest.raises(ValueError, match="scales go with int8"):
+        cpu_kernels.matmul(torch.randn(2, 32), w)
+    with pytest.raises(ValueError, match="scales go with int8"):
+        cpu_kernels.matmul(torch.randn(2, 32), torch.randn(8, 32), scales)
+    with pytest.raises(ValueError, match="scales must be"):
+        cpu_kernels.matmul(torch.randn(2, 32), w, scales.double())
+    with pytest.raises(ValueError, match="out must be"):
+        cpu_kernels.matmul(torch.randn(2, 32), w, scales, out=torch.empty(2, 9))
+    assert not cpu_kernels.gemm_supports(torch.randn(8, 40))  # K not a multiple of 16
+    assert not cpu_kernels.gemm_supports(torch.randn(8, 32, dtype=torch.float64))
+
+
+def paged_context(dtype: torch.dtype, lens: list[int], heads: int, head_dim: int, block_size: int):
+    """NaN-filled ``[num_blocks, block_size, H, D]`` caches with each sequence's ``lens[b]`` tokens written into
+    randomly chosen blocks, the int32 block tables, and each sequence's keys and values ``[len, H, D]``."""
+    tables = [(n + block_size - 1) // block_size for n in lens]
+    width = max(1, *tables)
+    num_blocks = sum(tables) + random.randint(1, 4)
+    order = torch.randperm(num_blocks).tolist()
+    k_cache = torch.full((num_blocks, block_size, heads, head_dim), float("nan")).to(dtype)
+    v_cache = k_cache.clone()
+    block_tables = torch.zeros(len(lens), width, dtype=torch.int32)
+    contexts = []
+    for b, n in enumerate(lens):
+        blocks = [order.pop() for _ in range(tables[b])]
+        block_tables[b, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        keys, values = (torch.randn(n, heads, head_dim).to(dtype) for _ in range(2))
+        for s in range(n):
+            k_cache[blocks[s // block_size], s % block_size] = keys[s]
+            v_cache[blocks[s // block_size], s % block_size] = values[s]
+        contexts.append((keys, values))
+    return k_cache, v_cache, block_tables, contexts
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_decode_attention_matches_float64(dtype):
+    heads, head_dim = random.randint(1, 5), 8 * random.randint(1, 32)
+    block_size = random.choice([1, 3, 16])
+    lens = [random.randint(1, 70) for _ in range(random.randint(1, 6))]
+    k_cache, v_cache, block_tables, contexts = paged_context(dtype, lens, heads, head_dim, block_size)
+    q = torch.randn(len(lens), heads, head_dim)
+    scale = head_dim**-0.5
+    out = torch.full(q.shape, float("nan"))
+    cpu_kernels.decode_attention(q, k_cache, v_cache, block_tables, torch.tensor(lens, dtype=torch.int32), scale, out)
+    for b, (keys, values) in enumerate(contexts):
+        scores = torch.einsum("hd,shd->hs", q[b].double(), keys.double()) * scale
+        ref = torch.einsum("hs,shd->hd", scores.softmax(-1), values.double())
+        assert rel_err(out[b], ref) < 1e-5
+
+
+@needs_kernel
+def test_decode_attention_of_an_empty_context_is_zero():
+    lens = [random.randint(1, 20), 0, random.randint(1, 20)]
+    k_cache, v_cache, block_tables, _ = paged_context(torch.float32, lens, 2, 16, 4)
+    q = torch.randn(3, 2, 16)
+    out = cpu_kernels.decode_attention(q, k_cache, v_cache, block_tables, torch.tensor(lens, dtype=torch.int32), 0.25)
+    assert torch.equal(out[1], torch.zeros(2, 16))
+    assert out[[0, 2]].isfinite().all()
+
+
+@needs_kernel
+def test_decode_attention_bad_arguments():
+    k_cache, v_cache, block_tables, _ = paged_context(torch.float32, [5, 7], 2, 16, 4)
+    lens = torch.tensor([5, 7], dtype=torch.int32)
+    with pytest.raises(ValueError, match="does not match"):
+        cpu_kernels.decode_attention(torch.randn(2, 3, 16), k_cache, v_cache, block_tables, lens, 0.25)
+    with pytest.raises(ValueError, match="block_tables must be"):
+        cpu_kernels.decode_attention(torch.randn(2, 2, 16), k_cache, v_cache, block_tables.long(), lens, 0.25)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        cpu_kernels.decode_attention(torch.randn(2, 2, 16), k_cache, v_cache.half(), block_tables, lens, 0.25)
+    assert not cpu_kernels.attention_supports(torch.zeros(4, 4, 2, 12))  # D not a multiple of 8
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_store_kv_writes_each_row_to_its_slot_and_nothing_else(dtype):
+    T, H, D, block_size, num_blocks = random.randint(1, 9), random.randint(1, 4), 8 * random.randint(1, 8), 4, 5
+    qkv = torch.randn(T, 3, H, D).to(dtype)  # k and v as the model passes them: strided views of the fused output
+    k, v = qkv[:, 1], qkv[:, 2]
+    slots = torch.randperm(num_blocks * block_size)[:T]
+    slots[torch.rand(T) < 0.3] = -1  # skipped rows
+    k_cache, v_cache = (torch.full((num_blocks, block_size, H, D), float("nan")).to(dtype) for _ in range(2))
+    assert cpu_kernels.store_supports(k, k_cache)
+    cpu_kernels.store_kv(k, v, k_cache, v_cache, slots)
+    flat_k, flat_v = k_cache.view(-1, H, D), v_cache.view(-1, H, D)
+    kept = slots >= 0
+    assert torch.equal(flat_k[slots[kept]], k[kept]) and torch.equal(flat_v[slots[kept]], v[kept])
+    untouched = torch.ones(num_blocks * block_size, dtype=torch.bool)
+    untouched[slots[kept]] = False
+    assert flat_k[untouched].isnan().all() and flat_v[untouched].isnan().all()
+
+
+@needs_kernel
+def test_store_kv_refuses_a_slot_past_the_cache_and_writes_nothing():
+    k_cache, v_cache = torch.zeros(2, 4, 2, 8), torch.zeros(2, 4, 2, 8)
+    k, v = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    with pytest.raises(ValueError, match="past the caches"):
+        cpu_kernels.store_kv(k, v, k_cache, v_cache, torch.tensor([0, 1, 8]))
+    assert not k_cache.any() and not v_cache.any()
+    with pytest.raises(ValueError, match="slot_mapping must be"):
+        cpu_kernels.store_kv(k, v, k_cache, v_cache, torch.tensor([0, 1, 2], dtype=torch.int32))
+    assert not cpu_kernels.store_supports(k.half(), k_cache)  # dtypes differ
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """``cpu_kernels.library()`` rebuilt from scratch into an empty cache, and reloaded normally afterwards."""
+    monkeypatch.setenv(cpu_kernels.CACHE_ENV, str(tmp_path))
+    cpu_kernels.library.cache_clear()
+    yield tmp_path
+    monkeypatch.undo()
+    cpu_kernels.library.cache_clear()
+
+
+@needs_kernel
+def test_builds_once_into_the_cache(fresh_library, monkeypatch):
+    assert cpu_kernels.available()
+    (built,) = fresh_library.glob("cpu_kernels-*.so")
+    cpu_kernels.library.cache_clear()
+
+    def no_build(*args):
+        raise AssertionError("rebuilt a library the cache holds")
+
+    monkeypatch.setattr(cpu_kernels, "build", no_build)
+    assert cpu_kernels.available()
+    assert list(fresh_library.glob("*")) == [built]  # and no temporary file left beside it
+
+
+def test_a_failed_build_warns_and_pytorch_runs_the_linears(fresh_library, monkeypatch):
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
+    monkeypatch.setattr(cpu_kernels, "_cpu_can_run", lambda: True)
+    with pytest.warns(UserWarning, match="CPU kernels are not used"):
+        assert not cpu_kernels.available()
+    assert list(fresh_library.glob("*")) == []  # nothing half-written left in the cache
+    w = torch.randn(64, 128)
+    prepared = TorchOps().prepare_weight(w)
+    assert not isinstance(prepared, CpuGemmWeight)
+    x = torch.randn(3, 128)
+    assert rel_err(TorchOps().linear(x, prepared), x.double() @ w.double().t()) < 1e-5
+
+
+def test_switched_off_by_the_environment(fresh_library, monkeypatch):
+    monkeypatch.setenv(cpu_kernels.SWITCH_ENV, "0")
+    assert not cpu_kernels.available()
+    assert not isinstance(TorchOps().prepare_weight(torch.randn(32, 64)), CpuGemmWeight)
+
+
+@needs_kernel
+def test_source_compiles_without_warnings(tmp_path):
+    cxx = cpu_kernels.compiler()
+    flags = [*cpu_kernels.FLAGS, "-Wall", "-Wextra", "-Werror"]
+    r = subprocess.run(
+        [cxx, *flags, *map(str, cpu_kernels.SOURCES), "-o", str(tmp_path / "k.so")], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+
+
+@needs_kernel
+def test_runs_on_pytorchs_openmp_runtime():
+    """The library's libgomp is the one torch loaded: one OpenMP thread pool in the process, not two."""
+    code = (
+        "import torch; from engine import cpu_kernels; assert cpu_kernels.available()\n"
+        "maps = open('/proc/self/maps').read().splitlines()\n"
+        "print(len({line.split()[-1] for line in maps if 'libgomp' in line}))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "1"
