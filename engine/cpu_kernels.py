@@ -50,6 +50,7 @@ SOURCES = (SOURCE_DIR / "gemm.cpp", SOURCE_DIR / "decode_attention.cpp", SOURCE_
 HEADERS = (SOURCE_DIR / "simd.h",)
 FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}  # simd.h's enum Kind
+EPILOGUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what bias and residual may be stored as
 K_MULTIPLE = 16  # the GEMM's K must be a multiple of this (gpt2_cpu_gemm_k_multiple)
 HEAD_DIM_MULTIPLE = 8  # decode attention's head size: a multiple of this, at most MAX_HEAD_DIM
 MAX_HEAD_DIM = 256  # gpt2_cpu_decode_attention_max_head_dim
@@ -113,7 +114,7 @@ def library() -> ctypes.CDLL | None:
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_long
     lib.gpt2_cpu_gemm.restype = ctypes.c_int
-    lib.gpt2_cpu_gemm.argtypes = [ctypes.c_int, *[pointer] * 4, *[size] * 3, ctypes.c_int]
+    lib.gpt2_cpu_gemm.argtypes = [ctypes.c_int, *[pointer] * 4, *[size] * 3, pointer, pointer, *[ctypes.c_int] * 3]
     lib.gpt2_cpu_decode_attention.restype = ctypes.c_int
     lib.gpt2_cpu_decode_attention.argtypes = [
         ctypes.c_int, *[pointer] * 4, size, pointer, pointer, *[size] * 4, ctypes.c_float, ctypes.c_int
@@ -131,7 +132,7 @@ def available() -> bool:
 
 
 def gemm_supports(weight: torch.Tensor) -> bool:
-    """Whether :func:`matmul` takes this weight: a 2-D CPU tensor of a dtype it reads, K a multiple of 16, and the
+    """Whether :class:`GemmWeight` takes this weight: a 2-D CPU tensor of a dtype it reads, K a multiple of 16, and the
     library available."""
     return (
         weight.device.type == "cpu"
@@ -142,40 +143,90 @@ def gemm_supports(weight: torch.Tensor) -> bool:
     )
 
 
+class GemmWeight:
+    """A CPU linear weight ``[N, K]`` for the GEMM: fp32, fp16 or bf16 values, or int8 codes with fp32 per-row
+    ``scales``. Checked once here, so that a call checks only what it is given."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor | None = None) -> None:
+        if not gemm_supports(weight):
+            raise ValueError(f"the CPU GEMM does not take a {weight.dtype} weight of shape {tuple(weight.shape)}")
+        n = weight.shape[0]
+        if (weight.dtype == torch.int8) != (scales is not None):
+            raise ValueError("scales go with int8 weights, and only with them")
+        if scales is not None and (scales.dtype != torch.float32 or scales.shape != (n,) or not scales.is_contiguous()):
+            raise ValueError(f"scales must be a contiguous fp32 tensor of shape ({n},)")
+        self.weight = weight.contiguous()
+        self.scales = scales
+        self.kind = KINDS[weight.dtype]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` in fp32 for ``x [M, K]`` of any float dtype."""
+        return self.linear(x)
+
+    def linear(
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        gelu: bool = False,
+        residual: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """fp32 ``gelu(x @ W.T + bias) + residual`` (each part optional; bias ``[N]`` and residual ``[M, N]`` in one
+        float dtype) for ``x [M, K]`` of any float dtype, into ``out`` when given."""
+        n, k = self.weight.shape
+        if x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
+            raise ValueError(f"x of shape {tuple(x.shape)} on {x.device} does not match a CPU weight of shape {(n, k)}")
+        x = x.float().contiguous()
+        m = x.shape[0]
+        extra = _epilogue_dtype(bias, residual, m, n)
+        if out is None:
+            out = torch.empty(m, n)
+        elif out.shape != (m, n) or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous fp32 tensor of shape {(m, n)}")
+        status = library().gpt2_cpu_gemm(
+            self.kind,
+            x.data_ptr(),
+            self.weight.data_ptr(),
+            None if self.scales is None else self.scales.data_ptr(),
+            out.data_ptr(),
+            m,
+            n,
+            k,
+            None if bias is None else bias.data_ptr(),
+            None if residual is None else residual.data_ptr(),
+            KINDS[extra],
+            int(gelu),
+            torch.get_num_threads(),
+        )
+        if status != 0:
+            raise ValueError(f"the CPU GEMM refused a weight of shape {(n, k)} and dtype {self.weight.dtype}")
+        return out
+
+
+def _epilogue_dtype(bias: torch.Tensor | None, residual: torch.Tensor | None, m: int, n: int) -> torch.dtype:
+    """The one float dtype of ``bias [N]`` and ``residual [M, N]`` (either may be None), both contiguous on CPU."""
+    dtypes = set()
+    for name, t, shape in (("bias", bias, (n,)), ("residual", residual, (m, n))):
+        if t is None:
+            continue
+        if t.shape != shape or t.dtype not in EPILOGUE_DTYPES or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"{name} must be a contiguous CPU float tensor of shape {shape}")
+        dtypes.add(t.dtype)
+    if len(dtypes) > 1:
+        raise ValueError(f"bias and residual must share a dtype, got {sorted(map(str, dtypes))}")
+    return dtypes.pop() if dtypes else torch.float32
+
+
 def matmul(
     x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``x @ weight.T`` (times ``scales[n]`` per weight row, for int8 codes) as fp32 ``[M, N]``, for ``x [M, K]`` of
-    any float dtype; ``weight`` must pass :func:`gemm_supports` and be contiguous, ``scales`` fp32 ``[N]``."""
-    n, k = weight.shape
-    x = x.float().contiguous()
-    if x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
-        raise ValueError(f"x of shape {tuple(x.shape)} on {x.device} does not match a CPU weight of shape {(n, k)}")
-    if (weight.dtype == torch.int8) != (scales is not None):
-        raise ValueError("scales go with int8 weights, and only with them")
-    if scales is not None and (scales.dtype != torch.float32 or scales.shape != (n,) or not scales.is_contiguous()):
-        raise ValueError(f"scales must be a contiguous fp32 tensor of shape ({n},)")
-    if not weight.is_contiguous():
-        raise ValueError("the weight must be contiguous")
-    m = x.shape[0]
-    if out is None:
-        out = torch.empty(m, n)
-    elif out.shape != (m, n) or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous fp32 tensor of shape {(m, n)}")
-    status = library().gpt2_cpu_gemm(
-        KINDS[weight.dtype],
-        x.data_ptr(),
-        weight.data_ptr(),
-        None if scales is None else scales.data_ptr(),
-        out.data_ptr(),
-        m,
-        n,
-        k,
-        torch.get_num_threads(),
-    )
-    if status != 0:
-        raise ValueError(f"the CPU GEMM refused a weight of shape {(n, k)} and dtype {weight.dtype}")
-    return out
+    """``x @ weight.T`` (times ``scales[n]`` per weight row, for int8 codes) as fp32 ``[M, N]``: :class:`GemmWeight`'s
+    product for a weight used once."""
+    return GemmWeight(weight, scales).linear(x, out=out)
 
 
 def attention_supports(k_cache: torch.Tensor) -> bool:

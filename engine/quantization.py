@@ -23,7 +23,7 @@ scales the whole batch at once: fbgemm's int8 ``linear_dynamic`` is faster, 19 /
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -51,6 +51,7 @@ class Int8WeightOnly:
 
     qweight: torch.Tensor
     scales: torch.Tensor
+    kernel: cpu_kernels.GemmWeight | None = field(default=None, repr=False)  # the CPU GEMM's view of the two
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -61,8 +62,8 @@ class Int8WeightOnly:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` for ``x [M, K]`` in the activation dtype."""
-        if self.scales.dtype == torch.float32 and cpu_kernels.gemm_supports(self.qweight):
-            return cpu_kernels.matmul(x, self.qweight, self.scales).to(x.dtype)
+        if self.kernel is not None:
+            return self.kernel.matmul(x).to(x.dtype)
         if x.device.type == "cpu":
             scales = self.scales.to(CPU_KERNEL_DTYPE)
             y = torch._weight_int8pack_mm(x.to(CPU_KERNEL_DTYPE).contiguous(), self.qweight, scales)
@@ -105,8 +106,10 @@ def quantize_int8(weight: torch.Tensor) -> Int8WeightOnly:
     w = weight.float()
     scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
     q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-    scale_dtype = torch.float32 if cpu_kernels.gemm_supports(q) else _compute_dtype(weight)
-    return Int8WeightOnly(q, scales.to(scale_dtype).contiguous())
+    if cpu_kernels.gemm_supports(q):
+        scales = scales.float().contiguous()
+        return Int8WeightOnly(q, scales, cpu_kernels.GemmWeight(q, scales))
+    return Int8WeightOnly(q, scales.to(_compute_dtype(weight)).contiguous())
 
 
 def quantize_int4(weight: torch.Tensor) -> Int4WeightOnly:

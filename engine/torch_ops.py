@@ -75,22 +75,6 @@ def _pack_fp16(weight: torch.Tensor) -> Fp16PackedWeight | None:
     return Fp16PackedWeight(packed, tuple(weight.shape))
 
 
-class CpuGemmWeight:
-    """A CPU linear weight ``[N, K]`` in fp32, fp16 or bf16, as loaded, for the hand-written GEMM of
-    :mod:`engine.cpu_kernels` (fp32 activations and accumulation, each weight read once and widened in registers)."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.weight = weight.contiguous()
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.weight.shape)
-
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T`` in fp32 for ``x [M, K]`` of any float dtype."""
-        return cpu_kernels.matmul(x, self.weight)
-
-
 def _sdpa(q, k, v, mask, scale) -> torch.Tensor:
     """SDPA in ``q``'s dtype, but in fp32 for 16-bit inputs on CPU, where PyTorch's 16-bit SDPA ran 2-4x slower
     (2 cores, AVX2: a decode layer at batch 8, context 96, 2.4 ms in fp16 vs 0.56 ms through fp32)."""
@@ -149,7 +133,7 @@ class TorchOps(Ops):
         if weight.device.type != "cpu":
             return weight
         if cpu_kernels.gemm_supports(weight):
-            return CpuGemmWeight(weight)
+            return cpu_kernels.GemmWeight(weight)
         packed = _pack_for_onednn(weight) if weight.dtype == torch.float32 else _pack_fp16(weight)
         if packed is not None:
             return packed
@@ -181,6 +165,9 @@ class TorchOps(Ops):
     def linear(self, x, weight, bias=None, activation=None, residual=None):
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+        gemm = weight if isinstance(weight, cpu_kernels.GemmWeight) else getattr(weight, "kernel", None)
+        if gemm is not None:  # the CPU GEMM (int8 weights too), its epilogue fused
+            return gemm.linear(x, bias, activation == "gelu_tanh", residual).to(x.dtype)
         if isinstance(weight, torch.Tensor) and weight.layout == torch._mkldnn:  # oneDNN with fused epilogues
             x = x.contiguous()
             if residual is not None and activation is None:
@@ -191,7 +178,7 @@ class TorchOps(Ops):
             if isinstance(weight, torch.Tensor):
                 wt = weight.t()
                 y = torch.addmm(bias, x, wt) if bias is not None else torch.mm(x, wt)
-            else:  # the CPU GEMM, fbgemm's fp16 or a quantized weight (engine.quantization): fp32 out and epilogue
+            else:  # fbgemm's fp16 or a quantized weight (engine.quantization): fp32 out, epilogue in fp32
                 y = weight.matmul(x)
                 if bias is not None:
                     y += bias

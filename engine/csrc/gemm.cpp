@@ -10,6 +10,8 @@
 //   of K that cannot overflow, then scaled: w_scale[n] * x_scale[m] * sum. The codes of each block of 8 rows are
 //   stored 16 values of K at a time, row after row ([K / 16][rows][16]), so a tile reads all its rows' codes from
 //   one pointer at fixed offsets: with a pointer per row the loop ran out of registers and took 2.6x as long.
+// * The epilogue (+ bias, GELU, + residual: the model's order) runs on each thread's own columns as soon as they are
+//   done, bias and residual in fp32, fp16 or bf16: the torch ops it replaces cost more than the GEMV at M = 1.
 
 #include <algorithm>
 #include <cstdint>
@@ -17,6 +19,8 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#include <omp.h>
 
 #include "simd.h"
 
@@ -49,6 +53,62 @@ inline void activation_blocks(long M, F&& f) {
   if (m < M) rest_block<B - 1>(M - m, m, f);
 }
 
+// Each thread's contiguous share [begin, end) of ``count`` items: body(begin, end, is_last_thread).
+template <typename Body>
+void parallel_shares(long count, int threads, Body body) {
+#pragma omp parallel num_threads(threads)
+  {
+    const long t = omp_get_thread_num(), n = omp_get_num_threads();
+    body(count * t / n, count * (t + 1) / n, t == n - 1);
+  }
+}
+
+// What follows the product, in the model's order: y = gelu(y + bias) + residual, each part optional.
+struct Epilogue {
+  const void* bias;      // [N] or null
+  const void* residual;  // [M, N] or null
+  int kind;              // bias's and residual's stored format (kF32, kF16 or kBF16)
+  bool gelu;
+};
+
+template <typename A>
+void finish_columns(const Epilogue& e, float* y, long M, long N, long begin, long end) {
+  const A* bias = static_cast<const A*>(e.bias);
+  const A* residual = static_cast<const A*>(e.residual);
+  for (long m = 0; m < M; m++) {
+    float* row = y + m * N;
+    long n = begin;
+    for (; n + 8 <= end; n += 8) {
+      __m256 v = _mm256_loadu_ps(row + n);
+      if (bias) v = _mm256_add_ps(v, load8(bias + n));
+      if (e.gelu) v = gelu_tanh(v);
+      if (residual) v = _mm256_add_ps(v, load8(residual + m * N + n));
+      _mm256_storeu_ps(row + n, v);
+    }
+    for (; n < end; n++) {
+      float v = row[n];
+      if (bias) v += load1(bias + n);
+      if (e.gelu) v = gelu_tanh(v);
+      if (residual) v += load1(residual + m * N + n);
+      row[n] = v;
+    }
+  }
+}
+
+void finish(const Epilogue& e, float* y, long M, long N, long begin, long end) {
+  if (!e.bias && !e.residual && !e.gelu) return;
+  switch (e.kind) {
+    case kF16:
+      finish_columns<FP16>(e, y, M, N, begin, end);
+      return;
+    case kBF16:
+      finish_columns<BF16>(e, y, M, N, begin, end);
+      return;
+    default:
+      finish_columns<float>(e, y, M, N, begin, end);
+  }
+}
+
 // ---- float weights ----
 
 template <int R, int B, typename W>
@@ -77,22 +137,24 @@ inline void float_rows(const float* x, const W* w, float* y, long M, long N, lon
 }
 
 template <int R, int B, typename W>
-void float_gemm(const float* x, const W* w, float* y, long M, long N, long K, int threads) {
-  const long groups = N / R;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (long g = 0; g < groups; g++) float_rows<R, B>(x, w, y, M, N, K, g * R);
-  for (long n = groups * R; n < N; n++) float_rows<1, B>(x, w, y, M, N, K, n);
+void float_gemm(const float* x, const W* w, float* y, long M, long N, long K, const Epilogue& e, int threads) {
+  parallel_shares(N / R, threads, [&](long begin, long end, bool last) {
+    for (long g = begin; g < end; g++) float_rows<R, B>(x, w, y, M, N, K, g * R);
+    const long stop = last ? N : end * R;  // the last thread also takes the rows past the last whole group
+    for (long n = end * R; n < stop; n++) float_rows<1, B>(x, w, y, M, N, K, n);
+    finish(e, y, M, N, begin * R, stop);
+  });
 }
 
 // Tiles measured on gpt2-medium's block GEMMs (2 Zen 3 cores): 6 weight rows at M = 1 keeps six independent FMA
 // chains in flight; 3 x 4 leaves registers for the weights and one activation vector at M > 1.
 template <typename W>
-void float_weights(const float* x, const void* w, float* y, long M, long N, long K, int threads) {
+void float_weights(const float* x, const void* w, float* y, long M, long N, long K, const Epilogue& e, int threads) {
   const W* weights = static_cast<const W*>(w);
   if (M == 1) {
-    float_gemm<6, 1>(x, weights, y, M, N, K, threads);
+    float_gemm<6, 1>(x, weights, y, M, N, K, e, threads);
   } else {
-    float_gemm<3, 4>(x, weights, y, M, N, K, threads);
+    float_gemm<3, 4>(x, weights, y, M, N, K, e, threads);
   }
 }
 
@@ -154,7 +216,7 @@ inline void int8_tile(const int16_t* x, const float* x_scale, const int8_t* w, f
 // One weight row per step (measured faster than 2-6 at M = 1: the int32 adds have no latency to hide), 8
 // activation rows per tile, whose codes (8 x K int16) stay in L1/L2 while the weights stream past.
 void int8_weights(const float* x, const void* w, const float* w_scale, float* y, long M, long N, long K,
-                  int threads) {
+                  const Epilogue& e, int threads) {
   std::vector<int16_t> codes(M * K);
   std::vector<float> x_scale(M);
   for (long m = 0; m < M; m++) {
@@ -162,13 +224,15 @@ void int8_weights(const float* x, const void* w, const float* w_scale, float* y,
     quantize_row(x + m * K, K, codes.data() + first * K + (m - first) * 16, rows * 16, &x_scale[m]);
   }
   const int8_t* weights = static_cast<const int8_t*>(w);
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (long n = 0; n < N; n++) {
-    activation_blocks<kInt8Rows>(M, [&](auto b, long m) {  // m: the first row of a block
-      int8_tile<decltype(b)::value>(codes.data() + m * K, x_scale.data() + m, weights + n * K, w_scale[n], K,
-                                    y + m * N + n, N);
-    });
-  }
+  parallel_shares(N, threads, [&](long begin, long end, bool) {
+    for (long n = begin; n < end; n++) {
+      activation_blocks<kInt8Rows>(M, [&](auto b, long m) {  // m: the first row of a block
+        int8_tile<decltype(b)::value>(codes.data() + m * K, x_scale.data() + m, weights + n * K, w_scale[n], K,
+                                      y + m * N + n, N);
+      });
+    }
+    finish(e, y, M, N, begin, end);
+  });
 }
 
 }  // namespace
@@ -178,24 +242,27 @@ extern "C" {
 // The multiple of K every call needs.
 long gpt2_cpu_gemm_k_multiple() { return kKMultiple; }
 
-// y[M, N] = x[M, K] . W[N, K]^T, all row-major and contiguous; ``scales`` (per weight row) only for int8.
+// y[M, N] = gelu(x[M, K] . W[N, K]^T + bias) + residual, all row-major and contiguous; ``scales`` (per weight row)
+// only for int8; bias [N] and residual [M, N] (each optional, null for none) stored as ``epilogue_kind``.
 // Returns 0, or -1 for arguments it does not take (an unknown kind, K not a multiple of 16, int8 without scales).
 int gpt2_cpu_gemm(int kind, const float* x, const void* w, const float* scales, float* y, long M, long N, long K,
-                  int threads) {
+                  const void* bias, const void* residual, int epilogue_kind, int gelu, int threads) {
   if (K % kKMultiple != 0 || M < 0 || N < 0 || threads < 1) return -1;
+  if (epilogue_kind != kF32 && epilogue_kind != kF16 && epilogue_kind != kBF16) return -1;
+  const Epilogue e{bias, residual, epilogue_kind, gelu != 0};
   switch (kind) {
     case kF32:
-      float_weights<float>(x, w, y, M, N, K, threads);
+      float_weights<float>(x, w, y, M, N, K, e, threads);
       return 0;
     case kF16:
-      float_weights<FP16>(x, w, y, M, N, K, threads);
+      float_weights<FP16>(x, w, y, M, N, K, e, threads);
       return 0;
     case kBF16:
-      float_weights<BF16>(x, w, y, M, N, K, threads);
+      float_weights<BF16>(x, w, y, M, N, K, e, threads);
       return 0;
     case kInt8:
       if (scales == nullptr) return -1;
-      int8_weights(x, w, scales, y, M, N, K, threads);
+      int8_weights(x, w, scales, y, M, N, K, e, threads);
       return 0;
   }
   return -1;

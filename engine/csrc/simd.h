@@ -4,6 +4,7 @@
 
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
 
 namespace gpt2_cpu {
@@ -18,6 +19,15 @@ inline __m256 load8(const FP16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(rein
 inline __m256 load8(const BF16* p) {
   __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+inline float load1(const float* p) { return *p; }
+inline float load1(const FP16* p) { return _cvtsh_ss(*p); }
+inline float load1(const BF16* p) {
+  const uint32_t bits = static_cast<uint32_t>(p->bits) << 16;
+  float out;
+  __builtin_memcpy(&out, &bits, sizeof(out));
+  return out;
 }
 
 inline float hsum(__m256 v) {
@@ -45,6 +55,23 @@ inline __m256 exp_nonpositive(__m256 x) {
   const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(scale));
 }
+
+// GPT-2's GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), with tanh(u) = sign(u) (1 - e) / (1 + e) for
+// e = e^(-2|u|): within about 1e-7 of the exact tanh.
+constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
+constexpr float kGeluCubic = 0.044715f;
+
+inline __m256 gelu_tanh(__m256 x) {
+  const __m256 u = _mm256_mul_ps(_mm256_set1_ps(kGeluC),
+                                 _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(kGeluCubic), x), _mm256_mul_ps(x, x), x));
+  const __m256 sign = _mm256_and_ps(u, _mm256_set1_ps(-0.0f));
+  const __m256 e = exp_nonpositive(_mm256_mul_ps(_mm256_set1_ps(-2.0f), _mm256_andnot_ps(_mm256_set1_ps(-0.0f), u)));
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 t = _mm256_or_ps(sign, _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e)));
+  return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(one, t));
+}
+
+inline float gelu_tanh(float x) { return 0.5f * x * (1.0f + std::tanh(kGeluC * (x + kGeluCubic * x * x * x))); }
 
 // The stored formats the kernels take, as engine/cpu_kernels.py numbers them.
 enum Kind { kF32 = 0, kF16 = 1, kBF16 = 2, kInt8 = 3 };

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine import cpu_kernels
-from engine.torch_ops import CpuGemmWeight, TorchOps
+from engine.torch_ops import TorchOps
 from tests.helpers import rel_err
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -61,6 +61,52 @@ def test_matches_float64(dtype):
         assert rel_err(got, exact) < 2e-4  # and the int16 codes are close to the activations
     else:
         assert rel_err(got, x.double() @ w.double().t()) < 1e-5  # fp32 sums of the dtype's own values
+
+
+@needs_kernel
+@pytest.mark.parametrize("extra_dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+def test_fused_epilogue_matches_float64(dtype, extra_dtype):
+    """gelu(x @ W.T + bias) + residual, each part on or off, bias and residual stored in any float dtype; N not a
+    multiple of 8 half the time, so each thread's columns end in the scalar tail."""
+    m, n, k = random.randint(1, 10), random.choice([8 * random.randint(1, 12), random.randint(1, 97)]), 64
+    w, scales = random_weight(dtype, n, k)
+    x = torch.randn(m, k)
+    bias = torch.randn(n).to(extra_dtype) if random.random() < 0.7 else None
+    residual = torch.randn(m, n).to(extra_dtype) if random.random() < 0.7 else None
+    gelu = random.random() < 0.5
+    out = torch.full((m, n), float("nan"))
+    cpu_kernels.GemmWeight(w, scales).linear(x, bias, gelu, residual, out=out)
+    ref = int16_reference(x, w, scales) if dtype == torch.int8 else x.double() @ w.double().t()
+    if bias is not None:
+        ref = ref + bias.double()
+    if gelu:
+        ref = torch.nn.functional.gelu(ref, approximate="tanh")
+    if residual is not None:
+        ref = ref + residual.double()
+    assert rel_err(out, ref) < 1e-5
+
+
+@needs_kernel
+def test_gelu_on_extreme_values():
+    """GELU's vector path (8 columns at a time) against float64 far into both tails and near 0."""
+    x = torch.cat([torch.linspace(-30, 30, 8 * 50), torch.randn(8 * 50) * 1e-3]).view(1, -1)
+    w = torch.eye(x.shape[1])  # x @ I = x, so out = gelu(x)
+    out = cpu_kernels.GemmWeight(w).linear(x, gelu=True)
+    ref = torch.nn.functional.gelu(x.double(), approximate="tanh")
+    assert (out.double() - ref).abs().max() < 1e-6 * (1 + ref.abs().max())
+
+
+@needs_kernel
+def test_epilogue_bad_arguments():
+    weight = cpu_kernels.GemmWeight(torch.randn(8, 32))
+    x = torch.randn(2, 32)
+    with pytest.raises(ValueError, match="bias must be"):
+        weight.linear(x, bias=torch.randn(9))
+    with pytest.raises(ValueError, match="residual must be"):
+        weight.linear(x, residual=torch.randn(8, 2).t())  # not contiguous
+    with pytest.raises(ValueError, match="share a dtype"):
+        weight.linear(x, bias=torch.randn(8), residual=torch.randn(2, 8).half())
 
 
 @needs_kernel
@@ -268,7 +314,7 @@ def test_a_failed_build_warns_and_pytorch_runs_the_linears(fresh_library, monkey
     assert list(fresh_library.glob("*")) == []  # nothing half-written left in the cache
     w = torch.randn(64, 128)
     prepared = TorchOps().prepare_weight(w)
-    assert not isinstance(prepared, CpuGemmWeight)
+    assert not isinstance(prepared, cpu_kernels.GemmWeight)
     x = torch.randn(3, 128)
     assert rel_err(TorchOps().linear(x, prepared), x.double() @ w.double().t()) < 1e-5
 
@@ -276,7 +322,7 @@ def test_a_failed_build_warns_and_pytorch_runs_the_linears(fresh_library, monkey
 def test_switched_off_by_the_environment(fresh_library, monkeypatch):
     monkeypatch.setenv(cpu_kernels.SWITCH_ENV, "0")
     assert not cpu_kernels.available()
-    assert not isinstance(TorchOps().prepare_weight(torch.randn(32, 64)), CpuGemmWeight)
+    assert not isinstance(TorchOps().prepare_weight(torch.randn(32, 64)), cpu_kernels.GemmWeight)
 
 
 @needs_kernel

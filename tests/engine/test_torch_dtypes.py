@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams, cpu_kernels
-from engine.torch_ops import CpuGemmWeight, Fp16PackedWeight, TorchOps
+from engine.torch_ops import Fp16PackedWeight, TorchOps
 from tests.helpers import half_precision_errors, make_hf_model, rel_err, save_checkpoint
 
 SMALL = dict(n_embd=128, n_head=2, n_layer=2, vocab_size=1000, n_positions=64)
 HALF = [torch.float16, torch.bfloat16]
-WEIGHT_CLASS = {"cpu_gemm": CpuGemmWeight, "fbgemm": Fp16PackedWeight}  # each path's prepared 16-bit weight
+WEIGHT_CLASS = {"cpu_gemm": cpu_kernels.GemmWeight, "fbgemm": Fp16PackedWeight}  # each path's prepared 16-bit weight
 
 
 @pytest.fixture(params=list(WEIGHT_CLASS))
@@ -94,7 +94,7 @@ def test_bf16_weight_beyond_fp16_range(path):
     w[random.randrange(64), random.randrange(128)] = 1e6
     prepared = TorchOps().prepare_weight(w)
     if path == "cpu_gemm":
-        assert isinstance(prepared, CpuGemmWeight)
+        assert isinstance(prepared, cpu_kernels.GemmWeight)
     else:
         assert isinstance(prepared, torch.Tensor) and prepared.dtype == torch.bfloat16 and prepared.is_contiguous()
     x = torch.randn(5, 128).to(torch.bfloat16)
