@@ -50,7 +50,7 @@ SOURCES = (SOURCE_DIR / "gemm.cpp", SOURCE_DIR / "decode_attention.cpp", SOURCE_
 HEADERS = (SOURCE_DIR / "simd.h",)
 FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}  # simd.h's enum Kind
-EPILOGUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what bias and residual may be stored as
+ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # x, bias, residual and the output, all alike
 K_MULTIPLE = 16  # the GEMM's K must be a multiple of this (gpt2_cpu_gemm_k_multiple)
 HEAD_DIM_MULTIPLE = 8  # decode attention's head size: a multiple of this, at most MAX_HEAD_DIM
 MAX_HEAD_DIM = 256  # gpt2_cpu_decode_attention_max_head_dim
@@ -164,7 +164,7 @@ class GemmWeight:
         return tuple(self.weight.shape)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T`` in fp32 for ``x [M, K]`` of any float dtype."""
+        """``x @ W.T`` for ``x [M, K]`` in fp32, fp16 or bf16, in ``x``'s dtype."""
         return self.linear(x)
 
     def linear(
@@ -175,18 +175,21 @@ class GemmWeight:
         residual: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """fp32 ``gelu(x @ W.T + bias) + residual`` (each part optional; bias ``[N]`` and residual ``[M, N]`` in one
-        float dtype) for ``x [M, K]`` of any float dtype, into ``out`` when given."""
+        """``gelu(x @ W.T + bias) + residual`` (each part optional) for ``x [M, K]``, with ``bias [N]``, ``residual
+        [M, N]`` and the result in ``x``'s dtype (fp32, fp16 or bf16), computed in fp32 and rounded once; into ``out``
+        when given."""
         n, k = self.weight.shape
-        if x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
-            raise ValueError(f"x of shape {tuple(x.shape)} on {x.device} does not match a CPU weight of shape {(n, k)}")
-        x = x.float().contiguous()
+        if x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu" or x.dtype not in ACTIVATION_DTYPES:
+            raise ValueError(
+                f"x ({x.dtype}, shape {tuple(x.shape)}, on {x.device}) does not match a CPU weight of shape {(n, k)}"
+            )
+        x = x.contiguous()
         m = x.shape[0]
-        extra = _epilogue_dtype(bias, residual, m, n)
+        _check_epilogue(bias, residual, x.dtype, m, n)
         if out is None:
-            out = torch.empty(m, n)
-        elif out.shape != (m, n) or out.dtype != torch.float32 or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous fp32 tensor of shape {(m, n)}")
+            out = torch.empty(m, n, dtype=x.dtype)
+        elif out.shape != (m, n) or out.dtype != x.dtype or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {(m, n)}")
         status = library().gpt2_cpu_gemm(
             self.kind,
             x.data_ptr(),
@@ -198,7 +201,7 @@ class GemmWeight:
             k,
             None if bias is None else bias.data_ptr(),
             None if residual is None else residual.data_ptr(),
-            KINDS[extra],
+            KINDS[x.dtype],
             int(gelu),
             torch.get_num_threads(),
         )
@@ -207,26 +210,19 @@ class GemmWeight:
         return out
 
 
-def _epilogue_dtype(bias: torch.Tensor | None, residual: torch.Tensor | None, m: int, n: int) -> torch.dtype:
-    """The one float dtype of ``bias [N]`` and ``residual [M, N]`` (either may be None), both contiguous on CPU."""
-    dtypes = set()
+def _check_epilogue(bias: torch.Tensor | None, residual: torch.Tensor | None, dtype: torch.dtype, m: int, n: int):
+    """``bias [N]`` and ``residual [M, N]`` (either may be None): contiguous CPU tensors in the activations' dtype."""
     for name, t, shape in (("bias", bias, (n,)), ("residual", residual, (m, n))):
-        if t is None:
-            continue
-        if t.shape != shape or t.dtype not in EPILOGUE_DTYPES or not t.is_contiguous() or t.device.type != "cpu":
-            raise ValueError(f"{name} must be a contiguous CPU float tensor of shape {shape}")
-        dtypes.add(t.dtype)
-    if len(dtypes) > 1:
-        raise ValueError(f"bias and residual must share a dtype, got {sorted(map(str, dtypes))}")
-    return dtypes.pop() if dtypes else torch.float32
+        if t is not None and (t.shape != shape or t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu"):
+            raise ValueError(f"{name} must be a contiguous CPU {dtype} tensor of shape {shape}")
 
 
 def matmul(
     x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``x @ weight.T`` (times ``scales[n]`` per weight row, for int8 codes) as fp32 ``[M, N]``: :class:`GemmWeight`'s
-    product for a weight used once."""
-    return GemmWeight(weight, scales).linear(x, out=out)
+    """``x @ weight.T`` (times ``scales[n]`` per weight row, for int8 codes) as fp32 ``[M, N]`` for ``x`` of any float
+    dtype: :class:`GemmWeight`'s product for a weight used once."""
+    return GemmWeight(weight, scales).linear(x.float(), out=out)
 
 
 def attention_supports(k_cache: torch.Tensor) -> bool:

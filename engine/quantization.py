@@ -63,7 +63,7 @@ class Int8WeightOnly:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` for ``x [M, K]`` in the activation dtype."""
         if self.kernel is not None:
-            return self.kernel.matmul(x).to(x.dtype)
+            return self.kernel.matmul(x)
         if x.device.type == "cpu":
             scales = self.scales.to(CPU_KERNEL_DTYPE)
             y = torch._weight_int8pack_mm(x.to(CPU_KERNEL_DTYPE).contiguous(), self.qweight, scales)

@@ -167,7 +167,7 @@ class TorchOps(Ops):
             raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
         gemm = weight if isinstance(weight, cpu_kernels.GemmWeight) else getattr(weight, "kernel", None)
         if gemm is not None:  # the CPU GEMM (int8 weights too), its epilogue fused
-            return gemm.linear(x, bias, activation == "gelu_tanh", residual).to(x.dtype)
+            return gemm.linear(x, bias, activation == "gelu_tanh", residual)
         if isinstance(weight, torch.Tensor) and weight.layout == torch._mkldnn:  # oneDNN with fused epilogues
             x = x.contiguous()
             if residual is not None and activation is None:

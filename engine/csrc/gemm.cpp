@@ -10,8 +10,10 @@
 //   of K that cannot overflow, then scaled: w_scale[n] * x_scale[m] * sum. The codes of each block of 8 rows are
 //   stored 16 values of K at a time, row after row ([K / 16][rows][16]), so a tile reads all its rows' codes from
 //   one pointer at fixed offsets: with a pointer per row the loop ran out of registers and took 2.6x as long.
-// * The epilogue (+ bias, GELU, + residual: the model's order) runs on each thread's own columns as soon as they are
-//   done, bias and residual in fp32, fp16 or bf16: the torch ops it replaces cost more than the GEMV at M = 1.
+// * Activations may be fp32, fp16 or bf16: 16-bit ones are widened once per call, and the epilogue (+ bias, GELU,
+//   + residual: the model's order) runs in fp32 on each thread's own columns as soon as they are done, rounding once
+//   into the output's format. The torch ops it replaces (two conversions and up to three elementwise ops around
+//   each GEMM) cost more than a small GEMV at M = 1.
 
 #include <algorithm>
 #include <cstdint>
@@ -63,40 +65,42 @@ void parallel_shares(long count, int threads, Body body) {
   }
 }
 
-// What follows the product, in the model's order: y = gelu(y + bias) + residual, each part optional.
+// What follows the product, in the model's order: out = gelu(y + bias) + residual, each part optional, where y is
+// the fp32 product and bias, residual and out are stored in the activations' format (out may be y itself in fp32).
 struct Epilogue {
   const void* bias;      // [N] or null
   const void* residual;  // [M, N] or null
-  int kind;              // bias's and residual's stored format (kF32, kF16 or kBF16)
+  void* out;             // [M, N]
+  int kind;              // the activations' stored format: kF32, kF16 or kBF16
   bool gelu;
 };
 
 template <typename A>
-void finish_columns(const Epilogue& e, float* y, long M, long N, long begin, long end) {
+void finish_columns(const Epilogue& e, const float* y, long M, long N, long begin, long end) {
   const A* bias = static_cast<const A*>(e.bias);
   const A* residual = static_cast<const A*>(e.residual);
+  A* out = static_cast<A*>(e.out);
   for (long m = 0; m < M; m++) {
-    float* row = y + m * N;
+    const float* row = y + m * N;
     long n = begin;
     for (; n + 8 <= end; n += 8) {
       __m256 v = _mm256_loadu_ps(row + n);
       if (bias) v = _mm256_add_ps(v, load8(bias + n));
       if (e.gelu) v = gelu_tanh(v);
       if (residual) v = _mm256_add_ps(v, load8(residual + m * N + n));
-      _mm256_storeu_ps(row + n, v);
+      store8(out + m * N + n, v);
     }
     for (; n < end; n++) {
       float v = row[n];
       if (bias) v += load1(bias + n);
       if (e.gelu) v = gelu_tanh(v);
       if (residual) v += load1(residual + m * N + n);
-      row[n] = v;
+      store1(out + m * N + n, v);
     }
   }
 }
 
-void finish(const Epilogue& e, float* y, long M, long N, long begin, long end) {
-  if (!e.bias && !e.residual && !e.gelu) return;
+void finish(const Epilogue& e, const float* y, long M, long N, long begin, long end) {
   switch (e.kind) {
     case kF16:
       finish_columns<FP16>(e, y, M, N, begin, end);
@@ -105,8 +109,19 @@ void finish(const Epilogue& e, float* y, long M, long N, long begin, long end) {
       finish_columns<BF16>(e, y, M, N, begin, end);
       return;
     default:
-      finish_columns<float>(e, y, M, N, begin, end);
+      if (e.bias || e.residual || e.gelu) finish_columns<float>(e, y, M, N, begin, end);
   }
+}
+
+// x as fp32: itself, or widened into ``buffer`` from 16-bit activations.
+const float* widen(const void* x, int kind, long count, std::vector<float>& buffer) {
+  if (kind == kF32) return static_cast<const float*>(x);
+  buffer.resize(count);
+  for (long i = 0; i < count; i += 8) {
+    const __m256 v = kind == kF16 ? load8(static_cast<const FP16*>(x) + i) : load8(static_cast<const BF16*>(x) + i);
+    _mm256_storeu_ps(buffer.data() + i, v);
+  }
+  return buffer.data();
 }
 
 // ---- float weights ----
@@ -242,27 +257,32 @@ extern "C" {
 // The multiple of K every call needs.
 long gpt2_cpu_gemm_k_multiple() { return kKMultiple; }
 
-// y[M, N] = gelu(x[M, K] . W[N, K]^T + bias) + residual, all row-major and contiguous; ``scales`` (per weight row)
-// only for int8; bias [N] and residual [M, N] (each optional, null for none) stored as ``epilogue_kind``.
+// y[M, N] = gelu(x[M, K] . W[N, K]^T + bias) + residual, all row-major and contiguous; x, bias [N], residual
+// [M, N] and y stored as ``act_kind`` (fp32, fp16 or bf16; bias and residual optional, null for none), the product
+// and epilogue in fp32 with one rounding at the end; ``scales`` (per weight row) only for int8.
 // Returns 0, or -1 for arguments it does not take (an unknown kind, K not a multiple of 16, int8 without scales).
-int gpt2_cpu_gemm(int kind, const float* x, const void* w, const float* scales, float* y, long M, long N, long K,
-                  const void* bias, const void* residual, int epilogue_kind, int gelu, int threads) {
+int gpt2_cpu_gemm(int kind, const void* x, const void* w, const float* scales, void* y, long M, long N, long K,
+                  const void* bias, const void* residual, int act_kind, int gelu, int threads) {
   if (K % kKMultiple != 0 || M < 0 || N < 0 || threads < 1) return -1;
-  if (epilogue_kind != kF32 && epilogue_kind != kF16 && epilogue_kind != kBF16) return -1;
-  const Epilogue e{bias, residual, epilogue_kind, gelu != 0};
+  if (act_kind != kF32 && act_kind != kF16 && act_kind != kBF16) return -1;
+  if (kind == kInt8 && scales == nullptr) return -1;
+  std::vector<float> x32, y32;
+  const float* xf = widen(x, act_kind, M * K, x32);
+  if (act_kind != kF32) y32.resize(M * N);
+  float* yf = act_kind == kF32 ? static_cast<float*>(y) : y32.data();
+  const Epilogue e{bias, residual, y, act_kind, gelu != 0};
   switch (kind) {
     case kF32:
-      float_weights<float>(x, w, y, M, N, K, e, threads);
+      float_weights<float>(xf, w, yf, M, N, K, e, threads);
       return 0;
     case kF16:
-      float_weights<FP16>(x, w, y, M, N, K, e, threads);
+      float_weights<FP16>(xf, w, yf, M, N, K, e, threads);
       return 0;
     case kBF16:
-      float_weights<BF16>(x, w, y, M, N, K, e, threads);
+      float_weights<BF16>(xf, w, yf, M, N, K, e, threads);
       return 0;
     case kInt8:
-      if (scales == nullptr) return -1;
-      int8_weights(x, w, scales, y, M, N, K, e, threads);
+      int8_weights(xf, w, scales, yf, M, N, K, e, threads);
       return 0;
   }
   return -1;

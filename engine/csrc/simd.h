@@ -30,6 +30,28 @@ inline float load1(const BF16* p) {
   return out;
 }
 
+// fp32 to the stored format, rounding to nearest even as PyTorch's ``.to()`` does (NaN stays NaN).
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(FP16* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void store1(float* p, float v) { *p = v; }
+inline void store1(FP16* p, float v) { *p = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline void store1(BF16* p, float v) {
+  uint32_t bits;
+  __builtin_memcpy(&bits, &v, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    p->bits = static_cast<uint16_t>((bits >> 16) | 0x40u);  // a quiet NaN
+  } else {
+    p->bits = static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+  }
+}
+inline void store8(BF16* p, __m256 v) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  for (int i = 0; i < 8; i++) store1(p + i, lanes[i]);
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));

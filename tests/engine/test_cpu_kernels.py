@@ -64,27 +64,42 @@ def test_matches_float64(dtype):
 
 
 @needs_kernel
-@pytest.mark.parametrize("extra_dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("act_dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
-def test_fused_epilogue_matches_float64(dtype, extra_dtype):
-    """gelu(x @ W.T + bias) + residual, each part on or off, bias and residual stored in any float dtype; N not a
-    multiple of 8 half the time, so each thread's columns end in the scalar tail."""
+def test_fused_epilogue_matches_float64(dtype, act_dtype):
+    """gelu(x @ W.T + bias) + residual, each part on or off, activations in each float dtype; N not a multiple of 8
+    half the time, so each thread's columns end in the scalar tail."""
     m, n, k = random.randint(1, 10), random.choice([8 * random.randint(1, 12), random.randint(1, 97)]), 64
     w, scales = random_weight(dtype, n, k)
-    x = torch.randn(m, k)
-    bias = torch.randn(n).to(extra_dtype) if random.random() < 0.7 else None
-    residual = torch.randn(m, n).to(extra_dtype) if random.random() < 0.7 else None
+    x = torch.randn(m, k).to(act_dtype)
+    bias = torch.randn(n).to(act_dtype) if random.random() < 0.7 else None
+    residual = torch.randn(m, n).to(act_dtype) if random.random() < 0.7 else None
     gelu = random.random() < 0.5
-    out = torch.full((m, n), float("nan"))
+    out = torch.full((m, n), float("nan")).to(act_dtype)
     cpu_kernels.GemmWeight(w, scales).linear(x, bias, gelu, residual, out=out)
-    ref = int16_reference(x, w, scales) if dtype == torch.int8 else x.double() @ w.double().t()
+    ref = int16_reference(x.float(), w, scales) if dtype == torch.int8 else x.double() @ w.double().t()
     if bias is not None:
         ref = ref + bias.double()
     if gelu:
         ref = torch.nn.functional.gelu(ref, approximate="tanh")
     if residual is not None:
         ref = ref + residual.double()
-    assert rel_err(out, ref) < 1e-5
+    tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[act_dtype]  # one rounding to act_dtype
+    assert rel_err(out, ref) < tol
+
+
+@needs_kernel
+@pytest.mark.parametrize("act_dtype", [torch.float16, torch.bfloat16])
+def test_16bit_activations_round_once_as_torch_does(act_dtype):
+    """16-bit in and out: the fp32 result of the widened inputs, rounded to nearest even by ``.to()``, bit for bit."""
+    w, _ = random_weight(torch.float16, random.randint(1, 40), 16 * random.randint(1, 8))
+    m, n = random.randint(1, 9), w.shape[0]
+    x, bias, residual = torch.randn(m, w.shape[1]).to(act_dtype), torch.randn(n), torch.randn(m, n)
+    bias, residual = bias.to(act_dtype), residual.to(act_dtype)
+    weight = cpu_kernels.GemmWeight(w)
+    got = weight.linear(x, bias, True, residual)
+    wide = weight.linear(x.float(), bias.float(), True, residual.float())
+    assert got.dtype == act_dtype and torch.equal(got, wide.to(act_dtype))
 
 
 @needs_kernel
@@ -105,8 +120,10 @@ def test_epilogue_bad_arguments():
         weight.linear(x, bias=torch.randn(9))
     with pytest.raises(ValueError, match="residual must be"):
         weight.linear(x, residual=torch.randn(8, 2).t())  # not contiguous
-    with pytest.raises(ValueError, match="share a dtype"):
-        weight.linear(x, bias=torch.randn(8), residual=torch.randn(2, 8).half())
+    with pytest.raises(ValueError, match="bias must be"):
+        weight.linear(x, bias=torch.randn(8).half())  # not x's dtype
+    with pytest.raises(ValueError, match="does not match"):
+        weight.linear(x.double())
 
 
 @needs_kernel
