@@ -3,19 +3,14 @@ GEMM of every linear (fp32 activations against fp32, fp16, bf16 or int8 weights)
 KV store.
 
 Why: decode on a CPU reads every weight once a token, so a step lasts as long as its GEMVs take to stream the
-weights, and PyTorch's CPU GEMMs leave bandwidth unused at small M. Measured on gpt2-medium's 96 block GEMMs
-(2 Zen 3 cores, AVX2, 2026-12-01, best of three; PyTorch's path in parentheses):
+weights, and PyTorch's CPU GEMMs leave bandwidth unused at small M. gpt2-medium's 96 block GEMMs through
+``TorchOps.linear`` (2 Zen 3 cores, AVX2, 2026-12-01, interleaved, min of four rounds; PyTorch's path after the
+slash): fp32 45 / 65 ms at M = 1 and 69 / 83 at M = 8 (oneDNN packed); int8 15 / 27 and 30 / 76
+(``_weight_int8pack_mm``); fp16 32 / 28 and 57 / 48 (fbgemm packed: faster on the GEMM alone, but a 16-bit decode
+step is faster on ours, which takes and returns 16-bit activations and fuses the epilogue).
 
-=========  ==============  =============  ================================
-weights    M = 1           M = 8          PyTorch's path
-=========  ==============  =============  ================================
-fp32       35-43 ms        61-67 ms       (45-63 / 85-100, oneDNN packed)
-fp16       24-31 ms        52-56 ms       (29-36 / 60-67, fbgemm packed)
-int8       12-16 ms        25-29 ms       (29-36 / 80, _weight_int8pack_mm)
-=========  ==============  =============  ================================
-
-At M = 64 and 256 (prefill) the GEMM is within 10% of oneDNN and fbgemm, and twice as fast as
-``_weight_int8pack_mm``. int8 multiplies int16 activation codes (rounded per row, 15 bits: far finer than the bf16
+At M = 32 to 256 (prefill) fp32 is within 10% of oneDNN, fp16 up to a fifth behind fbgemm, and int8 twice as fast
+as ``_weight_int8pack_mm``. int8 multiplies int16 activation codes (rounded per row, 15 bits: far finer than the bf16
 activations ``_weight_int8pack_mm`` needs) with the weight codes in exact int32 sums. Decode attention reads each
 sequence's keys and values in place through its block table, where the torch path gathers a copy of the context
 (and, for 16-bit caches, converts it to fp32) for SDPA: 185 -> 90 us a layer at batch 1 (gpt2-medium, context
@@ -117,7 +112,7 @@ def library() -> ctypes.CDLL | None:
     lib.gpt2_cpu_gemm.argtypes = [ctypes.c_int, *[pointer] * 4, *[size] * 3, pointer, pointer, *[ctypes.c_int] * 3]
     lib.gpt2_cpu_decode_attention.restype = ctypes.c_int
     lib.gpt2_cpu_decode_attention.argtypes = [
-        ctypes.c_int, *[pointer] * 4, size, pointer, pointer, *[size] * 4, ctypes.c_float, ctypes.c_int
+        ctypes.c_int, *[pointer] * 4, size, pointer, pointer, *[size] * 5, ctypes.c_float, ctypes.c_int
     ]  # fmt: skip
     lib.gpt2_cpu_store_kv.restype = ctypes.c_int
     lib.gpt2_cpu_store_kv.argtypes = [pointer, pointer, size, size, pointer, pointer, size, pointer, size]
@@ -261,6 +256,8 @@ def decode_attention(
     q = q.float().contiguous()
     if out is None:
         out = torch.empty(B, H, D)
+    elif out.shape != (B, H, D) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous fp32 tensor of shape {(B, H, D)}")
     status = library().gpt2_cpu_decode_attention(
         KINDS[k_cache.dtype],
         q.data_ptr(),
@@ -274,11 +271,15 @@ def decode_attention(
         H,
         D,
         k_cache.shape[1],
+        k_cache.shape[0],
         scale,
         torch.get_num_threads(),
     )
     if status != 0:
-        raise ValueError(f"the CPU decode attention refused a cache of shape {tuple(k_cache.shape)}")
+        raise ValueError(
+            f"a context length or block id does not fit block_tables {tuple(block_tables.shape)} and a cache of "
+            f"shape {tuple(k_cache.shape)}"
+        )
     return out
 
 

@@ -78,6 +78,20 @@ void attend(const float* q, const T* k, const T* v, const int32_t* table, long n
   for (long d = 0; d < D; d++) out[d] = acc[d] * inv;
 }
 
+// Whether every sequence's context fits its table row and every block it reads is one of the cache's.
+bool tables_hold(const int32_t* block_tables, long table_stride, const int32_t* context_lens, long B, long block_size,
+                 long num_blocks) {
+  for (long b = 0; b < B; b++) {
+    const long n = context_lens[b];
+    if (n < 0 || n > table_stride * block_size) return false;
+    for (long i = 0; i < (n + block_size - 1) / block_size; i++) {
+      const long block = block_tables[b * table_stride + i];
+      if (block < 0 || block >= num_blocks) return false;
+    }
+  }
+  return true;
+}
+
 template <typename T>
 void decode(const float* q, const void* k_cache, const void* v_cache, const int32_t* block_tables, long table_stride,
             const int32_t* context_lens, float* out, long B, long H, long D, long block_size, float scale,
@@ -105,12 +119,14 @@ extern "C" {
 // The largest head size gpt2_cpu_decode_attention takes.
 long gpt2_cpu_decode_attention_max_head_dim() { return kMaxHeadDim; }
 
-// q, out: fp32 [B, H, D]; k_cache, v_cache: [slots, H, D] of ``kind`` (fp32, fp16 or bf16); block_tables: int32
-// [B, table_stride]; context_lens: int32 [B]. All contiguous. Returns 0, or -1 for arguments it does not take.
+// q, out: fp32 [B, H, D]; k_cache, v_cache: [num_blocks * block_size slots, H, D] of ``kind`` (fp32, fp16 or
+// bf16); block_tables: int32 [B, table_stride]; context_lens: int32 [B]. All contiguous. Returns 0, or -1 (writing
+// nothing) for arguments it does not take: a head size it can't, or a context its table row or the cache can't hold.
 int gpt2_cpu_decode_attention(int kind, const float* q, const void* k_cache, const void* v_cache,
                               const int32_t* block_tables, long table_stride, const int32_t* context_lens, float* out,
-                              long B, long H, long D, long block_size, float scale, int threads) {
+                              long B, long H, long D, long block_size, long num_blocks, float scale, int threads) {
   if (D % 8 != 0 || D > kMaxHeadDim || block_size < 1 || threads < 1) return -1;
+  if (!tables_hold(block_tables, table_stride, context_lens, B, block_size, num_blocks)) return -1;
   switch (kind) {
     case kF32:
       decode<float>(q, k_cache, v_cache, block_tables, table_stride, context_lens, out, B, H, D, block_size, scale,

@@ -265,6 +265,12 @@ def test_decode_attention_bad_arguments():
         cpu_kernels.decode_attention(torch.randn(2, 2, 16), k_cache, v_cache, block_tables.long(), lens, 0.25)
     with pytest.raises(ValueError, match="one shape and dtype"):
         cpu_kernels.decode_attention(torch.randn(2, 2, 16), k_cache, v_cache.half(), block_tables, lens, 0.25)
+    with pytest.raises(ValueError, match="does not fit"):  # a context longer than its table row
+        cpu_kernels.decode_attention(torch.randn(2, 2, 16), k_cache, v_cache, block_tables, lens + 64, 0.25)
+    bad_tables = block_tables.clone()
+    bad_tables[1, 0] = k_cache.shape[0]  # a block the cache does not have
+    with pytest.raises(ValueError, match="does not fit"):
+        cpu_kernels.decode_attention(torch.randn(2, 2, 16), k_cache, v_cache, bad_tables, lens, 0.25)
     assert not cpu_kernels.attention_supports(torch.zeros(4, 4, 2, 12))  # D not a multiple of 8
 
 
