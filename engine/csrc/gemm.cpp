@@ -1,5 +1,5 @@
-// The torch backend's CPU GEMM: y[M, N] = x[M, K] . W[N, K]^T in fp32, for fp32 / fp16 / bf16 weights and for int8
-// weight codes with per-row scales. AVX2 + FMA + F16C intrinsics, OpenMP threads (the libgomp PyTorch has loaded).
+// The torch backend's CPU GEMM: y[M, N] = x[M, K] . W[N, K]^T computed in fp32, for fp32 / fp16 / bf16 weights and
+// int8 weight codes with per-row scales. AVX2 + FMA + F16C intrinsics, OpenMP threads (the libgomp PyTorch has loaded).
 // Built and called by engine/cpu_kernels.py, which documents the measurements behind the choices here.
 //
 // * Float weights: each weight is read once per tile and widened to fp32 in registers (F16C for fp16, a shift for
@@ -33,7 +33,7 @@ using namespace gpt2_cpu;
 constexpr long kKMultiple = 16;       // K must be a multiple of this (engine/cpu_kernels.py checks it)
 constexpr float kInt16Max = 32767.0f;  // |activation code| <= this
 // int32 sums per lane: each vpmaddwd term is at most 2 * 32767 * 127, and a lane takes one term per 16 values of
-// K, so 2048 values of K (128 terms) stay under 2^31 with 8x to spare.
+// K, so 2048 values of K (128 terms, at most 1.07e9) stay under 2^31 with 2x to spare.
 constexpr long kInt8Chunk = 2048;
 constexpr int kInt8Rows = 8;  // activation rows per int8 tile
 

@@ -169,8 +169,8 @@ def test_int8_nonfinite_activations_poison_only_their_row(bad):
 
 @needs_kernel
 def test_int8_sums_never_overflow():
-    """The largest codes everywhere (+-32767 against +-127) over a K of 2^14: 8x past int32 in one sum, so the kernel
-    must move its int32 sums to fp32 chunk by chunk."""
+    """The largest codes everywhere (+-32767 against +-127) over a K of 2^14: 4x past int32 in one lane's sum, so
+    the kernel must move its int32 sums to fp32 chunk by chunk."""
     k = 16384
     sign = random.choice([1, -1])
     w = torch.full((4, k), 127 * sign, dtype=torch.int8)
