@@ -158,6 +158,13 @@ class GemmWeight:
     def shape(self) -> tuple[int, int]:
         return tuple(self.weight.shape)
 
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as a plain ``[N, K]`` tensor in ``dtype`` (int8 codes times their scales), for code that can't
+        call the kernel (a graph ``torch.compile`` traces)."""
+        if self.scales is None:
+            return self.weight.to(dtype)
+        return (self.weight.float() * self.scales[:, None]).to(dtype)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` for ``x [M, K]`` in fp32, fp16 or bf16, in ``x``'s dtype."""
         return self.linear(x)

@@ -5,11 +5,12 @@ The schemes are the Triton kernels' (:mod:`kernels.quant`), so both backends qua
   * int4: asymmetric in groups along K (128, or 64 where 128 does not divide K),
     ``w[n, k] ~= (q[n, k] - zero[n, g]) * scale[n, g]`` with ``q`` in [0, 15].
 On CPU, int8 runs the hand-written GEMM of :mod:`engine.cpu_kernels` (int16 activation codes rounded per row, exact
-int32 sums against the int8 codes, fp32 scales): 12-16 ms for a decode step of gpt2-medium's block linears at
-M = 1 and 35 ms at M = 8 (2 cores, AVX2). Where that kernel can't run, and for int4, PyTorch's weight-only
-kernels do it (``torch._weight_int8pack_mm``, ``torch._weight_int4pack_mm_for_cpu``, the ones gpt-fast uses),
-which read 8 or 4 bits per weight and convert in registers; on other devices the weight is dequantized for each
-matmul (a reference path: the triton backend is the fast one there).
+int32 sums against the int8 codes, fp32 scales): 15 ms for a decode step of gpt2-medium's block linears at M = 1
+and 30 ms at M = 8 (2 cores, AVX2; ``_weight_int8pack_mm`` took 27 / 76 ms in the same runs). Where that kernel
+can't run, and for int4, PyTorch's weight-only kernels do it (``torch._weight_int8pack_mm``,
+``torch._weight_int4pack_mm_for_cpu``, the ones gpt-fast uses), which read 8 or 4 bits per weight and convert in
+registers; on other devices the weight is dequantized for each matmul (a reference path: the triton backend is the
+fast one there).
 
 PyTorch's kernels are vectorized for bf16 activations only: a decode step of gpt2-medium's block linears (2 cores,
 AVX2) took 29 ms in int8 and 25 ms in int4 on bf16 activations, against 203 ms (int8, fp16), 253 ms (int8, fp32)

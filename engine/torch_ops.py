@@ -84,6 +84,12 @@ def _sdpa(q, k, v, mask, scale) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def _kernels_on() -> bool:
+    """Whether to call :mod:`engine.cpu_kernels`: not while ``torch.compile`` traces, since it can't trace a ctypes
+    call (the PyTorch path goes into the graph instead)."""
+    return not torch.compiler.is_compiling()
+
+
 def _host_all(mask: torch.Tensor) -> bool:
     """Whether every element is set, read on the host; False under ``torch.compile`` (no data-dependent branch there:
     the general path is taken)."""
@@ -129,7 +135,7 @@ class TorchOps(Ops):
         if quantization is not None:
             from engine.quantization import quantize
 
-            return quantize(weight, quantization)  # PyTorch's weight-only int8 / int4 GEMMs
+            return quantize(weight, quantization)  # our CPU GEMM for int8, else PyTorch's weight-only GEMMs
         if weight.device.type != "cpu":
             return weight
         if cpu_kernels.gemm_supports(weight):
@@ -167,7 +173,9 @@ class TorchOps(Ops):
             raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
         gemm = weight if isinstance(weight, cpu_kernels.GemmWeight) else getattr(weight, "kernel", None)
         if gemm is not None:  # the CPU GEMM (int8 weights too), its epilogue fused
-            return gemm.linear(x, bias, activation == "gelu_tanh", residual)
+            if _kernels_on():
+                return gemm.linear(x, bias, activation == "gelu_tanh", residual)
+            weight = gemm.dense(x.dtype)  # torch.compile can't trace a ctypes call: a plain matmul in its graph
         if isinstance(weight, torch.Tensor) and weight.layout == torch._mkldnn:  # oneDNN with fused epilogues
             x = x.contiguous()
             if residual is not None and activation is None:
@@ -192,7 +200,7 @@ class TorchOps(Ops):
         return gelu_tanh(x)
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
-        if cpu_kernels.store_supports(k, k_cache):
+        if _kernels_on() and cpu_kernels.store_supports(k, k_cache):
             cpu_kernels.store_kv(k, v, k_cache, v_cache, slot_mapping)
             return
         keep, slots = self._step_memo("store", (slot_mapping,), (), lambda: _valid_slots(slot_mapping))
@@ -221,7 +229,7 @@ class TorchOps(Ops):
         return out
 
     def decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, max_context_len, scale):
-        if cpu_kernels.attention_supports(k_cache):  # in place through the block tables, no gathered copy
+        if _kernels_on() and cpu_kernels.attention_supports(k_cache):  # in place through the block tables
             return cpu_kernels.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale).to(q.dtype)
         B, S = q.shape[0], max_context_len
         block_size = k_cache.shape[1]

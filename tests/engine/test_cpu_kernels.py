@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from engine import cpu_kernels
+from engine import SamplingParams, cpu_kernels
 from engine.torch_ops import TorchOps
 from tests.helpers import rel_err
 
@@ -346,6 +346,59 @@ def test_switched_off_by_the_environment(fresh_library, monkeypatch):
     monkeypatch.setenv(cpu_kernels.SWITCH_ENV, "0")
     assert not cpu_kernels.available()
     assert not isinstance(TorchOps().prepare_weight(torch.randn(32, 64)), cpu_kernels.GemmWeight)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("bfloat16", 3e-2)])
+def test_a_model_gives_the_logits_of_pytorchs_paths(tiny_checkpoint, fresh_library, monkeypatch, dtype, tol):
+    """The whole model on the kernels (GEMM, attention, store) against the same model on PyTorch's ops alone: a
+    prefill's logits, and in fp32 the greedy tokens and log-probs of a few decode steps."""
+    from engine import LLM
+
+    ids = torch.randint(0, 50257, (random.randint(5, 40),)).tolist()
+    prompts = [torch.randint(0, 50257, (random.randint(2, 12),)).tolist() for _ in range(3)]
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=0)
+    results = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv(cpu_kernels.SWITCH_ENV, switch)
+        cpu_kernels.library.cache_clear()
+        llm = LLM(str(tiny_checkpoint), backend="torch", device="cpu", dtype=dtype, progress=False)
+        assert isinstance(llm.model.lm_head, cpu_kernels.GemmWeight) == (switch == "1")
+        decoded = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        steps = [(out.token_ids, [lp[t] for lp, t in zip(out.logprobs, out.token_ids)]) for out in decoded]
+        results.append((llm.model.logits(llm.features(ids)[0]), steps))
+    (ours, our_steps), (theirs, their_steps) = results
+    assert rel_err(ours, theirs) < tol
+    if dtype == "float32":  # bf16 may break a near-tie the other way, and then the sequences part
+        for (our_tokens, our_lp), (their_tokens, their_lp) in zip(our_steps, their_steps):
+            assert our_tokens == their_tokens
+            assert rel_err(torch.tensor(our_lp), torch.tensor(their_lp)) < tol
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+def test_torch_compile_traces_the_pytorch_path(dtype):
+    """Inside a graph torch.compile traces, TorchOps leaves the ctypes kernels out (dynamo can't trace them) and
+    computes the same linear, attention and store with torch ops."""
+    ops = TorchOps()
+    w, scales = random_weight(dtype, 24, 32)
+    weight = cpu_kernels.GemmWeight(w, scales)
+    x, bias, residual = torch.randn(3, 32), torch.randn(24), torch.randn(3, 24)
+    qkv = torch.randn(2, 3, 2, 16)
+    lens = [random.randint(1, 9), random.randint(1, 9)]
+    k_cache, v_cache, tables, _ = paged_context(torch.float32, lens, 2, 16, 4)
+    context_lens = torch.tensor(lens, dtype=torch.int32)
+    slots = torch.tensor([tables[0, 0].item() * 4 + 3, -1])  # a free slot of sequence 0's first block, and a skip
+
+    def step(x, k_cache, v_cache):
+        y = ops.linear(x, weight, bias, activation="gelu_tanh", residual=residual)
+        ops.store_kv(qkv[:, 1], qkv[:, 2], k_cache, v_cache, slots)
+        return y, ops.decode_attention(qkv[:, 0], k_cache, v_cache, tables, context_lens, max(lens), 0.25)
+
+    eager = step(x, k_cache.clone(), v_cache.clone())
+    traced = torch.compile(step, backend="eager", fullgraph=True)(x, k_cache.clone(), v_cache.clone())
+    for a, b in zip(eager, traced):
+        assert rel_err(b, a) < (1e-5 if dtype == torch.float32 else 2e-4)  # int8: the kernel's int16 activation codes
 
 
 @needs_kernel
