@@ -45,7 +45,7 @@ SOURCES = (SOURCE_DIR / "gemm.cpp", SOURCE_DIR / "decode_attention.cpp", SOURCE_
 HEADERS = (SOURCE_DIR / "simd.h",)
 FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}  # simd.h's enum Kind
-ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # x, bias, residual and the output, all alike
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # activations (x, bias, residual, output) and KV caches
 K_MULTIPLE = 16  # the GEMM's K must be a multiple of this (gpt2_cpu_gemm_k_multiple)
 HEAD_DIM_MULTIPLE = 8  # decode attention's head size: a multiple of this, at most MAX_HEAD_DIM
 MAX_HEAD_DIM = 256  # gpt2_cpu_decode_attention_max_head_dim
@@ -181,7 +181,7 @@ class GemmWeight:
         [M, N]`` and the result in ``x``'s dtype (fp32, fp16 or bf16), computed in fp32 and rounded once; into ``out``
         when given."""
         n, k = self.weight.shape
-        if x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu" or x.dtype not in ACTIVATION_DTYPES:
+        if x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu" or x.dtype not in FLOAT_DTYPES:
             raise ValueError(
                 f"x ({x.dtype}, shape {tuple(x.shape)}, on {x.device}) does not match a CPU weight of shape {(n, k)}"
             )
@@ -219,20 +219,12 @@ def _check_epilogue(bias: torch.Tensor | None, residual: torch.Tensor | None, dt
             raise ValueError(f"{name} must be a contiguous CPU {dtype} tensor of shape {shape}")
 
 
-def matmul(
-    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``x @ weight.T`` (times ``scales[n]`` per weight row, for int8 codes) as fp32 ``[M, N]`` for ``x`` of any float
-    dtype: :class:`GemmWeight`'s product for a weight used once."""
-    return GemmWeight(weight, scales).linear(x.float(), out=out)
-
-
 def attention_supports(k_cache: torch.Tensor) -> bool:
     """Whether :func:`decode_attention` takes this cache: a contiguous CPU ``[num_blocks, block_size, H, D]`` in fp32,
     fp16 or bf16, D a multiple of 8 up to 256, and the library available."""
     return (
         k_cache.device.type == "cpu"
-        and k_cache.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and k_cache.dtype in FLOAT_DTYPES
         and k_cache.dim() == 4
         and k_cache.shape[-1] % HEAD_DIM_MULTIPLE == 0
         and k_cache.shape[-1] <= MAX_HEAD_DIM

@@ -24,35 +24,33 @@ inline long slot_of(const int32_t* table, long s, long block_size) {
   return static_cast<long>(table[s / block_size]) * block_size + s % block_size;
 }
 
+// The scores of tokens s .. s+J-1: J dot products at once, so J independent FMA chains are in flight (one per
+// token, the same sum whichever J a token falls in).
+template <int J, typename T>
+inline void score_tokens(const float* q, const T* k, const int32_t* table, long s, long HD, long D, long block_size,
+                         float scale, float* scores) {
+  const T* key[J];
+  __m256 dot[J];
+  for (int j = 0; j < J; j++) {
+    key[j] = k + slot_of(table, s + j, block_size) * HD;
+    dot[j] = _mm256_setzero_ps();
+  }
+  for (long d = 0; d < D; d += 8) {
+    const __m256 qd = _mm256_loadu_ps(q + d);
+    for (int j = 0; j < J; j++) dot[j] = _mm256_fmadd_ps(load8(key[j] + d), qd, dot[j]);
+  }
+  for (int j = 0; j < J; j++) scores[s + j] = hsum(dot[j]) * scale;
+}
+
 // One (sequence, head): q and out are its D values; k and v point at head h of slot 0 (the next slot is H * D on).
 template <typename T>
 void attend(const float* q, const T* k, const T* v, const int32_t* table, long n, long HD, long D, long block_size,
             float scale, float* scores, float* out) {
-  float top = -INFINITY;
   long s = 0;
-  for (; s + 4 <= n; s += 4) {  // four tokens at a time: four independent FMA chains
-    const T* key[4];
-    __m256 dot[4];
-    for (int j = 0; j < 4; j++) {
-      key[j] = k + slot_of(table, s + j, block_size) * HD;
-      dot[j] = _mm256_setzero_ps();
-    }
-    for (long d = 0; d < D; d += 8) {
-      const __m256 qd = _mm256_loadu_ps(q + d);
-      for (int j = 0; j < 4; j++) dot[j] = _mm256_fmadd_ps(load8(key[j] + d), qd, dot[j]);
-    }
-    for (int j = 0; j < 4; j++) {
-      scores[s + j] = hsum(dot[j]) * scale;
-      top = std::max(top, scores[s + j]);
-    }
-  }
-  for (; s < n; s++) {
-    const T* key = k + slot_of(table, s, block_size) * HD;
-    __m256 dot = _mm256_setzero_ps();
-    for (long d = 0; d < D; d += 8) dot = _mm256_fmadd_ps(load8(key + d), _mm256_loadu_ps(q + d), dot);
-    scores[s] = hsum(dot) * scale;
-    top = std::max(top, scores[s]);
-  }
+  for (; s + 4 <= n; s += 4) score_tokens<4>(q, k, table, s, HD, D, block_size, scale, scores);
+  for (; s < n; s++) score_tokens<1>(q, k, table, s, HD, D, block_size, scale, scores);
+  float top = -INFINITY;
+  for (s = 0; s < n; s++) top = std::max(top, scores[s]);
   float total = 0.0f;
   const __m256 top8 = _mm256_set1_ps(top);
   __m256 total8 = _mm256_setzero_ps();
@@ -67,7 +65,7 @@ void attend(const float* q, const T* k, const T* v, const int32_t* table, long n
   }
   total += hsum(total8);
   alignas(32) float acc[kMaxHeadDim] = {};
-  for (long s = 0; s < n; s++) {
+  for (s = 0; s < n; s++) {
     const T* value = v + slot_of(table, s, block_size) * HD;
     const __m256 p = _mm256_set1_ps(scores[s]);
     for (long d = 0; d < D; d += 8) {

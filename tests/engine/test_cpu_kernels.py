@@ -1,5 +1,6 @@
-"""The hand-written CPU GEMM (engine/cpu_kernels.cpp through engine.cpu_kernels): exact against float64 for every weight
-dtype and tile remainder, batch- and thread-invariant bit for bit, and a clean fall-back where it can't build."""
+"""The hand-written CPU kernels (engine/csrc/ through engine.cpu_kernels): the GEMM exact against float64 for every
+weight dtype and tile remainder, batch- and thread-invariant bit for bit; decode attention against the float64
+reference through NaN-poisoned paged caches; the KV store; and a clean fall-back where the library can't build."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import torch
 
 from engine import SamplingParams, cpu_kernels
 from engine.torch_ops import TorchOps
+from kernels.paged_attention import decode_attention_ref
 from tests.helpers import rel_err
+from tests.kernels.test_paged_attention import paged_cache
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ALL_DTYPES = FLOAT_DTYPES + [torch.int8]
@@ -31,7 +34,7 @@ def random_weight(dtype: torch.dtype, n: int, k: int) -> tuple[torch.Tensor, tor
 
 def run(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
     out = torch.full((x.shape[0], w.shape[0]), float("nan"))  # poisoned: every element must be written
-    cpu_kernels.matmul(x, w, scales, out=out)
+    cpu_kernels.GemmWeight(w, scales).linear(x, out=out)
     return out
 
 
@@ -193,39 +196,22 @@ def test_int8_zero_row_gives_zeros():
 def test_bad_arguments():
     w, scales = random_weight(torch.int8, 8, 32)
     with pytest.raises(ValueError, match="does not match"):
-        cpu_kernels.matmul(torch.randn(2, 48), w, scales)
+        cpu_kernels.GemmWeight(w, scales).linear(torch.randn(2, 48))
     with pytest.raises(ValueError, match="scales go with int8"):
-        cpu_kernels.matmul(torch.randn(2, 32), w)
+        cpu_kernels.GemmWeight(w)
     with pytest.raises(ValueError, match="scales go with int8"):
-        cpu_kernels.matmul(torch.randn(2, 32), torch.randn(8, 32), scales)
+        cpu_kernels.GemmWeight(torch.randn(8, 32), scales)
     with pytest.raises(ValueError, match="scales must be"):
-        cpu_kernels.matmul(torch.randn(2, 32), w, scales.double())
+        cpu_kernels.GemmWeight(w, scales.double())
     with pytest.raises(ValueError, match="out must be"):
-        cpu_kernels.matmul(torch.randn(2, 32), w, scales, out=torch.empty(2, 9))
+        cpu_kernels.GemmWeight(w, scales).linear(torch.randn(2, 32), out=torch.empty(2, 9))
     assert not cpu_kernels.gemm_supports(torch.randn(8, 40))  # K not a multiple of 16
     assert not cpu_kernels.gemm_supports(torch.randn(8, 32, dtype=torch.float64))
 
 
-def paged_context(dtype: torch.dtype, lens: list[int], heads: int, head_dim: int, block_size: int):
-    """NaN-filled ``[num_blocks, block_size, H, D]`` caches with each sequence's ``lens[b]`` tokens written into
-    randomly chosen blocks, the int32 block tables, and each sequence's keys and values ``[len, H, D]``."""
-    tables = [(n + block_size - 1) // block_size for n in lens]
-    width = max(1, *tables)
-    num_blocks = sum(tables) + random.randint(1, 4)
-    order = torch.randperm(num_blocks).tolist()
-    k_cache = torch.full((num_blocks, block_size, heads, head_dim), float("nan")).to(dtype)
-    v_cache = k_cache.clone()
-    block_tables = torch.zeros(len(lens), width, dtype=torch.int32)
-    contexts = []
-    for b, n in enumerate(lens):
-        blocks = [order.pop() for _ in range(tables[b])]
-        block_tables[b, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        keys, values = (torch.randn(n, heads, head_dim).to(dtype) for _ in range(2))
-        for s in range(n):
-            k_cache[blocks[s // block_size], s % block_size] = keys[s]
-            v_cache[blocks[s // block_size], s % block_size] = values[s]
-        contexts.append((keys, values))
-    return k_cache, v_cache, block_tables, contexts
+def cpu_paged_cache(lens: list[int], heads: int, head_dim: int, block_size: int, dtype: torch.dtype):
+    """``tests.kernels``' NaN-poisoned paged cache (shuffled blocks, spare table columns), on the CPU."""
+    return tuple(t.cpu() for t in paged_cache(lens, heads, head_dim, block_size, dtype))
 
 
 @needs_kernel
@@ -234,31 +220,29 @@ def test_decode_attention_matches_float64(dtype):
     heads, head_dim = random.randint(1, 5), 8 * random.randint(1, 32)
     block_size = random.choice([1, 3, 16])
     lens = [random.randint(1, 70) for _ in range(random.randint(1, 6))]
-    k_cache, v_cache, block_tables, contexts = paged_context(dtype, lens, heads, head_dim, block_size)
+    k_cache, v_cache, block_tables, context_lens = cpu_paged_cache(lens, heads, head_dim, block_size, dtype)
     q = torch.randn(len(lens), heads, head_dim)
     scale = head_dim**-0.5
     out = torch.full(q.shape, float("nan"))
-    cpu_kernels.decode_attention(q, k_cache, v_cache, block_tables, torch.tensor(lens, dtype=torch.int32), scale, out)
-    for b, (keys, values) in enumerate(contexts):
-        scores = torch.einsum("hd,shd->hs", q[b].double(), keys.double()) * scale
-        ref = torch.einsum("hs,shd->hd", scores.softmax(-1), values.double())
-        assert rel_err(out[b], ref) < 1e-5
+    cpu_kernels.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, out)
+    ref = decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
+    for b in range(len(lens)):
+        assert rel_err(out[b], ref[b]) < 1e-5
 
 
 @needs_kernel
 def test_decode_attention_of_an_empty_context_is_zero():
     lens = [random.randint(1, 20), 0, random.randint(1, 20)]
-    k_cache, v_cache, block_tables, _ = paged_context(torch.float32, lens, 2, 16, 4)
+    k_cache, v_cache, block_tables, context_lens = cpu_paged_cache(lens, 2, 16, 4, torch.float32)
     q = torch.randn(3, 2, 16)
-    out = cpu_kernels.decode_attention(q, k_cache, v_cache, block_tables, torch.tensor(lens, dtype=torch.int32), 0.25)
+    out = cpu_kernels.decode_attention(q, k_cache, v_cache, block_tables, context_lens, 0.25)
     assert torch.equal(out[1], torch.zeros(2, 16))
     assert out[[0, 2]].isfinite().all()
 
 
 @needs_kernel
 def test_decode_attention_bad_arguments():
-    k_cache, v_cache, block_tables, _ = paged_context(torch.float32, [5, 7], 2, 16, 4)
-    lens = torch.tensor([5, 7], dtype=torch.int32)
+    k_cache, v_cache, block_tables, lens = cpu_paged_cache([5, 7], 2, 16, 4, torch.float32)
     with pytest.raises(ValueError, match="does not match"):
         cpu_kernels.decode_attention(torch.randn(2, 3, 16), k_cache, v_cache, block_tables, lens, 0.25)
     with pytest.raises(ValueError, match="block_tables must be"):
@@ -386,9 +370,8 @@ def test_torch_compile_traces_the_pytorch_path(dtype):
     x, bias, residual = torch.randn(3, 32), torch.randn(24), torch.randn(3, 24)
     qkv = torch.randn(2, 3, 2, 16)
     lens = [random.randint(1, 9), random.randint(1, 9)]
-    k_cache, v_cache, tables, _ = paged_context(torch.float32, lens, 2, 16, 4)
-    context_lens = torch.tensor(lens, dtype=torch.int32)
-    slots = torch.tensor([tables[0, 0].item() * 4 + 3, -1])  # a free slot of sequence 0's first block, and a skip
+    k_cache, v_cache, tables, context_lens = cpu_paged_cache(lens, 2, 16, 4, torch.float32)
+    slots = torch.tensor([tables[0, -1].item() * 4, -1])  # a slot in a block no sequence owns, and a skip
 
     def step(x, k_cache, v_cache):
         y = ops.linear(x, weight, bias, activation="gelu_tanh", residual=residual)
