@@ -159,6 +159,8 @@ class TorchOps(Ops):
             head = self.prepare_weight(weight.half())
             if not isinstance(head, torch.Tensor):  # the fp16 GEMM, not torch's mm (which can't mix dtypes)
                 return head
+        if cpu_kernels.gemm_supports(weight):  # read in place, unpacked: its storage is the embedding's
+            return cpu_kernels.GemmWeight(weight, pack=False)
         return self.prepare_weight(weight)
 
     def layer_norm(self, x, weight, bias, eps, residual=None):

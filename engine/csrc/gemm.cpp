@@ -4,7 +4,9 @@
 //
 // * Float weights: each weight is read once per tile and widened to fp32 in registers (F16C for fp16, a shift for
 //   bf16); a tile is R weight rows against B activation rows with one fp32 accumulator each, so a row's sum runs in
-//   the same order whatever the batch (batch-invariant, bit for bit).
+//   the same order whatever the batch (batch-invariant, bit for bit). Weights packed once at load (3 rows
+//   interleaved 8 values at a time) stream from one pointer; row-major ones (the LM head, which shares its storage
+//   with the embedding) are read a row apart.
 // * int8 weights: activations are rounded to int16 row by row (scale = the row's max |x| / 32767) and multiplied
 //   with the codes widened to int16, 16 products per instruction (vpmaddwd), summed exactly in int32 within chunks
 //   of K that cannot overflow, then scaled: w_scale[n] * x_scale[m] * sum. The codes of each block of 8 rows are
@@ -126,14 +128,35 @@ const float* widen(const void* x, int kind, long count, std::vector<float>& buff
 
 // ---- float weights ----
 
+// Packed float weights come in groups of kPackRows rows, their values interleaved 8 at a time ([K / 8][3][8]), so
+// a group streams from one pointer; rows past the last whole group stay row-major. Against rows read a row apart,
+// this took a sixth less time for 16-bit weights at M = 1 and a quarter less at M = 8 (gpt2-medium's block GEMMs,
+// 2 Zen 3 cores), the same for fp32. engine/cpu_kernels.py packs them.
+constexpr long kPackRows = 3;
+
+// The weight rows of a tile, packed or row-major: row r's values k .. k+7 at
+// w + r / kPackRows * group_step + r % kPackRows * row_step + k / 8 * k_step.
+template <typename W>
+struct Rows {
+  const W* w;
+  long row_step, group_step, k_step;
+};
+
+template <typename W>
+Rows<W> rows_at(const W* w, long n, long K, bool packed) {  // n: a group's first row, or a row past the groups
+  if (packed) return {w + n * K, 8, kPackRows * K, 8 * kPackRows};
+  return {w + n * K, K, kPackRows * K, 8};
+}
+
 template <int R, int B, typename W>
-inline void float_tile(const float* x, const W* w, long K, float* y, long N) {
+inline void float_tile(const float* x, Rows<W> rows, long K, float* y, long N) {
   __m256 acc[R][B];
   for (int r = 0; r < R; r++)
     for (int b = 0; b < B; b++) acc[r][b] = _mm256_setzero_ps();
-  for (long k = 0; k < K; k += 8) {
+  const W* wk = rows.w;
+  for (long k = 0; k < K; k += 8, wk += rows.k_step) {
     __m256 wv[R];
-    for (int r = 0; r < R; r++) wv[r] = load8(w + r * K + k);
+    for (int r = 0; r < R; r++) wv[r] = load8(wk + r / kPackRows * rows.group_step + r % kPackRows * rows.row_step);
     for (int b = 0; b < B; b++) {
       __m256 xv = _mm256_loadu_ps(x + b * K + k);
       for (int r = 0; r < R; r++) acc[r][b] = _mm256_fmadd_ps(wv[r], xv, acc[r][b]);
@@ -143,34 +166,35 @@ inline void float_tile(const float* x, const W* w, long K, float* y, long N) {
     for (int b = 0; b < B; b++) y[b * N + r] = hsum(acc[r][b]);
 }
 
-// Weight rows n .. n+R-1 against every activation row, B at a time.
+// R weight rows against every activation row, B at a time; y points at the first row's column of activation row 0.
 template <int R, int B, typename W>
-inline void float_rows(const float* x, const W* w, float* y, long M, long N, long K, long n) {
+inline void float_rows(const float* x, Rows<W> rows, float* y, long M, long N, long K) {
   activation_blocks<B>(M, [&](auto b, long m) {
-    float_tile<R, decltype(b)::value>(x + m * K, w + n * K, K, y + m * N + n, N);
+    float_tile<R, decltype(b)::value>(x + m * K, rows, K, y + m * N, N);
   });
 }
 
-template <int R, int B, typename W>
-void float_gemm(const float* x, const W* w, float* y, long M, long N, long K, const Epilogue& e, int threads) {
-  parallel_shares(N / R, threads, [&](long begin, long end, bool last) {
-    for (long g = begin; g < end; g++) float_rows<R, B>(x, w, y, M, N, K, g * R);
-    const long stop = last ? N : end * R;  // the last thread also takes the rows past the last whole group
-    for (long n = end * R; n < stop; n++) float_rows<1, B>(x, w, y, M, N, K, n);
-    finish(e, y, M, N, begin * R, stop);
-  });
-}
-
-// Tiles measured on gpt2-medium's block GEMMs (2 Zen 3 cores): 6 weight rows at M = 1 keeps six independent FMA
-// chains in flight; 3 x 4 leaves registers for the weights and one activation vector at M > 1.
+// Tiles measured on gpt2-medium's block GEMMs: at M = 1, two groups (six rows: six independent FMA chains; three
+// left fp32 a fifth slower); above, one group against 4 activation rows, registers for the weights and one
+// activation vector.
 template <typename W>
-void float_weights(const float* x, const void* w, float* y, long M, long N, long K, const Epilogue& e, int threads) {
+void float_weights(const float* x, const void* w, bool packed, float* y, long M, long N, long K, const Epilogue& e,
+                   int threads) {
   const W* weights = static_cast<const W*>(w);
-  if (M == 1) {
-    float_gemm<6, 1>(x, weights, y, M, N, K, e, threads);
-  } else {
-    float_gemm<3, 4>(x, weights, y, M, N, K, e, threads);
-  }
+  parallel_shares(N / kPackRows, threads, [&](long begin, long end, bool last) {
+    long g = begin;
+    if (M == 1) {
+      for (; g + 2 <= end; g += 2) {
+        float_tile<2 * kPackRows, 1>(x, rows_at(weights, g * kPackRows, K, packed), K, y + g * kPackRows, N);
+      }
+    }
+    for (; g < end; g++) {
+      float_rows<kPackRows, 4>(x, rows_at(weights, g * kPackRows, K, packed), y + g * kPackRows, M, N, K);
+    }
+    const long stop = last ? N : end * kPackRows;  // the last thread also takes the rows past the last whole group
+    for (long n = end * kPackRows; n < stop; n++) float_rows<1, 4>(x, rows_at(weights, n, K, false), y + n, M, N, K);
+    finish(e, y, M, N, begin * kPackRows, stop);
+  });
 }
 
 // ---- int8 weights ----
@@ -257,12 +281,16 @@ extern "C" {
 // The multiple of K every call needs.
 long gpt2_cpu_gemm_k_multiple() { return kKMultiple; }
 
+// The rows of a packed group of float weights.
+long gpt2_cpu_gemm_pack_rows() { return kPackRows; }
+
 // y[M, N] = gelu(x[M, K] . W[N, K]^T + bias) + residual, all row-major and contiguous; x, bias [N], residual
 // [M, N] and y stored as ``act_kind`` (fp32, fp16 or bf16; bias and residual optional, null for none), the product
-// and epilogue in fp32 with one rounding at the end; ``scales`` (per weight row) only for int8.
+// and epilogue in fp32 with one rounding at the end; float weights are packed (see kPackRows) where ``packed``,
+// else row-major; ``scales`` (per weight row) only for int8, whose codes are row-major.
 // Returns 0, or -1 for arguments it does not take (an unknown kind, K not a multiple of 16, int8 without scales).
-int gpt2_cpu_gemm(int kind, const void* x, const void* w, const float* scales, void* y, long M, long N, long K,
-                  const void* bias, const void* residual, int act_kind, int gelu, int threads) {
+int gpt2_cpu_gemm(int kind, const void* x, const void* w, int packed, const float* scales, void* y, long M, long N,
+                  long K, const void* bias, const void* residual, int act_kind, int gelu, int threads) {
   if (K % kKMultiple != 0 || M < 0 || N < 0 || threads < 1) return -1;
   if (act_kind != kF32 && act_kind != kF16 && act_kind != kBF16) return -1;
   if (kind == kInt8 && scales == nullptr) return -1;
@@ -273,13 +301,13 @@ int gpt2_cpu_gemm(int kind, const void* x, const void* w, const float* scales, v
   const Epilogue e{bias, residual, y, act_kind, gelu != 0};
   switch (kind) {
     case kF32:
-      float_weights<float>(xf, w, yf, M, N, K, e, threads);
+      float_weights<float>(xf, w, packed != 0, yf, M, N, K, e, threads);
       return 0;
     case kF16:
-      float_weights<FP16>(xf, w, yf, M, N, K, e, threads);
+      float_weights<FP16>(xf, w, packed != 0, yf, M, N, K, e, threads);
       return 0;
     case kBF16:
-      float_weights<BF16>(xf, w, yf, M, N, K, e, threads);
+      float_weights<BF16>(xf, w, packed != 0, yf, M, N, K, e, threads);
       return 0;
     case kInt8:
       int8_weights(xf, w, scales, yf, M, N, K, e, threads);

@@ -32,9 +32,9 @@ def random_weight(dtype: torch.dtype, n: int, k: int) -> tuple[torch.Tensor, tor
     return torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) * 0.01 + 1e-4
 
 
-def run(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+def run(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None, pack: bool = True) -> torch.Tensor:
     out = torch.full((x.shape[0], w.shape[0]), float("nan"))  # poisoned: every element must be written
-    cpu_kernels.GemmWeight(w, scales).linear(x, out=out)
+    cpu_kernels.GemmWeight(w, scales, pack).linear(x, out=out)
     return out
 
 
@@ -48,16 +48,17 @@ def int16_reference(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> t
 
 
 @needs_kernel
+@pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-def test_matches_float64(dtype):
-    """Every tile remainder: M around the 4- and 8-row blocks (and M = 1's own tiles), N around the 3- and 6-row
-    groups, K long enough for int8's int32 chunks to roll over."""
+def test_matches_float64(dtype, pack):
+    """Every tile remainder: M around the 4- and 8-row blocks, N around the 3-row groups (packed or read in place),
+    K long enough for int8's int32 chunks to roll over."""
     m = random.choice([1, 2, 3, 4, 5, 7, 8, 9, 13, 17])
     n = random.randint(1, 40)
     k = 16 * random.randint(1, 40) if random.random() < 0.5 else 2048 + 16 * random.randint(1, 200)
     w, scales = random_weight(dtype, n, k)
     x = torch.randn(m, k)
-    got = run(x, w, scales)
+    got = run(x, w, scales, pack)
     if dtype == torch.int8:
         assert rel_err(got, int16_reference(x, w, scales)) < 1e-6  # the sums are exact; only fp32 scaling rounds
         exact = x.double() @ (w.double() * scales.double()[:, None]).t()
@@ -127,6 +128,18 @@ def test_epilogue_bad_arguments():
         weight.linear(x, bias=torch.randn(8).half())  # not x's dtype
     with pytest.raises(ValueError, match="does not match"):
         weight.linear(x.double())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_packed_and_unpacked_weights_give_the_same_bits(dtype):
+    """Packing changes where a weight lives, not the arithmetic; ``dense`` gives the weight back as it came."""
+    w, _ = random_weight(dtype, random.randint(1, 40), 16 * random.randint(1, 16))
+    x = torch.randn(random.randint(1, 9), w.shape[1])
+    packed = cpu_kernels.GemmWeight(w)
+    assert packed.packed and not torch.equal(packed.weight, w) or w.shape[0] < cpu_kernels.PACK_ROWS
+    assert torch.equal(packed.dense(dtype), w)
+    assert torch.equal(run(x, w, None, pack=True), run(x, w, None, pack=False))
 
 
 @needs_kernel
@@ -348,6 +361,9 @@ def test_a_model_gives_the_logits_of_pytorchs_paths(tiny_checkpoint, fresh_libra
         cpu_kernels.library.cache_clear()
         llm = LLM(str(tiny_checkpoint), backend="torch", device="cpu", dtype=dtype, progress=False)
         assert isinstance(llm.model.lm_head, cpu_kernels.GemmWeight) == (switch == "1")
+        if switch == "1":  # the tied head reads the embedding's storage in place; the blocks' weights are packed
+            assert llm.model.lm_head.weight.data_ptr() == llm.model.w.wte.data_ptr()
+            assert llm.model.w.layers[0].attn_weight.packed
         decoded = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
         steps = [(out.token_ids, [lp[t] for lp, t in zip(out.logprobs, out.token_ids)]) for out in decoded]
         results.append((llm.model.logits(llm.features(ids)[0]), steps))
