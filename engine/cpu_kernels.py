@@ -5,17 +5,16 @@ KV store.
 Why: decode on a CPU reads every weight once a token, so a step lasts as long as its GEMVs take to stream the
 weights, and PyTorch's CPU GEMMs leave bandwidth unused at small M. gpt2-medium's 96 block GEMMs through
 ``TorchOps.linear`` (2 Zen 3 cores, AVX2, 2026-12-01, interleaved, min of four rounds; PyTorch's path after the
-slash): fp32 45 / 65 ms at M = 1 and 69 / 83 at M = 8 (oneDNN packed); int8 15 / 27 and 30 / 76
-(``_weight_int8pack_mm``); fp16 32 / 28 and 57 / 48 (fbgemm packed: faster on the GEMM alone, but a 16-bit decode
-step is faster on ours, which takes and returns 16-bit activations and fuses the epilogue).
+slash): fp32 38 / 58 ms at M = 1 and 67 / 96 at M = 8 (oneDNN packed); fp16 25 / 29 and 53 / 62 (fbgemm packed);
+int8 16 / 26 and 42 / 90 (``_weight_int8pack_mm``). Float weights are packed once at load (:class:`GemmWeight`),
+which took a sixth off the 16-bit GEMMs at M = 1 and a quarter at M = 8.
 
-At M = 32 to 256 (prefill) fp32 is within 10% of oneDNN, fp16 up to a fifth behind fbgemm, and int8 twice as fast
-as ``_weight_int8pack_mm``. int8 multiplies int16 activation codes (rounded per row, 15 bits: far finer than the bf16
-activations ``_weight_int8pack_mm`` needs) with the weight codes in exact int32 sums. Decode attention reads each
-sequence's keys and values in place through its block table, where the torch path gathers a copy of the context
-(and, for 16-bit caches, converts it to fp32) for SDPA: 185 -> 90 us a layer at batch 1 (gpt2-medium, context
-32-64), 342 -> 225 us at batch 8. The KV store copies a step's rows in one call, where ``index_copy_`` took
-60-140 us a layer.
+int8 multiplies int16 activation codes (rounded per row, 15 bits: far finer than the bf16 activations
+``_weight_int8pack_mm`` needs) with the weight codes in exact int32 sums. Decode attention reads each sequence's keys
+and values in place through its block table, token by token over a run of heads, where the torch path gathers a
+copy of the context (and, for 16-bit caches, converts it to fp32) for SDPA: one layer at 8 sequences of 1000 tokens
+took 3.7 / 10.9 ms in fp32 and 2.0 / 19.1 ms in bf16. The KV store copies a step's rows in one call, where
+``index_copy_`` took 60-140 us a layer.
 
 The library is built on first use with the system's C++ compiler (``$CXX``, else ``c++``), a few seconds, into
 ``$GPT2_TRITON_CACHE_DIR`` (default ``~/.cache/gpt2-triton``) under a name hashed from the sources, the flags and
