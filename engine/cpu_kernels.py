@@ -7,7 +7,7 @@ weights, and PyTorch's CPU GEMMs leave bandwidth unused at small M. gpt2-medium'
 ``TorchOps.linear`` (2 Zen 3 cores, AVX2, 2026-12-01, interleaved, min of four rounds; PyTorch's path after the
 slash): fp32 38 / 58 ms at M = 1 and 67 / 96 at M = 8 (oneDNN packed); fp16 25 / 29 and 53 / 62 (fbgemm packed);
 int8 16 / 26 and 42 / 90 (``_weight_int8pack_mm``). Float weights are packed once at load (:class:`GemmWeight`),
-which took a sixth off the 16-bit GEMMs at M = 1 and a quarter at M = 8.
+which took about a tenth off the 16-bit GEMMs at M = 1 and a quarter at M = 8.
 
 int8 multiplies int16 activation codes (rounded per row, 15 bits: far finer than the bf16 activations
 ``_weight_int8pack_mm`` needs) with the weight codes in exact int32 sums. Decode attention reads each sequence's keys
@@ -110,7 +110,8 @@ def library() -> ctypes.CDLL | None:
     pointer, size = ctypes.c_void_p, ctypes.c_long
     lib.gpt2_cpu_gemm.restype = ctypes.c_int
     lib.gpt2_cpu_gemm.argtypes = [
-        ctypes.c_int, pointer, pointer, ctypes.c_int, pointer, pointer, *[size] * 3, pointer, pointer, *[ctypes.c_int] * 3
+        ctypes.c_int, pointer, pointer, ctypes.c_int, pointer, pointer, *[size] * 3, pointer, pointer,
+        *[ctypes.c_int] * 3,
     ]  # fmt: skip
     lib.gpt2_cpu_decode_attention.restype = ctypes.c_int
     lib.gpt2_cpu_decode_attention.argtypes = [
@@ -118,7 +119,11 @@ def library() -> ctypes.CDLL | None:
     ]  # fmt: skip
     lib.gpt2_cpu_store_kv.restype = ctypes.c_int
     lib.gpt2_cpu_store_kv.argtypes = [pointer, pointer, size, size, pointer, pointer, size, pointer, size]
-    limits = (lib.gpt2_cpu_gemm_k_multiple(), lib.gpt2_cpu_gemm_pack_rows(), lib.gpt2_cpu_decode_attention_max_head_dim())
+    limits = (
+        lib.gpt2_cpu_gemm_k_multiple(),
+        lib.gpt2_cpu_gemm_pack_rows(),
+        lib.gpt2_cpu_decode_attention_max_head_dim(),
+    )
     if limits != (K_MULTIPLE, PACK_ROWS, MAX_HEAD_DIM):
         raise RuntimeError(f"{target} disagrees with engine/cpu_kernels.py on its limits: {limits}")
     return lib
@@ -145,9 +150,9 @@ class GemmWeight:
     ``scales``. Checked once here, so that a call checks only what it is given.
 
     Float weights are packed by default: a copy whose groups of :data:`PACK_ROWS` rows are interleaved 8 values at a
-    time, which the GEMM streams from one pointer (a quarter less time for 16-bit weights at M = 1 and 8 than rows
-    read a row apart). ``pack=False`` reads ``weight`` in place, row-major: the tied LM head, whose storage is the
-    embedding's, would otherwise be held twice."""
+    time, which the GEMM streams from one pointer (about a tenth less time for 16-bit weights at M = 1, a quarter at
+    M = 8, than rows read a row apart). ``pack=False`` reads ``weight`` in place, row-major: the tied LM head, whose
+    storage is the embedding's, would otherwise be held twice."""
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor | None = None, pack: bool = True) -> None:
         if not gemm_supports(weight):

@@ -31,7 +31,9 @@ inline void score_heads(const float* q, const T* key, long D, float scale, float
   __m256 dot[J];
   for (int j = 0; j < J; j++) dot[j] = _mm256_setzero_ps();
   for (long d = 0; d < D; d += 8) {
-    for (int j = 0; j < J; j++) dot[j] = _mm256_fmadd_ps(load8(key + j * D + d), _mm256_loadu_ps(q + j * D + d), dot[j]);
+    for (int j = 0; j < J; j++) {
+      dot[j] = _mm256_fmadd_ps(load8(key + j * D + d), _mm256_loadu_ps(q + j * D + d), dot[j]);
+    }
   }
   for (int j = 0; j < J; j++) scores[j * head_stride] = hsum(dot[j]) * scale;
 }
@@ -57,8 +59,8 @@ inline float exponentiate(float* scores, long n) {
 }
 
 // Heads 0 .. heads-1 of one sequence, token by token: each token's keys (and values) of these heads are one
-// contiguous run of its slot, read once, where a head at a time read D values a slot apart (a quarter of the time
-// at batch 1, context 64, heads of 64 in bf16 with the caches out of cache). q and out are the heads' D values
+// contiguous run of its slot, read once, where a head at a time read D values a slot apart (bf16 caches evicted
+// first, gpt2-medium's heads: 8 x 100 tokens 617 -> 263 us, 8 x 1000 4.1 -> 1.6 ms). q and out are the heads' D values
 // each, k and v point at the first head of slot 0 (the next slot is HD on); scores holds heads x n, acc heads x D.
 template <typename T>
 void attend(const float* q, const T* k, const T* v, const int32_t* table, long n, long heads, long HD, long D,

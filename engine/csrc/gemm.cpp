@@ -130,7 +130,7 @@ const float* widen(const void* x, int kind, long count, std::vector<float>& buff
 
 // Packed float weights come in groups of kPackRows rows, their values interleaved 8 at a time ([K / 8][3][8]), so
 // a group streams from one pointer; rows past the last whole group stay row-major. Against rows read a row apart,
-// this took a sixth less time for 16-bit weights at M = 1 and a quarter less at M = 8 (gpt2-medium's block GEMMs,
+// this took about a tenth less time for 16-bit weights at M = 1 and a quarter less at M = 8 (gpt2-medium's block GEMMs,
 // 2 Zen 3 cores), the same for fp32. engine/cpu_kernels.py packs them.
 constexpr long kPackRows = 3;
 
