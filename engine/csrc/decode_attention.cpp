@@ -61,7 +61,8 @@ inline float exponentiate(float* scores, long n) {
 // Heads 0 .. heads-1 of one sequence, token by token: each token's keys (and values) of these heads are one
 // contiguous run of its slot, read once, where a head at a time read D values a slot apart (bf16 caches evicted
 // first, gpt2-medium's heads: 8 x 100 tokens 617 -> 263 us, 8 x 1000 4.1 -> 1.6 ms). q and out are the heads' D values
-// each, k and v point at the first head of slot 0 (the next slot is HD on); scores holds heads x n, acc heads x D.
+// each, k and v point at the first head of slot 0 (the next slot is HD on); scores holds heads x n, acc
+// heads + heads x D (each head's inverse sum, then its value sums).
 template <typename T>
 void attend(const float* q, const T* k, const T* v, const int32_t* table, long n, long heads, long HD, long D,
             long block_size, float scale, float* scores, float* acc, float* out) {
