@@ -11,7 +11,9 @@ llama-cpp-python source package (pip downloads it; cmake; a few minutes on 2 cor
 (validate, then time), and each (ours, llama.cpp) pair is measured in turn, round after round: fp32 vs f32, bf16 and
 fp16 vs f16, int8 vs q8_0 (bf16 vs bf16 too with ``--dtypes ... bf16``). llama.cpp's batch 1 is llama-bench (prompt
 test ``-p P``; generation test ``-n N`` after ``-d P`` tokens, as our decode runs after the prompt); larger batches
-are llama-batched-bench (``-npp P -ntg N -npl B``). The table goes to stdout, the JSON to bench/results/.
+are llama-batched-bench (``-npp P -ntg N -npl B``). llama.cpp runs with its weights repacked (its default: AMX and
+interleaved layouts), except a GGUF on which that crashed (0.3.36's AMX q8_0 GEMM segfaults on some AMX Xeons): that
+one reruns with ``--repack 0``, and the table and JSON say so. The table goes to stdout, the JSON to bench/results/.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.cpu_decode import measure_decode  # noqa: E402
-from bench.llamacpp import CACHE, RESULTS, LlamaCppError, log  # noqa: E402
+from bench.llamacpp import CACHE, RESULTS, LlamaCppCrash, LlamaCppError, log  # noqa: E402
 from bench.llamacpp import table as tbl  # noqa: E402
 from bench.llamacpp.build import LLAMA_CPP_PYTHON, LlamaCpp, ensure_built  # noqa: E402
 from bench.llamacpp.convert import OUTTYPES, checkpoint, to_gguf  # noqa: E402
@@ -84,20 +86,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.pairs:
         ap.error(f"no pair to compare: ours {args.ours} against llama.cpp {args.dtypes}")
     args.work_dir = args.work_dir or CACHE / "models" / f"{args.model_size}-seed{args.seed}"
+    args.unpacked = []  # the GGUF types llama.cpp runs with --repack 0 (see run_llama)
     return args
 
 
 def measure_llama(llama: LlamaCpp, gguf: Path, batch: int, args) -> dict:
     """llama.cpp's prefill and decode tokens/s for ``batch`` sequences (see the module docstring for which tool)."""
+    p, n = args.prompt_tokens, args.new_tokens
     if batch == 1:
-        prefill = parse_llama_bench(run_tool(bench_argv(llama, gguf, args.threads, args.prompt_tokens, 0)).decode())
-        decode = parse_llama_bench(
-            run_tool(bench_argv(llama, gguf, args.threads, 0, args.new_tokens, depth=args.prompt_tokens)).decode()
-        )
+        prefill = parse_llama_bench(run_llama(bench_argv, llama, gguf, args, p, 0).decode())
+        decode = parse_llama_bench(run_llama(bench_argv, llama, gguf, args, 0, n, depth=p).decode())
         return dict(prefill_tok_s=prefill["prefill_tok_s"], decode_tok_s=decode["decode_tok_s"])
-    out = run_tool(batched_argv(llama, gguf, args.threads, batch, args.prompt_tokens, args.new_tokens))
-    rates = parse_batched_bench(out.decode(), batch)
+    rates = parse_batched_bench(run_llama(batched_argv, llama, gguf, args, batch, p, n).decode(), batch)
     return dict(prefill_tok_s=rates["prefill_tok_s"], decode_tok_s=rates["decode_tok_s"])
+
+
+def run_llama(make_argv, llama: LlamaCpp, gguf: Path, args, *test, **options) -> bytes:
+    """The output of ``make_argv(llama, gguf, args.threads, *test, repack=..., **options)``: with llama.cpp's weight
+    repacking (its AMX and interleaved layouts) unless that crashed on this GGUF before. A crash there (llama.cpp
+    0.3.36's AMX GEMM segfaults on q8_0 on some AMX CPUs) reruns it without, and every later run of that GGUF goes
+    without (``args.unpacked``, reported with the table)."""
+    if gguf.stem not in args.unpacked:
+        try:
+            return run_tool(make_argv(llama, gguf, args.threads, *test, repack=True, **options))
+        except LlamaCppCrash as e:
+            reason = str(e).splitlines()[0]
+            log(f"llama.cpp crashed on {gguf.name} with its weights repacked ({reason}); measuring it with --repack 0")
+            args.unpacked.append(gguf.stem)
+    return run_tool(make_argv(llama, gguf, args.threads, *test, repack=False, **options))
 
 
 def check_parity(llama: LlamaCpp, gguf: Path, hf: Path, args):
@@ -193,7 +209,7 @@ def run(args) -> int:
         return dict(
             complete=complete,
             machine=machine,
-            llama_cpp=dict(commit=commit, llama_cpp_python=llama.version),
+            llama_cpp=dict(commit=commit, llama_cpp_python=llama.version, without_repack=args.unpacked),
             settings=dict(
                 model=args.model_size,
                 seed=args.seed,
@@ -215,6 +231,8 @@ def run(args) -> int:
     )
     print(f"ours: {source}; ratio = ours / llama.cpp (above 1: we are faster)\n")
     print(tbl.markdown(tbl.rows(measured, args.pairs, args.batches)))
+    if args.unpacked:
+        print(f"\nllama.cpp ran {', '.join(args.unpacked)} with --repack 0: its repacked path crashed on this CPU")
     log(f"wrote {write_json(path, result(measured, source, complete=True))}")
     return 0 if parity.ok else 1
 

@@ -20,6 +20,10 @@ class LlamaCppError(RuntimeError):
     """A step of the llama.cpp comparison failed; the message says which and what to do."""
 
 
+class LlamaCppCrash(LlamaCppError):
+    """A llama.cpp tool was killed by a signal (a crash, not a refusal)."""
+
+
 def log(msg: str) -> None:
     """Progress on stderr; stdout holds the table."""
     print(msg, file=sys.stderr, flush=True)

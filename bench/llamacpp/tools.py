@@ -13,16 +13,24 @@ import statistics
 import subprocess
 from pathlib import Path
 
-from . import LlamaCppError
+from . import LlamaCppCrash, LlamaCppError
 from .build import LlamaCpp, tail
 
 BATCHED_COLUMNS = ("pp", "tg", "pl", "n_kv", "t_pp", "speed_pp", "t_tg", "speed_tg", "t", "speed")
 
 
 def bench_argv(
-    llama: LlamaCpp, model: Path, threads: int, n_prompt: int, n_gen: int, depth: int = 0, reps: int = 5
+    llama: LlamaCpp,
+    model: Path,
+    threads: int,
+    n_prompt: int,
+    n_gen: int,
+    depth: int = 0,
+    reps: int = 5,
+    repack: bool = True,
 ) -> list[str]:
-    """llama-bench: one test of ``n_prompt`` prompt tokens or ``n_gen`` generated ones after ``depth`` tokens."""
+    """llama-bench: one test of ``n_prompt`` prompt tokens or ``n_gen`` generated ones after ``depth`` tokens;
+    ``repack=False`` keeps the weights as the GGUF stores them (no AMX or repacked layouts)."""
     return [
         str(llama.tool("llama-bench")),
         "-m",
@@ -37,15 +45,25 @@ def bench_argv(
         str(depth),
         "-r",
         str(reps),
+        "--repack",
+        str(int(repack)),
         "-o",
         "json",
     ]
 
 
 def batched_argv(
-    llama: LlamaCpp, model: Path, threads: int, batch: int, n_prompt: int, n_gen: int, reps: int = 3
+    llama: LlamaCpp,
+    model: Path,
+    threads: int,
+    batch: int,
+    n_prompt: int,
+    n_gen: int,
+    reps: int = 3,
+    repack: bool = True,
 ) -> list[str]:
-    """llama-batched-bench: ``batch`` sequences of ``n_prompt`` + ``n_gen`` tokens, ``reps`` times (one row each)."""
+    """llama-batched-bench: ``batch`` sequences of ``n_prompt`` + ``n_gen`` tokens, ``reps`` times (one row each);
+    ``repack`` as for :func:`bench_argv`."""
     return [
         str(llama.tool("llama-batched-bench")),
         "-m",
@@ -64,6 +82,7 @@ def batched_argv(
         ",".join([str(batch)] * reps),
         "--output-format",
         "jsonl",
+        *([] if repack else ["--no-repack"]),
     ]
 
 
@@ -86,7 +105,8 @@ def run_tool(argv: list[str], timeout: float = 1800) -> bytes:
         raise LlamaCppError(f"{Path(argv[0]).name} ran past {timeout:.0f} s") from e
     if done.returncode != 0:
         output = (done.stdout + done.stderr).decode(errors="replace")
-        raise LlamaCppError(f"{Path(argv[0]).name} failed (exit {done.returncode}):\n{tail(output)}")
+        error = LlamaCppCrash if done.returncode < 0 else LlamaCppError
+        raise error(f"{Path(argv[0]).name} failed (exit {done.returncode}):\n{tail(output)}")
     return done.stdout
 
 

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from bench.llama_cpp import parse_args
-from bench.llamacpp import LlamaCppError
+from bench.llama_cpp import parse_args, run_llama
+from bench.llamacpp import LlamaCppCrash, LlamaCppError
 from bench.llamacpp import table as tbl
 from bench.llamacpp.build import LlamaCpp
 from bench.llamacpp.convert import conversion_source, with_n_ctx
 from bench.llamacpp.greedy import match_pieces
 from bench.llamacpp.tools import (
     batched_argv,
+    bench_argv,
     parse_batched_bench,
     parse_batched_rows,
     parse_llama_bench,
@@ -138,6 +139,32 @@ def test_batched_argv_sizes_the_context_and_repeats_the_batch():
     assert argv[argv.index("-c") + 1] == str(batch * (p + n))
     assert argv[argv.index("-npl") + 1] == f"{batch},{batch},{batch}"
     assert argv[argv.index("-t") + 1] == argv[argv.index("-tb") + 1] == "2"
+
+
+def test_repack_is_on_by_default_and_can_be_turned_off():
+    on, off = bench_argv(LLAMA, Path("/m.gguf"), 2, 32, 0), bench_argv(LLAMA, Path("/m.gguf"), 2, 32, 0, repack=False)
+    assert on[on.index("--repack") + 1] == "1" and off[off.index("--repack") + 1] == "0"
+    assert "--no-repack" not in batched_argv(LLAMA, Path("/m.gguf"), 2, 8, 32, 64)
+    assert "--no-repack" in batched_argv(LLAMA, Path("/m.gguf"), 2, 8, 32, 64, repack=False)
+
+
+def test_a_crash_with_repacked_weights_reruns_that_gguf_without_repacking():
+    args = parse_args([])
+    word = f"rate-{random.randrange(10**6)}"
+    calls = []
+
+    def fake_tool(llama, gguf, threads, *test, repack):  # crashes (SIGSEGV) on q8_0 when repacked
+        calls.append((gguf.name, repack))
+        crash = repack and gguf.stem == "q8_0"
+        return ["sh", "-c", "kill -SEGV $$" if crash else f"echo {word}"]
+
+    for name in ("f16.gguf", "q8_0.gguf", "q8_0.gguf"):
+        assert run_llama(fake_tool, LLAMA, Path(name), args).decode().strip() == word
+    assert calls == [("f16.gguf", True), ("q8_0.gguf", True), ("q8_0.gguf", False), ("q8_0.gguf", False)]
+    assert args.unpacked == ["q8_0"]
+    with pytest.raises(LlamaCppError) as failed:  # a plain failure is not retried
+        run_llama(lambda *a, repack: ["sh", "-c", "exit 3"], LLAMA, Path("f32.gguf"), args)
+    assert not isinstance(failed.value, LlamaCppCrash)
 
 
 def test_token_ids_from_llama_tokenize():
