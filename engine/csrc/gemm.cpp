@@ -1,11 +1,12 @@
 // The torch backend's CPU GEMM: y[M, N] = x[M, K] . W[N, K]^T computed in fp32, for fp32 / fp16 / bf16 weights and
-// int8 weight codes with per-row scales. AVX2 + FMA + F16C intrinsics, OpenMP threads (the libgomp PyTorch has loaded).
-// Built and called by engine/cpu_kernels.py, which documents the measurements behind the choices here.
+// int8 weight codes with per-row scales. AVX2 + FMA + F16C intrinsics, the float weights' loop in simd.h's Vec (16
+// lanes where built for AVX-512, else 8); OpenMP threads (the libgomp PyTorch has loaded). Built and called by
+// engine/cpu_kernels.py, which documents the measurements behind the choices here.
 //
 // * Float weights: each weight is read once per tile and widened to fp32 in registers (F16C for fp16, a shift for
 //   bf16); a tile is R weight rows against B activation rows with one fp32 accumulator each, so a row's sum runs in
 //   the same order whatever the batch (batch-invariant, bit for bit). Weights packed once at load (3 rows
-//   interleaved 8 values at a time) stream from one pointer; row-major ones (the LM head, which shares its storage
+//   interleaved kLanes values at a time) stream from one pointer; row-major ones (the LM head, which shares its storage
 //   with the embedding) are read a row apart.
 // * int8 weights: activations are rounded to int16 row by row (scale = the row's max |x| / 32767) and multiplied
 //   with the codes widened to int16, 16 products per instruction (vpmaddwd), summed exactly in int32 within chunks
@@ -128,14 +129,15 @@ const float* widen(const void* x, int kind, long count, std::vector<float>& buff
 
 // ---- float weights ----
 
-// Packed float weights come in groups of kPackRows rows, their values interleaved 8 at a time ([K / 8][3][8]), so
-// a group streams from one pointer; rows past the last whole group stay row-major. Against rows read a row apart,
-// this took about a tenth less time for 16-bit weights at M = 1 and a quarter less at M = 8 (gpt2-medium's block GEMMs,
-// 2 Zen 3 cores), the same for fp32. engine/cpu_kernels.py packs them.
+// Packed float weights come in groups of kPackRows rows, their values interleaved kLanes at a time
+// ([K / kLanes][3][kLanes]), so a group streams from one pointer; rows past the last whole group stay row-major.
+// Against rows read a row apart, this took about a tenth less time for 16-bit weights at M = 1 and a quarter less at
+// M = 8 (gpt2-medium's block GEMMs, 2 Zen 3 cores), the same for fp32; on 2 Xeon cores (AVX2 build), 0.81x at
+// M = 1 in bf16. engine/cpu_kernels.py packs them.
 constexpr long kPackRows = 3;
 
-// The weight rows of a tile, packed or row-major: row r's values k .. k+7 at
-// w + r / kPackRows * group_step + r % kPackRows * row_step + k / 8 * k_step.
+// The weight rows of a tile, packed or row-major: row r's values k .. k + kLanes - 1 at
+// w + r / kPackRows * group_step + r % kPackRows * row_step + k / kLanes * k_step.
 template <typename W>
 struct Rows {
   const W* w;
@@ -144,26 +146,26 @@ struct Rows {
 
 template <typename W>
 Rows<W> rows_at(const W* w, long n, long K, bool packed) {  // n: a group's first row, or a row past the groups
-  if (packed) return {w + n * K, 8, kPackRows * K, 8 * kPackRows};
-  return {w + n * K, K, kPackRows * K, 8};
+  if (packed) return {w + n * K, kLanes, kPackRows * K, kLanes * kPackRows};
+  return {w + n * K, K, kPackRows * K, kLanes};
 }
 
 template <int R, int B, typename W>
 inline void float_tile(const float* x, Rows<W> rows, long K, float* y, long N) {
-  __m256 acc[R][B];
+  Vec acc[R][B];
   for (int r = 0; r < R; r++)
-    for (int b = 0; b < B; b++) acc[r][b] = _mm256_setzero_ps();
+    for (int b = 0; b < B; b++) acc[r][b] = vec_zero();
   const W* wk = rows.w;
-  for (long k = 0; k < K; k += 8, wk += rows.k_step) {
-    __m256 wv[R];
-    for (int r = 0; r < R; r++) wv[r] = load8(wk + r / kPackRows * rows.group_step + r % kPackRows * rows.row_step);
+  for (long k = 0; k < K; k += kLanes, wk += rows.k_step) {
+    Vec wv[R];
+    for (int r = 0; r < R; r++) wv[r] = vec_load(wk + r / kPackRows * rows.group_step + r % kPackRows * rows.row_step);
     for (int b = 0; b < B; b++) {
-      __m256 xv = _mm256_loadu_ps(x + b * K + k);
-      for (int r = 0; r < R; r++) acc[r][b] = _mm256_fmadd_ps(wv[r], xv, acc[r][b]);
+      Vec xv = vec_load(x + b * K + k);
+      for (int r = 0; r < R; r++) acc[r][b] = vec_fmadd(wv[r], xv, acc[r][b]);
     }
   }
   for (int r = 0; r < R; r++)
-    for (int b = 0; b < B; b++) y[b * N + r] = hsum(acc[r][b]);
+    for (int b = 0; b < B; b++) y[b * N + r] = vec_sum(acc[r][b]);
 }
 
 // R weight rows against every activation row, B at a time; y points at the first row's column of activation row 0.
@@ -175,18 +177,24 @@ inline void float_rows(const float* x, Rows<W> rows, float* y, long M, long N, l
 }
 
 // Tiles measured on gpt2-medium's block GEMMs: at M = 1, two groups (six rows: six independent FMA chains; three
-// left fp32 a fifth slower); above, one group against 4 activation rows, registers for the weights and one
-// activation vector.
+// left fp32 a fifth slower); above, kTileGroups groups against 4 activation rows: one with AVX2's 16 registers (12
+// accumulators, the weights and one activation vector), two with AVX-512's 32, which halves the activation loads per
+// FMA (AVX-512 with one group ran slower than AVX2 at M = 8 to 256; with two, 1.2x faster at M = 8, 1.5x at M = 32
+// and 1.7x at M = 256 in fp32; 2 Xeon cores with AMX and AVX-512, 2026-12-01).
+constexpr long kTileGroups = kLanes == 16 ? 2 : 1;
+
 template <typename W>
 void float_weights(const float* x, const void* w, bool packed, float* y, long M, long N, long K, const Epilogue& e,
                    int threads) {
   const W* weights = static_cast<const W*>(w);
   parallel_shares(N / kPackRows, threads, [&](long begin, long end, bool last) {
     long g = begin;
-    if (M == 1) {
-      for (; g + 2 <= end; g += 2) {
-        float_tile<2 * kPackRows, 1>(x, rows_at(weights, g * kPackRows, K, packed), K, y + g * kPackRows, N);
-      }
+    for (; M == 1 && g + 2 <= end; g += 2) {
+      float_tile<2 * kPackRows, 1>(x, rows_at(weights, g * kPackRows, K, packed), K, y + g * kPackRows, N);
+    }
+    for (; M > 1 && g + kTileGroups <= end; g += kTileGroups) {
+      const Rows<W> rows = rows_at(weights, g * kPackRows, K, packed);
+      float_rows<kTileGroups * kPackRows, 4>(x, rows, y + g * kPackRows, M, N, K);
     }
     for (; g < end; g++) {
       float_rows<kPackRows, 4>(x, rows_at(weights, g * kPackRows, K, packed), y + g * kPackRows, M, N, K);
@@ -283,6 +291,9 @@ long gpt2_cpu_gemm_k_multiple() { return kKMultiple; }
 
 // The rows of a packed group of float weights.
 long gpt2_cpu_gemm_pack_rows() { return kPackRows; }
+
+// The values of a row packed side by side in a group (the GEMM's vector lanes: 8, or 16 with AVX-512).
+long gpt2_cpu_gemm_pack_lanes() { return kLanes; }
 
 // y[M, N] = gelu(x[M, K] . W[N, K]^T + bias) + residual, all row-major and contiguous; x, bias [N], residual
 // [M, N] and y stored as ``act_kind`` (fp32, fp16 or bf16; bias and residual optional, null for none), the product

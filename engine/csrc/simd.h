@@ -1,8 +1,18 @@
-// What the CPU kernels share: 8 values of any stored float format widened to fp32 in one AVX2 register, and a
-// register's horizontal sum. Header-only and static, so each kernel file inlines its own copy.
+// What the CPU kernels share: 8 values of any stored float format widened to fp32 in one AVX2 register, a register's
+// horizontal sum, and the GEMM's Vec (16 lanes in the AVX-512 build). Header-only and static, so each kernel file
+// inlines its own copy.
 #pragma once
 
+// GCC 12's AVX-512 intrinsics start from a self-initialized "undefined" register, which -Wmaybe-uninitialized
+// reports wherever they inline; the warning's location is the header, so it is silenced there alone.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <immintrin.h>
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -58,6 +68,32 @@ inline float hsum(__m256 v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+
+// The GEMM's widest register, Vec: kLanes fp32 lanes, 16 where the library is built for AVX-512 (engine/cpu_kernels.py
+// builds that variant on CPUs that have it), else 8. Loads widen any stored float format, as load8 does.
+#if defined(__AVX512F__)
+constexpr long kLanes = 16;
+using Vec = __m512;
+inline Vec vec_zero() { return _mm512_setzero_ps(); }
+inline Vec vec_fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec vec_load(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vec_load(const FP16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline Vec vec_load(const BF16* p) {
+  __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline float vec_sum(Vec v) { return hsum(_mm256_add_ps(_mm512_extractf32x8_ps(v, 0), _mm512_extractf32x8_ps(v, 1))); }
+#else
+constexpr long kLanes = 8;
+using Vec = __m256;
+inline Vec vec_zero() { return _mm256_setzero_ps(); }
+inline Vec vec_fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+template <typename T>
+inline Vec vec_load(const T* p) {
+  return load8(p);
+}
+inline float vec_sum(Vec v) { return hsum(v); }
+#endif
 
 // e^x for x <= 0 to about 1 ulp (Cephes' expf: 2^n times a degree-5 polynomial on [-ln2/2, ln2/2]); x below
 // -87 gives e^-87 rather than a denormal or 0.

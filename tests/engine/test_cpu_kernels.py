@@ -25,6 +25,16 @@ needs_kernel = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(params=cpu_kernels.runnable_isas() or ("avx2",))
+def isa(request, monkeypatch):
+    """The library built for each instruction set this CPU runs: AVX2, and AVX-512 (16 lanes) where it has it."""
+    monkeypatch.setenv(cpu_kernels.ISA_ENV, request.param)
+    cpu_kernels.library.cache_clear()
+    yield request.param
+    monkeypatch.undo()
+    cpu_kernels.library.cache_clear()
+
+
 def random_weight(dtype: torch.dtype, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A weight in ``dtype`` and, for int8, its per-row scales."""
     if dtype != torch.int8:
@@ -50,7 +60,7 @@ def int16_reference(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> t
 @needs_kernel
 @pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-def test_matches_float64(dtype, pack):
+def test_matches_float64(dtype, pack, isa):
     """Every tile remainder: M around the 4- and 8-row blocks, N around the 3-row groups (packed or read in place),
     K long enough for int8's int32 chunks to roll over."""
     m = random.choice([1, 2, 3, 4, 5, 7, 8, 9, 13, 17])
@@ -70,7 +80,7 @@ def test_matches_float64(dtype, pack):
 @needs_kernel
 @pytest.mark.parametrize("act_dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
-def test_fused_epilogue_matches_float64(dtype, act_dtype):
+def test_fused_epilogue_matches_float64(dtype, act_dtype, isa):
     """gelu(x @ W.T + bias) + residual, each part on or off, activations in each float dtype; N not a multiple of 8
     half the time, so each thread's columns end in the scalar tail."""
     m, n, k = random.randint(1, 10), random.choice([8 * random.randint(1, 12), random.randint(1, 97)]), 64
@@ -94,7 +104,7 @@ def test_fused_epilogue_matches_float64(dtype, act_dtype):
 
 @needs_kernel
 @pytest.mark.parametrize("act_dtype", [torch.float16, torch.bfloat16])
-def test_16bit_activations_round_once_as_torch_does(act_dtype):
+def test_16bit_activations_round_once_as_torch_does(act_dtype, isa):
     """16-bit in and out: the fp32 result of the widened inputs, rounded to nearest even by ``.to()``, bit for bit."""
     w, _ = random_weight(torch.float16, random.randint(1, 40), 16 * random.randint(1, 8))
     m, n = random.randint(1, 9), w.shape[0]
@@ -132,7 +142,7 @@ def test_epilogue_bad_arguments():
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_packed_and_unpacked_weights_give_the_same_bits(dtype):
+def test_packed_and_unpacked_weights_give_the_same_bits(dtype, isa):
     """Packing changes where a weight lives, not the arithmetic; ``dense`` gives the weight back as it came."""
     w, _ = random_weight(dtype, random.randint(1, 40), 16 * random.randint(1, 16))
     x = torch.randn(random.randint(1, 9), w.shape[1])
@@ -144,7 +154,7 @@ def test_packed_and_unpacked_weights_give_the_same_bits(dtype):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-def test_a_row_gets_the_same_bits_alone_and_in_any_batch(dtype):
+def test_a_row_gets_the_same_bits_alone_and_in_any_batch(dtype, isa):
     k = 16 * random.randint(1, 64)
     w, scales = random_weight(dtype, random.randint(1, 50), k)
     x = torch.randn(random.randint(3, 19), k)
@@ -156,7 +166,7 @@ def test_a_row_gets_the_same_bits_alone_and_in_any_batch(dtype):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
-def test_thread_count_does_not_change_the_bits(dtype):
+def test_thread_count_does_not_change_the_bits(dtype, isa):
     k = 16 * random.randint(1, 64)
     w, scales = random_weight(dtype, random.randint(20, 90), k)
     x = torch.randn(random.randint(1, 9), k)
@@ -229,7 +239,7 @@ def cpu_paged_cache(lens: list[int], heads: int, head_dim: int, block_size: int,
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_decode_attention_matches_float64(dtype):
+def test_decode_attention_matches_float64(dtype, isa):
     heads, head_dim = random.randint(1, 5), 8 * random.randint(1, 32)
     block_size = random.choice([1, 3, 16])
     lens = [random.randint(1, 70) for _ in range(random.randint(1, 6))]
@@ -313,6 +323,31 @@ def fresh_library(monkeypatch, tmp_path):
 
 
 @needs_kernel
+def test_the_best_instruction_set_unless_the_environment_asks_for_another(monkeypatch):
+    best = "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "avx2"
+    assert cpu_kernels.chosen_isa() == cpu_kernels.runnable_isas()[-1] == best
+    assert cpu_kernels.library().isa == best
+    monkeypatch.setenv(cpu_kernels.ISA_ENV, "avx2")
+    assert cpu_kernels.chosen_isa() == "avx2"
+    monkeypatch.setenv(cpu_kernels.ISA_ENV, "sse2")
+    with pytest.raises(ValueError, match="GPT2_TRITON_CPU_ISA='sse2'"):
+        cpu_kernels.chosen_isa()
+
+
+@needs_kernel
+def test_a_weight_keeps_the_build_it_was_packed_for(isa, monkeypatch):
+    """A weight packed for one build's vector width is computed by that build even after the environment chose
+    another."""
+    w = torch.randn(random.randint(6, 40), 16 * random.randint(2, 8))
+    x = torch.randn(random.randint(1, 9), w.shape[1])
+    weight = cpu_kernels.GemmWeight(w)
+    assert weight.lanes == (16 if isa == "avx512" else 8)
+    monkeypatch.setenv(cpu_kernels.ISA_ENV, "avx2" if isa == "avx512" else cpu_kernels.runnable_isas()[-1])
+    cpu_kernels.library.cache_clear()
+    assert rel_err(weight.linear(x), x.double() @ w.double().t()) < 1e-5
+
+
+@needs_kernel
 def test_builds_once_into_the_cache(fresh_library, monkeypatch):
     assert cpu_kernels.available()
     (built,) = fresh_library.glob("cpu_kernels-*.so")
@@ -328,7 +363,7 @@ def test_builds_once_into_the_cache(fresh_library, monkeypatch):
 
 def test_a_failed_build_warns_and_pytorch_runs_the_linears(fresh_library, monkeypatch):
     monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
-    monkeypatch.setattr(cpu_kernels, "_cpu_can_run", lambda: True)
+    monkeypatch.setattr(cpu_kernels, "runnable_isas", lambda: ("avx2",))
     with pytest.warns(UserWarning, match="CPU kernels are not used"):
         assert not cpu_kernels.available()
     assert list(fresh_library.glob("*")) == []  # nothing half-written left in the cache
@@ -401,9 +436,11 @@ def test_torch_compile_traces_the_pytorch_path(dtype):
 
 
 @needs_kernel
-def test_source_compiles_without_warnings(tmp_path):
+@pytest.mark.parametrize("isa", sorted(cpu_kernels.ISA_FLAGS))
+def test_source_compiles_without_warnings(tmp_path, isa):
+    """For every instruction set, whether or not this CPU runs it: compiling needs only the compiler."""
     cxx = cpu_kernels.compiler()
-    flags = [*cpu_kernels.FLAGS, "-Wall", "-Wextra", "-Werror"]
+    flags = [*cpu_kernels.flags(isa), "-Wall", "-Wextra", "-Werror"]
     r = subprocess.run(
         [cxx, *flags, *map(str, cpu_kernels.SOURCES), "-o", str(tmp_path / "k.so")], capture_output=True, text=True
     )
