@@ -58,7 +58,7 @@ PACK_ROWS = 3  # rows per group of packed float weights (gpt2_cpu_gemm_pack_rows
 HEAD_DIM_MULTIPLE = 8  # decode attention's head size: a multiple of this, at most MAX_HEAD_DIM
 MAX_HEAD_DIM = 256  # gpt2_cpu_decode_attention_max_head_dim
 SWITCH_ENV = "GPT2_TRITON_CPU_KERNELS"  # "0" turns the kernels off
-ISA_ENV = "GPT2_TRITON_CPU_ISA"  # "avx2" or "avx512": build and run for that instruction set (default: the best the CPU runs)
+ISA_ENV = "GPT2_TRITON_CPU_ISA"  # "avx2" or "avx512": the build to run (default: the best this CPU runs)
 CACHE_ENV = "GPT2_TRITON_CACHE_DIR"
 
 
@@ -179,9 +179,10 @@ class GemmWeight:
     ``scales``. Checked once here, so that a call checks only what it is given.
 
     Float weights are packed by default: a copy whose groups of :data:`PACK_ROWS` rows are interleaved ``lanes``
-    values at a time (the library's vector width: 8, or 16 with AVX-512), which the GEMM streams from one pointer (about a tenth less time for 16-bit weights at M = 1, a quarter at
-    M = 8, than rows read a row apart). ``pack=False`` reads ``weight`` in place, row-major: the tied LM head, whose
-    storage is the embedding's, would otherwise be held twice."""
+    values at a time (the library's vector width: 8, or 16 with AVX-512), which the GEMM streams from one pointer
+    (about a tenth less time for 16-bit weights at M = 1, a quarter at M = 8, than rows read a row apart).
+    ``pack=False`` reads ``weight`` in place, row-major: the tied LM head, whose storage is the embedding's, would
+    otherwise be held twice."""
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor | None = None, pack: bool = True) -> None:
         if not gemm_supports(weight):

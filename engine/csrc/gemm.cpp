@@ -35,10 +35,14 @@ using namespace gpt2_cpu;
 
 constexpr long kKMultiple = 16;       // K must be a multiple of this (engine/cpu_kernels.py checks it)
 constexpr float kInt16Max = 32767.0f;  // |activation code| <= this
-// int32 sums per lane: each vpmaddwd term is at most 2 * 32767 * 127, and a lane takes one term per 16 values of
-// K, so 2048 values of K (128 terms, at most 1.07e9) stay under 2^31 with 2x to spare.
+// int32 sums per lane: each vpmaddwd term is at most 2 * 32767 * 127, and a lane takes at most one term per 16
+// values of K, so 2048 values of K (128 terms, at most 1.07e9) stay under 2^31 with 2x to spare.
 constexpr long kInt8Chunk = 2048;
 constexpr int kInt8Rows = 8;  // activation rows per int8 tile
+// Weight rows per int8 tile above M = 1: two in the AVX-512 build, whose 32 registers hold 2 x 8 accumulators
+// (gpt2-medium's block GEMMs, 2 Xeon cores: 0.84x the time of one row at M = 32, 0.70x at M = 256; three rows
+// measured slower than two); one with AVX2 (see int8_weights).
+constexpr int kInt8TileRows = kLanes == 16 ? 2 : 1;
 
 // f(std::integral_constant<int, b>{}, m) for each block of b <= B activation rows starting at row m: full blocks of
 // B, then one smaller block for the rest, so every tile size is a compile-time constant.
@@ -207,10 +211,50 @@ void float_weights(const float* x, const void* w, bool packed, float* y, long M,
 
 // ---- int8 weights ----
 
-// A row of x as int16 codes, each 16 of them ``chunk_stride`` codes after the previous 16, and its scale; a row
+// The int8 GEMM's registers of int16 codes: kCodeLanes of them, 16 in AVX2's, 32 in AVX-512's. An activation row's
+// codes are stored in chunks of kCodeLanes ([K / kCodeLanes][rows][kCodeLanes] for a block of rows); where K is an
+// odd multiple of 16, the AVX-512 build's last chunk is half used and half_codes reads it.
+#if defined(__AVX512F__)
+constexpr long kCodeLanes = 32;
+using Codes = __m512i;
+inline Codes codes_zero() { return _mm512_setzero_si512(); }
+inline Codes weight_codes(const int8_t* w) {
+  return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+}
+inline Codes activation_codes(const int16_t* x) { return _mm512_loadu_si512(x); }
+inline Codes multiply_add(Codes acc, Codes w, Codes x) { return _mm512_add_epi32(acc, _mm512_madd_epi16(w, x)); }
+inline float codes_sum(Codes v) { return vec_sum(_mm512_cvtepi32_ps(v)); }
+#else
+constexpr long kCodeLanes = 16;
+using Codes = __m256i;
+inline Codes codes_zero() { return _mm256_setzero_si256(); }
+inline Codes weight_codes(const int8_t* w) {
+  return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+}
+inline Codes activation_codes(const int16_t* x) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)); }
+inline Codes multiply_add(Codes acc, Codes w, Codes x) { return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x)); }
+inline float codes_sum(Codes v) { return hsum(_mm256_cvtepi32_ps(v)); }
+#endif
+
+// 16 weight codes and 16 activation codes multiplied and added into acc's first 8 int32 lanes: the half chunk.
+inline Codes half_multiply_add(Codes acc, const int8_t* w, const int16_t* x) {
+  const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  const __m256i product = _mm256_madd_epi16(wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+#if defined(__AVX512F__)
+  return _mm512_add_epi32(acc, _mm512_zextsi256_si512(product));
+#else
+  return _mm256_add_epi32(acc, product);
+#endif
+}
+
+// K rounded up to whole chunks of codes: the codes one activation row takes.
+inline long codes_per_row(long K) { return (K + kCodeLanes - 1) / kCodeLanes * kCodeLanes; }
+
+// A row of x as int16 codes, code k at q[k / kCodeLanes * chunk_stride + k % kCodeLanes], and its scale; a row
 // holding inf or NaN gets a NaN scale (so its outputs are NaN, as a float GEMM's would be), an all-zero row a zero
 // scale.
 void quantize_row(const float* x, long K, int16_t* q, long chunk_stride, float* scale) {
+  const auto at = [&](long k) { return q + k / kCodeLanes * chunk_stride + k % kCodeLanes; };
   const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 top = _mm256_setzero_ps(), probe = _mm256_setzero_ps();
   for (long k = 0; k < K; k += 8) {
@@ -224,7 +268,7 @@ void quantize_row(const float* x, long K, int16_t* q, long chunk_stride, float* 
   for (float lane : lanes) most = std::max(most, lane);
   if (hsum(probe) != 0.0f) {  // only NaN compares unequal to 0 here
     *scale = std::numeric_limits<float>::quiet_NaN();
-    for (long k = 0; k < K; k += 16) std::memset(q + k / 16 * chunk_stride, 0, 16 * sizeof(int16_t));
+    for (long k = 0; k < K; k += 16) std::memset(at(k), 0, 16 * sizeof(int16_t));
     return;
   }
   *scale = most / kInt16Max;
@@ -234,48 +278,67 @@ void quantize_row(const float* x, long K, int16_t* q, long chunk_stride, float* 
     __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), inv));
     __m256i packed = _mm256_packs_epi32(lo, hi);  // saturating; interleaves the 128-bit halves
     __m256i ordered = _mm256_permute4x64_epi64(packed, 0xD8);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k / 16 * chunk_stride), ordered);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(at(k)), ordered);
   }
 }
 
-// One weight row (codes w, scale w_scale) against the B activation rows of one block of codes x.
-template <int B>
-inline void int8_tile(const int16_t* x, const float* x_scale, const int8_t* w, float w_scale, long K, float* y,
+// R weight rows (codes w, a row apart; scales w_scale) against the B activation rows of one block of codes x.
+template <int R, int B>
+inline void int8_tile(const int16_t* x, const float* x_scale, const int8_t* w, const float* w_scale, long K, float* y,
                       long N) {
-  float total[B] = {};
+  float total[R][B] = {};
   for (long start = 0; start < K; start += kInt8Chunk) {
     const long end = std::min(K, start + kInt8Chunk);
-    __m256i acc[B];
-    for (int b = 0; b < B; b++) acc[b] = _mm256_setzero_si256();
-    for (long k = start; k < end; k += 16) {
-      __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k)));
-      const int16_t* xk = x + k * B;  // this step's 16 codes of each of the B rows, side by side
+    Codes acc[R][B];
+    for (int r = 0; r < R; r++)
+      for (int b = 0; b < B; b++) acc[r][b] = codes_zero();
+    long k = start;
+    for (; k + kCodeLanes <= end; k += kCodeLanes) {
+      Codes wv[R];
+      for (int r = 0; r < R; r++) wv[r] = weight_codes(w + r * K + k);
+      const int16_t* xk = x + k * B;  // this step's codes of each of the B rows, side by side
       for (int b = 0; b < B; b++) {
-        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xk + b * 16));
-        acc[b] = _mm256_add_epi32(acc[b], _mm256_madd_epi16(wv, xv));
+        const Codes xv = activation_codes(xk + b * kCodeLanes);
+        for (int r = 0; r < R; r++) acc[r][b] = multiply_add(acc[r][b], wv[r], xv);
       }
     }
-    for (int b = 0; b < B; b++) total[b] += hsum(_mm256_cvtepi32_ps(acc[b]));
+    if (k < end) {  // the half chunk
+      for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) acc[r][b] = half_multiply_add(acc[r][b], w + r * K + k, x + k * B + b * kCodeLanes);
+    }
+    for (int r = 0; r < R; r++)
+      for (int b = 0; b < B; b++) total[r][b] += codes_sum(acc[r][b]);
   }
-  for (int b = 0; b < B; b++) y[b * N] = total[b] * w_scale * x_scale[b];
+  for (int r = 0; r < R; r++)
+    for (int b = 0; b < B; b++) y[b * N + r] = total[r][b] * w_scale[r] * x_scale[b];
 }
 
-// One weight row per step (measured faster than 2-6 at M = 1: the int32 adds have no latency to hide), 8
-// activation rows per tile, whose codes (8 x K int16) stay in L1/L2 while the weights stream past.
+// One weight row per step at M = 1 (measured faster than 2-6 with AVX2: the int32 adds have no latency to hide),
+// kInt8TileRows above, 8 activation rows per tile, whose codes (8 x K int16) stay in L1/L2 while the weights stream
+// past.
 void int8_weights(const float* x, const void* w, const float* w_scale, float* y, long M, long N, long K,
                   const Epilogue& e, int threads) {
-  std::vector<int16_t> codes(M * K);
+  const long row_codes = codes_per_row(K);
+  std::vector<int16_t> codes(M * row_codes);
   std::vector<float> x_scale(M);
   for (long m = 0; m < M; m++) {
     const long first = m / kInt8Rows * kInt8Rows, rows = std::min<long>(kInt8Rows, M - first);  // row m's block
-    quantize_row(x + m * K, K, codes.data() + first * K + (m - first) * 16, rows * 16, &x_scale[m]);
+    int16_t* block = codes.data() + first * row_codes;
+    quantize_row(x + m * K, K, block + (m - first) * kCodeLanes, rows * kCodeLanes, &x_scale[m]);
   }
   const int8_t* weights = static_cast<const int8_t*>(w);
   parallel_shares(N, threads, [&](long begin, long end, bool) {
-    for (long n = begin; n < end; n++) {
+    long n = begin;
+    for (; M > 1 && n + kInt8TileRows <= end; n += kInt8TileRows) {
       activation_blocks<kInt8Rows>(M, [&](auto b, long m) {  // m: the first row of a block
-        int8_tile<decltype(b)::value>(codes.data() + m * K, x_scale.data() + m, weights + n * K, w_scale[n], K,
-                                      y + m * N + n, N);
+        int8_tile<kInt8TileRows, decltype(b)::value>(codes.data() + m * row_codes, x_scale.data() + m,
+                                                     weights + n * K, w_scale + n, K, y + m * N + n, N);
+      });
+    }
+    for (; n < end; n++) {
+      activation_blocks<kInt8Rows>(M, [&](auto b, long m) {
+        int8_tile<1, decltype(b)::value>(codes.data() + m * row_codes, x_scale.data() + m, weights + n * K,
+                                         w_scale + n, K, y + m * N + n, N);
       });
     }
     finish(e, y, M, N, begin, end);
