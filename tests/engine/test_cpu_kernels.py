@@ -167,6 +167,22 @@ def test_a_row_gets_the_same_bits_alone_and_in_any_batch(dtype, isa):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_rows_past_one_panel_of_activations(dtype, isa):
+    """K = 2^16 makes a panel (half of L2 in activations or their int16 codes) a few rows at most (4, int8: 8), so
+    M = 9 .. 17 spans several, the last maybe a single row: each row still matches float64 (int8: its own codes) and
+    its own result alone."""
+    k = 1 << 16
+    w, scales = random_weight(dtype, random.randint(6, 20), k)
+    x = torch.randn(random.randint(9, 17), k)
+    batch = run(x, w, scales)
+    ref = int16_reference(x, w, scales) if dtype == torch.int8 else x.double() @ w.double().t()
+    assert rel_err(batch, ref) < 1e-5
+    last = x.shape[0] - 1
+    assert torch.equal(run(x[last:], w, scales), batch[last:])
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
 def test_thread_count_does_not_change_the_bits(dtype, isa):
     k = 16 * random.randint(1, 64)
