@@ -138,7 +138,8 @@ const float* widen(const void* x, int kind, long count, std::vector<float>& buff
 // ([K / kLanes][3][kLanes]), so a group streams from one pointer; rows past the last whole group stay row-major.
 // Against rows read a row apart, this took about a tenth less time for 16-bit weights at M = 1 and a quarter less at
 // M = 8 (gpt2-medium's block GEMMs, 2 Zen 3 cores), the same for fp32; on 2 Xeon cores (AVX2 build), 0.81x at
-// M = 1 in bf16. engine/cpu_kernels.py packs them.
+// M = 1 in bf16, before the GEMV's prefetch (below), which leaves the two layouts about level for the bf16 LM head.
+// engine/cpu_kernels.py packs them.
 constexpr long kPackRows = 3;
 
 // The weight rows of a tile, packed or row-major: row r's values k .. k + kLanes - 1 at
