@@ -5,7 +5,8 @@ KV store. On a CPU with AVX-512 the library is built for it (:data:`ISA_FLAGS`),
 took 0.95x the AVX2 build's time at M = 1, 0.81x at M = 8, 0.68x at M = 32 and 0.58x at M = 256 (prefill); the
 int8 GEMM's 32-code steps 0.74-0.87x at M = 1 and 0.67-0.81x at M = 8. In every build a GEMV prefetches the next
 tile's weights (16-bit weights at M = 1: 0.8-0.9x the time) and larger M goes a panel of activation rows at a time,
-a panel half a core's L2 (0.75-0.87x at M = 256).
+a panel half a core's L2 (0.75-0.87x at M = 256). On a CPU with AMX, :class:`GemmWeight` hands bf16 calls of 6 rows
+or more to oneDNN's AMX GEMM instead (:mod:`engine.cpu_onednn`), about 10x faster at prefill sizes.
 
 Why: decode on a CPU reads every weight once a token, so a step lasts as long as its GEMVs take to stream the
 weights, and PyTorch's CPU GEMMs leave bandwidth unused at small M. gpt2-medium's 96 block GEMMs through
@@ -43,6 +44,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from engine import cpu_onednn
 
 SOURCE_DIR = Path(__file__).with_name("csrc")
 SOURCES = (SOURCE_DIR / "gemm.cpp", SOURCE_DIR / "decode_attention.cpp", SOURCE_DIR / "store_kv.cpp")
@@ -185,9 +188,15 @@ class GemmWeight:
     values at a time (the library's vector width: 8, or 16 with AVX-512), which the GEMM streams from one pointer
     (about a tenth less time for 16-bit weights at M = 1, a quarter at M = 8, than rows read a row apart).
     ``pack=False`` reads ``weight`` in place, row-major: the tied LM head, whose storage is the embedding's, would
-    otherwise be held twice."""
+    otherwise be held twice.
 
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor | None = None, pack: bool = True) -> None:
+    ``onednn``: whether bf16 calls of :data:`cpu_onednn.MIN_ROWS` rows or more go to oneDNN's GEMM (AMX) instead,
+    on the same row-major weight (never packed then); by default where :func:`cpu_onednn.chosen` says so, for bf16
+    weights. True where oneDNN can't run it is a ``ValueError``."""
+
+    def __init__(
+        self, weight: torch.Tensor, scales: torch.Tensor | None = None, pack: bool = True, onednn: bool | None = None
+    ) -> None:
         if not gemm_supports(weight):
             raise ValueError(f"the CPU GEMM does not take a {weight.dtype} weight of shape {tuple(weight.shape)}")
         n = weight.shape[0]
@@ -195,9 +204,15 @@ class GemmWeight:
             raise ValueError("scales go with int8 weights, and only with them")
         if scales is not None and (scales.dtype != torch.float32 or scales.shape != (n,) or not scales.is_contiguous()):
             raise ValueError(f"scales must be a contiguous fp32 tensor of shape ({n},)")
+        bf16 = weight.dtype == torch.bfloat16
+        if onednn and not bf16:
+            raise ValueError(f"onednn=True takes bf16 weights, not {weight.dtype}")
+        if onednn and not cpu_onednn.runs_bf16():
+            raise ValueError("onednn=True, but PyTorch's oneDNN does not run bf16 GEMMs on this CPU")
+        self.onednn = bf16 and cpu_onednn.chosen() if onednn is None else onednn
         self.library = library()  # the weights are laid out for this build's vector width
         self.lanes = self.library.gpt2_cpu_gemm_pack_lanes()
-        self.packed = pack and scales is None
+        self.packed = pack and scales is None and not self.onednn
         self.weight = _pack(weight, self.lanes) if self.packed else weight.contiguous()  # [N, K], in the GEMM's order
         self.scales = scales
         self.kind = KINDS[weight.dtype]
@@ -214,6 +229,11 @@ class GemmWeight:
             return weight.to(dtype)
         return (weight.float() * self.scales[:, None]).to(dtype)
 
+    def _for_onednn(self, x: torch.Tensor, gelu: bool, residual: torch.Tensor | None) -> bool:
+        """Whether oneDNN computes this call (see :meth:`linear`)."""
+        rows_enough = x.shape[0] >= cpu_onednn.MIN_ROWS and x.dtype == torch.bfloat16
+        return self.onednn and rows_enough and not (gelu and residual is not None)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` for ``x [M, K]`` in fp32, fp16 or bf16, in ``x``'s dtype."""
         return self.linear(x)
@@ -228,7 +248,8 @@ class GemmWeight:
     ) -> torch.Tensor:
         """``gelu(x @ W.T + bias) + residual`` (each part optional) for ``x [M, K]``, with ``bias [N]``, ``residual
         [M, N]`` and the result in ``x``'s dtype (fp32, fp16 or bf16), computed in fp32 and rounded once; into ``out``
-        when given."""
+        when given. oneDNN computes it where :attr:`onednn` and ``x`` is bf16 of MIN_ROWS rows or more, unless both
+        GELU and the residual are asked for (its fused epilogue takes one of them)."""
         n, k = self.weight.shape
         if x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu" or x.dtype not in FLOAT_DTYPES:
             raise ValueError(
@@ -237,10 +258,13 @@ class GemmWeight:
         x = x.contiguous()
         m = x.shape[0]
         _check_epilogue(bias, residual, x.dtype, m, n)
+        if out is not None and (out.shape != (m, n) or out.dtype != x.dtype or not out.is_contiguous()):
+            raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {(m, n)}")
+        if self._for_onednn(x, gelu, residual):
+            y = cpu_onednn.linear(x, self.weight, bias, gelu, residual)
+            return y if out is None else out.copy_(y)
         if out is None:
             out = torch.empty(m, n, dtype=x.dtype)
-        elif out.shape != (m, n) or out.dtype != x.dtype or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {(m, n)}")
         status = self.library.gpt2_cpu_gemm(
             self.kind,
             x.data_ptr(),

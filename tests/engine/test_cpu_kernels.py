@@ -43,8 +43,9 @@ def random_weight(dtype: torch.dtype, n: int, k: int) -> tuple[torch.Tensor, tor
 
 
 def run(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None, pack: bool = True) -> torch.Tensor:
+    """Our kernel alone (a bf16 weight packed as asked, even where oneDNN would take it)."""
     out = torch.full((x.shape[0], w.shape[0]), float("nan"))  # poisoned: every element must be written
-    cpu_kernels.GemmWeight(w, scales, pack).linear(x, out=out)
+    cpu_kernels.GemmWeight(w, scales, pack, onednn=False).linear(x, out=out)
     return out
 
 
@@ -146,7 +147,7 @@ def test_packed_and_unpacked_weights_give_the_same_bits(dtype, isa):
     """Packing changes where a weight lives, not the arithmetic; ``dense`` gives the weight back as it came."""
     w, _ = random_weight(dtype, random.randint(1, 40), 16 * random.randint(1, 16))
     x = torch.randn(random.randint(1, 9), w.shape[1])
-    packed = cpu_kernels.GemmWeight(w)
+    packed = cpu_kernels.GemmWeight(w, onednn=False)
     assert packed.packed
     # rearranged, unless no group is whole or a row is one vector (then [K / lanes][3][lanes] is row-major)
     assert not torch.equal(packed.weight, w) or w.shape[0] < cpu_kernels.PACK_ROWS or w.shape[1] == packed.lanes
@@ -416,7 +417,8 @@ def test_a_model_gives_the_logits_of_pytorchs_paths(tiny_checkpoint, fresh_libra
         assert isinstance(llm.model.lm_head, cpu_kernels.GemmWeight) == (switch == "1")
         if switch == "1":  # the tied head reads the embedding's storage in place; the blocks' weights are packed
             assert llm.model.lm_head.weight.data_ptr() == llm.model.w.wte.data_ptr()
-            assert llm.model.w.layers[0].attn_weight.packed
+            block = llm.model.w.layers[0].attn_weight
+            assert block.packed != block.onednn  # unless oneDNN's GEMM takes bf16 here, which reads them row-major
         decoded = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
         steps = [(out.token_ids, [lp[t] for lp, t in zip(out.logprobs, out.token_ids)]) for out in decoded]
         results.append((llm.model.logits(llm.features(ids)[0]), steps))
