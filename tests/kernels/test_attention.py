@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from engine import cpu_onednn
 from engine.torch_ops import TorchOps
 from kernels import attention
 from kernels.attention import fits, get_configs, keep, prefill_attention, prefill_attention_ref
@@ -143,15 +144,15 @@ def test_prefill_matches_torch_backend():
     assert rel_err(ours, theirs) < 1e-5
 
 
+@pytest.mark.parametrize("amx", [False, True])
 @pytest.mark.parametrize("dtype, tol", DTYPES)
-def test_torch_backend_prefill_in_query_blocks_matches_reference(dtype, tol):
-    """TorchOps attends a block of queries at a time; blocks of 4 rows put block edges inside every sequence but
-    the one of length 1."""
-    ops = TorchOps()
-    ops.prefill_query_block = 4
+def test_torch_backend_prefill_matches_reference(dtype, tol, amx, monkeypatch):
+    """TorchOps' one causal SDPA call a sequence, in every dtype, over ragged sequences: 16-bit through fp32, or bf16
+    natively as on a CPU with AMX (either way on any CPU)."""
+    monkeypatch.setattr(cpu_onednn, "HAS_AMX", amx)
     lens, cu = ragged_batch(4, 23)
     q, k, v = fused_qkv(sum(lens), 2, 64, dtype)
-    out = ops.prefill_attention(q, k, v, cu, 23, 0.125)
+    out = TorchOps().prefill_attention(q, k, v, cu, 23, 0.125)
     assert out.shape == q.shape and out.is_contiguous()
     assert rel_err(out, prefill_attention_ref(q, k, v, cu, 0.125)) < tol
 
