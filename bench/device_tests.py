@@ -25,6 +25,7 @@ GPU_TESTS = (
     "kernels/test_gelu.py",
     "kernels/test_quant.py",
     "kernels/test_linear.py",
+    "bench/test_harness.py",  # the harness's own GPU tests (host_syncs, device_ms); its CPU tests take seconds
 )
 TEST_WORKERS = 8  # pytest-xdist processes sharing the GPU, when xdist is installed
 EVERY_CONFIG_TESTS = "every_tuned"  # tests.helpers.tuning_every_config: ~100 compiles, run after the benchmarks
