@@ -53,6 +53,30 @@ def _check_positive(name: str, value, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be a positive integer{' or None' * allow_none}, got {value!r}")
 
 
+def _check_arguments(
+    block_size, max_num_seqs, num_blocks, max_num_batched_tokens, load_format, quantization, split_special_tokens,
+    enable_prefix_caching,
+) -> None:  # fmt: skip
+    """The engine's own arguments (the model's, dtype's and device's are checked where they are resolved)."""
+    _check_positive("block_size", block_size)
+    _check_positive("max_num_seqs", max_num_seqs)
+    _check_positive("num_blocks", num_blocks, allow_none=True)
+    _check_positive("max_num_batched_tokens", max_num_batched_tokens, allow_none=True)
+    if max_num_batched_tokens is not None and max_num_batched_tokens < max_num_seqs:
+        raise ValueError(
+            f"max_num_batched_tokens={max_num_batched_tokens} is below max_num_seqs={max_num_seqs}: "
+            "every running sequence's decode token must fit in one step"
+        )
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if not isinstance(split_special_tokens, bool):
+        raise ValueError(f"split_special_tokens must be a bool, got {split_special_tokens!r}")
+    if not isinstance(enable_prefix_caching, bool):
+        raise ValueError(f"enable_prefix_caching must be a bool, got {enable_prefix_caching!r}")
+
+
 class LLMEngine:
     """A GPT-2 model, its paged KV cache and the scheduler; built from the same arguments as ``LLM``.
 
@@ -82,24 +106,11 @@ class LLMEngine:
         enforce_eager: bool = False,
         split_special_tokens: bool = False,
     ) -> None:
-        _check_positive("block_size", block_size)
-        _check_positive("max_num_seqs", max_num_seqs)
-        _check_positive("num_blocks", num_blocks, allow_none=True)
-        _check_positive("max_num_batched_tokens", max_num_batched_tokens, allow_none=True)
-        if max_num_batched_tokens is not None and max_num_batched_tokens < max_num_seqs:
-            raise ValueError(
-                f"max_num_batched_tokens={max_num_batched_tokens} is below max_num_seqs={max_num_seqs}: "
-                "every running sequence's decode token must fit in one step"
-            )
-        if load_format not in LOAD_FORMATS:
-            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
-        if quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
-        if not isinstance(split_special_tokens, bool):
-            raise ValueError(f"split_special_tokens must be a bool, got {split_special_tokens!r}")
+        _check_arguments(
+            block_size, max_num_seqs, num_blocks, max_num_batched_tokens, load_format, quantization,
+            split_special_tokens, enable_prefix_caching,
+        )  # fmt: skip
         self.split_special_tokens = split_special_tokens
-        if not isinstance(enable_prefix_caching, bool):
-            raise ValueError(f"enable_prefix_caching must be a bool, got {enable_prefix_caching!r}")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.ops = make_ops(backend, self.device)
