@@ -7,6 +7,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,12 +21,18 @@ RESULT_FIELDS = {"scenario", "system", "label", "details", "elapsed_s", "num_req
                  "output_tokens_per_s"}  # fmt: skip
 
 
-def run_bench(argv: list[str], monkeypatch) -> int:
-    """The script's ``main`` in this process (bench/ is not a package: load the file as a module)."""
+def load_bench(monkeypatch):
+    """The script as a module (bench/ is not a package: load the file)."""
     spec = importlib.util.spec_from_file_location("bench_throughput", BENCH)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
+    return module
+
+
+def run_bench(argv: list[str], monkeypatch) -> int:
+    """The script's ``main`` in this process."""
+    module = load_bench(monkeypatch)
     threads = torch.get_num_threads()
     try:
         return module.main(argv)
@@ -76,3 +83,39 @@ def test_throughput_bench_json(tmp_path, monkeypatch, n):
     assert [g["status"] for g in report["goals"]] and all(
         g["status"] in ("PASS", "MISS", "SKIP") for g in report["goals"]
     )
+
+
+class FixedLogits:
+    """A stand-in for transformers' model whose next-token logits are ``logits`` whatever the prefix."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+
+    def __call__(self, ids: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.logits.expand(1, ids.shape[1], -1))
+
+
+def test_greedy_validation_excuses_only_near_ties(monkeypatch):
+    """A completion that leaves transformers' greedy one is valid only where the token it took instead sits within the
+    dtype's near-tie of the pick (a fraction of the largest |logit|): in bf16 a small gap is, in fp32 it is not, and a
+    gap twice bf16's never is. Equal completions are valid; a short one is not."""
+    bench = load_bench(monkeypatch)
+    logits = torch.randn(64)
+    pick, other = logits.topk(2).indices.tolist()
+    largest = logits.abs().max()
+    prompt, ref = torch.randint(64, (5,)).tolist(), [pick] * 4
+
+    def check(gap: float, dtype: str) -> bool:
+        moved = logits.clone()
+        moved[other] = logits[pick] - gap * largest  # still below the pick: the pick stays the row's top
+        return bench.matches_greedy(FixedLogits(moved), prompt, ref, [pick, other, other, pick], dtype)[0]
+
+    tie = bench.NEAR_TIE["bfloat16"]
+    assert check(tie / 2, "bfloat16")
+    assert not check(tie / 2, "float32")
+    assert not check(2 * tie, "bfloat16")
+    model = FixedLogits(logits)
+    assert bench.matches_greedy(model, prompt, ref, list(ref), "float32") == (True, "equal")
+    assert not bench.matches_greedy(model, prompt, ref, ref[:-1], "bfloat16")[0]
