@@ -18,8 +18,8 @@ throughputs compare as times. Scenarios:
 
 Before timing, each system completes a couple of fresh requests greedily and must produce transformers' tokens
 (unpadded ``generate``, one prompt at a time), or leave them only at a near-tie of the dtype (``NEAR_TIE``: in bf16
-transformers' own padded batches break some of its unpadded picks). Weights: ``--load-format dummy`` (the default for a preset) saves
-transformers' randomly initialised model as a checkpoint that both sides load.
+transformers' own padded batches break some of its unpadded picks). Weights: ``--load-format dummy`` (the default
+for a preset) saves transformers' randomly initialised model as a checkpoint that both sides load.
 """
 
 from __future__ import annotations
