@@ -63,7 +63,8 @@ def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool, residual: torch.Tensor | None
 ) -> torch.Tensor:
     """``gelu(x @ weight.T + bias)`` or ``x @ weight.T + bias + residual`` (bias optional, not both GELU and the
-    residual) in bf16 from bf16 ``x [M, K]`` and row-major ``weight [N, K]``, the epilogue fused in fp32."""
+    residual) in ``x``'s dtype from contiguous ``x [M, K]`` and ``weight [N, K]`` (bf16 row-major, as GemmWeight
+    hands it, or fp32 in oneDNN's packed layout, as the torch backend's fallback does), the epilogue fused in fp32."""
     if residual is not None:
         if gelu:
             raise ValueError("oneDNN's fused epilogue takes GELU or a residual, not both")

@@ -190,9 +190,8 @@ class TorchOps(Ops):
         if isinstance(weight, torch.Tensor) and weight.layout == torch._mkldnn:  # oneDNN with fused epilogues
             x = x.contiguous()
             if residual is not None and activation is None:
-                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
-            attr, algorithm = ("gelu", "tanh") if activation else ("none", "")
-            y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
+                return cpu_onednn.linear(x, weight, bias, False, residual)
+            y = cpu_onednn.linear(x, weight, bias, activation is not None, None)
         else:
             if isinstance(weight, torch.Tensor):
                 wt = weight.t()
