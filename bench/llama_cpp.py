@@ -3,6 +3,7 @@
     python bench/llama_cpp.py                           # gpt2-medium; f32 / f16 / q8_0; batch 1 and 8; 2 threads
     python bench/llama_cpp.py --model-size gpt2 --dtypes f32 --batches 1 --rounds 1   # a quick look
     python bench/llama_cpp.py --prepare-only            # just build llama.cpp and convert the checkpoint
+    python bench/llama_cpp.py --plot bench/results/llama_cpp_*.json   # redraw the PNGs of earlier runs
 
 The first run builds llama.cpp's llama-bench, llama-batched-bench, llama-simple and llama-tokenize from the
 llama-cpp-python source package (pip downloads it; cmake; a few minutes on 2 cores) into
@@ -13,7 +14,8 @@ fp16 vs f16, int8 vs q8_0 (bf16 vs bf16 too with ``--dtypes ... bf16``). llama.c
 test ``-p P``; generation test ``-n N`` after ``-d P`` tokens, as our decode runs after the prompt); larger batches
 are llama-batched-bench (``-npp P -ntg N -npl B``). llama.cpp runs with its weights repacked (its default: AMX and
 interleaved layouts), except a GGUF on which that crashed (0.3.36's AMX q8_0 GEMM segfaults on some AMX Xeons): that
-one reruns with ``--repack 0``, and the table and JSON say so. The table goes to stdout, the JSON to bench/results/.
+one reruns with ``--repack 0``, and the table and JSON say so. The table goes to stdout, the JSON to bench/results/,
+and a PNG of the ratios beside it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from bench.llamacpp.build import LLAMA_CPP_PYTHON, LlamaCpp, ensure_built  # noq
 from bench.llamacpp.convert import OUTTYPES, checkpoint, to_gguf  # noqa: E402
 from bench.llamacpp.greedy import check_greedy  # noqa: E402
 from bench.llamacpp.machine import machine_info, slug  # noqa: E402
+from bench.llamacpp.plot import plot  # noqa: E402
 from bench.llamacpp.tools import batched_argv, bench_argv, parse_batched_bench, parse_llama_bench, run_tool  # noqa: E402
 
 PRESETS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -73,7 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--work-dir", type=Path, help="checkpoint and GGUFs (default: under ~/.cache/gpt2-triton)")
     ap.add_argument("--output-json", type=Path, help="default: bench/results/llama_cpp_<cpu>_<date>.json")
+    ap.add_argument("--plot", nargs="+", type=Path, metavar="JSON", help="draw these runs' PNGs beside them, and stop")
     args = ap.parse_args(argv)
+    args.plot_results = [read_result(ap, path) for path in args.plot or []]
     for name in ("threads", "prompt_tokens", "rounds", "check_tokens"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -88,6 +93,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.work_dir = args.work_dir or CACHE / "models" / f"{args.model_size}-seed{args.seed}"
     args.unpacked = []  # the GGUF types llama.cpp runs with --repack 0 (see run_llama)
     return args
+
+
+def read_result(ap: argparse.ArgumentParser, path: Path) -> dict:
+    """A JSON this script wrote, or the parser's error (exit 2) naming what is wrong with it."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        ap.error(f"--plot {path}: {e}")
+    if not isinstance(result, dict) or not {"rows", "machine", "settings"} <= result.keys():
+        ap.error(f"--plot {path}: not a bench/llama_cpp.py result (it needs rows, machine and settings)")
+    return result
 
 
 def measure_llama(llama: LlamaCpp, gguf: Path, batch: int, args) -> dict:
@@ -233,12 +249,20 @@ def run(args) -> int:
     print(tbl.markdown(tbl.rows(measured, args.pairs, args.batches)))
     if args.unpacked:
         print(f"\nllama.cpp ran {', '.join(args.unpacked)} with --repack 0: its repacked path crashed on this CPU")
-    log(f"wrote {write_json(path, result(measured, source, complete=True))}")
+    final = result(measured, source, complete=True)
+    log(f"wrote {write_json(path, final)}")
+    if plot(final, path.with_suffix(".png")):
+        log(f"plot: {path.with_suffix('.png')}")
     return 0 if parity.ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.plot:
+        for path, result in zip(args.plot, args.plot_results):
+            if plot(result, path.with_suffix(".png")):
+                log(f"plot: {path.with_suffix('.png')}")
+        return 0
     try:
         return run(args)
     except LlamaCppError as e:

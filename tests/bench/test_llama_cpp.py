@@ -288,3 +288,42 @@ def test_cached_build_is_found_or_refused_with_skip_build(tmp_path):
     (llama.bin.parent / "common").mkdir()
     (llama.bin.parent / "common" / "build-info.cpp").write_text(f'char const * LLAMA_COMMIT = "{commit}";\n')
     assert llama.commit() == commit
+
+
+def run_result(measured: dict, pairs: list[tuple[str, str]], batches: list[int]) -> dict:
+    """What bench/llama_cpp.py writes, for ``measured``."""
+    machine = dict(cpu="Test CPU", date="2026-12-01T00:00:00+00:00", git_commit="0123456789abcdef")
+    settings = dict(model="gpt2", prompt_tokens=32, new_tokens=64, threads=2, rounds=1)
+    return dict(complete=True, machine=machine, settings=settings, rows=tbl.rows(measured, pairs, batches))
+
+
+def test_plot_draws_a_bar_per_finite_ratio_and_the_cli_redraws_a_saved_run(tmp_path, capsys):
+    from bench.llama_cpp import main
+    from bench.llamacpp.plot import figure
+
+    pairs, batches = [("fp32", "f32"), ("int8", "q8_0")], [1, 8]
+    measured = {}
+    for batch in batches:
+        for o, p in pairs:
+            for side, name in (("ours", o), ("llama.cpp", p)):
+                rates = dict(prefill_tok_s=random.uniform(50, 500), decode_tok_s=random.uniform(5, 200))
+                measured[side, name, batch] = [rates]
+    measured["ours", "int8", 8][0]["decode_tok_s"] = math.nan  # a rate not measured: no bar, no crash
+    result = run_result(measured, pairs, batches)
+    prefill, decode = figure(result).axes
+    for ax, phase in ((prefill, "prefill"), (decode, "decode")):
+        heights = sorted(bar.get_height() for bar in ax.patches)
+        ratios = sorted(r[f"{phase}_ratio"] for r in result["rows"] if math.isfinite(r[f"{phase}_ratio"]))
+        assert heights == pytest.approx(ratios) and len(heights) == (4 if phase == "prefill" else 3)
+        low, high = ax.get_ylim()
+        assert low < min(ratios + [1.0]) and high > max(ratios + [1.0])  # every bar and the line at 1 in view
+
+    saved = tmp_path / "llama_cpp_test.json"
+    saved.write_text(json.dumps(result).replace("NaN", "null"))  # as write_json stores NaN
+    assert main(["--plot", str(saved)]) == 0
+    assert saved.with_suffix(".png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
+    for bad in (tmp_path / "missing.json", tmp_path / "other.json"):
+        with pytest.raises(SystemExit) as e:
+            main(["--plot", str(bad)])
+        assert e.value.code == 2 and str(bad) in capsys.readouterr().err.strip().splitlines()[-1]
