@@ -323,14 +323,16 @@ class LLMEngine:
             raise RuntimeError("scheduler stalled: sequences wait but none can be scheduled")
         try:
             seqs, logits = self.runner.execute(scheduled)
-        except BaseException:  # the step's requests are in an unknown state: end them, keep serving the rest
+            self.scheduler.step_done(scheduled)
+            seqs, logits = self._fork(seqs, logits)
+            if seqs:
+                self._sample(seqs, logits)
+            return self._outputs(seqs)
+        except BaseException:
+            # The step's requests are in an unknown state (computed but not sampled, say, which would make every
+            # later step fail on them): end them, keep serving the rest.
             self.abort_request({seq.request.request_id for seq in scheduled.seqs})
             raise
-        self.scheduler.step_done(scheduled)
-        seqs, logits = self._fork(seqs, logits)
-        if seqs:
-            self._sample(seqs, logits)
-        return self._outputs(seqs)
 
     def _fork(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
         """Sequences whose request's prompt just got computed start its other samples from the same logits."""

@@ -83,8 +83,8 @@ def kept_tokens(logits: torch.Tensor, k: torch.Tensor | None, top_p: torch.Tenso
     probs = masked.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # non-decreasing, 0 for the first token (always kept)
     # [B, 1]: the tokens with mass before them < top_p; top_p 1 keeps every one (fp32 sums pass 1 before the end of
-    # a 50257-wide row)
-    num_kept = torch.searchsorted(mass_before, torch.where(top_p < 1.0, top_p, 2.0)[:, None])
+    # a 50257-wide row), and a top_p that is 0 in fp32 (a valid one below 1.4e-45) still keeps the first
+    num_kept = torch.searchsorted(mass_before, torch.where(top_p < 1.0, top_p, 2.0)[:, None]).clamp_(min=1)
     if k is not None:
         num_kept = torch.minimum(num_kept, k[:, None])
     cut = top.gather(1, num_kept - 1)  # [B, 1]: the smallest kept value

@@ -93,18 +93,23 @@ def test_full_queue_and_shutdown_refuse_at_once(tiny_checkpoint):
     assert_engine_empty(llm.engine)
 
 
-def test_an_engine_failure_fails_its_requests_and_the_engine_goes_on(tiny_checkpoint, monkeypatch):
+@pytest.mark.parametrize("stage", ["runner.execute", "sampler.sample"])
+def test_an_engine_failure_fails_its_requests_and_the_engine_goes_on(tiny_checkpoint, monkeypatch, stage):
+    """A step that fails in the forward pass, or after it (the sampler: its sequences computed but given no token),
+    ends its requests with the error; the next request runs as if nothing happened."""
     llm = make(tiny_checkpoint)
-    execute = llm.engine.runner.execute
+    owner_name, method_name = stage.split(".")
+    owner = getattr(llm.engine, owner_name)
+    method = getattr(owner, method_name)
     calls = {"n": 0}
 
-    def fails_once(step):
+    def fails_once(*args):
         calls["n"] += 1
         if calls["n"] == 1:
-            raise RuntimeError("injected kernel failure")
-        return execute(step)
+            raise RuntimeError(f"injected failure in {stage}")
+        return method(*args)
 
-    monkeypatch.setattr(llm.engine.runner, "execute", fails_once)
+    monkeypatch.setattr(owner, method_name, fails_once)
 
     async def run():
         with pytest.raises(EngineError, match="injected"):

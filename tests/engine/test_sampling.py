@@ -124,6 +124,14 @@ def test_top_p_one_keeps_every_token():
     assert torch.isfinite(out[2]).sum() == 40000
 
 
+def test_a_top_p_that_is_zero_in_fp32_keeps_the_top_token():
+    """top_p = 5e-324 is valid (above 0) but 0 once in fp32: each row keeps its largest logit, as a tiny top_p does."""
+    logits = torch.randn(4, 1000) * 3
+    out = filter_logits(logits.clone(), torch.tensor([0, 0, 5, 1]), torch.tensor([5e-324, 1e-46, 5e-324, 5e-324]))
+    assert torch.equal(torch.isfinite(out).sum(-1), torch.ones(4, dtype=torch.long))
+    assert torch.equal(out.argmax(-1), logits.argmax(-1))
+
+
 def stable_order(row: torch.Tensor) -> list[int]:
     """Token ids by descending logit, equal logits by ascending id (a stable sort's order)."""
     return sorted(range(row.shape[0]), key=lambda t: (-row[t].item(), t))
