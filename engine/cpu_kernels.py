@@ -1,19 +1,20 @@
 """The torch backend's CPU kernels, hand-written in C++ with AVX2 + FMA + F16C intrinsics (``engine/csrc/``): the
 GEMM of every linear (fp32 activations against fp32, fp16, bf16 or int8 weights), paged decode attention and the
 KV store. On a CPU with AVX-512 the library is built for it (:data:`ISA_FLAGS`), and the float GEMM's loop runs on
-16 lanes with tiles twice as tall: on 2 Xeon cores (AMX, AVX-512; 2026-12-01) gpt2-medium's block GEMMs in fp32
-took 0.95x the AVX2 build's time at M = 1, 0.81x at M = 8, 0.68x at M = 32 and 0.58x at M = 256 (prefill); the
-int8 GEMM's 32-code steps 0.74-0.87x at M = 1 and 0.67-0.81x at M = 8. In every build a GEMV prefetches the next
-tile's weights (16-bit weights at M = 1: 0.8-0.9x the time) and larger M goes a panel of activation rows at a time,
-a panel half a core's L2 (0.75-0.87x at M = 256). On a CPU with AMX, :class:`GemmWeight` hands bf16 calls of 6 rows
-or more to oneDNN's AMX GEMM instead (:mod:`engine.cpu_onednn`), about 10x faster at prefill sizes.
+16 lanes. Packed float weights (every block linear) are strips of 16 rows (AVX2: 8) multiplied as outer products,
+8 activation rows x 3 strips a tile: on 2 Xeon cores (AMX, AVX-512; 2026-12-01) gpt2's block GEMMs in fp32 ran at
+216, 304-307 and 346-351 GFLOP/s at M = 8, 32 and 2048, where the tiles of partial sums before them ran at 176,
+275-284 and 289-290 (MKL: 210 at M = 32). The int8 GEMM's 32-code steps (AVX-512) took 0.74-0.87x the AVX2 build's
+time at M = 1 and 0.67-0.81x at M = 8. Every GEMV prefetches its weights ahead (fp16 strips at M = 1: 0.85x the
+time), and the tiles of row-major and int8 weights go a panel of activation rows at a time above M = 1, a panel
+half a core's L2 (0.75-0.87x at M = 256). On a CPU with AMX, :class:`GemmWeight` hands bf16 calls of 6 rows or
+more to oneDNN's AMX GEMM instead (:mod:`engine.cpu_onednn`), about 10x faster at prefill sizes.
 
 Why: decode on a CPU reads every weight once a token, so a step lasts as long as its GEMVs take to stream the
 weights, and PyTorch's CPU GEMMs leave bandwidth unused at small M. gpt2-medium's 96 block GEMMs through
 ``TorchOps.linear`` (2 Zen 3 cores, AVX2, 2026-12-01, interleaved, min of four rounds; PyTorch's path after the
 slash): fp32 38 / 58 ms at M = 1 and 67 / 96 at M = 8 (oneDNN packed); fp16 25 / 29 and 53 / 62 (fbgemm packed);
-int8 16 / 26 and 42 / 90 (``_weight_int8pack_mm``). Float weights are packed once at load (:class:`GemmWeight`),
-which took about a tenth off the 16-bit GEMMs at M = 1 and a quarter at M = 8.
+int8 16 / 26 and 42 / 90 (``_weight_int8pack_mm``). Float weights are packed once at load (:class:`GemmWeight`).
 
 int8 multiplies int16 activation codes (rounded per row, 15 bits: far finer than the bf16 activations
 ``_weight_int8pack_mm`` needs) with the weight codes in exact int32 sums. Decode attention reads each sequence's keys
@@ -60,7 +61,6 @@ ISA_FLAGS = {
 KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}  # simd.h's enum Kind
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # activations (x, bias, residual, output) and KV caches
 K_MULTIPLE = 16  # the GEMM's K must be a multiple of this (gpt2_cpu_gemm_k_multiple)
-PACK_ROWS = 3  # rows per group of packed float weights (gpt2_cpu_gemm_pack_rows)
 HEAD_DIM_MULTIPLE = 8  # decode attention's head size: a multiple of this, at most MAX_HEAD_DIM
 MAX_HEAD_DIM = 256  # gpt2_cpu_decode_attention_max_head_dim
 SWITCH_ENV = "GPT2_TRITON_CPU_KERNELS"  # "0" turns the kernels off
@@ -155,10 +155,9 @@ def library() -> ctypes.CDLL | None:
     lib.gpt2_cpu_store_kv.argtypes = [pointer, pointer, size, size, pointer, pointer, size, pointer, size]
     limits = (
         lib.gpt2_cpu_gemm_k_multiple(),
-        lib.gpt2_cpu_gemm_pack_rows(),
         lib.gpt2_cpu_decode_attention_max_head_dim(),
     )
-    if limits != (K_MULTIPLE, PACK_ROWS, MAX_HEAD_DIM) or K_MULTIPLE % lib.gpt2_cpu_gemm_pack_lanes():
+    if limits != (K_MULTIPLE, MAX_HEAD_DIM) or K_MULTIPLE % lib.gpt2_cpu_gemm_pack_lanes():
         raise RuntimeError(f"{target} disagrees with engine/cpu_kernels.py on its limits: {limits}")
     lib.isa = isa
     return lib
@@ -184,10 +183,11 @@ class GemmWeight:
     """A CPU linear weight ``[N, K]`` for the GEMM: fp32, fp16 or bf16 values, or int8 codes with fp32 per-row
     ``scales``. Checked once here, so that a call checks only what it is given.
 
-    Float weights are packed by default: a copy whose groups of :data:`PACK_ROWS` rows are interleaved ``lanes``
-    values at a time (the library's vector width: 8, or 16 with AVX-512), which the GEMM streams from one pointer
-    (about a tenth less time for 16-bit weights at M = 1, a quarter at M = 8, than rows read a row apart).
-    ``pack=False`` reads ``weight`` in place, row-major: the tied LM head, whose storage is the embedding's, would
+    Float weights are packed by default: a copy in strips of ``lanes`` rows (the library's vector width: 8, or 16
+    with AVX-512) whose values at each k lie side by side, which the GEMM multiplies as outer products (one load of
+    weights for several activation rows, every output one FMA chain along k: about 1.25x the GFLOP/s of row-major
+    tiles on gpt2's shapes above M = 1). ``pack=False`` reads ``weight`` in place, row-major, with partial sums along
+    k (other bits than packed, and as batch-invariant): the tied LM head, whose storage is the embedding's, would
     otherwise be held twice.
 
     ``onednn``: whether bf16 calls of :data:`cpu_onednn.MIN_ROWS` rows or more go to oneDNN's GEMM (AMX) instead,
@@ -287,21 +287,21 @@ class GemmWeight:
 
 
 def _pack(weight: torch.Tensor, lanes: int) -> torch.Tensor:
-    """``weight [N, K]``'s elements in the packed order: each whole group of PACK_ROWS rows as
-    ``[K / lanes][rows][lanes]``, then the rows past the last group as they are."""
+    """``weight [N, K]``'s elements in the packed order: each whole strip of ``lanes`` rows as ``[K][lanes]`` (a
+    strip's values at one k side by side), then the rows past the last strip as they are."""
     n, k = weight.shape
-    whole = n // PACK_ROWS * PACK_ROWS
-    groups = weight[:whole].reshape(-1, PACK_ROWS, k // lanes, lanes).transpose(1, 2)
-    return torch.cat([groups.reshape(-1), weight[whole:].reshape(-1)]).view(n, k)
+    whole = n // lanes * lanes
+    strips = weight[:whole].reshape(-1, lanes, k).transpose(1, 2)
+    return torch.cat([strips.reshape(-1), weight[whole:].reshape(-1)]).view(n, k)
 
 
 def _unpack(packed: torch.Tensor, lanes: int) -> torch.Tensor:
     """The row-major ``[N, K]`` weight that :func:`_pack` packed."""
     n, k = packed.shape
-    whole = n // PACK_ROWS * PACK_ROWS
+    whole = n // lanes * lanes
     flat = packed.reshape(-1)
-    groups = flat[: whole * k].view(-1, k // lanes, PACK_ROWS, lanes).transpose(1, 2).reshape(whole, k)
-    return torch.cat([groups, flat[whole * k :].view(-1, k)])
+    strips = flat[: whole * k].view(-1, k, lanes).transpose(1, 2).reshape(whole, k)
+    return torch.cat([strips, flat[whole * k :].view(-1, k)])
 
 
 def _check_epilogue(bias: torch.Tensor | None, residual: torch.Tensor | None, dtype: torch.dtype, m: int, n: int):

@@ -4,10 +4,10 @@
 // engine/cpu_kernels.py, which documents the measurements behind the choices here.
 //
 // * Float weights: each weight is read once per tile and widened to fp32 in registers (F16C for fp16, a shift for
-//   bf16); a tile is R weight rows against B activation rows with one fp32 accumulator each, so a row's sum runs in
-//   the same order whatever the batch (batch-invariant, bit for bit). Weights packed once at load (3 rows
-//   interleaved kLanes values at a time) stream from one pointer; row-major ones (the LM head, which shares its storage
-//   with the embedding) are read a row apart.
+//   bf16). Weights packed once at load (strips of kLanes rows, a strip's values at one k side by side) are multiplied
+//   as outer products, every output one FMA chain along k; row-major ones (the LM head, which shares its storage with
+//   the embedding) as dot products, kLanes partial sums per output. Either way an output's sum runs in the same
+//   order whatever the batch and the threads (batch-invariant, bit for bit).
 // * int8 weights: activations are rounded to int16 row by row (scale = the row's max |x| / 32767) and multiplied
 //   with the codes widened to int16, 16 products per instruction (vpmaddwd), summed exactly in int32 within chunks
 //   of K that cannot overflow, then scaled: w_scale[n] * x_scale[m] * sum. The codes of each block of 8 rows are
@@ -67,13 +67,14 @@ inline void activation_blocks(long M, F&& f) {
   if (m < M) rest_block<B - 1>(M - m, m, f);
 }
 
-// Each thread's contiguous share [begin, end) of ``count`` items: body(begin, end, is_last_thread).
+// Each thread's contiguous share [begin, end) of ``count`` items, in whole ``grain``s but for the last thread's end:
+// body(begin, end, is_last_thread).
 template <typename Body>
-void parallel_shares(long count, int threads, Body body) {
+void parallel_shares(long count, long grain, int threads, Body body) {
 #pragma omp parallel num_threads(threads)
   {
-    const long t = omp_get_thread_num(), n = omp_get_num_threads();
-    body(count * t / n, count * (t + 1) / n, t == n - 1);
+    const long t = omp_get_thread_num(), n = omp_get_num_threads(), grains = count / grain;
+    body(grain * (grains * t / n), t == n - 1 ? count : grain * (grains * (t + 1) / n), t == n - 1);
   }
 }
 
@@ -138,43 +139,107 @@ const float* widen(const void* x, int kind, long count, std::vector<float>& buff
 
 // ---- float weights ----
 
-// Packed float weights come in groups of kPackRows rows, their values interleaved kLanes at a time
-// ([K / kLanes][3][kLanes]), so a group streams from one pointer; rows past the last whole group stay row-major.
-// Against rows read a row apart, this took about a tenth less time for 16-bit weights at M = 1 and a quarter less at
-// M = 8 (gpt2-medium's block GEMMs, 2 Zen 3 cores), the same for fp32; on 2 Xeon cores (AVX2 build), 0.81x at
-// M = 1 in bf16, before the GEMV's prefetch (below), which leaves the two layouts about level for the bf16 LM head.
-// engine/cpu_kernels.py packs them.
-constexpr long kPackRows = 3;
+// Packed float weights (every block linear) come in strips of kLanes rows, each strip's values interleaved
+// ([N / kLanes][K][kLanes]): one load gives a strip's kLanes weights at one k. Rows past the last whole strip stay
+// row-major. engine/cpu_kernels.py packs them.
+//
+// A tile is MR activation rows against NP strips, an outer product per k: NP weight loads and MR broadcasts feed MR x
+// NP FMAs into one register of kLanes outputs each. Every output is one FMA chain over k in order (restarted every
+// kChunkK values of k and added to the output so far), whatever the tile, the batch, the thread or the vector width: a
+// row's bits do not depend on its batch, nor on the build (rows in whole strips). Against the row-major tiles below
+// (registers of partial sums along k, the layout before), on gpt2's block GEMMs (2 Xeon cores, AVX-512, interleaved
+// runs): fp32 176 -> 216 GFLOP/s at M = 8, 275-284 -> 304-307 at M = 32, 289-290 -> 346-351 at M = 2048 (MKL: 210 at M
+// = 32, 345-405 at 512-2048); fp16 and bf16 1.27-1.36x above M = 1; the AVX2 build (6 x 2 tiles) 1.02-1.12x.
+constexpr long kChunkK = 256;                      // k per FMA chain: error ~ sqrt(256) + sqrt(K / 256) ulp
+constexpr int kTileRows = kLanes == 16 ? 8 : 6;    // MR: 8 x 3 takes 24 of AVX-512's 32 registers, 6 x 2 12 of
+constexpr int kTileStrips = kLanes == 16 ? 3 : 2;  // AVX2's 16 (NP; 4 x 3 and 3 x 3 ran slower there)
+constexpr int kGemvStrips = 6;                     // NP at M = 1: six independent chains hide the FMA latency
+constexpr long kRowBlock = 8 * kTileRows;          // activation rows swept against a strip's weights in turn
+constexpr long kChunkBytes = 1 << 20;              // weights of the strips a thread sweeps the rows against at once
+// At M = 1 each strip prefetched this many bytes ahead of its stream. gpt2-medium's 96 block GEMVs (2 Xeon cores),
+// against the row-major tiles with their own prefetch: fp16 0.9x the time (1.05x without it), bf16 the same, fp32
+// 0.95x with or without; 512 B ahead was a little slower, 1 KiB the same.
+constexpr long kStripAhead = 2048;
 
-// The weight rows of a tile, packed or row-major: row r's values k .. k + kLanes - 1 at
-// w + r / kPackRows * group_step + r % kPackRows * row_step + k / kLanes * k_step.
-template <typename W>
-struct Rows {
-  const W* w;
-  long row_step, group_step, k_step;
-};
-
-template <typename W>
-Rows<W> rows_at(const W* w, long n, long K, bool packed) {  // n: a group's first row, or a row past the groups
-  if (packed) return {w + n * K, kLanes, kPackRows * K, kLanes * kPackRows};
-  return {w + n * K, K, kPackRows * K, kLanes};
+template <int MR, int NP, typename W>
+inline void strip_tile(const float* x, long K, const W* w, float* y, long N) {
+  const long strip_step = K * kLanes;
+  for (long k0 = 0; k0 < K; k0 += kChunkK) {
+    const long k1 = std::min(K, k0 + kChunkK);
+    Vec acc[MR][NP];
+    for (int m = 0; m < MR; m++)
+      for (int p = 0; p < NP; p++) acc[m][p] = vec_zero();
+    for (long k = k0; k < k1; k++) {
+      Vec wv[NP];
+      for (int p = 0; p < NP; p++) {
+        const W* at = w + p * strip_step + k * kLanes;
+        wv[p] = vec_load(at);
+        if constexpr (MR == 1) _mm_prefetch(reinterpret_cast<const char*>(at) + kStripAhead, _MM_HINT_T0);
+      }
+      for (int m = 0; m < MR; m++) {
+        const Vec xb = vec_broadcast(x + m * K + k);
+        for (int p = 0; p < NP; p++) acc[m][p] = vec_fmadd(xb, wv[p], acc[m][p]);
+      }
+    }
+    for (int m = 0; m < MR; m++) {
+      for (int p = 0; p < NP; p++) {
+        float* out = y + m * N + p * kLanes;
+        vec_store(out, k0 == 0 ? acc[m][p] : vec_add(vec_load(out), acc[m][p]));
+      }
+    }
+  }
 }
 
+// NP strips against ``rows`` activation rows, kTileRows at a time; y points at row 0's first column of the strips.
+template <int NP, typename W>
+inline void strip_rows(const float* x, long rows, long K, const W* w, float* y, long N) {
+  activation_blocks<kTileRows>(rows, [&](auto b, long m) {
+    strip_tile<decltype(b)::value, NP>(x + m * K, K, w, y + m * N, N);
+  });
+}
+
+// Strips [begin, end) against every activation row: at M = 1 kGemvStrips at a time, above it a chunk of strips at a
+// time (kChunkBytes of weights, which the core's L2 keeps), each against blocks of kRowBlock rows, tile by tile.
+template <typename W>
+void strip_weights(const float* x, const W* w, float* y, long M, long N, long K, long begin, long end) {
+  const long strip_step = K * kLanes;
+  long p = begin;
+  if (M == 1) {
+    for (; p + kGemvStrips <= end; p += kGemvStrips) {
+      strip_tile<1, kGemvStrips>(x, K, w + p * strip_step, y + p * kLanes, N);
+    }
+    for (; p < end; p++) strip_tile<1, 1>(x, K, w + p * strip_step, y + p * kLanes, N);
+    return;
+  }
+  const long chunk = std::max<long>(kTileStrips, kChunkBytes / (strip_step * static_cast<long>(sizeof(W))));
+  for (long c0 = begin; c0 < end; c0 += chunk) {
+    const long c1 = std::min(end, c0 + chunk);
+    for (long m0 = 0; m0 < M; m0 += kRowBlock) {
+      const long rows = std::min(kRowBlock, M - m0);
+      const float* xm = x + m0 * K;
+      float* ym = y + m0 * N;
+      for (p = c0; p + kTileStrips <= c1; p += kTileStrips) {
+        strip_rows<kTileStrips>(xm, rows, K, w + p * strip_step, ym + p * kLanes, N);
+      }
+      for (; p < c1; p++) strip_rows<1>(xm, rows, K, w + p * strip_step, ym + p * kLanes, N);
+    }
+  }
+}
+
+// Row-major float weights: the LM head, which shares its storage with the embedding, and the rows past the last whole
+// strip. A tile is R weight rows against B activation rows with one register of kLanes partial sums each (lane j sums
+// the k = j mod kLanes), added up at the end: each row's sum in the same order whatever the batch.
 template <int R, int B, typename W>
-inline void float_tile(const float* x, Rows<W> rows, long K, float* y, long N) {
+inline void row_tile(const float* x, const W* w, long K, float* y, long N) {
   Vec acc[R][B];
   for (int r = 0; r < R; r++)
     for (int b = 0; b < B; b++) acc[r][b] = vec_zero();
-  const W* wk = rows.w;
-  for (long k = 0; k < K; k += kLanes, wk += rows.k_step) {
+  for (long k = 0; k < K; k += kLanes) {
     Vec wv[R];
     for (int r = 0; r < R; r++) {
-      const W* at = wk + r / kPackRows * rows.group_step + r % kPackRows * rows.row_step;
-      wv[r] = vec_load(at);
-      // At M = 1, the next tile's weights (R rows on, in either layout) fetched while this one runs: 0.8-0.9x the
-      // time for 16-bit weights (gpt2-medium's block GEMMs, both builds, 2 Xeon cores), 0.75x for the row-major bf16
-      // LM head; fp32, at the machine's bandwidth already, unchanged.
-      if constexpr (B == 1) _mm_prefetch(reinterpret_cast<const char*>(at + R * K), _MM_HINT_T0);
+      wv[r] = vec_load(w + r * K + k);
+      // At M = 1, the next tile's rows fetched while this one runs: 0.75x the time for the bf16 LM head (2 Xeon cores).
+      if constexpr (B == 1) _mm_prefetch(reinterpret_cast<const char*>(w + (r + R) * K + k), _MM_HINT_T0);
     }
     for (int b = 0; b < B; b++) {
       Vec xv = vec_load(x + b * K + k);
@@ -187,18 +252,15 @@ inline void float_tile(const float* x, Rows<W> rows, long K, float* y, long N) {
 
 // R weight rows against every activation row, B at a time; y points at the first row's column of activation row 0.
 template <int R, int B, typename W>
-inline void float_rows(const float* x, Rows<W> rows, float* y, long M, long N, long K) {
-  activation_blocks<B>(M, [&](auto b, long m) {
-    float_tile<R, decltype(b)::value>(x + m * K, rows, K, y + m * N, N);
-  });
+inline void row_rows(const float* x, const W* w, float* y, long M, long N, long K) {
+  activation_blocks<B>(M, [&](auto b, long m) { row_tile<R, decltype(b)::value>(x + m * K, w, K, y + m * N, N); });
 }
 
-// Tiles measured on gpt2-medium's block GEMMs: at M = 1, two groups (six rows: six independent FMA chains; three
-// left fp32 a fifth slower); above, kTileGroups groups against 4 activation rows: one with AVX2's 16 registers (12
-// accumulators, the weights and one activation vector), two with AVX-512's 32, which halves the activation loads per
-// FMA (AVX-512 with one group ran slower than AVX2 at M = 8 to 256; with two, 1.2x faster at M = 8, 1.5x at M = 32
-// and 1.7x at M = 256 in fp32; 2 Xeon cores with AMX and AVX-512, 2026-12-01).
-constexpr long kTileGroups = kLanes == 16 ? 2 : 1;
+// Weight rows per row-major tile: at M = 1 six (six independent chains; three left fp32 a fifth slower); above it six
+// against 4 activation rows with AVX-512's 32 registers, three with AVX2's 16 (12 accumulators, the weights and one
+// activation vector).
+constexpr int kGemvRows = 6;
+constexpr int kRowTileRows = kLanes == 16 ? 6 : 3;
 
 // Above M = 1 the activations go a panel of rows at a time, each panel against all of a thread's weight rows, a panel
 // taking half a core's L2 (sysconf; 256 KiB where it does not say): every weight tile then sweeps activations its
@@ -211,31 +273,42 @@ long panel_rows(long row_bytes, long multiple) {
   return std::max(multiple, l2 / 2 / row_bytes / multiple * multiple);
 }
 
+// Row-major weight rows [begin, end) against every activation row.
+template <typename W>
+void row_weights(const float* x, const W* w, float* y, long M, long N, long K, long begin, long end) {
+  const long panel = panel_rows(K * static_cast<long>(sizeof(float)), 4);
+  for (long m0 = 0; m0 < M; m0 += panel) {
+    const long rows_here = std::min(panel, M - m0);
+    const float* xp = x + m0 * K;
+    float* yp = y + m0 * N;
+    long n = begin;
+    for (; rows_here == 1 && n + kGemvRows <= end; n += kGemvRows) {
+      row_tile<kGemvRows, 1>(xp, w + n * K, K, yp + n, N);
+    }
+    for (; rows_here > 1 && n + kRowTileRows <= end; n += kRowTileRows) {
+      row_rows<kRowTileRows, 4>(xp, w + n * K, yp + n, rows_here, N, K);
+    }
+    for (; n < end; n++) row_rows<1, 4>(xp, w + n * K, yp + n, rows_here, N, K);
+  }
+}
+
 template <typename W>
 void float_weights(const float* x, const void* w, bool packed, float* y, long M, long N, long K, const Epilogue& e,
                    int threads) {
   const W* weights = static_cast<const W*>(w);
-  const long panel = panel_rows(K * static_cast<long>(sizeof(float)), 4);
-  parallel_shares(N / kPackRows, threads, [&](long begin, long end, bool last) {
-    for (long m0 = 0; m0 < M; m0 += panel) {
-      const long rows_here = std::min(panel, M - m0);
-      const float* xp = x + m0 * K;
-      float* yp = y + m0 * N;
-      long g = begin;
-      for (; rows_here == 1 && g + 2 <= end; g += 2) {
-        float_tile<2 * kPackRows, 1>(xp, rows_at(weights, g * kPackRows, K, packed), K, yp + g * kPackRows, N);
-      }
-      for (; rows_here > 1 && g + kTileGroups <= end; g += kTileGroups) {
-        const Rows<W> rows = rows_at(weights, g * kPackRows, K, packed);
-        float_rows<kTileGroups * kPackRows, 4>(xp, rows, yp + g * kPackRows, rows_here, N, K);
-      }
-      for (; g < end; g++) {
-        float_rows<kPackRows, 4>(xp, rows_at(weights, g * kPackRows, K, packed), yp + g * kPackRows, rows_here, N, K);
-      }
-    }
-    const long stop = last ? N : end * kPackRows;  // the last thread also takes the rows past the last whole group
-    for (long n = end * kPackRows; n < stop; n++) float_rows<1, 4>(x, rows_at(weights, n, K, false), y + n, M, N, K);
-    finish(e, y, M, N, begin * kPackRows, stop);
+  if (!packed) {
+    parallel_shares(N, 1, threads, [&](long begin, long end, bool) {
+      row_weights(x, weights, y, M, N, K, begin, end);
+      finish(e, y, M, N, begin, end);
+    });
+    return;
+  }
+  const long strips = N / kLanes;
+  parallel_shares(strips, M == 1 ? kGemvStrips : kTileStrips, threads, [&](long begin, long end, bool last) {
+    strip_weights(x, weights, y, M, N, K, begin, end);
+    const long stop = last ? N : end * kLanes;  // the last thread also takes the rows past the last whole strip
+    row_weights(x, weights, y, M, N, K, strips * kLanes, stop);
+    finish(e, y, M, N, begin * kLanes, stop);
   });
 }
 
@@ -361,7 +434,7 @@ void int8_weights(const float* x, const void* w, const float* w_scale, float* y,
   }
   const int8_t* weights = static_cast<const int8_t*>(w);
   const long panel = panel_rows(row_codes * static_cast<long>(sizeof(int16_t)), kInt8Rows);
-  parallel_shares(N, threads, [&](long begin, long end, bool) {
+  parallel_shares(N, 1, threads, [&](long begin, long end, bool) {
     // Panels of whole blocks of codes, as for float weights: 0.80-0.87x the time at M = 256 (gpt2-medium's block
     // GEMMs, 2 Xeon cores, both builds), M = 32 the same.
     for (long m0 = 0; m0 < M; m0 += panel) {
@@ -390,15 +463,13 @@ extern "C" {
 // The multiple of K every call needs.
 long gpt2_cpu_gemm_k_multiple() { return kKMultiple; }
 
-// The rows of a packed group of float weights.
-long gpt2_cpu_gemm_pack_rows() { return kPackRows; }
-
-// The values of a row packed side by side in a group (the GEMM's vector lanes: 8, or 16 with AVX-512).
+// The rows of a strip of packed float weights, their values side by side (the GEMM's vector lanes: 8, or 16 with
+// AVX-512).
 long gpt2_cpu_gemm_pack_lanes() { return kLanes; }
 
 // y[M, N] = gelu(x[M, K] . W[N, K]^T + bias) + residual, all row-major and contiguous; x, bias [N], residual
 // [M, N] and y stored as ``act_kind`` (fp32, fp16 or bf16; bias and residual optional, null for none), the product
-// and epilogue in fp32 with one rounding at the end; float weights are packed (see kPackRows) where ``packed``,
+// and epilogue in fp32 with one rounding at the end; float weights are packed in strips (see kChunkK) where ``packed``,
 // else row-major; ``scales`` (per weight row) only for int8, whose codes are row-major.
 // Returns 0, or -1 for arguments it does not take (an unknown kind, K not a multiple of 16, int8 without scales).
 int gpt2_cpu_gemm(int kind, const void* x, const void* w, int packed, const float* scales, void* y, long M, long N,

@@ -77,6 +77,9 @@ using Vec = __m512;
 inline Vec vec_zero() { return _mm512_setzero_ps(); }
 inline Vec vec_fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline Vec vec_load(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vec_broadcast(const float* p) { return _mm512_set1_ps(*p); }
+inline Vec vec_add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline void vec_store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
 inline Vec vec_load(const FP16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 inline Vec vec_load(const BF16* p) {
   __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -92,6 +95,9 @@ template <typename T>
 inline Vec vec_load(const T* p) {
   return load8(p);
 }
+inline Vec vec_broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline Vec vec_add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline void vec_store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 inline float vec_sum(Vec v) { return hsum(v); }
 #endif
 

@@ -143,16 +143,37 @@ def test_epilogue_bad_arguments():
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_packed_and_unpacked_weights_give_the_same_bits(dtype, isa):
-    """Packing changes where a weight lives, not the arithmetic; ``dense`` gives the weight back as it came."""
+def test_packing_keeps_the_weight_and_each_layout_is_batch_invariant(dtype, isa):
+    """Packed weights go in strips of ``lanes`` rows, each output one FMA chain along k; row-major ones keep partial
+    sums in the lanes: other bits (both within rounding of float64, see test_matches_float64), each layout's rows
+    the same alone and in a batch. ``dense`` gives the weight back as it came."""
     w, _ = random_weight(dtype, random.randint(1, 40), 16 * random.randint(1, 16))
-    x = torch.randn(random.randint(1, 9), w.shape[1])
+    x = torch.randn(random.randint(2, 9), w.shape[1])
     packed = cpu_kernels.GemmWeight(w, onednn=False)
     assert packed.packed
-    # rearranged, unless no group is whole or a row is one vector (then [K / lanes][3][lanes] is row-major)
-    assert not torch.equal(packed.weight, w) or w.shape[0] < cpu_kernels.PACK_ROWS or w.shape[1] == packed.lanes
+    assert not torch.equal(packed.weight, w) or w.shape[0] < packed.lanes  # rearranged, unless no strip is whole
     assert torch.equal(packed.dense(dtype), w)
-    assert torch.equal(run(x, w, None, pack=True), run(x, w, None, pack=False))
+    for pack in (True, False):
+        batch = run(x, w, None, pack=pack)
+        i = random.randrange(x.shape[0])
+        assert torch.equal(run(x[i : i + 1], w, None, pack=pack), batch[i : i + 1])
+
+
+@needs_kernel
+@pytest.mark.skipif(len(cpu_kernels.runnable_isas()) < 2, reason="compares the AVX2 and AVX-512 builds")
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_packed_weights_give_the_same_bits_in_every_build(dtype, monkeypatch):
+    """A packed output's FMA chain does not depend on the vector width: where every row is in a whole strip (N a
+    multiple of 16), the AVX2 and AVX-512 builds agree bit for bit."""
+    w, _ = random_weight(dtype, 16 * random.randint(1, 4), 16 * random.randint(1, 40))
+    x = torch.randn(random.randint(1, 20), w.shape[1])
+    outs = []
+    for isa in cpu_kernels.runnable_isas():
+        monkeypatch.setenv(cpu_kernels.ISA_ENV, isa)
+        cpu_kernels.library.cache_clear()
+        outs.append(run(x, w, None))
+    cpu_kernels.library.cache_clear()
+    assert all(torch.equal(out, outs[0]) for out in outs[1:])
 
 
 @needs_kernel

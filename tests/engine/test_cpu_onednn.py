@@ -60,10 +60,11 @@ def test_matches_float64_with_each_epilogue(gelu, residual, onednn_calls):
 @needs_onednn
 def test_which_calls_go_to_onednn(onednn_calls):
     """bf16 activations of MIN_ROWS rows or more, unless GELU and a residual come together; fewer rows, other
-    activations, or a weight without ``onednn`` stay on our kernel (the same bits as a weight that never takes it)."""
+    activations, or a weight without ``onednn`` stay on our kernel (the same bits as a weight that never takes it,
+    row-major like oneDNN's)."""
     k, n, few = 64, 40, cpu_onednn.MIN_ROWS - 1
     w, x, b, r, _ = bf16_case(cpu_onednn.MIN_ROWS + 3, n, k, True, False, True)
-    ours, theirs = cpu_kernels.GemmWeight(w, onednn=False), cpu_kernels.GemmWeight(w, onednn=True)
+    ours, theirs = cpu_kernels.GemmWeight(w, pack=False, onednn=False), cpu_kernels.GemmWeight(w, onednn=True)
     assert not theirs.packed
     for args in [(x[:few],), (x[:few], b, True), (x.float(),), (x, b, True, r)]:
         assert torch.equal(theirs.linear(*args), ours.linear(*args))
