@@ -143,13 +143,14 @@ const float* widen(const void* x, int kind, long count, std::vector<float>& buff
 // ([N / kLanes][K][kLanes]): one load gives a strip's kLanes weights at one k. Rows past the last whole strip stay
 // row-major. engine/cpu_kernels.py packs them.
 //
-// A tile is MR activation rows against NP strips, an outer product per k: NP weight loads and MR broadcasts feed MR x
-// NP FMAs into one register of kLanes outputs each. Every output is one FMA chain over k in order (restarted every
-// kChunkK values of k and added to the output so far), whatever the tile, the batch, the thread or the vector width: a
-// row's bits do not depend on its batch, nor on the build (rows in whole strips). Against the row-major tiles below
-// (registers of partial sums along k, the layout before), on gpt2's block GEMMs (2 Xeon cores, AVX-512, interleaved
-// runs): fp32 176 -> 216 GFLOP/s at M = 8, 275-284 -> 304-307 at M = 32, 289-290 -> 346-351 at M = 2048 (MKL: 210 at M
-// = 32, 345-405 at 512-2048); fp16 and bf16 1.27-1.36x above M = 1; the AVX2 build (6 x 2 tiles) 1.02-1.12x.
+// A tile is MR activation rows against NP strips, an outer product per k: NP weight loads and MR broadcasts feed
+// MR x NP FMAs into one register of kLanes outputs each. Every output is one FMA chain over k in order (restarted
+// every kChunkK values of k and added to the output so far), whatever the tile, the batch, the thread or the vector
+// width: a row's bits do not depend on its batch, nor on the build (rows in whole strips). Against the row-major
+// tiles below (registers of partial sums along k, the layout before), on gpt2's block GEMMs (2 Xeon cores, AVX-512,
+// interleaved runs): fp32 176 -> 216 GFLOP/s at M = 8, 275-284 -> 304-307 at M = 32, 289-290 -> 346-351 at
+// M = 2048 (MKL: 210 at M = 32, 345-405 at 512-2048); fp16 and bf16 1.27-1.36x above M = 1; the AVX2 build (6 x 2
+// tiles) 1.02-1.12x.
 constexpr long kChunkK = 256;                      // k per FMA chain: error ~ sqrt(256) + sqrt(K / 256) ulp
 constexpr int kTileRows = kLanes == 16 ? 8 : 6;    // MR: 8 x 3 takes 24 of AVX-512's 32 registers, 6 x 2 12 of
 constexpr int kTileStrips = kLanes == 16 ? 3 : 2;  // AVX2's 16 (NP; 4 x 3 and 3 x 3 ran slower there)
@@ -211,7 +212,8 @@ void strip_weights(const float* x, const W* w, float* y, long M, long N, long K,
     for (; p < end; p++) strip_tile<1, 1>(x, K, w + p * strip_step, y + p * kLanes, N);
     return;
   }
-  const long chunk = std::max<long>(kTileStrips, kChunkBytes / (strip_step * static_cast<long>(sizeof(W))));
+  const long fit = kChunkBytes / (strip_step * static_cast<long>(sizeof(W)));  // strips, rounded down to whole tiles
+  const long chunk = std::max<long>(kTileStrips, fit / kTileStrips * kTileStrips);
   for (long c0 = begin; c0 < end; c0 += chunk) {
     const long c1 = std::min(end, c0 + chunk);
     for (long m0 = 0; m0 < M; m0 += kRowBlock) {
