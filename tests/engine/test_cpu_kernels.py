@@ -62,10 +62,11 @@ def int16_reference(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> t
 @pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_matches_float64(dtype, pack, isa):
-    """Every tile remainder: M around the 4- and 8-row blocks, N around the 3-row groups (packed or read in place),
-    K long enough for int8's int32 chunks to roll over."""
-    m = random.choice([1, 2, 3, 4, 5, 7, 8, 9, 13, 17])
-    n = random.randint(1, 40)
+    """Every tile remainder: M around the 4-, 6- and 8-row blocks (and the 48- and 64-row sweeps of strips), N around
+    the strips of 8 or 16 rows and their tiles of 2 or 3 (packed) or the groups of 3 and 6 rows (read in place), K
+    long enough for the FMA chains' and int8's int32 chunks to roll over."""
+    m = random.choice([1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 17, 47, 49, 65])
+    n = random.randint(1, 120)
     k = 16 * random.randint(1, 40) if random.random() < 0.5 else 2048 + 16 * random.randint(1, 200)
     w, scales = random_weight(dtype, n, k)
     x = torch.randn(m, k)
@@ -139,6 +140,21 @@ def test_epilogue_bad_arguments():
         weight.linear(x, bias=torch.randn(8).half())  # not x's dtype
     with pytest.raises(ValueError, match="does not match"):
         weight.linear(x.double())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_packed_weights_past_a_chunk_of_strips(dtype, isa):
+    """K of 4-6K makes a thread's chunk of strips (about 1 MiB of weights) a single tile of strips, so N of 7-12
+    strips plus a tail of rows spans several chunks and both threads; M of 50-100 rows spans the sweeps of rows:
+    against float64, and a row alone against the batch."""
+    k = 16 * random.randint(260, 400)
+    w, _ = random_weight(dtype, 16 * random.randint(7, 12) + random.randint(0, 15), k)
+    x = torch.randn(random.randint(50, 100), k)
+    batch = run(x, w, None)
+    assert rel_err(batch, x.double() @ w.double().t()) < 1e-5
+    i = random.randrange(x.shape[0])
+    assert torch.equal(run(x[i : i + 1], w, None), batch[i : i + 1])
 
 
 @needs_kernel
