@@ -132,15 +132,16 @@ def _generate(args) -> int:
 
     if args.stream and args.n != 1:
         raise UsageError("--stream prints one completion: use it with --n 1")
-    params = SamplingParams(
-        n=args.n,
-        max_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
+    fields = dict(n=args.n, max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)  # fmt: skip
+    try:
+        params = SamplingParams(**fields)
+    except ValueError as e:  # SamplingParams names its field: name the flag that set it
+        field, _, rest = str(e).partition(" ")
+        if field not in fields:
+            raise
+        flag = "--max-new-tokens" if field == "max_tokens" else f"--{field.replace('_', '-')}"
+        raise UsageError(f"gpt2-triton generate: {flag} {rest}") from None
     llm = _make_llm(args)
     if args.stream:
         sys.stdout.write(args.prompt)

@@ -152,7 +152,8 @@ def test_cli_score(tiny_checkpoint, tmp_path):
     [
         (["generate", "hi", "--model", "/nonexistent/dir"], "nonexistent"),
         (["generate", "hi", "--max-new-tokens", "many"], "max-new-tokens"),
-        (["generate", "hi", "--temperature", "-1", "--load-format", "dummy", "--model", "gpt2"], "temperature"),
+        (["generate", "hi", "--temperature", "-1", "--load-format", "dummy", "--model", "gpt2"], "--temperature must"),
+        (["generate", "hi", "--max-new-tokens", "0", "--load-format", "dummy", "--model", "gpt2"], "--max-new-tokens"),
         (["generate", "hi", "--n", "2", "--stream"], "--stream"),
         (["score", "/nonexistent/file.txt"], "cannot read"),
         (["frobnicate"], "invalid choice"),
