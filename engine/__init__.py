@@ -5,6 +5,7 @@ llm = LLM("gpt2-medium")
 print(llm.generate("Hello, I'm a language model,", SamplingParams(max_tokens=30))[0].outputs[0].text)
 """
 
+from engine.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from engine.llm import LLM
 from engine.llm_engine import LLMEngine
 from engine.outputs import CompletionOutput, EngineStats, RequestOutput, ScoreOutput, StreamDelta
@@ -15,6 +16,9 @@ __all__ = [
     "LLM",
     "LLMEngine",
     "SamplingParams",
+    "BeamSearchParams",
+    "BeamSearchOutput",
+    "BeamSearchSequence",
     "RequestOutputKind",
     "EngineStats",
     "RequestOutput",

@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--n", type=int, default=1, help="completions to sample")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated (n=1)")
+    gen.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1: sample)")
+    gen.add_argument("--length-penalty", type=float, default=1.0, help="beam score: logprob / length ** this")
+    gen.add_argument("--early-stopping", default="false", choices=["false", "true", "never"],
+                     help="when beam search stops (transformers' early_stopping)")  # fmt: skip
 
     score = sub.add_parser("score", help="perplexity of a text file")
     score.add_argument("file")
@@ -127,21 +131,28 @@ def _make_llm(args):
     )
 
 
-def _generate(args) -> int:
-    from engine import SamplingParams
-
-    if args.stream and args.n != 1:
-        raise UsageError("--stream prints one completion: use it with --n 1")
-    fields = dict(n=args.n, max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                  top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)  # fmt: skip
+def _checked(kind, flags: dict[str, str], **fields):
+    """``kind(**fields)``; its ``ValueError`` (which names the field) becomes a usage error naming the flag."""
     try:
-        params = SamplingParams(**fields)
-    except ValueError as e:  # SamplingParams names its field: name the flag that set it
+        return kind(**fields)
+    except ValueError as e:
         field, _, rest = str(e).partition(" ")
         if field not in fields:
             raise
-        flag = "--max-new-tokens" if field == "max_tokens" else f"--{field.replace('_', '-')}"
+        flag = flags.get(field, f"--{field.replace('_', '-')}")
         raise UsageError(f"gpt2-triton generate: {flag} {rest}") from None
+
+
+def _generate(args) -> int:
+    from engine import SamplingParams
+
+    if args.num_beams != 1:
+        return _beam_search(args)
+    if args.stream and args.n != 1:
+        raise UsageError("--stream prints one completion: use it with --n 1")
+    params = _checked(SamplingParams, {"max_tokens": "--max-new-tokens"}, n=args.n, max_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                      repetition_penalty=args.repetition_penalty, seed=args.seed)  # fmt: skip
     llm = _make_llm(args)
     if args.stream:
         sys.stdout.write(args.prompt)
@@ -155,6 +166,23 @@ def _generate(args) -> int:
         if args.n > 1:
             print(f"--- completion {c.index} ({c.finish_reason}) ---")
         print(args.prompt + c.text)
+    return 0
+
+
+def _beam_search(args) -> int:
+    from engine import BeamSearchParams
+
+    if args.stream or args.n != 1:
+        raise UsageError("gpt2-triton generate: --num-beams prints its beams: use it without --stream and --n")
+    early_stopping = {"false": False, "true": True, "never": "never"}[args.early_stopping]
+    params = _checked(BeamSearchParams, {"beam_width": "--num-beams", "max_tokens": "--max-new-tokens"},
+                      beam_width=args.num_beams, max_tokens=args.max_new_tokens,
+                      length_penalty=args.length_penalty, early_stopping=early_stopping)  # fmt: skip
+    llm = _make_llm(args)
+    out = llm.beam_search(args.prompt, params, use_tqdm=not args.quiet)[0]
+    for i, seq in enumerate(out.sequences):
+        print(f"--- beam {i}: score {seq.score:.4f} ({seq.finish_reason}) ---")
+        print(seq.text)
     return 0
 
 

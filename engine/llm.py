@@ -10,6 +10,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from engine.llm_engine import LLMEngine, Prompt
 from engine.outputs import RequestOutput, ScoreOutput, StreamDelta
 from engine.progress import progress_bar
@@ -121,6 +122,50 @@ class LLM:
                 for c in out.outputs:
                     if c.token_ids:  # skip the samples that did not move this step
                         yield StreamDelta(index[out.request_id], c.index, c.text, c.token_ids, c.finish_reason)
+
+    def beam_search(
+        self, prompts: Prompt | Seq[Prompt], params: BeamSearchParams, use_tqdm: bool = True
+    ) -> list[BeamSearchOutput]:
+        """The ``params.beam_width`` best continuations of each prompt by beam search (transformers' algorithm:
+        ``generate(num_beams=beam_width, do_sample=False)`` finds the same; see :mod:`engine.beam_search`)."""
+        engine = self.llm_engine
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        if engine.has_unfinished_requests():
+            raise RuntimeError("LLM is already generating (one generate/stream/beam_search at a time)")
+        items = [self._token_ids(p, f"prompt {i}") for i, p in enumerate(self._prompt_list(prompts))]
+        for i, ids in enumerate(items):
+            engine.check_fits(len(ids), SamplingParams(max_tokens=params.max_tokens), f"prompt {i}")
+        searches = [BeamSearch(ids, params, self.config.eos_token_id) for ids in items]
+        call = next(self._call_ids)
+        with progress_bar(total=params.max_tokens, desc="beam search", unit="tok",
+                          disable=not (use_tqdm and self.progress)) as bar:  # fmt: skip
+            for step in range(params.max_tokens):
+                live = [(i, s) for i, s in enumerate(searches) if not s.done]
+                if not live:
+                    break
+                tops = self._next_token_candidates([s for _, s in live], f"{call}-{step}")
+                for (_, search), candidates in zip(live, tops):
+                    search.advance(candidates)
+                bar.update(1)
+        tokenizer = self.get_tokenizer() if engine.has_tokenizer() else None
+        return [s.output(tokenizer) for s in searches]
+
+    def _next_token_candidates(self, searches: list[BeamSearch], prefix: str) -> list[list[dict[int, float]]]:
+        """Per search, per running beam: its most likely next tokens -> logprob, all beams in one batch of
+        one-token greedy requests (the prefix cache serves what earlier steps computed)."""
+        engine = self.llm_engine
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=searches[0].num_candidates,
+                                output_kind=RequestOutputKind.FINAL_ONLY)  # fmt: skip
+        ids = [[f"{prefix}-{i}-{b}" for b in range(len(s.running))] for i, s in enumerate(searches)]
+        for search, beam_ids in zip(searches, ids):
+            for request_id, beam in zip(beam_ids, search.running):
+                engine.add(engine.make_request(request_id, search.prompt_token_ids + beam.tokens, params))
+        flat = [request_id for beam_ids in ids for request_id in beam_ids]
+        tops = {}
+        for outputs in self._steps(flat):
+            tops.update((out.request_id, out.outputs[0].logprobs[0]) for out in outputs if out.finished)
+        return [[tops[request_id] for request_id in beam_ids] for beam_ids in ids]
 
     # ---------------------------------------------------------------- scoring and features
     def _batches(self, items: list[list[int]]) -> Iterator[list[int]]:

@@ -229,7 +229,7 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"{what}: params must be a SamplingParams, got {type(params).__name__}")
         ids = self.token_ids(prompt, what)
-        self._check_fits(len(ids), params, what)
+        self.check_fits(len(ids), params, what)
         self._check_logit_bias(params, what)
         detokenize = isinstance(prompt, str) or self.has_tokenizer()
         if params.stop and not detokenize:
@@ -248,7 +248,7 @@ class LLMEngine:
             request.seqs.append(Sequence(next(self._seq_ids), request, j, generator=gen, status=status))
         return request
 
-    def _check_fits(self, num_prompt_tokens: int, params: SamplingParams, what: str) -> None:
+    def check_fits(self, num_prompt_tokens: int, params: SamplingParams, what: str) -> None:
         """Refuse a request that could never run: past the context, the whole KV pool, or ``max_num_seqs``.
 
         The pool check counts ``n`` full copies (no sharing), so that any one request alone always fits, whatever

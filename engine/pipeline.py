@@ -9,10 +9,12 @@ runs unchanged::
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import torch
 
+from engine.beam_search import MAX_BEAM_WIDTH, BeamSearchParams
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 
@@ -44,26 +46,28 @@ class TextGenerationPipeline:
         top_k: int = DEFAULT_TOP_K,
         top_p: float = 1.0,
         repetition_penalty: float = 1.0,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
         return_full_text: bool = True,
         return_tensors: bool = False,
         seed: int | None = None,
     ) -> list[dict] | list[list[dict]]:
-        """Generate like transformers' pipeline; ``return_tensors=True`` gives ``generated_token_ids`` instead."""
+        """Generate like transformers' pipeline; ``return_tensors=True`` gives ``generated_token_ids`` instead.
+
+        ``num_beams > 1`` with ``do_sample=False`` is beam search (:meth:`LLM.beam_search`, transformers'
+        algorithm, ``length_penalty`` and ``early_stopping``): the ``num_return_sequences`` best beams."""
         single = isinstance(text_inputs, str)
         prompts = [text_inputs] if single else list(text_inputs)
         tok = self.llm.get_tokenizer()
-        params = []
-        for prompt in prompts:
-            n_prompt = len(tok.encode(prompt))
-            if max_new_tokens is None:
-                # transformers: max_length counts the prompt
-                limit = DEFAULT_MAX_LENGTH if max_length is None else max_length
-                new = limit - n_prompt
-                if new < 1:
-                    raise ValueError(f"max_length={limit} leaves no room after the prompt's {n_prompt} tokens")
-            else:
-                new = max_new_tokens
-            params.append(
+        prompt_ids = [tok.encode(prompt) for prompt in prompts]
+        new_tokens = [_new_tokens(len(ids), max_length, max_new_tokens) for ids in prompt_ids]
+        if num_beams != 1:
+            _check_beam_arguments(num_beams, num_return_sequences, do_sample, repetition_penalty)
+            beams = BeamSearchParams(num_beams, 1, length_penalty=length_penalty, early_stopping=early_stopping)
+            completions = self._beam_search(prompt_ids, new_tokens, beams, num_return_sequences)
+        else:
+            params = [
                 SamplingParams(
                     n=num_return_sequences,
                     max_tokens=new,
@@ -73,15 +77,55 @@ class TextGenerationPipeline:
                     repetition_penalty=repetition_penalty,
                     seed=seed,
                 )
-            )
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+                for new in new_tokens
+            ]
+            outputs = self.llm.generate(prompt_ids, params, use_tqdm=False)
+            completions = [[(c.token_ids, c.text) for c in out.outputs] for out in outputs]
         results = []
-        for prompt, out in zip(prompts, outputs):
-            if return_tensors:  # transformers: the prompt's ids followed by the new ones
-                results.append([{"generated_token_ids": out.prompt_token_ids + c.token_ids} for c in out.outputs])
+        for prompt, ids, samples in zip(prompts, prompt_ids, completions):
+            if return_tensors:  # transformers: the prompt's ids, the new ones, EOS (GPT-2's pad) up to the longest
+                longest = max(len(new) for new, _ in samples)
+                pad = [self.llm.config.eos_token_id]
+                results.append([{"generated_token_ids": ids + new + pad * (longest - len(new))} for new, _ in samples])
             else:
-                results.append([{"generated_text": (prompt if return_full_text else "") + c.text} for c in out.outputs])
+                results.append([{"generated_text": (prompt if return_full_text else "") + text} for _, text in samples])
         return results[0] if single else results
+
+    def _beam_search(self, prompt_ids, new_tokens, params, num_return_sequences) -> list[list[tuple[list[int], str]]]:
+        """Per prompt, its best beams' ``(new token ids, their text)``; one search per distinct ``max_tokens``."""
+        tok = self.llm.get_tokenizer()
+        completions: list = [None] * len(prompt_ids)
+        for new in sorted(set(new_tokens)):
+            group = [i for i, n in enumerate(new_tokens) if n == new]
+            params = dataclasses.replace(params, max_tokens=new)
+            for i, out in zip(group, self.llm.beam_search([prompt_ids[i] for i in group], params, use_tqdm=False)):
+                best = out.sequences[:num_return_sequences]
+                tokens = [seq.tokens[len(prompt_ids[i]) :] for seq in best]
+                texts = [tok.decode(t[:-1] if seq.finish_reason == "stop" else t) for t, seq in zip(tokens, best)]
+                completions[i] = list(zip(tokens, texts))
+        return completions
+
+
+def _new_tokens(num_prompt_tokens: int, max_length: int | None, max_new_tokens: int | None) -> int:
+    """How many tokens to generate: ``max_new_tokens``, else what ``max_length`` (which counts the prompt, as in
+    transformers) leaves."""
+    if max_new_tokens is not None:
+        return max_new_tokens
+    limit = DEFAULT_MAX_LENGTH if max_length is None else max_length
+    if limit - num_prompt_tokens < 1:
+        raise ValueError(f"max_length={limit} leaves no room after the prompt's {num_prompt_tokens} tokens")
+    return limit - num_prompt_tokens
+
+
+def _check_beam_arguments(num_beams, num_return_sequences, do_sample, repetition_penalty) -> None:
+    if not isinstance(num_beams, int) or isinstance(num_beams, bool) or not 1 <= num_beams <= MAX_BEAM_WIDTH:
+        raise ValueError(f"num_beams must be an integer in [1, {MAX_BEAM_WIDTH}], got {num_beams!r}")
+    if do_sample:
+        raise ValueError("num_beams > 1 with do_sample=True (beam sampling) is not supported; pass do_sample=False")
+    if repetition_penalty != 1.0:
+        raise ValueError("repetition_penalty is not supported with num_beams > 1")
+    if num_return_sequences > num_beams:
+        raise ValueError(f"num_return_sequences={num_return_sequences} is more than num_beams={num_beams}")
 
 
 def pipeline(task: str = "text-generation", model: str = "gpt2-medium", **llm_kwargs) -> TextGenerationPipeline:

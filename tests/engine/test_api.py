@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from engine import LLM, SamplingParams, pipeline, set_seed
+from engine import LLM, BeamSearchParams, SamplingParams, pipeline, set_seed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -105,11 +105,12 @@ def test_pipeline_matches_the_model_card(tiny_checkpoint):
     tok = generator.llm.get_tokenizer()
     for o, text in zip(ids, out):
         new = o["generated_token_ids"][len(tok.encode(prompt)) :]
-        if new[-1] == tok.eos_token_id:  # stopped early; EOS is not part of the text
-            new = new[:-1]
-        else:
-            assert len(o["generated_token_ids"]) == 30  # max_length counts the prompt
+        if tok.eos_token_id in new:  # stopped early; EOS, then EOS as padding up to the longest, is not text
+            new = new[: new.index(tok.eos_token_id)]
         assert text["generated_text"] == prompt + tok.decode(new)
+    rows = [o["generated_token_ids"] for o in ids]
+    assert {len(row) for row in rows} == {30} or all(tok.eos_token_id in row for row in rows)  # max_length counts
+    assert len({len(row) for row in rows}) == 1  # the prompt; shorter rows are padded as transformers pads them
     with pytest.raises(ValueError, match="task"):
         pipeline("summarization", model=str(tiny_checkpoint))
 
@@ -135,6 +136,18 @@ def test_cli_generate_prints_a_continuation(tiny_checkpoint):
     assert r.returncode == 0 and r.stdout == prompt + greedy.text + "\n"
 
 
+def test_cli_generate_with_beams_prints_each_beam(tiny_checkpoint):
+    prompt, beams = "Hello, I'm a language model,", random.randint(2, 4)
+    r = run_cli("generate", prompt, "--model", str(tiny_checkpoint), "--max-new-tokens", "6", "--num-beams",
+                str(beams), "--length-penalty", "0.5", "--early-stopping", "true", "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    llm = LLM(str(tiny_checkpoint), device="cpu", progress=False)
+    want = llm.beam_search(prompt, BeamSearchParams(beams, 6, length_penalty=0.5, early_stopping=True), False)[0]
+    header = "--- beam {}: score {:.4f} ({}) ---\n"
+    assert r.stdout == "".join(header.format(i, s.score, s.finish_reason) + s.text + "\n"
+                               for i, s in enumerate(want.sequences))  # fmt: skip
+
+
 def test_cli_score(tiny_checkpoint, tmp_path):
     f = tmp_path / "text.txt"
     f.write_text("The quick brown fox jumps over the lazy dog. " * random.randint(2, 5))
@@ -155,6 +168,9 @@ def test_cli_score(tiny_checkpoint, tmp_path):
         (["generate", "hi", "--temperature", "-1", "--load-format", "dummy", "--model", "gpt2"], "--temperature must"),
         (["generate", "hi", "--max-new-tokens", "0", "--load-format", "dummy", "--model", "gpt2"], "--max-new-tokens"),
         (["generate", "hi", "--n", "2", "--stream"], "--stream"),
+        (["generate", "hi", "--num-beams", "11", "--load-format", "dummy", "--model", "gpt2"], "--num-beams must"),
+        (["generate", "hi", "--num-beams", "2", "--stream"], "without --stream"),
+        (["generate", "hi", "--early-stopping", "maybe"], "--early-stopping"),
         (["score", "/nonexistent/file.txt"], "cannot read"),
         (["frobnicate"], "invalid choice"),
         (["check-kernels", "--bogus"], "unrecognized arguments"),
