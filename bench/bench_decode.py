@@ -2,10 +2,11 @@
 
     python bench/bench_decode.py                      # gpt2-medium, float32, CPU, batch 1 and 8
     python bench/bench_decode.py --model gpt2 --batch 1 4 16 --new-tokens 64
+    python bench/bench_decode.py --beams 4            # beam search: ours vs generate(num_beams=4)
 
-Both sides first generate greedily from the same checkpoint and must agree token for token (validate, then
-time). Decode throughput excludes the prefill: ``B * (N - 1) / (t(N new tokens) - t(1 new token))``, the
-median over ``--repeats`` runs of each.
+Both sides first generate greedily (or, with ``--beams K``, by beam search of K beams) from the same checkpoint
+and must agree token for token (validate, then time). Decode throughput excludes the prefill:
+``B * (N - 1) / (t(N new tokens) - t(1 new token))``, the median over ``--repeats`` runs of each.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import LLM, SamplingParams  # noqa: E402
+from engine import LLM, BeamSearchParams, SamplingParams  # noqa: E402
 from engine.config import PRESETS  # noqa: E402
 
 
@@ -76,6 +77,30 @@ def theirs(hf) -> Callable[[list[list[int]], int], list[list[int]]]:
     return run
 
 
+def ours_beams(llm: LLM, width: int) -> Callable[[list[list[int]], int], list[list[list[int]]]]:
+    """Beam search of ``width`` beams, ``n`` tokens after each prompt, with our engine: each prompt's beams."""
+
+    def run(ids: list[list[int]], n: int) -> list[list[list[int]]]:
+        out = llm.beam_search(ids, BeamSearchParams(width, n, ignore_eos=True), use_tqdm=False)
+        return [[seq.tokens[len(p) :] for seq in o.sequences] for p, o in zip(ids, out)]
+
+    return run
+
+
+def theirs_beams(hf, width: int) -> Callable[[list[list[int]], int], list[list[list[int]]]]:
+    """transformers' ``generate(num_beams=width, do_sample=False)``: each prompt's beams."""
+
+    def run(ids: list[list[int]], n: int) -> list[list[list[int]]]:
+        x = torch.tensor(ids, device=hf.device)
+        with torch.inference_mode():
+            out = hf.generate(x, max_new_tokens=n, num_beams=width, num_return_sequences=width, do_sample=False,
+                              eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(x))  # fmt: skip
+        rows = out[:, x.shape[1] :].tolist()
+        return [rows[i * width : (i + 1) * width] for i in range(len(ids))]
+
+    return run
+
+
 def decode_rate(fn, ids: list[list[int]], new_tokens: int, repeats: int) -> float:
     """Decode tokens/s without the prefill: ``B * (N - 1) / (t(N new tokens) - t(1 new token))``."""
     t_n = timed(fn, ids, new_tokens, repeats=repeats)
@@ -93,22 +118,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default="torch")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--beams", type=int, default=0, help="beam search of this many beams instead of greedy")
     args = ap.parse_args(argv)
 
     hf, llms = build(PRESETS[args.model], args.device, args.dtype, {args.backend: dict(backend=args.backend)},
-                     max(args.batch))  # fmt: skip
+                     max(args.batch) * max(1, args.beams))  # fmt: skip
     llm = llms[args.backend]
     hf = hf.to(getattr(torch, args.dtype))
     print(f"{args.model} {args.dtype} on {args.device}, backend={llm.backend}, threads={torch.get_num_threads()}, "
-          f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, median of {args.repeats}")  # fmt: skip
+          f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, median of {args.repeats}"
+          + (f", beam search of {args.beams} beams (tok/s: steps/s x batch)" if args.beams else ""))  # fmt: skip
+    fns = (ours_beams(llm, args.beams), theirs_beams(hf, args.beams)) if args.beams else (ours(llm), theirs(hf))
     print(f"{'batch':>5} {'ours tok/s':>11} {'transformers tok/s':>19} {'ratio':>6}")
     for B in args.batch:
         ids = torch.randint(0, hf.config.vocab_size, (B, args.prompt_len)).tolist()
-        a, b = ours(llm)(ids, 8), theirs(hf)(ids, 8)
+        a, b = fns[0](ids, 8), fns[1](ids, 8)
         agree = sum(x == y for x, y in zip(a, b))
         if agree < B:
-            print(f"  warning: greedy tokens differ for {B - agree}/{B} prompts (fp near-ties?)", file=sys.stderr)
-        rates = [decode_rate(fn, ids, args.new_tokens, args.repeats) for fn in (ours(llm), theirs(hf))]
+            print(f"  warning: tokens differ for {B - agree}/{B} prompts (fp near-ties?)", file=sys.stderr)
+        rates = [decode_rate(fn, ids, args.new_tokens, args.repeats) for fn in fns]
         print(f"{B:>5} {rates[0]:>11.1f} {rates[1]:>19.1f} {rates[0] / rates[1]:>5.2f}x")
     return 0
 

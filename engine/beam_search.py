@@ -1,10 +1,11 @@
 """Beam search: vLLM's API (``LLM.beam_search(prompts, BeamSearchParams(...))``), transformers' algorithm, so that
 ``generate(num_beams=k, do_sample=False)`` of transformers and ours return the same beams.
 
-Each step every running beam is one engine request of one greedy token whose top ``2 * beam_width`` logprobs
-are the beam's candidates (vLLM's way): the prefix cache keeps the K/V of the prompt and of each beam's whole
-blocks, so a step recomputes only the last, partly filled block of each beam. This module holds the search
-itself, one :class:`BeamSearch` per prompt, fed those candidates; :meth:`engine.llm.LLM.beam_search` drives it.
+Each step every running beam is one engine request of one token whose top ``2 * beam_width`` logprobs are the
+beam's candidates (as in vLLM). The request starts as a fork of the previous step's request for the beam it
+extends, sharing its blocks (the partly filled last one copied on write), so a step computes one token per beam:
+a decode step. This module holds the search itself, one :class:`BeamSearch` per prompt, fed those candidates;
+:meth:`engine.llm.LLM.beam_search` drives it.
 
 transformers' rules, which this follows:
 
@@ -83,9 +84,10 @@ class Beam:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     cum_logprob: float = 0.0
+    source: int = 0  # the index, among the previous step's running beams, of the one it extends
 
-    def extended(self, token: int, logprob: float) -> Beam:
-        return Beam(self.tokens + [token], self.logprobs + [logprob], self.cum_logprob + logprob)
+    def extended(self, token: int, logprob: float, source: int) -> Beam:
+        return Beam(self.tokens + [token], self.logprobs + [logprob], self.cum_logprob + logprob, source)
 
 
 class BeamSearch:
@@ -126,7 +128,7 @@ class BeamSearch:
 
     def _extend(self, candidate: tuple[float, int, int, float]) -> Beam:
         _, b, token, logprob = candidate
-        return self.running[b].extended(token, logprob)
+        return self.running[b].extended(token, logprob, b)
 
     def _add_hypothesis(self, beam: Beam, length: int) -> None:
         score = beam.cum_logprob / length**self.params.length_penalty

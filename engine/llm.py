@@ -15,6 +15,7 @@ from engine.llm_engine import LLMEngine, Prompt
 from engine.outputs import RequestOutput, ScoreOutput, StreamDelta
 from engine.progress import progress_bar
 from engine.sampling_params import RequestOutputKind, SamplingParams
+from engine.sequence import Sequence
 
 
 class LLM:
@@ -134,38 +135,70 @@ class LLM:
         if engine.has_unfinished_requests():
             raise RuntimeError("LLM is already generating (one generate/stream/beam_search at a time)")
         items = [self._token_ids(p, f"prompt {i}") for i, p in enumerate(self._prompt_list(prompts))]
+        copies = SamplingParams(n=params.beam_width, max_tokens=params.max_tokens)  # as if beams shared nothing
         for i, ids in enumerate(items):
-            engine.check_fits(len(ids), SamplingParams(max_tokens=params.max_tokens), f"prompt {i}")
+            engine.check_fits(len(ids), copies, f"prompt {i}")
         searches = [BeamSearch(ids, params, self.config.eos_token_id) for ids in items]
+        groups = list(self._beam_groups(items, params))
         call = next(self._call_ids)
-        with progress_bar(total=params.max_tokens, desc="beam search", unit="tok",
+        with progress_bar(total=len(groups) * params.max_tokens, desc="beam search", unit="step",
                           disable=not (use_tqdm and self.progress)) as bar:  # fmt: skip
-            for step in range(params.max_tokens):
-                live = [(i, s) for i, s in enumerate(searches) if not s.done]
-                if not live:
-                    break
-                tops = self._next_token_candidates([s for _, s in live], f"{call}-{step}")
-                for (_, search), candidates in zip(live, tops):
-                    search.advance(candidates)
-                bar.update(1)
+            for g, group in enumerate(groups):
+                steps = self._search([searches[i] for i in group], f"{call}-{g}", bar)
+                bar.update(params.max_tokens - steps)  # the steps an early stop left out
         tokenizer = self.get_tokenizer() if engine.has_tokenizer() else None
         return [s.output(tokenizer) for s in searches]
 
-    def _next_token_candidates(self, searches: list[BeamSearch], prefix: str) -> list[list[dict[int, float]]]:
-        """Per search, per running beam: its most likely next tokens -> logprob, all beams in one batch of
-        one-token greedy requests (the prefix cache serves what earlier steps computed)."""
+    def _beam_groups(self, items: list[list[int]], params: BeamSearchParams) -> Iterator[list[int]]:
+        """Indices of the prompts, in groups whose beams all fit at once: in ``max_num_seqs``, and in the KV pool
+        counting each beam as a full copy (so that the blocks kept between steps never starve the scheduler)."""
+        engine, width = self.llm_engine, params.beam_width
+        group, blocks = [], 0
+        for i, ids in enumerate(items):
+            need = width * engine.blocks.blocks_needed(len(ids) + params.max_tokens)
+            if group and (blocks + need > engine.blocks.num_blocks or (len(group) + 1) * width > engine.max_num_seqs):
+                yield group
+                group, blocks = [], 0
+            group.append(i)
+            blocks += need
+        if group:
+            yield group
+
+    def _search(self, searches: list[BeamSearch], prefix: str, bar) -> int:
+        """Run ``searches`` to their end; returns the number of steps taken.
+
+        Each step, every running beam is a one-token request for its top candidates, forked from the sequence that
+        computed the beam it extends: that sequence's request kept its blocks (``keep_blocks``), which the new one
+        shares, so only the beam's new token is computed. They are freed once forked, or when the search ends.
+        """
         engine = self.llm_engine
         params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=searches[0].num_candidates,
                                 output_kind=RequestOutputKind.FINAL_ONLY)  # fmt: skip
-        ids = [[f"{prefix}-{i}-{b}" for b in range(len(s.running))] for i, s in enumerate(searches)]
-        for search, beam_ids in zip(searches, ids):
-            for request_id, beam in zip(beam_ids, search.running):
-                engine.add(engine.make_request(request_id, search.prompt_token_ids + beam.tokens, params))
-        flat = [request_id for beam_ids in ids for request_id in beam_ids]
-        tops = {}
-        for outputs in self._steps(flat):
-            tops.update((out.request_id, out.outputs[0].logprobs[0]) for out in outputs if out.finished)
-        return [[tops[request_id] for request_id in beam_ids] for beam_ids in ids]
+        kept: dict[int, list[Sequence]] = {}  # per search: the sequences that computed its running beams
+        step = 0
+        try:
+            while step < searches[0].params.max_tokens and not all(s.done for s in searches):
+                requests = {}
+                for i, search in enumerate(searches):
+                    parents = kept.pop(i, [])
+                    for b, beam in enumerate([] if search.done else search.running):
+                        prompt = search.prompt_token_ids + beam.tokens
+                        request = engine.make_request(f"{prefix}-{step}-{i}-{b}", prompt, params)
+                        request.keep_blocks = True
+                        engine.add(request, fork_of=parents[beam.source] if parents else None)
+                        requests[i, b] = request
+                    engine.release(parents)  # the new requests hold what they share of these
+                for _ in self._steps([r.request_id for r in requests.values()]):
+                    pass
+                for i, search in enumerate(searches):
+                    if not search.done:
+                        kept[i] = [requests[i, b].seqs[0] for b in range(len(search.running))]
+                        search.advance([seq.top_logprobs[0] for seq in kept[i]])
+                step += 1
+                bar.update(1)
+        finally:
+            engine.release(seq for seqs in kept.values() for seq in seqs)
+        return step
 
     # ---------------------------------------------------------------- scoring and features
     def _batches(self, items: list[list[int]]) -> Iterator[list[int]]:

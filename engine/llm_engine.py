@@ -276,14 +276,25 @@ class LLMEngine:
                 f"{what}: logit_bias token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})"
             )
 
-    def add(self, request: Request) -> None:
-        """Queue a request built by :meth:`make_request`."""
+    def add(self, request: Request, fork_of: Sequence | None = None) -> None:
+        """Queue a request built by :meth:`make_request`. ``fork_of``: a finished sequence of a ``keep_blocks``
+        request whose tokens the prompt extends; the request starts from its blocks, computing only the rest."""
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use by an unfinished request")
+        if fork_of is not None and fork_of.block_table:
+            assert request.params.n == 1 and fork_of.num_computed < len(request.prompt_token_ids)
+            self.blocks.fork(fork_of, request.seqs[0])
         self.requests[request.request_id] = request
         self.output_processor.add_request(request, self._tokenizer)
         self.prompt_tokens += len(request.prompt_token_ids)
         self.scheduler.add(request.seqs[0])
+
+    def release(self, seqs: Iterable[Sequence]) -> None:
+        """Free the blocks that finished sequences of ``keep_blocks`` requests kept (a sequence without blocks is
+        passed over)."""
+        for seq in seqs:
+            if seq.is_finished:
+                self.blocks.free(seq)
 
     def add_request(
         self, request_id: str, prompt: Prompt, params: SamplingParams | None = None, arrival_time: float | None = None
@@ -355,7 +366,7 @@ class LLMEngine:
         for seq, token, logprob, top in zip(seqs, tokens.tolist(), chosen, tops):
             self.output_processor.append_token(seq, token, logprob, top)
             if seq.is_finished:
-                self.scheduler.finish(seq)
+                self.scheduler.finish(seq, seq.request.keep_blocks)
         self.generation_tokens += len(seqs)
 
     def _sampling_batch(self, seqs: list[Sequence], vocab: int) -> SamplingBatch:

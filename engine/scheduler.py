@@ -150,13 +150,11 @@ class Scheduler:
             if seats + wanted > self.max_num_seqs:
                 break
             tokens = seq.all_token_ids()
-            hits, hashes = self.blocks.match_prefix(self._cacheable(seq, tokens))
-            cached = len(hits) * self.blocks.block_size
-            n = min(len(tokens) - cached, budget)
-            if not self.blocks.can_admit(hits, cached + n):
+            taken = self._take_blocks(seq, tokens, budget, out)
+            if taken is None:
                 break
+            cached, n = taken
             self.waiting.popleft()
-            self.blocks.admit(seq, hits, hashes, cached + n)
             self.blocks.register_full_blocks(seq, cached + n)  # later admissions in this step may hit them
             self.prefix_cache_queries += len(tokens)
             self.prefix_cache_hits += cached
@@ -171,6 +169,27 @@ class Scheduler:
             out.all_decodes = False
             budget -= n
             seats += wanted
+
+    def _take_blocks(
+        self, seq: Sequence, tokens: list[int], budget: int, out: SchedulerOutput
+    ) -> tuple[int, int] | None:
+        """Blocks for a waiting sequence's first chunk; ``(tokens already cached, chunk length)``, or None when the
+        pool cannot hold it. A sequence forked from one that computed its prefix (beam search) holds that one's
+        blocks already; any other reuses the longest prefix the cache has."""
+        if seq.block_table:
+            cached = seq.num_computed
+            n = min(len(tokens) - cached, budget)
+            if not self.blocks.can_append(seq, cached + n):
+                return None
+            out.block_copies += self.blocks.append(seq, cached + n)
+            return cached, n
+        hits, hashes = self.blocks.match_prefix(self._cacheable(seq, tokens))
+        cached = len(hits) * self.blocks.block_size
+        n = min(len(tokens) - cached, budget)
+        if not self.blocks.can_admit(hits, cached + n):
+            return None
+        self.blocks.admit(seq, hits, hashes, cached + n)
+        return cached, n
 
     @staticmethod
     def _cacheable(seq: Sequence, tokens: list[int]) -> list[int]:
@@ -195,10 +214,12 @@ class Scheduler:
             child.status = SequenceStatus.RUNNING
             self.running.append(child)
 
-    def finish(self, seq: Sequence) -> None:
-        """Drop a sequence that finished (or was aborted) and free its blocks."""
+    def finish(self, seq: Sequence, keep_blocks: bool = False) -> None:
+        """Drop a sequence that finished (or was aborted) and free its blocks, unless ``keep_blocks`` (the caller
+        frees them later)."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.free(seq)
+        if not keep_blocks:
+            self.blocks.free(seq)

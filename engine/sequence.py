@@ -117,6 +117,8 @@ class Request:
     # filled chunk by chunk as the prompt is computed
     prompt_logprobs: list[dict[int, float] | None] = field(default_factory=lambda: [None])
     num_outputs: int = 0  # outputs returned so far
+    # a finished sequence keeps its blocks until LLMEngine.release (beam search forks the next beams from them)
+    keep_blocks: bool = False
 
     @property
     def finished(self) -> bool:

@@ -118,6 +118,54 @@ def test_one_beam_ignoring_eos_is_greedy(llm):
     assert math.isclose(beam.cum_logprob, greedy[0].outputs[0].cumulative_logprob, rel_tol=1e-6)
 
 
+def test_beams_do_not_depend_on_the_pool_the_cache_or_max_num_seqs(llm, eos_checkpoint):
+    """A pool that holds one prompt's beams at a time, no prefix caching, or room for one prompt's beams in
+    max_num_seqs: prompts are searched a group at a time, beams fork without the cache; the beams are the same."""
+    params = BeamSearchParams(3, random.randint(6, 10))
+    prompts = [random_prompt() for _ in range(3)]
+    want = llm.beam_search(prompts, params, use_tqdm=False)
+    one_prompt = params.beam_width * llm.blocks.blocks_needed(max(map(len, prompts)) + params.max_tokens)
+    for kwargs in (dict(num_blocks=one_prompt), dict(enable_prefix_caching=False), dict(max_num_seqs=3)):
+        other = LLM(str(eos_checkpoint), backend="torch", dtype="float32", device="cpu", block_size=4,
+                    progress=False, **kwargs)  # fmt: skip
+        got = other.beam_search(prompts, params, use_tqdm=False)
+        for a, b in zip(got, want, strict=True):
+            assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences], kwargs
+            assert [s.score for s in a.sequences] == pytest.approx([s.score for s in b.sequences], rel=1e-6)
+        assert other.blocks.usage == 0.0
+
+
+def test_the_triton_backend_finds_the_same_beams(llm, eos_checkpoint):
+    """Every step a decode batch whose beams share blocks: the paged decode kernel reads them, the KV store
+    writes the new token after the copies on write."""
+    triton = LLM(str(eos_checkpoint), backend="triton", dtype="float32", device="cpu", block_size=4, progress=False)
+    params, prompts = BeamSearchParams(3, random.randint(3, 5)), [random_prompt() for _ in range(2)]
+    got, want = triton.beam_search(prompts, params, use_tqdm=False), llm.beam_search(prompts, params, use_tqdm=False)
+    for a, b in zip(got, want, strict=True):
+        assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
+        assert [s.score for s in a.sequences] == pytest.approx([s.score for s in b.sequences], rel=1e-5)
+
+
+def test_a_failure_mid_search_frees_every_block(llm, monkeypatch):
+    params, prompt = BeamSearchParams(3, 8), random_prompt()
+    want = llm.beam_search(prompt, params, use_tqdm=False)[0]
+    execute, calls, fail_at = llm.runner.execute, [], random.randint(2, 5)
+
+    def failing(step):
+        calls.append(step)
+        if len(calls) == fail_at:
+            raise RuntimeError("injected")
+        return execute(step)
+
+    monkeypatch.setattr(llm.runner, "execute", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        llm.beam_search(prompt, params, use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests() and llm.blocks.usage == 0.0
+    monkeypatch.undo()
+    again = llm.beam_search(prompt, params, use_tqdm=False)[0]
+    assert [s.tokens for s in again.sequences] == [s.tokens for s in want.sequences]
+
+
 def test_text_and_prefix_cache(llm):
     text = "Hello, I'm a language model,"
     stats = llm.llm_engine.get_stats()

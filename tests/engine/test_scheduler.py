@@ -131,6 +131,36 @@ def test_preemption_takes_the_newest_and_it_resumes_where_it_was():
     run_to_end(s)
 
 
+def test_sequences_forked_from_a_finished_one_compute_only_their_new_token():
+    """Beam search's step: a finished sequence keeps its blocks; requests extending it by one token start from
+    them, the partly filled last block copied for all but the last writer, and compute one token each."""
+    s = scheduler(num_blocks=16, block_size=4, budget=32)
+    parent = make_sequence(prompt(6), max_tokens=1)
+    s.add(parent)
+    out = s.schedule()
+    s.step_done(out)
+    parent.finish("length")
+    s.finish(parent, keep_blocks=True)
+    assert len(parent.block_table) == 2 and parent.num_computed == 6
+    children = [make_sequence(parent.prompt_token_ids + [t], max_tokens=1) for t in prompt(3)]
+    for child in children:
+        s.blocks.fork(parent, child)
+        s.add(child)
+    shared = parent.block_table[1]  # tokens 4 and 5, and the slot for the children's new token
+    s.blocks.free(parent)  # released once forked: the children hold what they share
+    free = s.blocks.num_free
+    out = s.schedule()
+    assert out.seqs == children and out.num_tokens == [1, 1, 1]
+    assert [src for src, _ in out.block_copies] == [shared] * 2  # the third writes in the shared block itself
+    assert s.blocks.num_free == free - 2 and children[2].block_table[1] == shared
+    assert s.prefix_cache_hits == 3 * 6  # the parent's 6 tokens, for each child
+    s.step_done(out)
+    for child in children:
+        child.finish("length")
+        s.finish(child)
+    assert_scheduler_empty(s)
+
+
 def test_random_workloads_always_drain():
     """Random prompts, lengths and n over a pool a little larger than the largest request: every sequence
     finishes, with exactly max_tokens tokens."""
