@@ -127,7 +127,7 @@ def _make_llm(args):
         quantization=args.quantization,
         tokenizer=args.tokenizer,
         progress=not args.quiet,
-        max_num_seqs=max(getattr(args, "n", 1), 1),
+        max_num_seqs=max(getattr(args, "n", 1), getattr(args, "num_beams", 1), 1),
     )
 
 

@@ -135,6 +135,8 @@ class LLM:
         if engine.has_unfinished_requests():
             raise RuntimeError("LLM is already generating (one generate/stream/beam_search at a time)")
         items = [self._token_ids(p, f"prompt {i}") for i, p in enumerate(self._prompt_list(prompts))]
+        if params.beam_width > engine.max_num_seqs:
+            raise ValueError(f"beam_width={params.beam_width} exceeds max_num_seqs={engine.max_num_seqs}")
         copies = SamplingParams(n=params.beam_width, max_tokens=params.max_tokens)  # as if beams shared nothing
         for i, ids in enumerate(items):
             engine.check_fits(len(ids), copies, f"prompt {i}")

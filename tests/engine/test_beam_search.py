@@ -208,6 +208,17 @@ def test_bad_requests_are_refused_and_leave_nothing_behind(llm):
     assert not llm.llm_engine.has_unfinished_requests() and llm.blocks.usage == 0.0
 
 
+def test_beams_must_fit_max_num_seqs_and_the_pool(eos_checkpoint):
+    def small(**kwargs):
+        return LLM(str(eos_checkpoint), backend="torch", dtype="float32", device="cpu", block_size=4,
+                   progress=False, **kwargs)  # fmt: skip
+
+    with pytest.raises(ValueError, match="beam_width=3 exceeds max_num_seqs=2"):
+        small(max_num_seqs=2).beam_search([1, 2], BeamSearchParams(3, 4))
+    with pytest.raises(ValueError, match=r"prompt 0: needs 6 KV blocks \(n=3\) but the cache has 5"):
+        small(num_blocks=5).beam_search([1, 2], BeamSearchParams(3, 6))  # 3 beams of 2 + 6 tokens: 2 blocks each
+
+
 @pytest.fixture(scope="module")
 def pipelines(eos_model, eos_checkpoint, gpt2_tokenizer_dir):
     import transformers
