@@ -23,9 +23,10 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from engine.llm_engine import LLMEngine, Prompt
 from engine.outputs import EngineStats, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.sequence import Request
 
 logger = logging.getLogger("gpt2_triton.engine")
@@ -103,6 +104,30 @@ class AsyncLLM:
             self._active.discard(request.request_id)
             if not finished:  # the consumer went away, or the engine failed it: free its blocks
                 self.abort(request.request_id)
+
+    async def beam_search(
+        self, request_id: str, prompt_token_ids: list[int], params: BeamSearchParams
+    ) -> BeamSearchOutput:
+        """Beam search of one prompt among whatever else the engine runs. Each step's beams are one-token
+        requests (ids ``{request_id}-{step}-{beam}``) whose prefixes the prefix cache serves, vLLM's way: unlike
+        ``LLM.beam_search``, which has the engine to itself and forks each beam from its parent's blocks, every
+        step computes each beam's partly filled last block again. Cancelling it aborts the step's requests."""
+        search = BeamSearch(prompt_token_ids, params, self.engine.config.eos_token_id)
+        step_params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=search.num_candidates,
+                                     output_kind=RequestOutputKind.FINAL_ONLY)  # fmt: skip
+        step = 0
+        while not search.done:
+            requests = [self.make_request(f"{request_id}-{step}-{b}", prompt_token_ids + beam.tokens, step_params)
+                        for b, beam in enumerate(search.running)]  # fmt: skip
+            finals = await asyncio.gather(*(self._final(r) for r in requests))
+            search.advance([out.outputs[0].logprobs[0] for out in finals])
+            step += 1
+        return search.output()
+
+    async def _final(self, request: Request) -> RequestOutput:
+        async for out in self.generate(request):
+            last = out
+        return last
 
     def check_accepting(self, num_requests: int = 1) -> None:
         """Raise :class:`EngineOverloaded` unless ``num_requests`` more may queue now."""

@@ -70,6 +70,13 @@ class BeamSearchSequence:
     text: str | None = None  # None without a tokenizer
 
 
+def generated(seq: BeamSearchSequence, num_prompt_tokens: int, tokenizer) -> tuple[list[int], str]:
+    """What a hypothesis added to its prompt: its token ids (EOS included) and their text (EOS left out), as a
+    completion has them."""
+    new = seq.tokens[num_prompt_tokens:]
+    return new, tokenizer.decode(new[:-1] if seq.finish_reason == "stop" else new)
+
+
 @dataclass
 class BeamSearchOutput:
     """A prompt's ``beam_width`` hypotheses, best score first."""

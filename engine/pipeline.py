@@ -14,7 +14,7 @@ import random
 
 import torch
 
-from engine.beam_search import MAX_BEAM_WIDTH, BeamSearchParams
+from engine.beam_search import MAX_BEAM_WIDTH, BeamSearchParams, generated
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 
@@ -100,9 +100,7 @@ class TextGenerationPipeline:
             params = dataclasses.replace(params, max_tokens=new)
             for i, out in zip(group, self.llm.beam_search([prompt_ids[i] for i in group], params, use_tqdm=False)):
                 best = out.sequences[:num_return_sequences]
-                tokens = [seq.tokens[len(prompt_ids[i]) :] for seq in best]
-                texts = [tok.decode(t[:-1] if seq.finish_reason == "stop" else t) for t, seq in zip(tokens, best)]
-                completions[i] = list(zip(tokens, texts))
+                completions[i] = [generated(seq, len(prompt_ids[i]), tok) for seq in best]
         return completions
 
 

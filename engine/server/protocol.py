@@ -1,6 +1,7 @@
 """The OpenAI API's request schemas (validated with pydantic, as vLLM's ``entrypoints/openai/protocol.py``) and its
 error body. Unknown fields are refused with a 400 naming them, as OpenAI does; vLLM's extra sampling fields
-(``top_k``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``, ``min_tokens``) are accepted."""
+(``top_k``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``, ``min_tokens``, ``use_beam_search``,
+``length_penalty``) are accepted."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.beam_search import MAX_BEAM_WIDTH, BeamSearchParams
 from engine.sampling_params import SamplingParams
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions API
@@ -68,6 +70,9 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     min_tokens: int = 0
+    # vLLM's beam search: the n best beams, n being the beam width (transformers' algorithm and length_penalty)
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
 
     def sampling_params(
         self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
@@ -91,6 +96,22 @@ class SamplingFields(BaseModel):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
         )
+
+    def beam_search_params(self, max_tokens: int) -> BeamSearchParams:
+        """As :class:`BeamSearchParams` (beam width ``n``); an ``ApiError`` names the field that cannot be."""
+        unsupported = {"stream": self.stream, "stop": self.stop, "stop_token_ids": self.stop_token_ids,
+                       "logit_bias": self.logit_bias, "presence_penalty": self.presence_penalty,
+                       "frequency_penalty": self.frequency_penalty, "min_tokens": self.min_tokens,
+                       "repetition_penalty": self.repetition_penalty not in (None, 1.0)}  # fmt: skip
+        for name, value in unsupported.items():
+            if value:
+                raise ApiError(400, f"{name} is not supported with use_beam_search", name)
+        if not 1 <= self.n <= MAX_BEAM_WIDTH:
+            raise ApiError(400, f"n (the beam width) must be in [1, {MAX_BEAM_WIDTH}] with use_beam_search", "n")
+        try:
+            return BeamSearchParams(self.n, max_tokens, ignore_eos=self.ignore_eos, length_penalty=self.length_penalty)
+        except ValueError as e:
+            raise ApiError(400, str(e), str(e).split()[0]) from None
 
 
 class CompletionRequest(SamplingFields):

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
 from engine.async_llm import AsyncLLM
+from engine.beam_search import BeamSearchParams, generated
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import RequestOutputKind
 from engine.sequence import Request
@@ -120,6 +121,28 @@ class Job:
                 first = sent[c.index] == 0
                 sent[c.index] += len(c.token_ids)
                 yield i, out, c, self.prompt_texts[i] + c.text if self.echo and first else c.text, first
+
+
+@dataclass
+class BeamJob(Job):
+    """``use_beam_search``: each request's prompt is searched (:meth:`AsyncLLM.beam_search`) instead of sampled;
+    its final output holds the ``n`` beams as completions, best first."""
+
+    beams: BeamSearchParams | None = None
+
+    async def finals(self) -> list[RequestOutput]:
+        searches = [self.llm.beam_search(r.request_id, r.prompt_token_ids, self.beams) for r in self.requests]
+        outputs = await asyncio.gather(*searches)
+        tokenizer = self.llm.get_tokenizer()
+        finals = []
+        for request, out in zip(self.requests, outputs):
+            completions = []
+            for j, seq in enumerate(out.sequences):
+                tokens, text = generated(seq, len(request.prompt_token_ids), tokenizer)
+                completions.append(CompletionOutput(j, text, tokens, seq.cum_logprob, seq.finish_reason))
+            finals.append(RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
+                                        finished=True))  # fmt: skip
+        return finals
 
 
 def sse(obj: dict | str) -> str:
@@ -257,8 +280,14 @@ def check_common(req: SamplingFields) -> None:
 
 def make_job(llm: AsyncLLM, model: str, req: SamplingFields, prompts: list, max_tokens: int, logprobs: int | None,
              echo: bool = False, prompt_logprobs: int | None = None) -> Job:  # fmt: skip
-    """Validate everything and build the engine requests: an ``ApiError`` (400) names what is wrong."""
+    """Validate everything and build the engine requests: an ``ApiError`` (400) names what is wrong. With
+    ``use_beam_search`` the requests are the prompts, checked as ``n`` full copies, that the beam searches run."""
     check_common(req)
+    beams = None
+    if req.use_beam_search:
+        beams = req.beam_search_params(max_tokens)
+        if logprobs is not None:
+            raise ApiError(400, "logprobs are not supported with use_beam_search", "logprobs")
     try:
         params = req.sampling_params(max_tokens, logprobs, prompt_logprobs)
         # one output per request at its end (no per-step outputs or detokenizing on the way), or what is new per step
@@ -278,6 +307,8 @@ def make_job(llm: AsyncLLM, model: str, req: SamplingFields, prompts: list, max_
         tokenizer = llm.get_tokenizer()
         texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    if beams is not None:
+        return BeamJob(llm, model, requests, texts, echo, req.stream, include_usage, id=job_id, beams=beams)
     return Job(llm, model, requests, texts, echo, req.stream, include_usage, id=job_id)
 
 

@@ -11,7 +11,8 @@ import time
 import openai
 import pytest
 
-from engine import LLM, SamplingParams
+from engine import LLM, BeamSearchParams, SamplingParams
+from engine.beam_search import generated
 from tests.server.conftest import start_server
 
 
@@ -49,6 +50,22 @@ def test_completion_equals_llm_generate_greedy_and_seeded(client, server, refere
                                     extra_body={"top_k": 40, "ignore_eos": True})  # fmt: skip
     want = expected(reference, prompt, max_tokens=10, seed=seed, n=3, top_p=0.9, top_k=40, ignore_eos=True)
     assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == want
+
+
+def test_beam_search_equals_llm_beam_search(client, server, reference):
+    prompts, width, max_tokens = [words(), words()], random.randint(2, 4), random.randint(3, 8)
+    out = client.completions.create(model=server.model, prompt=prompts, max_tokens=max_tokens, n=width, echo=True,
+                                    extra_body={"use_beam_search": True, "length_penalty": 0.5})  # fmt: skip
+    want = reference.beam_search(prompts, BeamSearchParams(width, max_tokens, length_penalty=0.5), use_tqdm=False)
+    tok = reference.get_tokenizer()
+    expected, completion_tokens = [], 0
+    for prompt, beams in zip(prompts, want):
+        for seq in beams.sequences:
+            tokens, text = generated(seq, len(tok.encode(prompt)), tok)
+            expected.append((prompt + text, seq.finish_reason))
+            completion_tokens += len(tokens)
+    assert [(c.text, c.finish_reason) for c in sorted(out.choices, key=lambda c: c.index)] == expected
+    assert out.usage.completion_tokens == completion_tokens
 
 
 def test_stream_concatenates_to_the_full_text(client, server):
@@ -226,6 +243,11 @@ def error_of(response, status: int) -> dict:
         ({"prompt": [99999999]}, "prompt"),
         ({"prompt": "hi " * 200, "max_tokens": 16}, "prompt"),
         ({"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias"),
+        ({"prompt": "hi", "use_beam_search": True, "n": 11}, "n"),
+        ({"prompt": "hi", "use_beam_search": True, "stream": True}, "stream"),
+        ({"prompt": "hi", "use_beam_search": True, "logprobs": 2}, "logprobs"),
+        ({"prompt": "hi", "use_beam_search": True, "stop": "x"}, "stop"),
+        ({"prompt": "hi", "use_beam_search": True, "length_penalty": "long"}, "length_penalty"),
     ],
 )
 def test_invalid_fields_are_400_naming_them(server, body, param):

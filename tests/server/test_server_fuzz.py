@@ -39,6 +39,8 @@ SAMPLING = {  # each field's valid values, edges included
     "stop_token_ids": st.lists(st.integers(0, 50256), max_size=3),
     "min_tokens": st.integers(0, 3),
     "user": TEXT,
+    "use_beam_search": st.booleans(),
+    "length_penalty": st.floats(-2, 2),
 }
 MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": TEXT})
 ROUTES = {
