@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from engine.llm_engine import LLMEngine, Prompt
 from engine.outputs import EngineStats, RequestOutput
-from engine.sampling_params import RequestOutputKind, SamplingParams
+from engine.sampling_params import SamplingParams
 from engine.sequence import Request
 
 logger = logging.getLogger("gpt2_triton.engine")
@@ -113,12 +113,12 @@ class AsyncLLM:
         ``LLM.beam_search``, which has the engine to itself and forks each beam from its parent's blocks, every
         step computes each beam's partly filled last block again. Cancelling it aborts the step's requests."""
         search = BeamSearch(prompt_token_ids, params, self.engine.config.eos_token_id)
-        step_params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=search.num_candidates,
-                                     output_kind=RequestOutputKind.FINAL_ONLY)  # fmt: skip
         step = 0
         while not search.done:
-            requests = [self.make_request(f"{request_id}-{step}-{b}", prompt_token_ids + beam.tokens, step_params)
-                        for b, beam in enumerate(search.running)]  # fmt: skip
+            requests = [
+                self.make_request(f"{request_id}-{step}-{b}", prompt_token_ids + beam.tokens, search.step_params(beam))
+                for b, beam in enumerate(search.running)
+            ]
             finals = await asyncio.gather(*(self._final(r) for r in requests))
             search.advance([out.outputs[0].logprobs[0] for out in finals])
             step += 1

@@ -24,9 +24,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from engine.sampling_params import MAX_LOGPROBS
-
-MAX_BEAM_WIDTH = MAX_LOGPROBS // 2  # each beam's candidates are a request's top 2 * beam_width logprobs
+from engine.logits_processing import repeated_ngram_tokens
+from engine.sampling_params import RequestOutputKind, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -38,10 +37,11 @@ class BeamSearchParams:
     ignore_eos: bool = False  # EOS is an ordinary token: every hypothesis runs to max_tokens
     length_penalty: float = 1.0  # a hypothesis scores cum_logprob / generated_tokens ** length_penalty
     early_stopping: bool | str = False  # False, True or "never" (see the module's docstring)
+    no_repeat_ngram_size: int = 0  # transformers': no beam holds an n-gram of this size twice (prompt included)
 
     def __post_init__(self) -> None:
-        if not _is_int(self.beam_width) or not 1 <= self.beam_width <= MAX_BEAM_WIDTH:
-            raise ValueError(f"beam_width must be an integer in [1, {MAX_BEAM_WIDTH}], got {self.beam_width!r}")
+        if not _is_int(self.beam_width) or self.beam_width < 1:
+            raise ValueError(f"beam_width must be an integer >= 1, got {self.beam_width!r}")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not isinstance(self.ignore_eos, bool):
@@ -51,6 +51,8 @@ class BeamSearchParams:
             raise ValueError(f"length_penalty must be a finite number, got {lp!r}")
         if self.early_stopping is not True and self.early_stopping is not False and self.early_stopping != "never":
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if not _is_int(self.no_repeat_ngram_size) or self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be an integer >= 0, got {self.no_repeat_ngram_size!r}")
 
 
 def _is_int(v) -> bool:
@@ -110,20 +112,29 @@ class BeamSearch:
         self.can_improve = True  # transformers' early-stop heuristic, once false for good
         self.done = False
 
-    @property
-    def num_candidates(self) -> int:
-        """How many of each beam's most likely next tokens :meth:`advance` needs."""
-        return 2 * self.params.beam_width
+    def _banned(self, beam: Beam) -> set[int]:
+        """The tokens ``no_repeat_ngram_size`` forbids after ``beam``."""
+        n = self.params.no_repeat_ngram_size
+        return set(repeated_ngram_tokens(self.prompt_token_ids + beam.tokens, n)) if n else set()
+
+    def step_params(self, beam: Beam) -> SamplingParams:
+        """The one-token request that gives ``beam``'s candidates: its ``2 * beam_width`` most likely next tokens
+        with their logprobs (as the model gives them: transformers bans n-grams after the log-softmax), plus as
+        many as ``no_repeat_ngram_size`` forbids."""
+        params = SamplingParams(max_tokens=1, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY)
+        params.logprobs = 2 * self.params.beam_width + len(self._banned(beam))  # past MAX_LOGPROBS, a user's limit
+        return params
 
     def advance(self, candidates: list[dict[int, float]]) -> None:
-        """``candidates[b]``: running beam ``b``'s :attr:`num_candidates` most likely next tokens -> logprob."""
+        """``candidates[b]``: running beam ``b``'s most likely next tokens -> logprob, as :meth:`step_params` asks."""
         width, length = self.params.beam_width, len(self.running[0].tokens) + 1
+        banned = [self._banned(beam) for beam in self.running]
         ranked = sorted(
             ((beam.cum_logprob + logprob, b, token, logprob)
              for b, (beam, tops) in enumerate(zip(self.running, candidates, strict=True))
-             for token, logprob in tops.items()),
+             for token, logprob in tops.items() if token not in banned[b]),
             key=lambda c: (-c[0], c[1], c[2]),  # transformers' top-k over (beam, token): ties in that order
-        )[: self.num_candidates]  # fmt: skip
+        )[: 2 * width]  # fmt: skip
         ends = [token == self.eos_token_id or length == self.params.max_tokens for _, _, token, _ in ranked]
         full = len(self.hypotheses) == width
         if self.can_improve and not (full and self.params.early_stopping is True):

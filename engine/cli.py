@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=50, help="0 = off (default 50, as GPT-2's generation config)")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--no-repeat-ngram-size", type=int, default=0, help="no n-gram of this size twice (0: off)")
     gen.add_argument("--n", type=int, default=1, help="completions to sample")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated (n=1)")
@@ -152,7 +153,8 @@ def _generate(args) -> int:
         raise UsageError("--stream prints one completion: use it with --n 1")
     params = _checked(SamplingParams, {"max_tokens": "--max-new-tokens"}, n=args.n, max_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                      repetition_penalty=args.repetition_penalty, seed=args.seed)  # fmt: skip
+                      repetition_penalty=args.repetition_penalty, seed=args.seed,
+                      no_repeat_ngram_size=args.no_repeat_ngram_size)  # fmt: skip
     llm = _make_llm(args)
     if args.stream:
         sys.stdout.write(args.prompt)
@@ -177,7 +179,8 @@ def _beam_search(args) -> int:
     early_stopping = {"false": False, "true": True, "never": "never"}[args.early_stopping]
     params = _checked(BeamSearchParams, {"beam_width": "--num-beams", "max_tokens": "--max-new-tokens"},
                       beam_width=args.num_beams, max_tokens=args.max_new_tokens,
-                      length_penalty=args.length_penalty, early_stopping=early_stopping)  # fmt: skip
+                      length_penalty=args.length_penalty, early_stopping=early_stopping,
+                      no_repeat_ngram_size=args.no_repeat_ngram_size)  # fmt: skip
     llm = _make_llm(args)
     out = llm.beam_search(args.prompt, params, use_tqdm=not args.quiet)[0]
     for i, seq in enumerate(out.sequences):

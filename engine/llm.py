@@ -174,8 +174,6 @@ class LLM:
         shares, so only the beam's new token is computed. They are freed once forked, or when the search ends.
         """
         engine = self.llm_engine
-        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=searches[0].num_candidates,
-                                output_kind=RequestOutputKind.FINAL_ONLY)  # fmt: skip
         kept: dict[int, list[Sequence]] = {}  # per search: the sequences that computed its running beams
         step = 0
         try:
@@ -185,7 +183,7 @@ class LLM:
                     parents = kept.pop(i, [])
                     for b, beam in enumerate([] if search.done else search.running):
                         prompt = search.prompt_token_ids + beam.tokens
-                        request = engine.make_request(f"{prefix}-{step}-{i}-{b}", prompt, params)
+                        request = engine.make_request(f"{prefix}-{step}-{i}-{b}", prompt, search.step_params(beam))
                         request.keep_blocks = True
                         engine.add(request, fork_of=parents[beam.source] if parents else None)
                         requests[i, b] = request

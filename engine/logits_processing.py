@@ -1,6 +1,7 @@
 """The per-request logit changes, applied before sampling (vLLM's order): ``logit_bias``, the ``min_tokens`` mask,
-the repetition, frequency and presence penalties. Each is one indexed tensor op for the whole batch over the
-(row, token) pairs it touches, and runs only when some row of the batch asks for it.
+the repetition, frequency and presence penalties, then transformers' ``no_repeat_ngram_size``. Each is one indexed
+tensor op for the whole batch over the (row, token) pairs it touches, and runs only when some row of the batch asks
+for it.
 """
 
 from __future__ import annotations
@@ -84,6 +85,15 @@ def apply_frequency_presence(
     logits[r, t] = logits[r, t] - p.to(logits.dtype)
 
 
+def repeated_ngram_tokens(tokens: Sequence[int], n: int) -> list[int]:
+    """The tokens that would complete an n-gram ``tokens`` already holds, when appended to it (transformers'
+    ``no_repeat_ngram_size``: for ``n = 1``, every token it holds)."""
+    if n < 1 or len(tokens) + 1 < n:
+        return []
+    prefix = tuple(tokens[len(tokens) - n + 1 :]) if n > 1 else ()
+    return [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i : i + n - 1]) == prefix]
+
+
 def process_logits(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
@@ -92,17 +102,18 @@ def process_logits(
 ) -> None:
     """In place, in vLLM's order: add ``logit_bias``; set EOS (unless ``ignore_eos``) and ``stop_token_ids`` to
     -inf in rows with fewer than ``min_tokens`` output tokens; the repetition penalty over prompt and output
-    tokens; the frequency and presence penalties over output tokens only (OpenAI's and vLLM's definition).
-    Rows that use none of these are left untouched, and a feature no row uses costs nothing.
-    ``histories[i]`` holds row ``i``'s tokens (needed for the penalties and ``min_tokens``)."""
+    tokens; the frequency and presence penalties over output tokens only (OpenAI's and vLLM's definition); -inf
+    for the tokens that would repeat an n-gram of ``no_repeat_ngram_size`` (transformers'). Rows that use none of
+    these are left untouched, and a feature no row uses costs nothing. ``histories[i]`` holds row ``i``'s tokens
+    (needed for all but ``logit_bias``)."""
     biased = [i for i, p in enumerate(params) if p.logit_bias]
     if biased:
         apply_logit_bias(logits, biased, [params[i].logit_bias for i in biased])
-    rows = [i for i, p in enumerate(params) if p.min_tokens or p.penalized]
+    rows = [i for i, p in enumerate(params) if p.min_tokens or p.penalized or p.no_repeat_ngram_size]
     if not rows:
         return
     if histories is None:
-        raise ValueError("min_tokens and the penalties need the sequences' tokens (histories)")
+        raise ValueError("min_tokens, the penalties and no_repeat_ngram_size need the sequences' tokens (histories)")
     short = [i for i in rows if len(histories[i].output_token_ids) < params[i].min_tokens]
     if short:
         mask_tokens(logits, short, [_min_tokens_stops(params[i], eos_token_id) for i in short])
@@ -115,6 +126,11 @@ def process_logits(
         apply_frequency_presence(logits, counted, [histories[i].output_token_ids for i in counted],
                                  [float(params[i].frequency_penalty) for i in counted],
                                  [float(params[i].presence_penalty) for i in counted])  # fmt: skip
+    ngrams = [i for i in rows if params[i].no_repeat_ngram_size]
+    if ngrams:
+        histories_of = [histories[i].prompt_token_ids + histories[i].output_token_ids for i in ngrams]
+        banned = [repeated_ngram_tokens(h, params[i].no_repeat_ngram_size) for i, h in zip(ngrams, histories_of)]
+        mask_tokens(logits, ngrams, banned)
 
 
 def _min_tokens_stops(p: SamplingParams, eos_token_id: int | None) -> list[int]:

@@ -14,7 +14,7 @@ import random
 
 import torch
 
-from engine.beam_search import MAX_BEAM_WIDTH, BeamSearchParams, generated
+from engine.beam_search import BeamSearchParams, generated
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 
@@ -46,6 +46,7 @@ class TextGenerationPipeline:
         top_k: int = DEFAULT_TOP_K,
         top_p: float = 1.0,
         repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
         num_beams: int = 1,
         length_penalty: float = 1.0,
         early_stopping: bool | str = False,
@@ -64,7 +65,8 @@ class TextGenerationPipeline:
         new_tokens = [_new_tokens(len(ids), max_length, max_new_tokens) for ids in prompt_ids]
         if num_beams != 1:
             _check_beam_arguments(num_beams, num_return_sequences, do_sample, repetition_penalty)
-            beams = BeamSearchParams(num_beams, 1, length_penalty=length_penalty, early_stopping=early_stopping)
+            beams = BeamSearchParams(num_beams, 1, length_penalty=length_penalty, early_stopping=early_stopping,
+                                     no_repeat_ngram_size=no_repeat_ngram_size)  # fmt: skip
             completions = self._beam_search(prompt_ids, new_tokens, beams, num_return_sequences)
         else:
             params = [
@@ -75,6 +77,7 @@ class TextGenerationPipeline:
                     top_k=top_k if top_k is not None else 0,
                     top_p=top_p,
                     repetition_penalty=repetition_penalty,
+                    no_repeat_ngram_size=no_repeat_ngram_size,
                     seed=seed,
                 )
                 for new in new_tokens
@@ -116,8 +119,8 @@ def _new_tokens(num_prompt_tokens: int, max_length: int | None, max_new_tokens: 
 
 
 def _check_beam_arguments(num_beams, num_return_sequences, do_sample, repetition_penalty) -> None:
-    if not isinstance(num_beams, int) or isinstance(num_beams, bool) or not 1 <= num_beams <= MAX_BEAM_WIDTH:
-        raise ValueError(f"num_beams must be an integer in [1, {MAX_BEAM_WIDTH}], got {num_beams!r}")
+    if not isinstance(num_beams, int) or isinstance(num_beams, bool) or num_beams < 1:
+        raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
     if do_sample:
         raise ValueError("num_beams > 1 with do_sample=True (beam sampling) is not supported; pass do_sample=False")
     if repetition_penalty != 1.0:

@@ -75,6 +75,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted once per time a token was generated; in [-2, 2]
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
     min_tokens: int = 0  # tokens to generate before EOS, a stop token or a stop string may end the sequence
+    no_repeat_ngram_size: int = 0  # transformers': no n-gram of this size twice in prompt + output; 0: off
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # what each step's output holds (see the enum)
 
     def __post_init__(self) -> None:
@@ -125,6 +126,8 @@ class SamplingParams:
             raise ValueError(
                 f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}"
             )
+        if not _is_int(self.no_repeat_ngram_size) or self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be an integer >= 0, got {self.no_repeat_ngram_size!r}")
         if not isinstance(self.output_kind, RequestOutputKind):
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
 
@@ -151,4 +154,5 @@ class SamplingParams:
             or self.frequency_penalty
             or self.presence_penalty
             or self.repetition_penalty != 1.0
+            or self.no_repeat_ngram_size
         )

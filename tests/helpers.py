@@ -104,6 +104,26 @@ def make_hf_model(**overrides):
     return model
 
 
+def prompt_with_a_repeat_ahead(llm, n: int) -> list[int]:
+    """A prompt after which ``llm``'s favourite next token would repeat one of its n-grams, found by trying: a
+    random prompt whose first n tokens are replaced by its last n - 1 and the token the model likes best after
+    it, which a long prompt's start seldom changes."""
+    from engine import SamplingParams
+    from engine.logits_processing import repeated_ngram_tokens
+
+    greedy = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+
+    def favourite(ids: list[int]) -> int:
+        return llm.generate(ids, greedy, use_tqdm=False)[0].outputs[0].token_ids[0]
+
+    for _ in range(100):
+        prompt = [random.randrange(50256) for _ in range(random.randint(24, 32))]
+        prompt[:n] = prompt[len(prompt) - n + 1 :] + [favourite(prompt)]
+        if favourite(prompt) in repeated_ngram_tokens(prompt, n):
+            return prompt
+    raise AssertionError(f"no prompt found whose favourite next token repeats a {n}-gram")
+
+
 def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
     """transformers' greedy ``generate`` of ``n`` tokens after ``ids``, the reference for ours.
 

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.beam_search import MAX_BEAM_WIDTH, BeamSearchParams
+from engine.beam_search import BeamSearchParams
 from engine.sampling_params import SamplingParams
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions API
@@ -106,12 +106,11 @@ class SamplingFields(BaseModel):
         for name, value in unsupported.items():
             if value:
                 raise ApiError(400, f"{name} is not supported with use_beam_search", name)
-        if not 1 <= self.n <= MAX_BEAM_WIDTH:
-            raise ApiError(400, f"n (the beam width) must be in [1, {MAX_BEAM_WIDTH}] with use_beam_search", "n")
         try:
             return BeamSearchParams(self.n, max_tokens, ignore_eos=self.ignore_eos, length_penalty=self.length_penalty)
-        except ValueError as e:
-            raise ApiError(400, str(e), str(e).split()[0]) from None
+        except ValueError as e:  # beam_width is the API's n
+            message = str(e).replace("beam_width", "n")
+            raise ApiError(400, message, message.split()[0]) from None
 
 
 class CompletionRequest(SamplingFields):

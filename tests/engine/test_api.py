@@ -139,10 +139,12 @@ def test_cli_generate_prints_a_continuation(tiny_checkpoint):
 def test_cli_generate_with_beams_prints_each_beam(tiny_checkpoint):
     prompt, beams = "Hello, I'm a language model,", random.randint(2, 4)
     r = run_cli("generate", prompt, "--model", str(tiny_checkpoint), "--max-new-tokens", "6", "--num-beams",
-                str(beams), "--length-penalty", "0.5", "--early-stopping", "true", "--quiet")  # fmt: skip
+                str(beams), "--length-penalty", "0.5", "--early-stopping", "true", "--no-repeat-ngram-size", "1",
+                "--quiet")  # fmt: skip
     assert r.returncode == 0, r.stderr
     llm = LLM(str(tiny_checkpoint), device="cpu", progress=False)
-    want = llm.beam_search(prompt, BeamSearchParams(beams, 6, length_penalty=0.5, early_stopping=True), False)[0]
+    params = BeamSearchParams(beams, 6, length_penalty=0.5, early_stopping=True, no_repeat_ngram_size=1)
+    want = llm.beam_search(prompt, params, use_tqdm=False)[0]
     header = "--- beam {}: score {:.4f} ({}) ---\n"
     assert r.stdout == "".join(header.format(i, s.score, s.finish_reason) + s.text + "\n"
                                for i, s in enumerate(want.sequences))  # fmt: skip
@@ -168,7 +170,11 @@ def test_cli_score(tiny_checkpoint, tmp_path):
         (["generate", "hi", "--temperature", "-1", "--load-format", "dummy", "--model", "gpt2"], "--temperature must"),
         (["generate", "hi", "--max-new-tokens", "0", "--load-format", "dummy", "--model", "gpt2"], "--max-new-tokens"),
         (["generate", "hi", "--n", "2", "--stream"], "--stream"),
-        (["generate", "hi", "--num-beams", "11", "--load-format", "dummy", "--model", "gpt2"], "--num-beams must"),
+        (["generate", "hi", "--num-beams", "0", "--load-format", "dummy", "--model", "gpt2"], "--num-beams must"),
+        (
+            ["generate", "hi", "--no-repeat-ngram-size", "-1", "--load-format", "dummy", "--model", "gpt2"],
+            "--no-repeat-ngram-size must",
+        ),
         (["generate", "hi", "--num-beams", "2", "--stream"], "without --stream"),
         (["generate", "hi", "--early-stopping", "maybe"], "--early-stopping"),
         (["score", "/nonexistent/file.txt"], "cannot read"),

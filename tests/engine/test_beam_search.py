@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from engine import LLM, BeamSearchParams, SamplingParams, pipeline
-from tests.helpers import make_hf_model, save_checkpoint
+from tests.helpers import make_hf_model, prompt_with_a_repeat_ahead, save_checkpoint
 
 EOS = 50256
 
@@ -55,10 +56,25 @@ def hf_beams(model, ids: list[int], params: BeamSearchParams) -> tuple[list[list
             x, attention_mask=torch.ones_like(x), do_sample=False, num_beams=params.beam_width,
             num_return_sequences=params.beam_width, max_new_tokens=params.max_tokens,
             length_penalty=params.length_penalty, early_stopping=params.early_stopping,
+            no_repeat_ngram_size=params.no_repeat_ngram_size,
             eos_token_id=None if params.ignore_eos else EOS, pad_token_id=EOS,
             output_scores=True, return_dict_in_generate=True,
         )  # fmt: skip
     return [row[len(ids) :].tolist() for row in out.sequences], out.sequences_scores.tolist()
+
+
+def assert_close_sums(score: float, want: float, length: int, params: BeamSearchParams) -> None:
+    """Two scores of a beam of ``length`` tokens, from fp32 logits: their logprob sums agree within fp32 rounding
+    of each token's logprob (a relative test fails on beams whose tokens are all near-certain)."""
+    assert abs(score - want) * length**params.length_penalty <= 3e-5 * length
+
+
+def assert_same_search(got, want, params: BeamSearchParams) -> None:
+    """Two of our searches found the same beams, with the same scores up to fp32 rounding."""
+    for a, b in zip(got, want, strict=True):
+        assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
+        for x, y in zip(a.sequences, b.sequences):
+            assert_close_sums(x.score, y.score, len(x.logprobs), params)
 
 
 def assert_same_beams(output, prompt: list[int], reference, params: BeamSearchParams) -> None:
@@ -72,9 +88,7 @@ def assert_same_beams(output, prompt: list[int], reference, params: BeamSearchPa
         assert len(seq.logprobs) == len(new)
         assert math.isclose(seq.cum_logprob, sum(seq.logprobs), rel_tol=1e-9, abs_tol=1e-9)
         assert math.isclose(seq.score, seq.cum_logprob / len(new) ** params.length_penalty, rel_tol=1e-9)
-        # fp32 logits summed over the beam: compare the sums, within fp32 rounding of each token's logprob
-        norm = len(new) ** params.length_penalty
-        assert abs(seq.score - score) * norm <= 3e-5 * len(new)
+        assert_close_sums(seq.score, score, len(new), params)
     assert [s.score for s in output.sequences] == sorted((s.score for s in output.sequences), reverse=True)
 
 
@@ -100,6 +114,17 @@ def test_beams_that_end_in_eos_match_transformers(llm, eos_model):
     for prompt, output in zip(prompts, outputs, strict=True):
         assert_same_beams(output, prompt, hf_beams(eos_model, prompt, params), params)
     assert "stop" in {seq.finish_reason for out in outputs for seq in out.sequences}
+
+
+@pytest.mark.parametrize("ngram", [1, 2, 3])
+def test_no_repeat_ngram_size_matches_transformers(llm, eos_model, ngram):
+    params = BeamSearchParams(random.randint(2, 4), random.randint(4, 10), no_repeat_ngram_size=ngram)
+    prompts = [prompt_with_a_repeat_ahead(llm, ngram) for _ in range(4)]
+    outputs = llm.beam_search(prompts, params, use_tqdm=False)
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert_same_beams(output, prompt, hf_beams(eos_model, prompt, params), params)
+    free = llm.beam_search(prompts, dataclasses.replace(params, no_repeat_ngram_size=0), use_tqdm=False)
+    assert [o.sequences for o in free] != [o.sequences for o in outputs], "the ban changed nothing"
 
 
 def test_ignore_eos_runs_every_beam_to_max_tokens(llm, eos_model):
@@ -128,10 +153,7 @@ def test_beams_do_not_depend_on_the_pool_the_cache_or_max_num_seqs(llm, eos_chec
     for kwargs in (dict(num_blocks=one_prompt), dict(enable_prefix_caching=False), dict(max_num_seqs=3)):
         other = LLM(str(eos_checkpoint), backend="torch", dtype="float32", device="cpu", block_size=4,
                     progress=False, **kwargs)  # fmt: skip
-        got = other.beam_search(prompts, params, use_tqdm=False)
-        for a, b in zip(got, want, strict=True):
-            assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences], kwargs
-            assert [s.score for s in a.sequences] == pytest.approx([s.score for s in b.sequences], rel=1e-6)
+        assert_same_search(other.beam_search(prompts, params, use_tqdm=False), want, params)
         assert other.blocks.usage == 0.0
 
 
@@ -141,9 +163,7 @@ def test_the_triton_backend_finds_the_same_beams(llm, eos_checkpoint):
     triton = LLM(str(eos_checkpoint), backend="triton", dtype="float32", device="cpu", block_size=4, progress=False)
     params, prompts = BeamSearchParams(3, random.randint(3, 5)), [random_prompt() for _ in range(2)]
     got, want = triton.beam_search(prompts, params, use_tqdm=False), llm.beam_search(prompts, params, use_tqdm=False)
-    for a, b in zip(got, want, strict=True):
-        assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
-        assert [s.score for s in a.sequences] == pytest.approx([s.score for s in b.sequences], rel=1e-5)
+    assert_same_search(got, want, params)
 
 
 def test_a_failure_mid_search_frees_every_block(llm, monkeypatch):
@@ -182,7 +202,9 @@ def test_text_and_prefix_cache(llm):
     "fields, match",
     [
         (dict(beam_width=0), "beam_width"),
-        (dict(beam_width=11), "beam_width"),
+        (dict(beam_width=-3), "beam_width"),
+        (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"),
+        (dict(no_repeat_ngram_size=1.5), "no_repeat_ngram_size"),
         (dict(beam_width=True), "beam_width"),
         (dict(max_tokens=0), "max_tokens"),
         (dict(ignore_eos="no"), "ignore_eos"),
@@ -234,6 +256,8 @@ def pipelines(eos_model, eos_checkpoint, gpt2_tokenizer_dir):
         dict(max_new_tokens=10, num_beams=4, num_return_sequences=3, early_stopping=True),
         dict(max_length=24, num_beams=3, num_return_sequences=2, return_full_text=False),  # prompts of two lengths
         dict(max_new_tokens=9, num_beams=3, num_return_sequences=3, length_penalty=0.0, return_tensors=True),
+        dict(max_new_tokens=12, num_beams=5, no_repeat_ngram_size=2, early_stopping=True),  # "how to generate"
+        dict(max_new_tokens=8, num_beams=1, no_repeat_ngram_size=1),  # greedy
     ],
 )
 def test_pipeline_beam_search_matches_transformers_pipeline(pipelines, kwargs):
@@ -249,7 +273,7 @@ def test_pipeline_beam_search_matches_transformers_pipeline(pipelines, kwargs):
         (dict(num_beams=2, do_sample=False, num_return_sequences=3), "num_return_sequences=3"),
         (dict(num_beams=2, do_sample=False, repetition_penalty=1.2), "repetition_penalty"),
         (dict(num_beams=0, do_sample=False), "num_beams"),
-        (dict(num_beams=11, do_sample=False), "num_beams"),
+        (dict(num_beams=2, do_sample=False, no_repeat_ngram_size=-1), "no_repeat_ngram_size"),
     ],
 )
 def test_pipeline_refuses_what_its_beam_search_cannot_do(pipelines, kwargs, match):

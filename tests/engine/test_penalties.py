@@ -8,9 +8,12 @@ import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine import LLM, SamplingParams
-from tests.helpers import History, assert_engine_empty, reference_processed
+from engine.logits_processing import repeated_ngram_tokens
+from tests.helpers import History, assert_engine_empty, prompt_with_a_repeat_ahead, reference_processed
 
 EOS = 50256
 
@@ -130,6 +133,32 @@ def test_seeded_sampling_with_penalties_is_reproducible_and_batch_independent(ll
     want = [c.token_ids for c in alone.outputs]
     assert [c.token_ids for c in again.outputs] == want and [c.token_ids for c in mixed[1].outputs] == want
     assert want[0] != want[1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 3), max_size=12), st.integers(1, 4))
+def test_repeated_ngram_tokens_are_those_that_complete_a_seen_ngram(tokens, n):
+    seen = {tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)}
+    completing = {t for t in range(4) if len(tokens) + 1 >= n and tuple((tokens + [t])[len(tokens) + 1 - n :]) in seen}
+    assert set(repeated_ngram_tokens(tokens, n)) == completing
+
+
+@pytest.mark.parametrize("ngram", [1, 2, 3])
+def test_no_repeat_ngram_size_greedy_matches_transformers(llm, hf_model, ngram):
+    prompt, n = prompt_with_a_repeat_ahead(llm, ngram), random.randint(4, 16)
+    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, no_repeat_ngram_size=ngram)
+    got = generate(llm, prompt, params)[0].token_ids
+    x = torch.tensor([prompt])
+    with torch.no_grad():
+        want = hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                                 no_repeat_ngram_size=ngram, eos_token_id=None, pad_token_id=0)  # fmt: skip
+    assert got == want[0, len(prompt) :].tolist()
+    whole = prompt + got
+    ngrams = [tuple(whole[i : i + ngram]) for i in range(len(whole) - ngram + 1)]
+    new = ngrams[len(prompt) - ngram + 1 :]  # the n-grams that end in a generated token
+    assert all(ngrams.count(g) == 1 for g in new)
+    plain = generate(llm, prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))[0].token_ids
+    assert plain[0] != got[0]  # the prompt was chosen so that the favourite first token is banned
 
 
 def test_logit_bias_ids_outside_the_vocabulary_are_refused(llm):

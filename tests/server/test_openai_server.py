@@ -243,7 +243,7 @@ def error_of(response, status: int) -> dict:
         ({"prompt": [99999999]}, "prompt"),
         ({"prompt": "hi " * 200, "max_tokens": 16}, "prompt"),
         ({"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias"),
-        ({"prompt": "hi", "use_beam_search": True, "n": 11}, "n"),
+        ({"prompt": "hi", "use_beam_search": True, "n": 0}, "n"),
         ({"prompt": "hi", "use_beam_search": True, "stream": True}, "stream"),
         ({"prompt": "hi", "use_beam_search": True, "logprobs": 2}, "logprobs"),
         ({"prompt": "hi", "use_beam_search": True, "stop": "x"}, "stop"),
