@@ -175,6 +175,7 @@ class LLM:
         """
         engine = self.llm_engine
         kept: dict[int, list[Sequence]] = {}  # per search: the sequences that computed its running beams
+        running: list[Sequence] = []  # this step's: each keeps its blocks once finished
         step = 0
         try:
             while step < searches[0].params.max_tokens and not all(s.done for s in searches):
@@ -188,6 +189,7 @@ class LLM:
                         engine.add(request, fork_of=parents[beam.source] if parents else None)
                         requests[i, b] = request
                     engine.release(parents)  # the new requests hold what they share of these
+                running = [r.seqs[0] for r in requests.values()]
                 for _ in self._steps([r.request_id for r in requests.values()]):
                     pass
                 for i, search in enumerate(searches):
@@ -196,8 +198,8 @@ class LLM:
                         search.advance([seq.top_logprobs[0] for seq in kept[i]])
                 step += 1
                 bar.update(1)
-        finally:
-            engine.release(seq for seqs in kept.values() for seq in seqs)
+        finally:  # a failed step aborts what had not finished; what had, and what is kept, is freed here
+            engine.release(itertools.chain(running, *kept.values()))
         return step
 
     # ---------------------------------------------------------------- scoring and features

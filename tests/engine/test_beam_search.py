@@ -166,10 +166,16 @@ def test_the_triton_backend_finds_the_same_beams(llm, eos_checkpoint):
     assert_same_search(got, want, params)
 
 
-def test_a_failure_mid_search_frees_every_block(llm, monkeypatch):
-    params, prompt = BeamSearchParams(3, 8), random_prompt()
-    want = llm.beam_search(prompt, params, use_tqdm=False)[0]
-    execute, calls, fail_at = llm.runner.execute, [], random.randint(2, 5)
+@pytest.mark.parametrize("fail_at", [1, 2, 3, 4])
+def test_a_failure_mid_search_frees_every_block(eos_checkpoint, monkeypatch, fail_at):
+    """Prompts of 3 and 20 tokens under a budget of 8 tokens a step (no prefix cache to shorten them): the first
+    request finishes (keeping its blocks) while the second is still being computed, then a step fails; nothing
+    stays held."""
+    llm = LLM(str(eos_checkpoint), backend="torch", dtype="float32", device="cpu", block_size=4, progress=False,
+              max_num_seqs=8, max_num_batched_tokens=8, enable_prefix_caching=False)  # fmt: skip
+    params, prompts = BeamSearchParams(3, 6), [random_prompt()[:3], (random_prompt() * 20)[:20]]
+    want = llm.beam_search(prompts, params, use_tqdm=False)
+    execute, calls = llm.runner.execute, []
 
     def failing(step):
         calls.append(step)
@@ -179,11 +185,10 @@ def test_a_failure_mid_search_frees_every_block(llm, monkeypatch):
 
     monkeypatch.setattr(llm.runner, "execute", failing)
     with pytest.raises(RuntimeError, match="injected"):
-        llm.beam_search(prompt, params, use_tqdm=False)
+        llm.beam_search(prompts, params, use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests() and llm.blocks.usage == 0.0
     monkeypatch.undo()
-    again = llm.beam_search(prompt, params, use_tqdm=False)[0]
-    assert [s.tokens for s in again.sequences] == [s.tokens for s in want.sequences]
+    assert_same_search(llm.beam_search(prompts, params, use_tqdm=False), want, params)
 
 
 def test_text_and_prefix_cache(llm):
