@@ -57,7 +57,8 @@ class TextGenerationPipeline:
         """Generate like transformers' pipeline; ``return_tensors=True`` gives ``generated_token_ids`` instead.
 
         ``num_beams > 1`` with ``do_sample=False`` is beam search (:meth:`LLM.beam_search`, transformers'
-        algorithm, ``length_penalty`` and ``early_stopping``): the ``num_return_sequences`` best beams."""
+        algorithm, ``length_penalty`` and ``early_stopping``): the ``num_return_sequences`` best beams.
+        ``no_repeat_ngram_size`` bans repeated n-grams in either way of generating, as transformers does."""
         single = isinstance(text_inputs, str)
         prompts = [text_inputs] if single else list(text_inputs)
         tok = self.llm.get_tokenizer()
@@ -100,8 +101,9 @@ class TextGenerationPipeline:
         completions: list = [None] * len(prompt_ids)
         for new in sorted(set(new_tokens)):
             group = [i for i, n in enumerate(new_tokens) if n == new]
-            params = dataclasses.replace(params, max_tokens=new)
-            for i, out in zip(group, self.llm.beam_search([prompt_ids[i] for i in group], params, use_tqdm=False)):
+            searched = self.llm.beam_search([prompt_ids[i] for i in group], dataclasses.replace(params, max_tokens=new),
+                                            use_tqdm=False)  # fmt: skip
+            for i, out in zip(group, searched):
                 best = out.sequences[:num_return_sequences]
                 completions[i] = [generated(seq, len(prompt_ids[i]), tok) for seq in best]
         return completions
