@@ -157,15 +157,6 @@ def test_beams_do_not_depend_on_the_pool_the_cache_or_max_num_seqs(llm, eos_chec
         assert other.blocks.usage == 0.0
 
 
-def test_the_triton_backend_finds_the_same_beams(llm, eos_checkpoint):
-    """Every step a decode batch whose beams share blocks: the paged decode kernel reads them, the KV store
-    writes the new token after the copies on write."""
-    triton = LLM(str(eos_checkpoint), backend="triton", dtype="float32", device="cpu", block_size=4, progress=False)
-    params, prompts = BeamSearchParams(3, random.randint(3, 5)), [random_prompt() for _ in range(2)]
-    got, want = triton.beam_search(prompts, params, use_tqdm=False), llm.beam_search(prompts, params, use_tqdm=False)
-    assert_same_search(got, want, params)
-
-
 @pytest.mark.parametrize("fail_at", [1, 2, 3, 4])
 def test_a_failure_mid_search_frees_every_block(eos_checkpoint, monkeypatch, fail_at):
     """Prompts of 3 and 20 tokens under a budget of 8 tokens a step (no prefix cache to shorten them): the first

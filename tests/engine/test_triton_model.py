@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from engine import LLM, BeamSearchParams, SamplingParams
 from tests.helpers import (
     DEVICE,
     assert_engine_empty,
@@ -73,6 +73,22 @@ def test_triton_fp32_matches_transformers(small_model):
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     for ids, out in zip(batch, llm.generate(batch, params, use_tqdm=False)):
         assert out.outputs[0].token_ids == hf_greedy(model, ids, 12)
+
+
+def test_triton_beam_search_matches_transformers(small_model):
+    """Each step a decode batch whose beams share blocks (forked from their parents' requests): the paged decode
+    kernel reads them, the KV store writes each new token after the copies on write; on a GPU, as CUDA graphs."""
+    model, path = small_model
+    width, n = random.randint(2, 4), random.randint(4, 8)
+    batch = prompts(2)
+    outputs = triton_llm(path).beam_search(batch, BeamSearchParams(width, n, ignore_eos=True), use_tqdm=False)
+    for ids, out in zip(batch, outputs):
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            want = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, num_beams=width,
+                                  num_return_sequences=width, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)  # fmt: skip
+        assert [seq.tokens for seq in out.sequences] == want.tolist()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
