@@ -40,7 +40,7 @@ def eos_checkpoint(tmp_path_factory, eos_model, gpt2_tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def llm(eos_checkpoint):
-    # blocks of 4: a beam spans several, so the prefix cache serves most of each step's requests
+    # blocks of 4: beams cross block boundaries every few steps (new blocks, partial blocks copied on write)
     return LLM(str(eos_checkpoint), backend="torch", dtype="float32", device="cpu", block_size=4, progress=False)
 
 
