@@ -308,9 +308,8 @@ void float_weights(const float* x, const void* w, bool packed, float* y, long M,
   const long strips = N / kLanes;
   parallel_shares(strips, M == 1 ? kGemvStrips : kTileStrips, threads, [&](long begin, long end, bool last) {
     strip_weights(x, weights, y, M, N, K, begin, end);
-    const long stop = last ? N : end * kLanes;  // the last thread also takes the rows past the last whole strip
-    row_weights(x, weights, y, M, N, K, strips * kLanes, stop);
-    finish(e, y, M, N, begin * kLanes, stop);
+    if (last) row_weights(x, weights, y, M, N, K, strips * kLanes, N);  // the rows past the last whole strip
+    finish(e, y, M, N, begin * kLanes, last ? N : end * kLanes);
   });
 }
 
@@ -471,8 +470,8 @@ long gpt2_cpu_gemm_pack_lanes() { return kLanes; }
 
 // y[M, N] = gelu(x[M, K] . W[N, K]^T + bias) + residual, all row-major and contiguous; x, bias [N], residual
 // [M, N] and y stored as ``act_kind`` (fp32, fp16 or bf16; bias and residual optional, null for none), the product
-// and epilogue in fp32 with one rounding at the end; float weights are packed in strips (see kChunkK) where ``packed``,
-// else row-major; ``scales`` (per weight row) only for int8, whose codes are row-major.
+// and epilogue in fp32 with one rounding at the end; float weights are packed in strips (see strip_tile) where
+// ``packed``, else row-major; ``scales`` (per weight row) only for int8, whose codes are row-major.
 // Returns 0, or -1 for arguments it does not take (an unknown kind, K not a multiple of 16, int8 without scales).
 int gpt2_cpu_gemm(int kind, const void* x, const void* w, int packed, const float* scales, void* y, long M, long N,
                   long K, const void* bias, const void* residual, int act_kind, int gelu, int threads) {
