@@ -251,8 +251,7 @@ def run(args) -> int:
         print(f"\nllama.cpp ran {', '.join(args.unpacked)} with --repack 0: its repacked path crashed on this CPU")
     final = result(measured, source, complete=True)
     log(f"wrote {write_json(path, final)}")
-    if plot(final, path.with_suffix(".png")):
-        log(f"plot: {path.with_suffix('.png')}")
+    plot(final, path.with_suffix(".png"))
     return 0 if parity.ok else 1
 
 
@@ -260,8 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.plot:
         for path, result in zip(args.plot, args.plot_results):
-            if plot(result, path.with_suffix(".png")):
-                log(f"plot: {path.with_suffix('.png')}")
+            plot(result, path.with_suffix(".png"))
         return 0
     try:
         return run(args)

@@ -60,11 +60,12 @@ def figure(result: dict):
 
 
 def plot(result: dict, path: Path) -> Path | None:
-    """:func:`figure` saved to ``path``; None without matplotlib."""
+    """:func:`figure` saved to ``path`` (logged); None without matplotlib."""
     try:
         fig = figure(result)
     except ImportError:
         log("matplotlib is not installed: no plot (pip install -e '.[bench]')")
         return None
     fig.savefig(path, dpi=110)
+    log(f"plot: {path}")
     return path
