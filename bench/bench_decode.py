@@ -3,10 +3,16 @@
     python bench/bench_decode.py                      # gpt2-medium, float32, CPU, batch 1 and 8
     python bench/bench_decode.py --model gpt2 --batch 1 4 16 --new-tokens 64
     python bench/bench_decode.py --beams 4            # beam search: ours vs generate(num_beams=4)
+    python bench/bench_decode.py --speculative 4      # n-gram speculation: ours vs generate(prompt_lookup_num_tokens=4)
 
 Both sides first generate greedily (or, with ``--beams K``, by beam search of K beams) from the same checkpoint
 and must agree token for token (validate, then time). Decode throughput excludes the prefill:
 ``B * (N - 1) / (t(N new tokens) - t(1 new token))``, the median over ``--repeats`` runs of each.
+
+``--speculative K`` speculates K tokens by n-gram lookup on both sides (transformers' prompt lookup decoding, at
+batch 1 only) and prints our rate without speculation and our drafts' acceptance rate too. Random weights make
+greedy text repeat itself more than a trained model's does, so the drafts are accepted more often than on real
+text: compare the two engines at the same acceptance, not the speed-up itself.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import LLM, BeamSearchParams, SamplingParams  # noqa: E402
 from engine.config import PRESETS  # noqa: E402
+
+LOOKUP_MAX = 4  # longest n-gram looked up, on both sides (transformers' max_matching_ngram_size)
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -64,14 +72,15 @@ def ours(llm: LLM) -> Callable[[list[list[int]], int], list[list[int]]]:
     return run
 
 
-def theirs(hf) -> Callable[[list[list[int]], int], list[list[int]]]:
-    """Greedy generation of ``n`` tokens per prompt with transformers' ``generate`` (its KV cache)."""
+def theirs(hf, **generate_kwargs) -> Callable[[list[list[int]], int], list[list[int]]]:
+    """Greedy generation of ``n`` tokens per prompt with transformers' ``generate`` (its KV cache), given
+    ``generate_kwargs`` too."""
 
     def run(ids: list[list[int]], n: int) -> list[list[int]]:
         x = torch.tensor(ids, device=hf.device)
         with torch.inference_mode():
             out = hf.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
-                              pad_token_id=0, attention_mask=torch.ones_like(x))  # fmt: skip
+                              pad_token_id=0, attention_mask=torch.ones_like(x), **generate_kwargs)  # fmt: skip
         return out[:, x.shape[1] :].tolist()
 
     return run
@@ -101,6 +110,17 @@ def theirs_beams(hf, width: int) -> Callable[[list[list[int]], int], list[list[l
     return run
 
 
+def theirs_lookup(hf, num_tokens: int, longest: int) -> Callable[[list[list[int]], int], list[list[int]]]:
+    """transformers' greedy ``generate`` with prompt lookup decoding (``num_tokens`` drafts from n-grams of up to
+    ``longest`` tokens), one prompt at a time: its assisted generation takes batch 1 only."""
+    greedy = theirs(hf, prompt_lookup_num_tokens=num_tokens, max_matching_ngram_size=longest)
+
+    def run(ids: list[list[int]], n: int) -> list[list[int]]:
+        return [row for one in ids for row in greedy([one], n)]
+
+    return run
+
+
 def decode_rate(fn, ids: list[list[int]], new_tokens: int, repeats: int) -> float:
     """Decode tokens/s without the prefill: ``B * (N - 1) / (t(N new tokens) - t(1 new token))``."""
     t_n = timed(fn, ids, new_tokens, repeats=repeats)
@@ -119,17 +139,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--beams", type=int, default=0, help="beam search of this many beams instead of greedy")
+    ap.add_argument("--speculative", type=int, default=0, help="speculate this many tokens by n-gram lookup")
     args = ap.parse_args(argv)
+    if args.beams and args.speculative:
+        ap.error("--beams and --speculative do not combine")
 
-    hf, llms = build(PRESETS[args.model], args.device, args.dtype, {args.backend: dict(backend=args.backend)},
-                     max(args.batch) * max(1, args.beams))  # fmt: skip
-    llm = llms[args.backend]
+    engines = {"ours": dict(backend=args.backend)}
+    if args.speculative:
+        lookup = dict(num_speculative_tokens=args.speculative, prompt_lookup_max=LOOKUP_MAX)
+        engines["speculative"] = dict(backend=args.backend, speculative_config=lookup)
+    hf, llms = build(PRESETS[args.model], args.device, args.dtype, engines, max(args.batch) * max(1, args.beams))
+    llm = llms["ours"]
     hf = hf.to(getattr(torch, args.dtype))
     print(f"{args.model} {args.dtype} on {args.device}, backend={llm.backend}, threads={torch.get_num_threads()}, "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, median of {args.repeats}"
-          + (f", beam search of {args.beams} beams (tok/s: steps/s x batch)" if args.beams else ""))  # fmt: skip
-    fns = (ours_beams(llm, args.beams), theirs_beams(hf, args.beams)) if args.beams else (ours(llm), theirs(hf))
-    print(f"{'batch':>5} {'ours tok/s':>11} {'transformers tok/s':>19} {'ratio':>6}")
+          + (f", beam search of {args.beams} beams (tok/s: steps/s x batch)" if args.beams else "")
+          + (f", {args.speculative} speculative tokens (transformers: one prompt at a time)"
+             if args.speculative else ""))  # fmt: skip
+    if args.beams:
+        fns = (ours_beams(llm, args.beams), theirs_beams(hf, args.beams))
+    elif args.speculative:
+        fns = (ours(llms["speculative"]), theirs_lookup(hf, args.speculative, LOOKUP_MAX), ours(llm))
+    else:
+        fns = (ours(llm), theirs(hf))
+    extra = f" {'ours, no spec tok/s':>20} {'accepted':>8}" if args.speculative else ""
+    print(f"{'batch':>5} {'ours tok/s':>11} {'transformers tok/s':>19} {'ratio':>6}{extra}")
     for B in args.batch:
         ids = torch.randint(0, hf.config.vocab_size, (B, args.prompt_len)).tolist()
         a, b = fns[0](ids, 8), fns[1](ids, 8)
@@ -137,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         if agree < B:
             print(f"  warning: tokens differ for {B - agree}/{B} prompts (fp near-ties?)", file=sys.stderr)
         rates = [decode_rate(fn, ids, args.new_tokens, args.repeats) for fn in fns]
-        print(f"{B:>5} {rates[0]:>11.1f} {rates[1]:>19.1f} {rates[0] / rates[1]:>5.2f}x")
+        line = f"{B:>5} {rates[0]:>11.1f} {rates[1]:>19.1f} {rates[0] / rates[1]:>5.2f}x"
+        if args.speculative:
+            accepted = llms["speculative"].llm_engine.get_stats().spec_decode_acceptance_rate
+            line += f" {rates[2]:>20.1f} {accepted:>8.0%}"
+        print(line)
     return 0
 
 

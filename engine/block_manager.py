@@ -106,6 +106,7 @@ class BlockManager:
         (preempted while scheduling), :meth:`free` unregisters what was never computed.
         """
         bs = self.block_size
+        num_tokens = min(num_tokens, seq.num_tokens)  # a speculating sequence's drafts are not its tokens yet
         if num_tokens // bs <= len(seq.block_hashes):  # no block newly filled (most decode steps)
             return
         tokens = seq.all_token_ids()

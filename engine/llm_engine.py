@@ -36,6 +36,7 @@ from engine.sampling import Sampler, SamplingBatch, seeded_generator, token_logp
 from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Request, Sequence, SequenceStatus
+from engine.speculative import SpeculativeConfig, accepted_length, lookup_drafts, speculates
 
 LOAD_FORMATS = ("auto", "dummy")
 QUANTIZATIONS = (None, "int8", "int4")
@@ -83,7 +84,9 @@ class LLMEngine:
     ``enable_prefix_caching`` (default on) reuses the K/V of full blocks a previous request computed for the same
     prefix. ``max_num_batched_tokens`` is the per-step token budget that decode tokens and prompt chunks share
     (default ``max(4096, n_positions, max_num_seqs)``). ``split_special_tokens`` encodes ``<|endoftext|>`` written
-    in prompt text as literal characters (default: as token 50256, as transformers does).
+    in prompt text as literal characters (default: as token 50256, as transformers does). ``speculative_config``
+    (vLLM's: ``{"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 1}``)
+    turns on speculative decoding by n-gram lookup (:mod:`engine.speculative`).
     """
 
     def __init__(
@@ -105,11 +108,13 @@ class LLMEngine:
         seed: int | None = None,
         enforce_eager: bool = False,
         split_special_tokens: bool = False,
+        speculative_config: SpeculativeConfig | dict | None = None,
     ) -> None:
         _check_arguments(
             block_size, max_num_seqs, num_blocks, max_num_batched_tokens, load_format, quantization,
             split_special_tokens, enable_prefix_caching,
         )  # fmt: skip
+        self.speculative = SpeculativeConfig.parse(speculative_config)
         self.split_special_tokens = split_special_tokens
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -146,6 +151,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()  # unique even across requests made but never added
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.spec_drafts = self.spec_draft_tokens = self.spec_accepted_tokens = 0
 
     # ---------------------------------------------------------------- loading
     def _load(self, model, load_format):
@@ -363,11 +369,48 @@ class LLMEngine:
         batch = self._sampling_batch(seqs, logits.shape[-1])
         tokens, logprobs = self.sampler.sample(logits, batch, seqs)  # seqs: the histories penalties read
         chosen, tops = token_logprobs(logprobs, tokens, batch.num_top)
+        if self.speculative is not None:
+            return self._take_speculated(seqs, tokens.tolist(), chosen, tops)
         for seq, token, logprob, top in zip(seqs, tokens.tolist(), chosen, tops):
             self.output_processor.append_token(seq, token, logprob, top)
             if seq.is_finished:
                 self.scheduler.finish(seq, seq.request.keep_blocks)
         self.generation_tokens += len(seqs)
+
+    def _take_speculated(self, seqs: list[Sequence], tokens: list[int], chosen: list[float], tops: list) -> None:
+        """:meth:`_sample`'s bookkeeping when speculating: a sequence with drafts has a row for its last token and
+        one per draft (in ``seqs`` once per row) and takes the tokens :func:`accepted_length` counts; then every
+        sequence still decoding gets its next drafts."""
+        i, config = 0, self.speculative
+        while i < len(seqs):
+            seq = seqs[i]
+            drafts = seq.draft_token_ids
+            rows = len(drafts) + 1
+            taken = accepted_length(drafts, tokens[i : i + rows])
+            for j in range(i, i + taken):
+                self.output_processor.append_token(seq, tokens[j], chosen[j], tops[j])
+                if seq.is_finished:
+                    taken = j - i + 1
+                    break
+            seq.num_computed -= rows - taken  # the K/V of rejected drafts are not the sequence's
+            self.blocks.register_full_blocks(seq, seq.num_computed)  # accepted drafts may have filled blocks
+            self.generation_tokens += taken
+            if drafts:
+                self.spec_drafts += 1
+                self.spec_draft_tokens += len(drafts)
+                self.spec_accepted_tokens += taken - 1
+            i += rows
+            if seq.is_finished:
+                seq.draft_token_ids = []
+                self.scheduler.finish(seq, seq.request.keep_blocks)
+                continue
+            p, generated = seq.params, len(seq.output_token_ids)
+            room = min(config.num_speculative_tokens, p.max_tokens - generated - 1)
+            seq.draft_token_ids = (
+                lookup_drafts(seq.all_token_ids(), room, config.prompt_lookup_max, config.prompt_lookup_min)
+                if room > 0 and speculates(p, generated, seq.generator is not None)
+                else []
+            )
 
     def _sampling_batch(self, seqs: list[Sequence], vocab: int) -> SamplingBatch:
         """The sampling parameters of ``seqs``, read again only when the batch is not the previous step's (the
@@ -409,4 +452,7 @@ class LLMEngine:
             num_preemptions=s.num_preemptions,
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,
+            spec_decode_num_drafts=self.spec_drafts,
+            spec_decode_num_draft_tokens=self.spec_draft_tokens,
+            spec_decode_num_accepted_tokens=self.spec_accepted_tokens,
         )

@@ -51,7 +51,8 @@ class ModelRunner:
 
     def execute(self, step: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor]:
         """Run one step (``num_computed`` not yet advanced); returns the sequences whose tokens are then all
-        computed and their next-token logits ``[S, V]``, in that order."""
+        computed and their next-token logits ``[S, V]``, in that order (a sequence with drafts once per row it
+        samples: its last token's, then each draft's)."""
         self.kv.copy_blocks(step.block_copies)
         if step.all_decodes or all(seq.num_uncomputed == n == 1 for seq, n in zip(step.seqs, step.num_tokens)):
             return list(step.seqs), self.decode(step.seqs)
@@ -64,16 +65,19 @@ class ModelRunner:
         return [self.blocks.slot(seq, p) for p in range(seq.num_computed, seq.num_computed + n)]
 
     def _tokens(self, seq: Sequence, n: int) -> list[int]:
-        return seq.all_token_ids()[seq.num_computed : seq.num_computed + n]
+        tokens = seq.all_token_ids() + seq.draft_token_ids if seq.draft_token_ids else seq.all_token_ids()
+        return tokens[seq.num_computed : seq.num_computed + n]
 
     def _rows_to_sample(
         self, step: SchedulerOutput, order: list[int]
     ) -> tuple[list[Sequence], torch.Tensor, list[tuple[Request, int]]]:
         """For sequences in batch ``order``: the sampling ones, then the packed rows whose logits to compute (each
         sampling sequence's last token, then the rows that give prompt logprobs), then the ``(request, target
-        token)`` of each of those prompt rows, in order (see :meth:`_prompt_rows`)."""
+        token)`` of each of those prompt rows, in order (see :meth:`_prompt_rows`). A sequence with drafts samples
+        the rows of its last token and each draft: it is listed once per row."""
         ends = _cumsum([step.num_tokens[i] for i in order])[1:]
-        picked = [(step.seqs[i], end - 1) for i, end in zip(order, ends) if step.samples(i)]
+        picked = [(step.seqs[i], row) for i, end in zip(order, ends) if step.samples(i)
+                  for row in range(end - 1 - len(step.seqs[i].draft_token_ids), end)]  # fmt: skip
         prompt = [row for i, end in zip(order, ends) for row in self._prompt_rows(step, i, end)]
         rows = [row for _, row in picked] + [row for row, _, _ in prompt]
         targets = [(request, token) for _, request, token in prompt]

@@ -71,7 +71,17 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens: int  # prompt tokens of every request added
     generation_tokens: int  # tokens sampled
+    # speculative decoding: sequence steps that fed drafts, the drafts fed, and of those the ones accepted
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
 
     @property
     def prefix_cache_hit_rate(self) -> float:
         return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+    @property
+    def spec_decode_acceptance_rate(self) -> float:
+        """Of the drafts fed, the fraction accepted (0 without speculation)."""
+        n = self.spec_decode_num_draft_tokens
+        return self.spec_decode_num_accepted_tokens / n if n else 0.0

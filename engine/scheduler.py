@@ -10,6 +10,9 @@ Blocks are taken as tokens need them. When a running sequence cannot get a block
 is preempted by recompute: it gives its blocks back and goes to the front of the queue, to recompute its prompt and
 generated tokens later (hitting its own cached blocks) and continue where it was. A step that preempted admits
 nobody new. A request's ``n`` samples run as one sequence until its prompt is computed, then fork.
+
+A decoding sequence with drafts (speculative decoding) computes its token and as many of its drafts as the budget
+and the free blocks allow, never preempting anyone for a draft.
 """
 
 from __future__ import annotations
@@ -39,8 +42,10 @@ class SchedulerOutput:
         return sum(self.num_tokens)
 
     def samples(self, i: int) -> bool:
-        """Whether ``seqs[i]`` has all its tokens computed after this step (its last row's logits are sampled)."""
-        return self.num_tokens[i] == self.seqs[i].num_uncomputed
+        """Whether ``seqs[i]`` has all its tokens computed after this step (its last row's logits are sampled, and
+        those of its drafts' rows before it)."""
+        seq = self.seqs[i]
+        return self.num_tokens[i] == seq.num_uncomputed + len(seq.draft_token_ids)
 
 
 class Scheduler:
@@ -80,6 +85,8 @@ class Scheduler:
         for seq in running:  # num_uncomputed == 1, without two property calls per sequence
             if len(seq.request.prompt_token_ids) + len(seq.output_token_ids) - seq.num_computed != 1:
                 return False
+            if seq.draft_token_ids:
+                return False
         lacking = self.blocks.lacking_next_slot(running)  # about one sequence in 16 at each step
         if len(lacking) > self.blocks.num_free:
             return False
@@ -107,6 +114,9 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:  # preempted for an earlier one this step
                 continue
             n = min(uncomputed, budget)
+            if seq.draft_token_ids:
+                n = self._fit_drafts(seq, budget)
+                out.all_decodes = out.all_decodes and n == 1
             preempted = out.num_preempted
             if self._reserve(seq, n, out):
                 out.seqs.append(seq)
@@ -114,6 +124,15 @@ class Scheduler:
                 budget -= n
             if out.num_preempted != preempted:  # sequences scheduled earlier may have been taken back
                 budget = self.max_num_batched_tokens - out.total_tokens
+
+    def _fit_drafts(self, seq: Sequence, budget: int) -> int:
+        """Cut a decoding sequence's drafts to what the budget and the free blocks hold without preempting; the
+        tokens it computes: its last one and those drafts."""
+        drafts = seq.draft_token_ids[: budget - 1]
+        while drafts and not self.blocks.can_append(seq, seq.num_computed + 1 + len(drafts)):
+            drafts.pop()
+        seq.draft_token_ids = drafts
+        return 1 + len(drafts)
 
     def _reserve(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
         """Blocks for ``seq``'s next ``n`` tokens, preempting the newest running sequences until they fit; False
@@ -136,6 +155,7 @@ class Scheduler:
             out.block_copies = [(src, dst) for src, dst in out.block_copies if dst not in seq.block_table]
         self.running.remove(seq)
         self.blocks.free(seq)
+        seq.draft_token_ids = []
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -3,7 +3,8 @@
 A sequence's tokens are its prompt then what it generated; ``num_computed`` of them have their K/V in the paged
 cache, in the blocks of ``block_table`` (token ``t`` in block ``block_table[t // block_size]``). The tokens still
 to compute are ``num_tokens - num_computed``: the whole prompt at first (minus what the prefix cache served), then
-one per step (the token sampled last), or everything again after a preemption.
+one per step (the token sampled last, fed with its ``draft_token_ids`` when speculating), or everything again after
+a preemption.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class Sequence:
     num_detokenized: int = 0  # output tokens already in ``text`` (a final-only output detokenizes at the end)
     num_sent_tokens: int = 0  # output tokens already returned in a DELTA output
     num_sent_chars: int = 0  # characters of ``text`` already returned in a DELTA output
+    # speculative decoding: tokens guessed to follow the last one, fed with it in the next step (see speculative.py)
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def params(self) -> SamplingParams:

@@ -1,5 +1,5 @@
-"""bench/bench_decode.py's runners on the tiny checkpoint: ours and transformers' return the same tokens, greedy and
-by beam search, which is what the script checks before it times anything. Rates are printed, never asserted."""
+"""bench/bench_decode.py's runners on the tiny checkpoint: ours and transformers' return the same tokens, greedy, by
+beam search and with n-gram speculation, which is what the script checks before it times anything. Rates are printed, never asserted."""
 
 from __future__ import annotations
 
@@ -20,3 +20,16 @@ def test_our_runners_and_transformers_agree(tiny_checkpoint, hf_model):
     beams = bench_decode.ours_beams(llm, width)(ids, n)
     assert beams == bench_decode.theirs_beams(hf_model, width)(ids, n)
     assert [len(b) for b in beams] == [width, width] and all(len(t) == n for b in beams for t in b)
+
+
+def test_speculating_runners_agree_with_plain_greedy(tiny_checkpoint, hf_model):
+    lookup = dict(num_speculative_tokens=3, prompt_lookup_max=bench_decode.LOOKUP_MAX)
+    llm = LLM(str(tiny_checkpoint), backend="torch", dtype="float32", device="cpu", progress=False,
+              speculative_config=lookup)  # fmt: skip
+    head = torch.randint(0, hf_model.config.vocab_size, (4,)).tolist()
+    ids = [head + torch.randint(0, hf_model.config.vocab_size, (3,)).tolist() + head[:2] for _ in range(2)]
+    n = random.randint(4, 12)
+    greedy = bench_decode.theirs(hf_model)(ids, n)
+    assert bench_decode.ours(llm)(ids, n) == greedy
+    assert bench_decode.theirs_lookup(hf_model, 3, bench_decode.LOOKUP_MAX)(ids, n) == greedy
+    assert llm.llm_engine.get_stats().spec_decode_num_drafts > 0

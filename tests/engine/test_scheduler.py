@@ -219,3 +219,29 @@ def test_the_decode_fast_path_schedules_what_the_general_one_does():
     assert_scheduler_empty(general)
     assert_scheduler_empty(fast)
     assert taken.count(True) > taken.count(False) > 0
+
+
+def test_drafts_are_cut_to_the_budget_and_the_free_blocks_never_preempting():
+    """Speculative decoding: a decoding sequence computes its token and its drafts, as many as fit in the step's
+    budget and the free blocks; a draft never preempts anyone, and drafts mean the runner's decode path is off."""
+    s = scheduler(num_blocks=5, block_size=4, budget=8)
+    a, b = make_sequence(prompt(3), max_tokens=12), make_sequence(prompt(5), max_tokens=12)
+    s.add(a)
+    s.add(b)
+    step(s)  # both prompts: a holds 1 block, b 2; 2 of 5 are free
+    assert [seq.num_uncomputed for seq in (a, b)] == [1, 1]
+    a.draft_token_ids = prompt(6)  # wants 1 + 6 tokens, 2 more blocks
+    b.draft_token_ids = prompt(6)
+    out = s.schedule()
+    assert out.num_tokens == [7, 1] and not out.all_decodes  # b's drafts: nothing left in the budget
+    assert len(a.draft_token_ids) == 6 and b.draft_token_ids == [] and out.samples(0) and out.samples(1)
+    s.step_done(out)
+    a.num_computed -= 6  # as the engine does when every draft is rejected, proposing none this time
+    a.draft_token_ids = []
+    a.output_token_ids.append(1)
+    b.output_token_ids.append(2)
+    assert s.blocks.num_free == 0  # a holds 3 blocks (4 tokens computed), b 2 (6 computed)
+    b.draft_token_ids = prompt(10)  # the budget leaves 7 tokens, b's blocks 2 slots: 1 draft
+    out = s.schedule()
+    assert out.num_tokens == [1, 2] and out.num_preempted == 0 and len(b.draft_token_ids) == 1
+    assert out.block_copies == [] and s.running == [a, b]

@@ -1,0 +1,106 @@
+"""Speculative decoding by n-gram lookup (vLLM's ``speculative_config={"method": "ngram", ...}``, transformers'
+prompt lookup decoding): no draft model, the drafts come from the sequence's own tokens.
+
+After each step, a decoding sequence whose last ``n`` tokens (``prompt_lookup_max`` down to ``prompt_lookup_min``)
+occurred earlier in its prompt or output proposes the up to ``num_speculative_tokens`` tokens that followed the
+first such occurrence. The next step feeds its last token and the drafts in one chunk over its cached context and
+samples every row of it, each row as the sequence's next token would be sampled. The output takes the rows' tokens
+up to and including the first that differs from the draft it checks (or all of them plus the last row's): each
+token is drawn from the model's distribution after the tokens before it, so the output is distributed as without
+speculation, and greedy decoding chooses the same tokens. A step then gives a sequence from 1 to
+``num_speculative_tokens + 1`` tokens for one pass over the weights, which is what decoding at small batches pays
+for.
+
+A sequence speculates only where each row's sampling does not depend on the tokens before it in the chunk: not
+with penalties or ``no_repeat_ngram_size``, not before ``min_tokens``, and not when sampled from its own seeded
+generator (whose draws would then depend on how many drafts the scheduler could fit, which depends on the batch).
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+from engine.sampling_params import SamplingParams
+
+METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """How to speculate; built by :meth:`parse` from vLLM's dict (``ValueError`` naming a bad key or value)."""
+
+    num_speculative_tokens: int  # drafts proposed per sequence and step, at most
+    method: str = "ngram"
+    prompt_lookup_max: int = 4  # longest suffix looked up
+    prompt_lookup_min: int = 1  # shortest suffix looked up
+
+    @classmethod
+    def parse(cls, config: SpeculativeConfig | Mapping | None) -> SpeculativeConfig | None:
+        if config is None or isinstance(config, SpeculativeConfig):
+            return config
+        if not isinstance(config, Mapping):
+            raise ValueError(f"speculative_config must be a dict or None, got {type(config).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        if "num_speculative_tokens" not in config:
+            raise ValueError("speculative_config needs num_speculative_tokens")
+        return cls(**config)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"speculative_config: method must be one of {METHODS}, got {self.method!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"speculative_config: {name} must be a positive integer, got {value!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(
+                f"speculative_config: prompt_lookup_min={self.prompt_lookup_min} exceeds "
+                f"prompt_lookup_max={self.prompt_lookup_max}"
+            )
+
+
+def speculates(params: SamplingParams, generated: int, seeded: bool) -> bool:
+    """Whether a sequence with ``generated`` output tokens may speculate: each row of its chunk samples as if the
+    drafts before it were already its tokens (see the module's docstring)."""
+    return not (
+        params.penalized
+        or params.no_repeat_ngram_size
+        or generated < params.min_tokens
+        or (seeded and params.temperature != 0.0)
+    )
+
+
+def lookup_drafts(tokens: list[int], num_drafts: int, longest: int, shortest: int) -> list[int]:
+    """The up to ``num_drafts`` tokens that followed the first earlier occurrence of ``tokens``' last ``n`` tokens,
+    for the largest ``n`` from ``longest`` down to ``shortest`` that occurs; ``[]`` if none does. The first
+    occurrence, as transformers' prompt lookup takes it: in a loop of period ``p`` the most recent one would be
+    followed by only ``p`` tokens.
+
+    The search runs in C: the tokens as 4-byte words, ``bytes.find`` for the suffix, word-aligned hits only."""
+    if num_drafts < 1 or len(tokens) <= shortest:
+        return []
+    words = array("I", tokens).tobytes()
+    end = len(words) - 4  # a hit must end before the last token, so that at least one token follows it
+    for n in range(min(longest, len(tokens) - 1), shortest - 1, -1):
+        pattern = words[len(words) - 4 * n :]
+        hit = words.find(pattern, 0, end)
+        while hit >= 0 and hit % 4:
+            hit = words.find(pattern, hit + 1, end)
+        if hit >= 0:
+            start = hit // 4 + n
+            return tokens[start : start + num_drafts]
+    return []
+
+
+def accepted_length(drafts: list[int], sampled: list[int]) -> int:
+    """Tokens a chunk adds: ``sampled[j]`` is row ``j``'s token, ``drafts[j]`` the token row ``j + 1`` was fed;
+    every row up to the first whose token differs from its draft counts, that row included."""
+    for j, draft in enumerate(drafts):
+        if sampled[j] != draft:
+            return j + 1
+    return len(drafts) + 1
