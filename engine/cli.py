@@ -36,6 +36,23 @@ def _backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="directory with vocab.json + merges.txt, or a .tiktoken file")
 
 
+def _json_object(text: str) -> dict:
+    """An argparse type: a JSON object (``--speculative-config '{"num_speculative_tokens": 4}'``)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _speculative_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative-config", type=_json_object, default=None,
+                   help='speculative decoding by n-gram lookup, as vLLM\'s: \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\'')  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gpt2-triton", description="GPT-2 inference with hand-written Triton kernels")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -52,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--n", type=int, default=1, help="completions to sample")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated (n=1)")
+    _speculative_arg(gen)
     gen.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1: sample)")
     gen.add_argument("--length-penalty", type=float, default=1.0, help="beam score: logprob / length ** this")
     gen.add_argument("--early-stopping", default="false", choices=["false", "true", "never"],
@@ -101,6 +119,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV pool")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    _speculative_arg(p)
     p.add_argument("--max-waiting", type=int, default=512, help="requests queued before new ones get 503")
     p.add_argument("--chat-template", default=None, help="a Jinja chat template file: enables /v1/chat/completions")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
@@ -129,6 +148,7 @@ def _make_llm(args):
         tokenizer=args.tokenizer,
         progress=not args.quiet,
         max_num_seqs=max(getattr(args, "n", 1), getattr(args, "num_beams", 1), 1),
+        speculative_config=getattr(args, "speculative_config", None),
     )
 
 
@@ -249,7 +269,7 @@ def _serve(args) -> int:
         quantization=args.quantization, tokenizer=args.tokenizer, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size, num_blocks=args.num_blocks,
         kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=args.enable_prefix_caching,
-        enforce_eager=args.enforce_eager, progress=False,
+        enforce_eager=args.enforce_eager, speculative_config=args.speculative_config, progress=False,
     )  # fmt: skip
     scale = _scale_options(args)
     if scale is None and args.ray_address is None:

@@ -1,6 +1,7 @@
 """``GET /metrics``: Prometheus text under a ``gpt2_triton:`` prefix, mirroring vLLM's names.
 
-Engine-wide numbers (running and waiting requests, KV-cache use, prefix-cache and token totals, preemptions) are
+Engine-wide numbers (running and waiting requests, KV-cache use, prefix-cache, token and speculative-decoding
+totals, preemptions) are
 read from the engine's last stats at scrape time; per-request ones (successes by finish reason, time to first
 token, time per output token, end-to-end latency) are recorded as requests finish. Each app has its own registry,
 so several servers (tests) never share counters. Under Ray Serve, :func:`merge_expositions` joins every replica's
@@ -42,6 +43,9 @@ class _EngineCollector:
             "num_preemptions": ("sequences preempted (recomputed later)", s.num_preemptions),
             "prompt_tokens": ("prompt tokens of the requests added", s.prompt_tokens),
             "generation_tokens": ("tokens generated", s.generation_tokens),
+            "spec_decode_num_drafts": ("sequence steps that fed speculative drafts", s.spec_decode_num_drafts),
+            "spec_decode_num_draft_tokens": ("speculative draft tokens fed", s.spec_decode_num_draft_tokens),
+            "spec_decode_num_accepted_tokens": ("of those, drafts accepted", s.spec_decode_num_accepted_tokens),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(PREFIX + name, doc, value=value)

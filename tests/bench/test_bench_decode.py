@@ -1,5 +1,6 @@
 """bench/bench_decode.py's runners on the tiny checkpoint: ours and transformers' return the same tokens, greedy, by
-beam search and with n-gram speculation, which is what the script checks before it times anything. Rates are printed, never asserted."""
+beam search and with n-gram speculation, which is what the script checks before it times anything. Rates are
+printed, never asserted."""
 
 from __future__ import annotations
 

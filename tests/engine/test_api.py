@@ -150,6 +150,17 @@ def test_cli_generate_with_beams_prints_each_beam(tiny_checkpoint):
                                for i, s in enumerate(want.sequences))  # fmt: skip
 
 
+def test_cli_generate_speculating_prints_the_greedy_continuation(tiny_checkpoint):
+    prompt = "the cat sat on the mat and the cat sat on the"
+    r = run_cli("generate", prompt, "--model", str(tiny_checkpoint), "--max-new-tokens", "12", "--temperature", "0",
+                "--speculative-config", '{"num_speculative_tokens": 3}', "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    greedy = LLM(str(tiny_checkpoint), device="cpu", progress=False).generate(
+        prompt, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False
+    )[0]
+    assert r.stdout == prompt + greedy.outputs[0].text + "\n"
+
+
 def test_cli_score(tiny_checkpoint, tmp_path):
     f = tmp_path / "text.txt"
     f.write_text("The quick brown fox jumps over the lazy dog. " * random.randint(2, 5))
@@ -177,6 +188,9 @@ def test_cli_score(tiny_checkpoint, tmp_path):
         ),
         (["generate", "hi", "--num-beams", "2", "--stream"], "without --stream"),
         (["generate", "hi", "--early-stopping", "maybe"], "--early-stopping"),
+        (["generate", "hi", "--speculative-config", "{num_speculative_tokens: 3}"], "--speculative-config"),
+        (["generate", "hi", "--speculative-config", "[3]"], "--speculative-config"),
+        (["generate", "hi", "--speculative-config", '{"num_speculative_tokens": 0}'], "num_speculative_tokens must"),
         (["score", "/nonexistent/file.txt"], "cannot read"),
         (["frobnicate"], "invalid choice"),
         (["check-kernels", "--bogus"], "unrecognized arguments"),

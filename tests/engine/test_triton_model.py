@@ -91,6 +91,19 @@ def test_triton_beam_search_matches_transformers(small_model):
         assert [seq.tokens for seq in out.sequences] == want.tolist()
 
 
+def test_triton_speculative_decoding_matches_transformers(gpt2_init_model):
+    """Drafts checked by the context-attention kernel over the paged cache (a chunk per speculating sequence), mixed
+    with plain decode steps (CUDA graphs on a GPU) when no lookup hits: transformers' greedy tokens."""
+    model, path = gpt2_init_model
+    llm = triton_llm(path, speculative_config={"num_speculative_tokens": 4})
+    batch = [p[:32] + p[:3] for p in prompts(3)]  # a repeat ahead: the first lookups hit (and 35 + 24 < 64)
+    n = random.randint(16, 24)
+    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    for ids, out in zip(batch, llm.generate(batch, params, use_tqdm=False)):
+        assert out.outputs[0].token_ids == hf_greedy(model, ids, n)
+    assert llm.llm_engine.get_stats().spec_decode_num_accepted_tokens > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_half_precision_error_within_2x_of_transformers(small_model, dtype):
     """FlashAttention's criterion: our error vs the fp32 model is at most ~2x transformers' own in ``dtype``.

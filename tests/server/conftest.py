@@ -58,14 +58,15 @@ class LiveServer:
         return self.request("POST", path, **kw)
 
 
-def start_server(checkpoint, **options):
-    """Start a server on the tiny checkpoint; returns ``(LiveServer, stop)``."""
+def start_server(checkpoint, engine_args: dict | None = None, **options):
+    """Start a server on the tiny checkpoint (``engine_args`` added to the engine's); returns ``(LiveServer,
+    stop)``."""
     import uvicorn
 
     from engine.server import ServeOptions, bind, build
 
     engine_args = dict(model=str(checkpoint), backend="torch", dtype="float32", device="cpu", progress=False,
-                       max_num_seqs=options.pop("max_num_seqs", 96), block_size=16)  # fmt: skip
+                       max_num_seqs=options.pop("max_num_seqs", 96), block_size=16, **(engine_args or {}))  # fmt: skip
     opts = ServeOptions(host="127.0.0.1", port=0, served_model_names=["tiny-gpt2"], **options)
     sock = bind(opts.host, opts.port)
     app, llm = build(opts, engine_args)

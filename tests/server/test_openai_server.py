@@ -287,6 +287,27 @@ def metric(server, name: str) -> float:
     raise AssertionError(f"no metric {name}")
 
 
+def test_a_speculating_server_answers_what_the_engine_without_speculation_does(tiny_checkpoint, reference):
+    """``serve --speculative-config``: greedy completions, whole and streamed, are the reference's, and
+    ``/metrics`` counts the drafts (prompts of repeated words: the lookups hit)."""
+    spec = {"num_speculative_tokens": 3, "prompt_lookup_max": 2}
+    live, stop = start_server(tiny_checkpoint, engine_args={"speculative_config": spec})
+    try:
+        prompts = [words() + " " + words() for _ in range(3)]
+        body = {"model": live.model, "prompt": prompts, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+        want = [expected(reference, p, max_tokens=16, temperature=0, ignore_eos=True)[0] for p in prompts]
+        choices = sorted(live.post("/v1/completions", json=body).json()["choices"], key=lambda c: c["index"])
+        assert [c["text"] for c in choices] == want
+        stream = live.post("/v1/completions", json={**body, "prompt": prompts[0], "stream": True}).text
+        chunks = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: {")]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == want[0]
+        assert metric(live, "spec_decode_num_draft_tokens_total") > 0
+        assert metric(live, "spec_decode_num_drafts_total") <= metric(live, "spec_decode_num_draft_tokens_total")
+        assert metric(live, "spec_decode_num_accepted_tokens_total") >= 0
+    finally:
+        stop()
+
+
 def test_disconnect_mid_stream_aborts_and_frees_blocks(server):
     short = {"model": server.model, "prompt": words(), "max_tokens": 2, "ignore_eos": True}
     assert server.post("/v1/completions", json=short).status_code == 200  # one success by "length" for the counter
