@@ -2,7 +2,8 @@
 
 A step takes one of three paths of the model:
   * every sequence feeds its last token: ``decode`` (the split-K decode kernel; fixed-size buckets replayed as CUDA
-    graphs when a ``StaticDecoder`` is set);
+    graphs when a ``StaticDecoder`` is set), also when some feed drafts after it (speculative decoding), each draft
+    a row of its own;
   * every sequence starts from its first token (fresh prompts, or their first chunks): ``prefill``, whose
     attention reads K/V straight from the QKV projection;
   * anything else (prompt chunks after cached context, mixed with decode tokens): ``extend``.
@@ -56,6 +57,8 @@ class ModelRunner:
         self.kv.copy_blocks(step.block_copies)
         if step.all_decodes or all(seq.num_uncomputed == n == 1 for seq, n in zip(step.seqs, step.num_tokens)):
             return list(step.seqs), self.decode(step.seqs)
+        if all(seq.num_uncomputed == 1 for seq in step.seqs):  # decodes, some with drafts
+            return self.decode_drafts(step.seqs)
         if all(seq.num_computed == 0 for seq in step.seqs):
             return self.prefill(step)
         return self.extend(step)
@@ -146,20 +149,38 @@ class ModelRunner:
         logits = self.model.logits(self.model.extend(batch, self.kv, rows))
         return sampled, self._record_prompt_logprobs(targets, logits)
 
-    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Feed each sequence's last token; returns next-token logits ``[B, V]``."""
-        positions = [seq.num_computed for seq in seqs]
+    def decode(self, seqs: list[Sequence], tokens: list[int] | None = None, positions: list[int] | None = None):
+        """Feed each sequence's last token; returns next-token logits ``[B, V]``. With ``tokens`` and
+        ``positions``: row ``i`` feeds ``tokens[i]`` at ``positions[i]`` of ``seqs[i]`` instead."""
+        if positions is None:
+            positions = [seq.num_computed for seq in seqs]
+        if tokens is None:
+            tokens = [seq.last_token for seq in seqs]
         slots = self.blocks.slots(seqs, positions)
         static = self.static_decoder
         if static is not None and static.bucket_size(len(seqs)) is not None:
-            return static.decode([seq.last_token for seq in seqs], positions, slots, [s.block_table for s in seqs])
-        return self.model.logits(self.model.decode(self.decode_batch(seqs, positions, slots), self.kv))
+            return static.decode(tokens, positions, slots, [s.block_table for s in seqs])
+        return self.model.logits(self.model.decode(self.decode_batch(seqs, tokens, positions, slots), self.kv))
 
-    def decode_batch(self, seqs: list[Sequence], positions: list[int], slots: list[int]) -> DecodeBatch:
-        """One token per sequence: its last token, at position ``num_computed``."""
+    def decode_drafts(self, seqs: list[Sequence]) -> tuple[list[Sequence], torch.Tensor]:
+        """Decoding sequences, some with drafts: each of a sequence's rows (its last token, then each draft) is a
+        decode row of its own whose context ends at that row, which is causal attention over the chunk (every row's
+        K/V is stored before any row attends). Returns the sequences once per row, and the rows' logits."""
+        rows, tokens, positions = [], [], []
+        for seq in seqs:
+            fed = [seq.last_token, *seq.draft_token_ids]
+            rows += [seq] * len(fed)
+            tokens += fed
+            positions += range(seq.num_computed, seq.num_computed + len(fed))
+        return rows, self.decode(rows, tokens, positions)
+
+    def decode_batch(
+        self, seqs: list[Sequence], tokens: list[int], positions: list[int], slots: list[int]
+    ) -> DecodeBatch:
+        """One token per row: ``tokens[i]`` of ``seqs[i]``, at ``positions[i]``."""
         dev = self.device
         return DecodeBatch(
-            input_ids=list_tensor([seq.last_token for seq in seqs], torch.int64, dev),
+            input_ids=list_tensor(tokens, torch.int64, dev),
             positions=list_tensor(positions, torch.int64, dev),
             slot_mapping=list_tensor(slots, torch.int64, dev),
             block_tables=padded_rows([seq.block_table for seq in seqs], torch.int32, dev),

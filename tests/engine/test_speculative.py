@@ -162,6 +162,32 @@ def test_blocks_filled_by_speculating_steps_are_cached_under_their_tokens(repeat
     assert spec.llm_engine.get_stats().prefix_cache_hits - before == (len(longer) - 1) // block_size * block_size
 
 
+def test_drafts_decode_in_the_fixed_shape_buckets(repeating_checkpoint):
+    """A step of decodes with drafts runs as decode rows, so on a GPU it replays the CUDA graphs: here their padded
+    buckets run eagerly, over a NaN-poisoned pool, and choose the tokens the plain engine does."""
+    from engine.cuda_graphs import StaticDecoder
+
+    plain = LLM(str(repeating_checkpoint), **ENGINE)
+    spec = LLM(str(repeating_checkpoint), speculative_config=SPEC, max_num_seqs=8, **ENGINE)
+    decoder = StaticDecoder(spec.model, spec.kv, 48, spec.device, capture=False)
+    spec.runner.static_decoder = decoder
+    spec.kv.k.fill_(float("nan"))
+    spec.kv.v.fill_(float("nan"))
+    rows_per_step = []
+    decode = decoder.decode
+
+    def counting(input_ids, positions, slots, block_tables):
+        rows_per_step.append((len(input_ids), len({tuple(t) for t in block_tables})))
+        return decode(input_ids, positions, slots, block_tables)
+
+    decoder.decode = counting
+    prompts = random_prompts(6)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0)
+    assert_same_completions(plain.generate(prompts, params, use_tqdm=False),
+                            spec.generate(prompts, params, use_tqdm=False))  # fmt: skip
+    assert any(rows > seqs for rows, seqs in rows_per_step), "no bucket held a sequence's drafts"
+
+
 def test_streamed_deltas_add_up_to_the_final_output(repeating_checkpoint):
     """Several tokens in one step: a delta holds all of them, with their logprobs."""
     checkpoint = repeating_checkpoint
