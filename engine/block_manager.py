@@ -183,10 +183,11 @@ class BlockManager:
                 lacking.append(seq)
         return lacking
 
-    def can_append(self, seq: Sequence, num_tokens: int) -> bool:
-        """Whether ``seq`` can hold ``num_tokens`` tokens in all (copy-on-write included)."""
+    def can_append(self, seq: Sequence, num_tokens: int, keep_free: int = 0) -> bool:
+        """Whether ``seq`` can hold ``num_tokens`` tokens in all (copy-on-write included), leaving ``keep_free``
+        blocks free."""
         missing = self.blocks_needed(num_tokens) - len(seq.block_table)
-        return max(missing, 0) + self._needs_copy(seq, num_tokens) <= self.num_free
+        return max(missing, 0) + self._needs_copy(seq, num_tokens) + keep_free <= self.num_free
 
     def append(self, seq: Sequence, num_tokens: int) -> list[tuple[int, int]]:
         """Grow ``seq`` to hold ``num_tokens`` tokens; returns the block copies ``(src, dst)`` to run first."""

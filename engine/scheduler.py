@@ -12,7 +12,8 @@ generated tokens later (hitting its own cached blocks) and continue where it was
 nobody new. A request's ``n`` samples run as one sequence until its prompt is computed, then fork.
 
 A decoding sequence with drafts (speculative decoding) computes its token and as many of its drafts as the budget
-and the free blocks allow, never preempting anyone for a draft.
+and the free blocks allow, leaving a block for each running sequence whose next token needs one: a draft never
+makes the scheduler preempt.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ class Scheduler:
         todo = list(zip(self.running, uncomputed))
         if not out.all_decodes:  # decodes first, each group in admission order (a stable sort)
             todo.sort(key=lambda item: item[1] != 1)
+        lacking = None  # the running sequences whose next token needs a block, once a sequence has drafts
         for seq, uncomputed in todo:
             if budget == 0:
                 break
@@ -115,21 +117,24 @@ class Scheduler:
                 continue
             n = min(uncomputed, budget)
             if seq.draft_token_ids:
-                n = self._fit_drafts(seq, budget)
+                lacking = set(self.blocks.lacking_next_slot(self.running)) if lacking is None else lacking
+                n = self._fit_drafts(seq, budget, len(lacking) - (seq in lacking))
                 out.all_decodes = out.all_decodes and n == 1
             preempted = out.num_preempted
             if self._reserve(seq, n, out):
                 out.seqs.append(seq)
                 out.num_tokens.append(n)
                 budget -= n
+                if lacking:
+                    lacking.discard(seq)  # it holds its next slot now
             if out.num_preempted != preempted:  # sequences scheduled earlier may have been taken back
                 budget = self.max_num_batched_tokens - out.total_tokens
 
-    def _fit_drafts(self, seq: Sequence, budget: int) -> int:
-        """Cut a decoding sequence's drafts to what the budget and the free blocks hold without preempting; the
-        tokens it computes: its last one and those drafts."""
+    def _fit_drafts(self, seq: Sequence, budget: int, keep_free: int) -> int:
+        """Cut a decoding sequence's drafts to what the budget holds and the free blocks hold beyond ``keep_free``;
+        the tokens it computes: its last one and those drafts."""
         drafts = seq.draft_token_ids[: budget - 1]
-        while drafts and not self.blocks.can_append(seq, seq.num_computed + 1 + len(drafts)):
+        while drafts and not self.blocks.can_append(seq, seq.num_computed + 1 + len(drafts), keep_free):
             drafts.pop()
         seq.draft_token_ids = drafts
         return 1 + len(drafts)

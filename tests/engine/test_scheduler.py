@@ -245,3 +245,17 @@ def test_drafts_are_cut_to_the_budget_and_the_free_blocks_never_preempting():
     out = s.schedule()
     assert out.num_tokens == [1, 2] and out.num_preempted == 0 and len(b.draft_token_ids) == 1
     assert out.block_copies == [] and s.running == [a, b]
+
+
+def test_drafts_leave_a_block_for_each_sequence_whose_next_token_needs_one():
+    """The older sequence's drafts would take the last free block, which the newer one's next token needs: they are
+    cut instead, and nobody is preempted."""
+    s = scheduler(num_blocks=4, block_size=4, budget=16)
+    old, new = make_sequence(prompt(5), max_tokens=12), make_sequence(prompt(4), max_tokens=12)
+    s.add(old)
+    s.add(new)
+    step(s)  # old: 5 computed in 2 blocks; new: 4 computed in 1 block, its next token needs the free one
+    old.draft_token_ids = prompt(4)  # 2 fit in its blocks, the other 2 would need the free one
+    out = s.schedule()
+    assert out.num_preempted == 0 and out.seqs == [old, new] and out.num_tokens == [3, 1]
+    assert len(old.draft_token_ids) == 2 and s.blocks.num_free == 0
