@@ -381,7 +381,7 @@ class LLMEngine:
         """:meth:`_sample`'s bookkeeping when speculating: a sequence with drafts has a row for its last token and
         one per draft (in ``seqs`` once per row) and takes the tokens :func:`accepted_length` counts; then every
         sequence still decoding gets its next drafts."""
-        i, config = 0, self.speculative
+        i = 0
         while i < len(seqs):
             seq = seqs[i]
             drafts = seq.draft_token_ids
@@ -400,17 +400,18 @@ class LLMEngine:
                 self.spec_draft_tokens += len(drafts)
                 self.spec_accepted_tokens += taken - 1
             i += rows
+            seq.draft_token_ids = [] if seq.is_finished else self._drafts(seq)
             if seq.is_finished:
-                seq.draft_token_ids = []
                 self.scheduler.finish(seq, seq.request.keep_blocks)
-                continue
-            p, generated = seq.params, len(seq.output_token_ids)
-            room = min(config.num_speculative_tokens, p.max_tokens - generated - 1)
-            seq.draft_token_ids = (
-                lookup_drafts(seq.all_token_ids(), room, config.prompt_lookup_max, config.prompt_lookup_min)
-                if room > 0 and speculates(p, generated, seq.generator is not None)
-                else []
-            )
+
+    def _drafts(self, seq: Sequence) -> list[int]:
+        """The tokens a decoding sequence speculates next: at most what its ``max_tokens`` leaves after the token
+        its next step samples anyway; none for a request that must not speculate."""
+        config, p, generated = self.speculative, seq.params, len(seq.output_token_ids)
+        room = min(config.num_speculative_tokens, p.max_tokens - generated - 1)
+        if room < 1 or not speculates(p, generated, seq.generator is not None):
+            return []
+        return lookup_drafts(seq.all_token_ids(), room, config.prompt_lookup_max, config.prompt_lookup_min)
 
     def _sampling_batch(self, seqs: list[Sequence], vocab: int) -> SamplingBatch:
         """The sampling parameters of ``seqs``, read again only when the batch is not the previous step's (the

@@ -40,7 +40,8 @@ class PrefillBatch:
 
 @dataclass
 class DecodeBatch:
-    """Tensors describing a decode step: one new token per sequence."""
+    """Tensors describing a decode step: one new token per row, a row per sequence (or several: its last token and
+    its drafts, each at its own position, when speculating)."""
 
     input_ids: torch.Tensor  # [B] int64
     positions: torch.Tensor  # [B] int64
