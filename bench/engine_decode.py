@@ -1,8 +1,12 @@
 """End to end, for ``gpu_check``: greedy decode tokens/s of the engine with the Triton backend (CUDA graphs, and
-eager) against the same engine with the torch backend and transformers' ``generate``, on random GPT-2 weights.
+eager, and with n-gram speculation) against the same engine with the torch backend and transformers' ``generate``,
+on random GPT-2 weights.
 
 Validated first: the prompts' log-probs through each engine (``score``) against transformers in float32, within
-twice the error of transformers itself in the benchmark dtype. A system that fails is not timed.
+twice the error of transformers itself in the benchmark dtype. A system that fails is not timed. The speculating
+engine's greedy tokens are compared with the plain one's too (``tokens_agree``: the share of prompts whose tokens
+are the same; a near-tie may flip between the two batch shapes), and its row records the share of its drafts
+accepted: random weights loop, so this is more than real text gives.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ ENGINES = {  # label -> LLM arguments
     "triton": dict(backend="triton"),  # CUDA-graph decode on a GPU
     "triton-eager": dict(backend="triton", enforce_eager=True),
     "torch": dict(backend="torch"),  # cuBLAS + SDPA, eager (not capturable)
+    "triton-spec": dict(backend="triton", speculative_config={"num_speculative_tokens": 4}),
 }
-# (ours, peer): the shipped engine against both peers, and both eager engines against each other
-PAIRS = (("triton", "torch"), ("triton", "transformers"), ("triton-eager", "torch"))
+# (ours, peer): the shipped engine against both peers, both eager engines against each other, and speculation
+PAIRS = (("triton", "torch"), ("triton", "transformers"), ("triton-eager", "torch"), ("triton-spec", "triton"))
 
 
 @dataclass
@@ -67,7 +72,17 @@ def engine_rows(device: torch.device, dtype: torch.dtype, s: EngineSizes, deadli
                 rates[label] = decode_rate(fn, ids[:bsz], s.new_tokens, s.repeats)
         for mine, peer in PAIRS:
             rows.append(pair_row(bsz, mine, peer, errs, tol, rates))
+        if "triton-spec" in rates:
+            rows[-1].update(speculation(gens["triton-spec"], gens["triton"], llms["triton-spec"], ids[:bsz], s))
     return rows
+
+
+def speculation(spec, plain, llm, ids: list[list[int]], s: EngineSizes) -> dict:
+    """The speculating engine's agreement with the plain one on greedy tokens, and its drafts' acceptance."""
+    agree = sum(a == b for a, b in zip(spec(ids, s.new_tokens), plain(ids, s.new_tokens))) / len(ids)
+    accepted = llm.llm_engine.get_stats().spec_decode_acceptance_rate
+    print(f"  engine   speculation: tokens agree for {agree:.0%} of prompts, {accepted:.0%} of drafts accepted")
+    return dict(tokens_agree=agree, spec_acceptance=accepted)
 
 
 def pair_row(bsz: int, mine: str, peer: str, errs: dict, tol: float, rates: dict) -> dict:

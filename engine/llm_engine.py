@@ -141,7 +141,9 @@ class LLMEngine:
         )
         static = None
         if self.device.type == "cuda" and self.ops.cuda_graphs and not enforce_eager:  # decode as CUDA graphs
-            static = StaticDecoder(self.model, self.kv, max_num_seqs, self.device, capture=True)
+            rows = max_num_seqs * (1 + (self.speculative.num_speculative_tokens if self.speculative else 0))
+            rows = min(rows, self.max_num_batched_tokens)  # a sequence's drafts are decode rows too
+            static = StaticDecoder(self.model, self.kv, rows, self.device, capture=True)
         self.runner = ModelRunner(self.model, self.kv, self.blocks, self.device, static)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, self.max_num_batched_tokens)
         self.sampler = Sampler(self.config.eos_token_id)
