@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=50, help="0 = off (default 50, as GPT-2's generation config)")
     gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this times the top one's probability")
     gen.add_argument("--repetition-penalty", type=float, default=1.0)
     gen.add_argument("--no-repeat-ngram-size", type=int, default=0, help="no n-gram of this size twice (0: off)")
     gen.add_argument("--n", type=int, default=1, help="completions to sample")
@@ -172,7 +173,7 @@ def _generate(args) -> int:
     if args.stream and args.n != 1:
         raise UsageError("--stream prints one completion: use it with --n 1")
     params = _checked(SamplingParams, {"max_tokens": "--max-new-tokens"}, n=args.n, max_tokens=args.max_new_tokens,
-                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                       repetition_penalty=args.repetition_penalty, seed=args.seed,
                       no_repeat_ngram_size=args.no_repeat_ngram_size)  # fmt: skip
     llm = _make_llm(args)

@@ -1,13 +1,14 @@
 """The batched sampler: the next token of each row of a step's logits, with its log-probs.
 
-After :func:`engine.logits_processing.process_logits` (bias, ``min_tokens``, penalties), temperature, top-k and top-p
-shape each sampled row and the exponential-race trick (``argmax(probs / Exponential(1))``, as gpt-fast and
+After :func:`engine.logits_processing.process_logits` (bias, ``min_tokens``, penalties), temperature, top-k, top-p
+and min-p shape each sampled row and the exponential-race trick (``argmax(probs / Exponential(1))``, as gpt-fast and
 nano-vllm do; see :mod:`engine.race`) draws its token: it needs no host sync, and because each seeded request draws
 its noise from its own ``torch.Generator``, its samples do not depend on what else is in the batch or where it sits.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -128,6 +129,7 @@ class SamplingBatch:
     top_k: torch.Tensor | None  # per truncated row, in [1, V]; None when no row keeps fewer than V
     width: int  # max(top_k), or V
     top_p: torch.Tensor | None  # per truncated row; None when no row truncates
+    log_min_p: torch.Tensor | None  # [B, 1] fp32, log(min_p) (-inf where off); None when no row uses min_p
     seeded: list[tuple[int, torch.Generator]]  # rows drawing from their own generator
     num_top: list[int | None]  # each row's ``logprobs`` (alternatives asked for)
 
@@ -138,15 +140,20 @@ class SamplingBatch:
         greedy = [p.temperature == 0.0 for p in params]  # p.greedy, without a property call per row
         modifies, num_top = any(p.modifies_logits for p in params), [p.logprobs for p in params]
         if all(greedy):
-            return cls(params, modifies, None, None, None, None, vocab, None, [], num_top)
+            return cls(params, modifies, None, None, None, None, vocab, None, None, [], num_top)
         temperatures = list_tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32, device)
         greedy_rows = list_tensor(greedy, torch.bool, device) if any(greedy) else None
         # only these rows: one row without top-k would make the sort take every row's whole width
         truncated = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1.0]
         truncated_rows = list_tensor(truncated, torch.int64, device) if 0 < len(truncated) < len(params) else None
         top_k, width, top_p = _truncation([params[i] for i in truncated], vocab, device)
+        log_min_p = None
+        if any(p.min_p for p in params):  # a greedy row's min_p is 0 here: its sample is thrown away anyway
+            floors = [math.log(p.min_p) if p.min_p and not g else -math.inf for p, g in zip(params, greedy)]
+            log_min_p = list_tensor(floors, torch.float32, device)[:, None]
         seeded = [(i, g) for i, g in enumerate(generators) if g is not None]
-        return cls(params, modifies, temperatures, greedy_rows, truncated_rows, top_k, width, top_p, seeded, num_top)
+        return cls(params, modifies, temperatures, greedy_rows, truncated_rows, top_k, width, top_p, log_min_p, seeded,
+                   num_top)  # fmt: skip
 
 
 def _truncation(params: list[SamplingParams], vocab: int, device: torch.device):
@@ -200,10 +207,19 @@ class Sampler:
         if batch.temperatures is None:  # every row is greedy
             return row_argmax(logits), logprobs
         scaled = logits / batch.temperatures[:, None]
-        sampled = race(scaled, _kept(scaled, batch), batch.seeded)
+        sampled = race(scaled, _with_min_p(scaled, _kept(scaled, batch), batch.log_min_p), batch.seeded)
         if batch.greedy_rows is None:
             return sampled, logprobs
         return torch.where(batch.greedy_rows, row_argmax(logits), sampled), logprobs
+
+
+def _with_min_p(scaled: torch.Tensor, kept: torch.Tensor | None, log_min_p: torch.Tensor | None):
+    """``kept`` without the tokens below each row's min-p floor: ``log(min_p)`` under the row's largest scaled logit
+    (transformers' ``MinPLogitsWarper``, after top-k and top-p as there; the most likely token always stays)."""
+    if log_min_p is None:
+        return kept
+    above = scaled >= scaled.max(dim=-1, keepdim=True).values + log_min_p
+    return above if kept is None else kept & above
 
 
 def _kept(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor | None:

@@ -61,6 +61,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0 means greedy
     top_k: int = 0  # 0 or -1: off
     top_p: float = 1.0  # nucleus mass; 1.0: off
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one; 0.0: off
     repetition_penalty: float = 1.0  # CTRL-style, over prompt and generated tokens; 1.0: off
     stop: str | list[str] | None = None  # stop strings (not included in the output text)
     stop_token_ids: list[int] | None = None  # stop tokens (not included in the output)
@@ -91,6 +92,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= 1, or 0 / -1 for off; got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be a number in [0, 1], got {self.min_p!r}")
         if not isinstance(self.repetition_penalty, (int, float)) or not 0.0 < self.repetition_penalty < float("inf"):
             raise ValueError(f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty!r}")
         if isinstance(self.stop, str):

@@ -113,6 +113,8 @@ def test_pipeline_matches_the_model_card(tiny_checkpoint):
     assert len({len(row) for row in rows}) == 1  # the prompt; shorter rows are padded as transformers pads them
     with pytest.raises(ValueError, match="task"):
         pipeline("summarization", model=str(tiny_checkpoint))
+    # min_p 1 keeps only the most likely token: sampling is then greedy decoding
+    assert generator(prompt, max_new_tokens=8, min_p=1.0) == generator(prompt, max_new_tokens=8, do_sample=False)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -134,6 +136,9 @@ def test_cli_generate_prints_a_continuation(tiny_checkpoint):
         .outputs[0]
     )
     assert r.returncode == 0 and r.stdout == prompt + greedy.text + "\n"
+    r = run_cli("generate", prompt, "--model", str(tiny_checkpoint), "--max-new-tokens", "8", "--min-p", "1",
+                "--quiet")  # fmt: skip
+    assert r.returncode == 0 and r.stdout == prompt + greedy.text + "\n"  # min_p 1: only the favourite
 
 
 def test_cli_generate_with_beams_prints_each_beam(tiny_checkpoint):

@@ -4,6 +4,7 @@ The race that draws the sampled tokens: ``test_race.py``."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -31,7 +32,8 @@ from tests.helpers import History, reference_processed, rel_err
         ("logit_bias", {1: float("nan")}), ("logit_bias", {"a": 1}), ("logit_bias", {"1.0": 1}),
         ("logit_bias", {" 1": 1}), ("logit_bias", {-1: 1}), ("logit_bias", {"-1": 1}), ("logit_bias", {1.0: 1}),
         ("logit_bias", {True: 1}), ("logit_bias", {"7": 1, 7: 2}), ("min_tokens", -1), ("min_tokens", 1.0),
-        ("min_tokens", 17),
+        ("min_tokens", 17), ("min_p", -0.1), ("min_p", 1.5), ("min_p", "0.1"), ("min_p", True),
+        ("min_p", float("nan")),
     ],
 )  # fmt: skip
 def test_invalid_params_name_the_field(field, value):
@@ -183,6 +185,47 @@ def test_the_race_candidates_of_each_kind_of_row():
             assert kept[i].nonzero().flatten().tolist() == [0]
         else:
             assert torch.equal(kept[i], filtered[i].isfinite())
+
+
+def test_min_p_keeps_what_transformers_min_p_warper_keeps():
+    """Rows of every kind in one batch: a sampled row keeps what transformers' warpers keep in their order
+    (temperature, top-k, top-p, then ``MinPLogitsWarper`` on what is left), tokens within rounding of a row's floor
+    aside; a greedy row keeps its first token."""
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    V = random.randint(50, 2000)
+    kinds = [dict(temperature=0.0, min_p=0.5), dict(temperature=0.7), dict(temperature=1.3, min_p=0.2),
+             dict(temperature=0.9, top_k=20, min_p=0.05), dict(top_p=0.9, min_p=0.3), dict(min_p=1.0)]  # fmt: skip
+    params = [SamplingParams(**kind) for kind in kinds]
+    params += [SamplingParams(**random.choice(kinds), seed=random.randrange(9)) for _ in range(random.randint(2, 12))]
+    batch = SamplingBatch.of(params, [None] * len(params), V, torch.device("cpu"))
+    scaled = torch.randn(len(params), V) * 3 / batch.temperatures[:, None]
+    kept = sampling._with_min_p(scaled, _kept(scaled, batch), batch.log_min_p)
+    for i, p in enumerate(params):
+        if p.greedy:
+            assert kept[i].nonzero().flatten().tolist() == [0]
+            continue
+        row = filter_logits(scaled[i : i + 1].clone(), torch.tensor([p.top_k]), torch.tensor([p.top_p]))
+        if p.min_p:
+            row = MinPLogitsWarper(p.min_p)(None, row)
+        ratio = (scaled[i].double() - scaled[i].double().max()).exp()
+        clear = (ratio.log() - math.log(p.min_p)).abs() > 1e-5 if p.min_p else torch.ones(V, dtype=torch.bool)
+        assert torch.equal(kept[i][clear], row[0].isfinite()[clear])
+        assert kept[i][scaled[i].argmax()]
+
+
+def test_min_p_through_the_engine(tiny_checkpoint):
+    """Every sampled token is at least ``min_p`` times as likely as the most likely one (temperature 1: the
+    logprobs are the sampled distribution's), and the samples are not all the favourite."""
+    from engine import LLM
+
+    llm = LLM(str(tiny_checkpoint), backend="torch", dtype="float32", device="cpu", progress=False)
+    min_p = random.uniform(0.1, 0.3)
+    params = SamplingParams(n=32, max_tokens=4, min_p=min_p, logprobs=1, ignore_eos=True)
+    out = llm.generate([random.randrange(50256) for _ in range(8)], params, use_tqdm=False)[0]
+    steps = [(d, t) for c in out.outputs for d, t in zip(c.logprobs, c.token_ids)]
+    assert all(d[t] >= max(d.values()) + math.log(min_p) - 1e-5 for d, t in steps)
+    assert any(d[t] < max(d.values()) for d, t in steps)
 
 
 def assert_processed(got: torch.Tensor, want: torch.Tensor) -> None:

@@ -47,8 +47,8 @@ def test_completion_equals_llm_generate_greedy_and_seeded(client, server, refere
     assert out.usage.total_tokens == n_prompt + out.usage.completion_tokens
     seed = random.randrange(1 << 30)
     out = client.completions.create(model=server.model, prompt=prompt, max_tokens=10, seed=seed, n=3, top_p=0.9,
-                                    extra_body={"top_k": 40, "ignore_eos": True})  # fmt: skip
-    want = expected(reference, prompt, max_tokens=10, seed=seed, n=3, top_p=0.9, top_k=40, ignore_eos=True)
+                                    extra_body={"top_k": 40, "min_p": 0.05, "ignore_eos": True})  # fmt: skip
+    want = expected(reference, prompt, max_tokens=10, seed=seed, n=3, top_p=0.9, top_k=40, min_p=0.05, ignore_eos=True)
     assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == want
 
 
@@ -248,6 +248,7 @@ def error_of(response, status: int) -> dict:
         ({"prompt": "hi", "use_beam_search": True, "logprobs": 2}, "logprobs"),
         ({"prompt": "hi", "use_beam_search": True, "stop": "x"}, "stop"),
         ({"prompt": "hi", "use_beam_search": True, "length_penalty": "long"}, "length_penalty"),
+        ({"prompt": "hi", "min_p": 1.5}, "min_p"),
     ],
 )
 def test_invalid_fields_are_400_naming_them(server, body, param):

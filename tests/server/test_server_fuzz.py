@@ -34,6 +34,7 @@ SAMPLING = {  # each field's valid values, edges included
     "logit_bias": st.dictionaries(st.integers(0, 50256).map(str), st.floats(-100, 100), max_size=3),
     "seed": st.integers(-(1 << 63), (1 << 64) - 1),
     "top_k": st.integers(-1, 60000),
+    "min_p": st.floats(0, 1),
     "repetition_penalty": st.floats(0.01, 3),
     "ignore_eos": st.booleans(),
     "stop_token_ids": st.lists(st.integers(0, 50256), max_size=3),
