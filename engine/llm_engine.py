@@ -36,7 +36,7 @@ from engine.sampling import Sampler, SamplingBatch, seeded_generator, token_logp
 from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Request, Sequence, SequenceStatus
-from engine.speculative import SpeculativeConfig, accepted_length, lookup_drafts, speculates
+from engine.speculative import NgramProposer, SpeculativeConfig, accepted_length, speculates
 
 LOAD_FORMATS = ("auto", "dummy")
 QUANTIZATIONS = (None, "int8", "int4")
@@ -115,6 +115,7 @@ class LLMEngine:
             split_special_tokens, enable_prefix_caching,
         )  # fmt: skip
         self.speculative = SpeculativeConfig.parse(speculative_config)
+        self.proposer = NgramProposer(self.speculative) if self.speculative else None
         self.split_special_tokens = split_special_tokens
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -409,11 +410,11 @@ class LLMEngine:
     def _drafts(self, seq: Sequence) -> list[int]:
         """The tokens a decoding sequence speculates next: at most what its ``max_tokens`` leaves after the token
         its next step samples anyway; none for a request that must not speculate."""
-        config, p, generated = self.speculative, seq.params, len(seq.output_token_ids)
-        room = min(config.num_speculative_tokens, p.max_tokens - generated - 1)
+        p, generated = seq.params, len(seq.output_token_ids)
+        room = min(self.speculative.num_speculative_tokens, p.max_tokens - generated - 1)
         if room < 1 or not speculates(p, generated, seq.generator is not None):
             return []
-        return lookup_drafts(seq.all_token_ids(), room, config.prompt_lookup_max, config.prompt_lookup_min)
+        return self.proposer.propose(seq, room)
 
     def _sampling_batch(self, seqs: list[Sequence], vocab: int) -> SamplingBatch:
         """The sampling parameters of ``seqs``, read again only when the batch is not the previous step's (the

@@ -115,3 +115,24 @@ def test_part_detokenize_and_outputs(benchmark, engine_256):
 
     assert len(outputs()) == 256
     benchmark.pedantic(outputs, rounds=50, warmup_rounds=2)
+
+
+@pytest.mark.benchmark(group="speculation: a step's n-gram lookups, 256 sequences")
+@pytest.mark.parametrize("context", [100, 1000])
+def test_ngram_lookups(benchmark, text, tokenizer_dir, context):
+    """What ``speculative_config`` adds to a decode step's host time: each of 256 decoding sequences looks its last
+    1-4 tokens up in its ``context`` tokens of history (windows of real text: this README's repeats), kept as the
+    proposer keeps them (4-byte words, appended as tokens come)."""
+    from array import array
+
+    from engine.speculative import lookup_drafts
+    from engine.tokenizer import load_tokenizer
+
+    ids = load_tokenizer(tokenizer_dir).encode(text)
+    histories = [array("I", ids[(97 * i) % (len(ids) - context) :][:context]).tobytes() for i in range(256)]
+
+    def lookups():
+        return [lookup_drafts(words, 4, 4, 1) for words in histories]
+
+    assert sum(map(bool, lookups())) > 64  # many windows of real text repeat their last token somewhere
+    benchmark.pedantic(lookups, rounds=50, warmup_rounds=2)

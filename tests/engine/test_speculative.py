@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+from array import array
 
 import pytest
 import torch
@@ -15,8 +16,8 @@ from hypothesis import strategies as st
 
 from engine import LLM, LLMEngine, SamplingParams
 from engine.sampling_params import RequestOutputKind
-from engine.speculative import SpeculativeConfig, lookup_drafts
-from tests.helpers import make_hf_model, rel_err, save_checkpoint
+from engine.speculative import NgramProposer, SpeculativeConfig, lookup_drafts
+from tests.helpers import make_hf_model, make_sequence, rel_err, save_checkpoint
 
 EOS = 50256
 SPEC = {"num_speculative_tokens": 4, "prompt_lookup_max": 3}
@@ -33,14 +34,27 @@ def brute_force_drafts(tokens: list[int], k: int, longest: int, shortest: int) -
 
 
 # token values whose 4-byte words share bytes: a match that is not word-aligned must not count
-WORDY = st.sampled_from([0, 1, 256, 257, 1 << 15, 50256])
+WORDS = [0, 1, 256, 257, 1 << 15, 50256]
+WORDY = st.sampled_from(WORDS)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(WORDY, max_size=40), st.integers(0, 6), st.integers(1, 5), st.integers(1, 5))
 def test_lookup_finds_the_first_occurrence_of_the_longest_suffix(tokens, k, a, b):
     shortest, longest = min(a, b), max(a, b)
-    assert lookup_drafts(tokens, k, longest, shortest) == brute_force_drafts(tokens, k, longest, shortest)
+    words = array("I", tokens).tobytes()
+    assert lookup_drafts(words, k, longest, shortest) == brute_force_drafts(tokens, k, longest, shortest)
+
+
+def test_the_proposer_keeps_each_sequences_words_up_to_date():
+    """Tokens arrive a few at a time (prompt, then accepted runs); the proposer's words always hold them all."""
+    proposer = NgramProposer(SpeculativeConfig(4, prompt_lookup_max=3))
+    seqs = [make_sequence([random.choice(WORDS) for _ in range(random.randint(1, 8))]) for _ in range(3)]
+    for _ in range(20):
+        seq = random.choice(seqs)
+        seq.output_token_ids += [random.choice(WORDS) for _ in range(random.randint(0, 5))]
+        tokens = seq.all_token_ids()
+        assert proposer.propose(seq, 4) == brute_force_drafts(tokens, 4, 3, 1)
 
 
 def test_config_errors_name_what_is_wrong():
