@@ -11,11 +11,15 @@ from engine.llm_engine import LLMEngine
 from engine.outputs import CompletionOutput, EngineStats, RequestOutput, ScoreOutput, StreamDelta
 from engine.pipeline import pipeline, set_seed
 from engine.sampling_params import RequestOutputKind, SamplingParams
+from engine.speculative import SpeculativeConfig
+from engine.structured_outputs import StructuredOutputsParams
 
 __all__ = [
     "LLM",
     "LLMEngine",
     "SamplingParams",
+    "StructuredOutputsParams",
+    "SpeculativeConfig",
     "BeamSearchParams",
     "BeamSearchOutput",
     "BeamSearchSequence",

@@ -151,6 +151,11 @@ class AsyncLLM:
     def get_tokenizer(self):
         return self.engine.get_tokenizer()
 
+    def check_structured_outputs(self, structured_outputs) -> None:
+        """Compile ``structured_outputs``' grammar now (kept for the requests that use it); ``ValueError`` naming the
+        field that cannot be compiled."""
+        self.engine.grammar(structured_outputs)
+
     @property
     def is_running(self) -> bool:
         return self._thread.is_alive()

@@ -131,6 +131,7 @@ class LLMEngine:
         self._tokenizer_source = tokenizer if tokenizer is not None else self.model_path
         self._tokenizer = None
         self._tokenizer_error: str | None = None
+        self._grammar_compiler = None  # structured outputs' GrammarCompiler, made on first use
 
         self.block_size = block_size
         num_blocks = num_blocks or self._num_blocks_from_budget(kv_cache_memory, max_num_seqs)
@@ -255,7 +256,24 @@ class LLMEngine:
             gen = seeded_generator(params.seed, j, self.device) if params.seed is not None else None
             status = SequenceStatus.WAITING if j == 0 else SequenceStatus.FORK_PENDING
             request.seqs.append(Sequence(next(self._seq_ids), request, j, generator=gen, status=status))
+        if params.structured_outputs is not None:
+            try:
+                for seq in request.seqs:  # each sample walks the grammar on its own
+                    seq.grammar = self.grammar(params.structured_outputs)
+            except ValueError as e:
+                raise ValueError(f"{what}: {e}") from None
         return request
+
+    def grammar(self, structured_outputs):
+        """A fresh walk over the grammar of ``structured_outputs`` (its index compiled on first use, then kept);
+        ``ValueError`` naming the field that cannot be compiled, or saying what is missing."""
+        if self._grammar_compiler is None:
+            from engine.structured_outputs import GrammarCompiler
+
+            if not self.has_tokenizer():
+                raise ValueError("structured_outputs need a tokenizer (pass tokenizer=...)")
+            self._grammar_compiler = GrammarCompiler(self.get_tokenizer())
+        return self._grammar_compiler.grammar(structured_outputs)
 
     def check_fits(self, num_prompt_tokens: int, params: SamplingParams, what: str) -> None:
         """Refuse a request that could never run: past the context, the whole KV pool, or ``max_num_seqs``.

@@ -1,5 +1,6 @@
-"""The per-request logit changes, applied before sampling (vLLM's order): ``logit_bias``, the ``min_tokens`` mask,
-the repetition, frequency and presence penalties, then transformers' ``no_repeat_ngram_size``. Each is one indexed
+"""The per-request logit changes, applied before sampling (vLLM's order): ``logit_bias``, the structured outputs'
+mask, the ``min_tokens`` mask, the repetition, frequency and presence penalties, then transformers'
+``no_repeat_ngram_size``. Each is one indexed
 tensor op for the whole batch over the (row, token) pairs it touches, and runs only when some row of the batch asks
 for it.
 """
@@ -13,6 +14,7 @@ from typing import Protocol
 import torch
 
 from engine.sampling_params import SamplingParams
+from engine.structured_outputs import mask_disallowed
 
 
 class TokenHistory(Protocol):
@@ -100,7 +102,8 @@ def process_logits(
     histories: Sequence[TokenHistory] | None,
     eos_token_id: int | None,
 ) -> None:
-    """In place, in vLLM's order: add ``logit_bias``; set EOS (unless ``ignore_eos``) and ``stop_token_ids`` to
+    """In place, in vLLM's order: add ``logit_bias``; -inf for the tokens a structured output's grammar does not
+    allow next (``histories[i].grammar``); set EOS (unless ``ignore_eos``) and ``stop_token_ids`` to
     -inf in rows with fewer than ``min_tokens`` output tokens; the repetition penalty over prompt and output
     tokens; the frequency and presence penalties over output tokens only (OpenAI's and vLLM's definition); -inf
     for the tokens that would repeat an n-gram of ``no_repeat_ngram_size`` (transformers'). Rows that use none of
@@ -110,10 +113,17 @@ def process_logits(
     if biased:
         apply_logit_bias(logits, biased, [params[i].logit_bias for i in biased])
     rows = [i for i, p in enumerate(params) if p.min_tokens or p.penalized or p.no_repeat_ngram_size]
-    if not rows:
+    structured = [i for i, p in enumerate(params) if p.structured_outputs]
+    if not rows and not structured:
         return
     if histories is None:
-        raise ValueError("min_tokens, the penalties and no_repeat_ngram_size need the sequences' tokens (histories)")
+        raise ValueError(
+            "min_tokens, the penalties, no_repeat_ngram_size and structured outputs need the sequences (histories)"
+        )
+    if structured:
+        mask_disallowed(logits, structured, [histories[i].grammar for i in structured])
+    if not rows:
+        return
     short = [i for i in rows if len(histories[i].output_token_ids) < params[i].min_tokens]
     if short:
         mask_tokens(logits, short, [_min_tokens_stops(params[i], eos_token_id) for i in short])

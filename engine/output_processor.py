@@ -42,6 +42,8 @@ class OutputProcessor:
         outputs); a final-only output without stop strings detokenizes all its tokens at once when it finishes."""
         seq.output_token_ids.append(token)
         seq.cumulative_logprob += logprob
+        if seq.grammar is not None and token != self.eos_token_id:  # EOS ends a structured output (no ignore_eos)
+            seq.grammar.advance(token)
         if top is not None:
             seq.top_logprobs.append(top)
         p = seq.params

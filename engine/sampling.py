@@ -37,7 +37,8 @@ def token_logprobs(
     logprobs: torch.Tensor, tokens: torch.Tensor, num_top: list[int | None]
 ) -> tuple[list[float], list[dict[int, float] | None]]:
     """Per row: the sampled token's log-prob, and (where ``num_top[i]`` is not None) a dict of it and the row's
-    ``num_top[i]`` most likely tokens. One top-k for the whole batch, one transfer to the host."""
+    ``num_top[i]`` most likely tokens (those that are possible). One top-k for the whole batch, one transfer to the
+    host."""
     chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
     if num_top.count(None) == len(num_top):  # no row asks for alternatives (most steps): no loop over the rows
         return chosen, [None] * len(num_top)
@@ -50,7 +51,10 @@ def token_logprobs(
             entries.append(None)
             continue
         entry = {token: chosen[i]}
-        entry.update(zip(top_ids[i][:k], top_values[i][:k]) if k else ())
+        # masked tokens (-inf: a structured output's grammar, a banned n-gram) are no alternative: left out, so a
+        # row with fewer than k possible tokens has fewer entries
+        if k:
+            entry.update((t, v) for t, v in zip(top_ids[i][:k], top_values[i][:k]) if v != -math.inf)
         entries.append(entry)
     return chosen, entries
 

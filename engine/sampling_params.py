@@ -7,6 +7,8 @@ import enum
 import re
 from dataclasses import dataclass
 
+from engine.structured_outputs import StructuredOutputsParams
+
 MAX_LOGPROBS = 20  # most alternatives a request may ask for per token (vLLM's default limit)
 MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2] (OpenAI's range)
 MAX_LOGIT_BIAS = 100.0  # logit_bias values lie in [-100, 100] (OpenAI's range)
@@ -77,6 +79,8 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
     min_tokens: int = 0  # tokens to generate before EOS, a stop token or a stop string may end the sequence
     no_repeat_ngram_size: int = 0  # transformers': no n-gram of this size twice in prompt + output; 0: off
+    # a JSON schema, any JSON object, a regex or a choice the completion must match (engine.structured_outputs)
+    structured_outputs: StructuredOutputsParams | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # what each step's output holds (see the enum)
 
     def __post_init__(self) -> None:
@@ -131,8 +135,20 @@ class SamplingParams:
             )
         if not _is_int(self.no_repeat_ngram_size) or self.no_repeat_ngram_size < 0:
             raise ValueError(f"no_repeat_ngram_size must be an integer >= 0, got {self.no_repeat_ngram_size!r}")
+        self._check_structured_outputs()
         if not isinstance(self.output_kind, RequestOutputKind):
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
+
+    def _check_structured_outputs(self) -> None:
+        so = self.structured_outputs
+        if so is None:
+            return
+        if isinstance(so, dict):
+            self.structured_outputs = so = StructuredOutputsParams(**so)
+        if not isinstance(so, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs must be a StructuredOutputsParams or None, got {type(so).__name__}")
+        if self.ignore_eos or self.min_tokens:  # EOS ends a structured completion once it is complete
+            raise ValueError("structured_outputs cannot be combined with ignore_eos or min_tokens")
 
     @property
     def greedy(self) -> bool:
@@ -158,4 +174,5 @@ class SamplingParams:
             or self.presence_penalty
             or self.repetition_penalty != 1.0
             or self.no_repeat_ngram_size
+            or self.structured_outputs
         )

@@ -12,8 +12,9 @@ speculation, and greedy decoding chooses the same tokens. A step then gives a se
 for.
 
 A sequence speculates only where each row's sampling does not depend on the tokens before it in the chunk: not
-with penalties or ``no_repeat_ngram_size``, not before ``min_tokens``, and not when sampled from its own seeded
-generator (whose draws would then depend on how many drafts the scheduler could fit, which depends on the batch).
+with penalties, ``no_repeat_ngram_size`` or structured outputs, not before ``min_tokens``, and not when sampled from
+its own seeded generator (whose draws would then depend on how many drafts the scheduler could fit, which depends on
+the batch).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def speculates(params: SamplingParams, generated: int, seeded: bool) -> bool:
     return not (
         params.penalized
         or params.no_repeat_ngram_size
+        or params.structured_outputs
         or generated < params.min_tokens
         or (seeded and params.temperature != 0.0)
     )

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine.beam_search import BeamSearchParams
 from engine.sampling_params import SamplingParams
+from engine.structured_outputs import StructuredOutputsParams
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions API
 
@@ -74,6 +75,37 @@ class SamplingFields(BaseModel):
     # vLLM's beam search: the n best beams, n being the beam width (transformers' algorithm and length_penalty)
     use_beam_search: bool = False
     length_penalty: float = 1.0
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs, and vLLM's older guided_* fields
+    response_format: dict | None = None
+    structured_outputs: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+
+    @property
+    def structured_field(self) -> str | None:
+        """The one structured-outputs field the request sets (``ApiError`` when it sets several)."""
+        given = [name for name in STRUCTURED_FIELDS if getattr(self, name) is not None]
+        if self.response_format == {"type": "text"}:
+            given.remove("response_format")
+        if len(given) > 1:
+            raise ApiError(400, f"set one of {', '.join(given)}, not several", given[1])
+        return given[0] if given else None
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """What :attr:`structured_field` asks for; an ``ApiError`` naming the field when it cannot be."""
+        field = self.structured_field
+        if field is None:
+            return None
+        value = getattr(self, field)
+        try:
+            if field == "response_format":
+                return _response_format(value)
+            if field == "structured_outputs":
+                return StructuredOutputsParams(**value)
+            return StructuredOutputsParams(**{field.removeprefix("guided_"): value})
+        except (TypeError, ValueError) as e:
+            raise ApiError(400, f"{field}: {' '.join(str(e).split())}", field) from None
 
     def sampling_params(
         self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
@@ -97,6 +129,7 @@ class SamplingFields(BaseModel):
             seed=self.seed,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            structured_outputs=self.structured_outputs_params(),
         )
 
     def beam_search_params(self, max_tokens: int) -> BeamSearchParams:
@@ -105,6 +138,7 @@ class SamplingFields(BaseModel):
                        "logit_bias": self.logit_bias, "presence_penalty": self.presence_penalty,
                        "frequency_penalty": self.frequency_penalty, "min_tokens": self.min_tokens,
                        "repetition_penalty": self.repetition_penalty not in (None, 1.0)}  # fmt: skip
+        unsupported[self.structured_field or "response_format"] = self.structured_field
         for name, value in unsupported.items():
             if value:
                 raise ApiError(400, f"{name} is not supported with use_beam_search", name)
@@ -113,6 +147,21 @@ class SamplingFields(BaseModel):
         except ValueError as e:  # beam_width is the API's n
             message = str(e).replace("beam_width", "n")
             raise ApiError(400, message, message.split()[0]) from None
+
+
+STRUCTURED_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice")
+
+
+def _response_format(value: dict) -> StructuredOutputsParams | None:
+    """OpenAI's ``response_format``: ``{"type": "json_object"}``, or ``{"type": "json_schema", "json_schema":
+    {"name": ..., "schema": {...}}}``."""
+    kind = value.get("type")
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema" and isinstance(value.get("json_schema"), dict) and "schema" in value["json_schema"]:
+        return StructuredOutputsParams(json=value["json_schema"]["schema"])
+    raise ValueError('expected {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": '
+                     '{"name": ..., "schema": {...}}}')  # fmt: skip
 
 
 class CompletionRequest(SamplingFields):

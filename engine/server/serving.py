@@ -295,6 +295,11 @@ def make_job(llm: AsyncLLM, model: str, req: SamplingFields, prompts: list, max_
         params = replace(params, output_kind=kind)
     except ValueError as e:
         raise ApiError(400, str(e), str(e).split()[0]) from None
+    if params.structured_outputs is not None:
+        try:  # compiled here (and kept), so that an error names the field, not a prompt
+            llm.check_structured_outputs(params.structured_outputs)
+        except ValueError as e:
+            raise ApiError(400, f"{req.structured_field}: {e}", req.structured_field) from None
     job_id = f"cmpl-{uuid.uuid4().hex}"
     requests = []
     for i, prompt in enumerate(prompts):

@@ -288,6 +288,43 @@ def metric(server, name: str) -> float:
     raise AssertionError(f"no metric {name}")
 
 
+def test_structured_outputs_every_way_a_client_asks(client, server):
+    """OpenAI's response_format (json_schema, json_object), vLLM's structured_outputs and guided_* fields."""
+    import re
+
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"]}
+    out = client.completions.create(model=server.model, prompt=words(), max_tokens=20, n=2,
+                                    extra_body={"response_format": {"type": "json_schema",
+                                                "json_schema": {"name": "a", "schema": schema}}})  # fmt: skip
+    assert all(json.loads(c.text)["answer"] in ("yes", "no") for c in out.choices)
+    choices = ["red", "green", "blue"]
+    out = client.completions.create(
+        model=server.model, prompt=words(), max_tokens=8, extra_body={"guided_choice": choices}
+    )
+    assert out.choices[0].text in choices and out.choices[0].finish_reason == "stop"
+    body = {"model": server.model, "prompt": words(), "max_tokens": 12, "structured_outputs": {"regex": "[a-c]{3}x"}}
+    assert re.fullmatch("[a-c]{3}x", server.post("/v1/completions", json=body).json()["choices"][0]["text"])
+    stream = server.post("/v1/completions", json={**body, "stream": True}).text
+    chunks = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: {")]
+    assert re.fullmatch("[a-c]{3}x", "".join(c["choices"][0]["text"] for c in chunks))
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"guided_regex": "(unclosed"}, "guided_regex"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"structured_outputs": {"choice": []}}, "structured_outputs"),
+        ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_choice"),
+        ({"guided_json": "{not json"}, "guided_json"),
+        ({"use_beam_search": True, "n": 2, "guided_choice": ["a", "b"]}, "guided_choice"),
+    ],
+)
+def test_structured_outputs_mistakes_are_400_naming_the_field(server, extra, param):
+    r = server.post("/v1/completions", json={"model": server.model, "prompt": "hi", "max_tokens": 4, **extra})
+    assert error_of(r, 400)["param"] == param
+
+
 def test_a_speculating_server_answers_what_the_engine_without_speculation_does(tiny_checkpoint, reference):
     """``serve --speculative-config``: greedy completions, whole and streamed, are the reference's, and
     ``/metrics`` counts the drafts (prompts of repeated words: the lookups hit)."""

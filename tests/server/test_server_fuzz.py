@@ -42,6 +42,9 @@ SAMPLING = {  # each field's valid values, edges included
     "user": TEXT,
     "use_beam_search": st.booleans(),
     "length_penalty": st.floats(-2, 2),
+    "guided_choice": st.lists(TEXT, max_size=3),
+    "guided_regex": st.sampled_from(["[ab]{1,3}", "x+", "(", ""]),
+    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "json"}]),
 }
 MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": TEXT})
 ROUTES = {
@@ -57,7 +60,7 @@ ROUTES = {
     "/tokenize": ({"prompt": TEXT}, {"model": st.just("tiny-gpt2")}),
     "/detokenize": ({"tokens": st.lists(st.integers(0, 50256), max_size=8)}, {"model": st.just("tiny-gpt2")}),
 }  # fmt: skip
-EXTRA = ("suffix", "best_of", "stream_options", "tools", "response_format")  # fields to set to anything
+EXTRA = ("suffix", "best_of", "stream_options", "tools", "structured_outputs")  # fields to set to anything
 
 
 def bodies(path: str) -> st.SearchStrategy:

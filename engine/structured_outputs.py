@@ -1,0 +1,140 @@
+"""Structured outputs (vLLM's ``StructuredOutputsParams``): completions held to a JSON schema, any JSON object, a
+regular expression, or one of a list of choices, built on outlines-core (the ``structured`` extra).
+
+Each kind becomes a regular expression (a JSON schema through outlines-core's ``build_regex_from_schema``), and the
+regular expression an ``Index`` over the tokenizer's vocabulary: for each state of its automaton, the tokens whose
+bytes keep the text inside the language, EOS where the text is complete. Building an index takes from milliseconds
+(a choice, a short regex) to seconds (any JSON object: 5 s for GPT-2's vocabulary on the Xeon), so an engine keeps
+the ones it built. Each sequence walks its own ``Guide`` over the index: before each token is sampled, the tokens it
+does not allow are masked (-inf, with the logit bias and penalties, so logprobs see the mask too); each token drawn
+advances it. A completion therefore always matches, unless ``max_tokens`` cuts it first (finish reason "length").
+The index allows only tokens whose bytes keep the text a prefix of the language, though not every such token: one
+that runs through a complete match and on ("c" then "att" towards "cattle" when "cat" is also a choice) is left
+out, so the text gets there by other tokens ("attle").
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+MAX_INDEXES = 32  # compiled indexes an engine keeps, least recently used dropped first
+# JSON the grammar allows between tokens: none, so that a model cannot pad its answer with whitespace forever
+WHITESPACE = r"[ ]?"
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """What a completion must be (exactly one field set): ``json`` (a JSON schema, as a dict or its JSON text),
+    ``regex`` (Python-style, matched in full), ``choice`` (one of these strings), or ``json_object`` (any JSON
+    object)."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice") if getattr(self, name) is not None]
+        given += ["json_object"] * bool(self.json_object)
+        if len(given) != 1:
+            raise ValueError(
+                "structured_outputs must set exactly one of json, regex, choice, json_object; got "
+                + (", ".join(given) or "none")
+            )
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise ValueError(
+                f"structured_outputs.json must be a JSON schema (dict or str), got {type(self.json).__name__}"
+            )
+        if self.regex is not None and not isinstance(self.regex, str):
+            raise ValueError(f"structured_outputs.regex must be a string, got {type(self.regex).__name__}")
+        if self.choice is not None and (
+            not isinstance(self.choice, (list, tuple))
+            or not self.choice
+            or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings")
+        if not isinstance(self.json_object, bool):
+            raise ValueError(f"structured_outputs.json_object must be a bool, got {self.json_object!r}")
+
+    def regex_pattern(self) -> str:
+        """The regular expression a completion must match in full (``ValueError`` for a schema outlines-core cannot
+        turn into one)."""
+        if self.regex is not None:
+            return self.regex
+        if self.choice is not None:  # longest first: outlines-core's automaton stops at the first alternative that
+            # matches, so a choice that is a prefix of another ("cat", "cattle") must come after it
+            return "(" + "|".join(re.escape(c) for c in sorted(self.choice, key=len, reverse=True)) + ")"
+        from outlines_core.json_schema import build_regex_from_schema
+
+        schema = self.json if self.json is not None else {"type": "object"}
+        text = schema if isinstance(schema, str) else json.dumps(schema)
+        try:
+            return build_regex_from_schema(text, WHITESPACE)
+        except (ValueError, TypeError) as e:  # outlines-core's errors for what it cannot read or support
+            raise ValueError(f"structured_outputs.json: {' '.join(str(e).split())}") from None
+
+
+class GrammarCompiler:
+    """An engine's indexes over one tokenizer's vocabulary, built on first use and kept (``MAX_INDEXES``)."""
+
+    def __init__(self, tokenizer) -> None:
+        try:
+            import outlines_core
+        except ImportError:
+            raise ValueError("structured outputs need the structured extra: pip install -e '.[structured]'") from None
+        self._oc = outlines_core
+        eos = tokenizer.eos_token_id
+        tokens: dict[bytes, list[int]] = {}
+        for token_id in range(tokenizer.vocab_size):
+            if token_id != eos:
+                tokens.setdefault(tokenizer.token_bytes(token_id), []).append(token_id)
+        self.vocab_size = tokenizer.vocab_size
+        self._vocabulary = outlines_core.Vocabulary(eos, tokens)
+        self._indexes: OrderedDict[str, object] = OrderedDict()
+
+    def grammar(self, params: StructuredOutputsParams) -> Grammar:
+        """A fresh walk over the index of ``params`` (``ValueError`` naming the field for a pattern that cannot be
+        compiled)."""
+        pattern = params.regex_pattern()
+        index = self._indexes.get(pattern)
+        if index is None:
+            try:
+                index = self._oc.Index(pattern, self._vocabulary)
+            except (ValueError, TypeError) as e:
+                field = "regex" if params.regex is not None else "json" if params.json is not None else "choice"
+                raise ValueError(f"structured_outputs.{field}: {' '.join(str(e).split())}") from None
+            self._indexes[pattern] = index
+            if len(self._indexes) > MAX_INDEXES:
+                self._indexes.popitem(last=False)
+        self._indexes.move_to_end(pattern)
+        return Grammar(self._oc.Guide(index), self.vocab_size)
+
+
+class Grammar:
+    """One sequence's place in its index: which tokens may come next, and advancing by the token drawn."""
+
+    def __init__(self, guide, vocab_size: int) -> None:
+        self.guide = guide
+        self.words = torch.empty((vocab_size + 31) // 32, dtype=torch.int32)  # the allowed tokens' bits
+
+    def allowed(self, vocab: int) -> torch.Tensor:
+        """``[vocab]`` bool, True for the tokens that may come next."""
+        self.words.fill_(0)
+        self.guide.write_mask_into(self.words.data_ptr(), self.words.numel(), self.words.element_size())
+        bits = (self.words[:, None] >> torch.arange(32, dtype=torch.int32)) & 1
+        return bits.flatten()[:vocab].bool()
+
+    def advance(self, token: int) -> None:
+        self.guide.advance(token)
+
+
+def mask_disallowed(logits: torch.Tensor, rows: list[int], grammars: list[Grammar]) -> None:
+    """Set each row's logits that its grammar does not allow next to -inf, in place."""
+    allowed = torch.stack([g.allowed(logits.shape[-1]) for g in grammars]).to(logits.device, non_blocking=True)
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
