@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import operator
 import os
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import replace
@@ -132,6 +133,7 @@ class LLMEngine:
         self._tokenizer = None
         self._tokenizer_error: str | None = None
         self._grammar_compiler = None  # structured outputs' GrammarCompiler, made on first use
+        self._grammar_lock = threading.Lock()
 
         self.block_size = block_size
         num_blocks = num_blocks or self._num_blocks_from_budget(kv_cache_memory, max_num_seqs)
@@ -267,12 +269,13 @@ class LLMEngine:
     def grammar(self, structured_outputs):
         """A fresh walk over the grammar of ``structured_outputs`` (its index compiled on first use, then kept);
         ``ValueError`` naming the field that cannot be compiled, or saying what is missing."""
-        if self._grammar_compiler is None:
-            from engine.structured_outputs import GrammarCompiler
+        with self._grammar_lock:  # the server compiles in worker threads: one compiler, made once
+            if self._grammar_compiler is None:
+                from engine.structured_outputs import GrammarCompiler
 
-            if not self.has_tokenizer():
-                raise ValueError("structured_outputs need a tokenizer (pass tokenizer=...)")
-            self._grammar_compiler = GrammarCompiler(self.get_tokenizer())
+                if not self.has_tokenizer():
+                    raise ValueError("structured_outputs need a tokenizer (pass tokenizer=...)")
+                self._grammar_compiler = GrammarCompiler(self.get_tokenizer())
         return self._grammar_compiler.grammar(structured_outputs)
 
     def check_fits(self, num_prompt_tokens: int, params: SamplingParams, what: str) -> None:

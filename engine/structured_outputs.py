@@ -17,21 +17,23 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
 MAX_INDEXES = 32  # compiled indexes an engine keeps, least recently used dropped first
-# JSON the grammar allows between tokens: none, so that a model cannot pad its answer with whitespace forever
+# whitespace the JSON grammar allows between elements: one space at most, so that a model cannot pad its answer
+# with whitespace until max_tokens (outlines-core's default allows runs of it)
 WHITESPACE = r"[ ]?"
 
 
 @dataclass(frozen=True)
 class StructuredOutputsParams:
     """What a completion must be (exactly one field set): ``json`` (a JSON schema, as a dict or its JSON text),
-    ``regex`` (Python-style, matched in full), ``choice`` (one of these strings), or ``json_object`` (any JSON
-    object)."""
+    ``regex`` (in outlines-core's syntax, that of Rust's regex crate; matched in full), ``choice`` (one of these
+    strings), or ``json_object`` (any JSON object)."""
 
     json: dict | str | None = None
     regex: str | None = None
@@ -96,23 +98,30 @@ class GrammarCompiler:
         self.vocab_size = tokenizer.vocab_size
         self._vocabulary = outlines_core.Vocabulary(eos, tokens)
         self._indexes: OrderedDict[str, object] = OrderedDict()
+        self._lock = threading.Lock()  # the server compiles in worker threads; the lock guards the dict only
 
     def grammar(self, params: StructuredOutputsParams) -> Grammar:
         """A fresh walk over the index of ``params`` (``ValueError`` naming the field for a pattern that cannot be
         compiled)."""
         pattern = params.regex_pattern()
-        index = self._indexes.get(pattern)
+        with self._lock:
+            index = self._indexes.get(pattern)
+            if index is not None:
+                self._indexes.move_to_end(pattern)
         if index is None:
-            try:
-                index = self._oc.Index(pattern, self._vocabulary)
-            except (ValueError, TypeError) as e:
-                field = "regex" if params.regex is not None else "json" if params.json is not None else "choice"
-                raise ValueError(f"structured_outputs.{field}: {' '.join(str(e).split())}") from None
-            self._indexes[pattern] = index
-            if len(self._indexes) > MAX_INDEXES:
-                self._indexes.popitem(last=False)
-        self._indexes.move_to_end(pattern)
+            index = self._compile(pattern, params)
+            with self._lock:
+                self._indexes[pattern] = index
+                if len(self._indexes) > MAX_INDEXES:
+                    self._indexes.popitem(last=False)
         return Grammar(self._oc.Guide(index), self.vocab_size)
+
+    def _compile(self, pattern: str, params: StructuredOutputsParams):
+        try:
+            return self._oc.Index(pattern, self._vocabulary)
+        except (ValueError, TypeError) as e:
+            field = "regex" if params.regex is not None else "json" if params.json is not None else "choice"
+            raise ValueError(f"structured_outputs.{field}: {' '.join(str(e).split())}") from None
 
 
 class Grammar:

@@ -155,7 +155,9 @@ def build_app(llm: AsyncLLM, config: ServerConfig, exposition: Callable[[], Awai
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):
-        job = serving.completion_job(llm, check_model(req.model), req)
+        model = check_model(req.model)
+        await serving.compile_structured_outputs(llm, req)
+        job = serving.completion_job(llm, model, req)
         return await respond(raw, job, serving.completion_response, serving.completion_stream)
 
     @app.post("/v1/chat/completions")
@@ -164,6 +166,7 @@ def build_app(llm: AsyncLLM, config: ServerConfig, exposition: Callable[[], Awai
         if render_chat is None:
             raise ApiError(400, "GPT-2 has no chat template: use /v1/completions, or start the server with "
                            "--chat-template FILE (a Jinja template)", "messages")  # fmt: skip
+        await serving.compile_structured_outputs(llm, req)
         job = serving.chat_job(llm, model, req, render_chat)
         return await respond(raw, job, serving.chat_response, serving.chat_stream)
 

@@ -278,6 +278,18 @@ def check_common(req: SamplingFields) -> None:
         raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
 
 
+async def compile_structured_outputs(llm: AsyncLLM, req: SamplingFields) -> None:
+    """Build the index of the request's structured outputs, if any, in a worker thread (any JSON object takes
+    seconds: the other requests keep streaming meanwhile); the requests made next find it built. An ``ApiError``
+    (400) names the field that cannot be compiled."""
+    structured = req.structured_outputs_params()
+    if structured is not None:
+        try:
+            await asyncio.to_thread(llm.check_structured_outputs, structured)
+        except ValueError as e:
+            raise ApiError(400, f"{req.structured_field}: {e}", req.structured_field) from None
+
+
 def make_job(llm: AsyncLLM, model: str, req: SamplingFields, prompts: list, max_tokens: int, logprobs: int | None,
              echo: bool = False, prompt_logprobs: int | None = None) -> Job:  # fmt: skip
     """Validate everything and build the engine requests: an ``ApiError`` (400) names what is wrong. With
@@ -295,11 +307,6 @@ def make_job(llm: AsyncLLM, model: str, req: SamplingFields, prompts: list, max_
         params = replace(params, output_kind=kind)
     except ValueError as e:
         raise ApiError(400, str(e), str(e).split()[0]) from None
-    if params.structured_outputs is not None:
-        try:  # compiled here (and kept), so that an error names the field, not a prompt
-            llm.check_structured_outputs(params.structured_outputs)
-        except ValueError as e:
-            raise ApiError(400, f"{req.structured_field}: {e}", req.structured_field) from None
     job_id = f"cmpl-{uuid.uuid4().hex}"
     requests = []
     for i, prompt in enumerate(prompts):
