@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated (n=1)")
     _speculative_arg(gen)
+    structured = gen.add_argument_group(
+        "structured outputs (pip install -e '.[structured]')"
+    ).add_mutually_exclusive_group()
+    structured.add_argument("--json-schema", default=None, help="a JSON schema file the completion must match")
+    structured.add_argument("--json-object", action="store_true", help="the completion is a JSON object")
+    structured.add_argument("--regex", default=None, help="a regular expression the completion must match")
+    structured.add_argument("--choice", nargs="+", default=None, help="the completion is one of these")
     gen.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1: sample)")
     gen.add_argument("--length-penalty", type=float, default=1.0, help="beam score: logprob / length ** this")
     gen.add_argument("--early-stopping", default="false", choices=["false", "true", "never"],
@@ -175,7 +182,8 @@ def _generate(args) -> int:
     params = _checked(SamplingParams, {"max_tokens": "--max-new-tokens"}, n=args.n, max_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                       repetition_penalty=args.repetition_penalty, seed=args.seed,
-                      no_repeat_ngram_size=args.no_repeat_ngram_size)  # fmt: skip
+                      no_repeat_ngram_size=args.no_repeat_ngram_size,
+                      structured_outputs=_structured_outputs(args))  # fmt: skip
     llm = _make_llm(args)
     if args.stream:
         sys.stdout.write(args.prompt)
@@ -192,11 +200,35 @@ def _generate(args) -> int:
     return 0
 
 
+def _structured_outputs(args):
+    """What ``--json-schema`` / ``--json-object`` / ``--regex`` / ``--choice`` ask for (None: free text)."""
+    from engine import StructuredOutputsParams
+
+    if args.json_schema is not None:
+        try:
+            with open(args.json_schema, encoding="utf-8") as f:
+                schema = json.load(f)
+        except OSError as e:
+            raise UsageError(f"cannot read {args.json_schema}: {e.strerror}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UsageError(f"--json-schema: {args.json_schema} is not JSON ({e})") from None
+        return StructuredOutputsParams(json=schema)
+    if args.json_object:
+        return StructuredOutputsParams(json_object=True)
+    if args.regex is not None:
+        return StructuredOutputsParams(regex=args.regex)
+    if args.choice is not None:
+        return StructuredOutputsParams(choice=args.choice)
+    return None
+
+
 def _beam_search(args) -> int:
     from engine import BeamSearchParams
 
     if args.stream or args.n != 1:
         raise UsageError("gpt2-triton generate: --num-beams prints its beams: use it without --stream and --n")
+    if _structured_outputs(args) is not None:
+        raise UsageError("gpt2-triton generate: --num-beams does not combine with structured outputs")
     early_stopping = {"false": False, "true": True, "never": "never"}[args.early_stopping]
     params = _checked(BeamSearchParams, {"beam_width": "--num-beams", "max_tokens": "--max-new-tokens"},
                       beam_width=args.num_beams, max_tokens=args.max_new_tokens,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -166,6 +167,21 @@ def test_cli_generate_speculating_prints_the_greedy_continuation(tiny_checkpoint
     assert r.stdout == prompt + greedy.outputs[0].text + "\n"
 
 
+def test_cli_generate_structured(tiny_checkpoint, tmp_path):
+    prompt, choices = "Is the sky blue?", ["yes", "no", "it depends"]
+    r = run_cli("generate", prompt, "--model", str(tiny_checkpoint), "--max-new-tokens", "8", "--n", "3", "--choice",
+                *choices, "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    answers = [line.removeprefix(prompt) for line in r.stdout.splitlines() if not line.startswith("---")]
+    assert len(answers) == 3 and set(answers) <= set(choices)
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}))
+    r = run_cli("generate", prompt, "--model", str(tiny_checkpoint), "--max-new-tokens", "12", "--json-schema",
+                str(schema), "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.removeprefix(prompt))["ok"] in (True, False)
+
+
 def test_cli_score(tiny_checkpoint, tmp_path):
     f = tmp_path / "text.txt"
     f.write_text("The quick brown fox jumps over the lazy dog. " * random.randint(2, 5))
@@ -195,6 +211,9 @@ def test_cli_score(tiny_checkpoint, tmp_path):
         (["generate", "hi", "--early-stopping", "maybe"], "--early-stopping"),
         (["generate", "hi", "--speculative-config", "{num_speculative_tokens: 3}"], "--speculative-config"),
         (["generate", "hi", "--speculative-config", "[3]"], "--speculative-config"),
+        (["generate", "hi", "--json-schema", "/nonexistent/schema.json"], "cannot read"),
+        (["generate", "hi", "--regex", "a", "--choice", "b"], "not allowed with"),
+        (["generate", "hi", "--choice", "a", "--num-beams", "2"], "structured outputs"),
         (["generate", "hi", "--speculative-config", '{"num_speculative_tokens": 0}'], "num_speculative_tokens must"),
         (["score", "/nonexistent/file.txt"], "cannot read"),
         (["frobnicate"], "invalid choice"),
