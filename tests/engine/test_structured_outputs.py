@@ -10,6 +10,7 @@ import random
 import re
 
 import pytest
+import torch
 
 from engine import LLM, SamplingParams, StructuredOutputsParams
 
@@ -71,6 +72,22 @@ def test_json_schema(llm):
     assert finished >= 6  # bounded fields: nearly every completion ends within 64 tokens
 
 
+def test_a_batch_of_structured_and_free_requests(llm):
+    """The mask reaches its own rows only: free greedy requests batched with structured ones choose what they choose
+    alone, and the structured ones still match."""
+    batch = prompts(6)
+    free = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    structured = SamplingParams(max_tokens=6, structured_outputs=StructuredOutputsParams(choice=["x", "yz"]))
+    kinds = [random.choice([free, structured]) for _ in batch[:-2]] + [free, structured]
+    outs = llm.generate(batch, kinds, use_tqdm=False)
+    for prompt, params, out in zip(batch, kinds, outs):
+        if params is free:
+            alone = llm.generate(prompt, free, use_tqdm=False)[0]
+            assert out.outputs[0].token_ids == alone.outputs[0].token_ids
+        else:
+            assert out.outputs[0].text in ("x", "yz")
+
+
 def test_the_mask_is_the_grammars_and_logprobs_see_it(llm):
     """Each step's logprobs put all the mass on the tokens the grammar allows there (the mask acts with the logit
     bias, before the logprobs), and a greedy structured completion is the greedy choice among those tokens."""
@@ -111,6 +128,18 @@ def test_a_grammar_allows_only_continuations_and_reaches_every_choice(llm):
             if token != EOS:
                 grammar.advance(token)
                 text += pieces[token]
+
+
+def test_unpacking_the_bits_with_numpy_and_without(monkeypatch):
+    """Bit ``i`` of word ``j`` is token ``32 j + i``, on numpy's path (the CPU's) and the shifts' (a GPU's)."""
+    from engine import structured_outputs
+
+    words = torch.randint(-(2**31), 2**31 - 1, (random.randint(1, 5), random.randint(1, 40)), dtype=torch.int32)
+    n = random.randint(1, 32 * words.shape[1])
+    want = torch.tensor([[(int(w) >> (t % 32)) & 1 for t, w in enumerate(row.repeat_interleave(32))] for row in words])
+    got = structured_outputs.unpack_bits(words, n)
+    monkeypatch.setattr(structured_outputs, "np", None)
+    assert torch.equal(got, want[:, :n].bool()) and torch.equal(structured_outputs.unpack_bits(words, n), got)
 
 
 def test_what_cannot_be_asked_is_a_value_error_naming_it(llm):
