@@ -240,7 +240,7 @@ class LLMEngine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"{what}: params must be a SamplingParams, got {type(params).__name__}")
-        ids = self.token_ids(prompt, what)
+        ids = self._truncated(self.token_ids(prompt, what), params.truncate_prompt_tokens, what)
         self.check_fits(len(ids), params, what)
         self._check_logit_bias(params, what)
         detokenize = isinstance(prompt, str) or self.has_tokenizer()
@@ -277,6 +277,15 @@ class LLMEngine:
                     raise ValueError("structured_outputs need a tokenizer (pass tokenizer=...)")
                 self._grammar_compiler = GrammarCompiler(self.get_tokenizer())
         return self._grammar_compiler.grammar(structured_outputs)
+
+    def _truncated(self, ids: list[int], keep: int | None, what: str) -> list[int]:
+        """The last ``keep`` prompt tokens (``truncate_prompt_tokens``; -1: the context's worth), as vLLM cuts."""
+        if keep is None:
+            return ids
+        context = self.config.n_positions
+        if keep > context:
+            raise ValueError(f"{what}: truncate_prompt_tokens={keep} exceeds the model's context of {context} tokens")
+        return ids[-(context if keep == -1 else keep) :]
 
     def check_fits(self, num_prompt_tokens: int, params: SamplingParams, what: str) -> None:
         """Refuse a request that could never run: past the context, the whole KV pool, or ``max_num_seqs``.

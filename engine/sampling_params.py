@@ -74,6 +74,7 @@ class SamplingParams:
     # with prompt_logprobs: the first prompt position scored (earlier entries are None); the prefix cache may serve
     # the tokens before position prompt_logprobs_start - 1, whose logits nobody needs (lm-eval's continuations)
     prompt_logprobs_start: int = 1
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens; -1: the model's context
     presence_penalty: float = 0.0  # subtracted from each token already generated; in [-2, 2]
     frequency_penalty: float = 0.0  # subtracted once per time a token was generated; in [-2, 2]
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
@@ -122,6 +123,9 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
                 raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, got {value!r}")
+        k = self.truncate_prompt_tokens
+        if k is not None and (not _is_int(k) or (k < 1 and k != -1)):
+            raise ValueError(f"truncate_prompt_tokens must be an integer >= 1, -1 or None, got {k!r}")
         if not _is_int(self.prompt_logprobs_start) or self.prompt_logprobs_start < 1:
             raise ValueError(f"prompt_logprobs_start must be an integer >= 1, got {self.prompt_logprobs_start!r}")
         for name in ("presence_penalty", "frequency_penalty"):

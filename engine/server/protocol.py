@@ -72,6 +72,7 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     min_tokens: int = 0
+    truncate_prompt_tokens: int | None = None
     # vLLM's beam search: the n best beams, n being the beam width (transformers' algorithm and length_penalty)
     use_beam_search: bool = False
     length_penalty: float = 1.0
@@ -129,6 +130,7 @@ class SamplingFields(BaseModel):
             seed=self.seed,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
             structured_outputs=self.structured_outputs_params(),
         )
 

@@ -315,9 +315,12 @@ def make_job(llm: AsyncLLM, model: str, req: SamplingFields, prompts: list, max_
         except ValueError as e:
             raise ApiError(400, str(e).replace(f"request '{job_id}-{i}'", f"prompt {i}"), "prompt") from None
     texts = [p if isinstance(p, str) else "" for p in prompts]
-    if echo:
-        tokenizer = llm.get_tokenizer()
-        texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
+    if echo:  # the prompt as the model read it: a truncated one from its tokens
+        tokenizer, whole = llm.get_tokenizer(), params.truncate_prompt_tokens is None
+        texts = [
+            p if isinstance(p, str) and whole else tokenizer.decode(r.prompt_token_ids)
+            for p, r in zip(prompts, requests)
+        ]
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     if beams is not None:
         return BeamJob(llm, model, requests, texts, echo, req.stream, include_usage, id=job_id, beams=beams)

@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -72,6 +73,25 @@ def test_bad_requests(llm):
         llm.features([1] * (n_ctx + 1))
     # nothing was left allocated by the refused requests
     assert llm.blocks.num_free == llm.blocks.num_blocks
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_end(llm):
+    """vLLM's left truncation: a prompt past the context, cut to its last k tokens, is generated from as those k
+    tokens alone would be; -1 cuts it to the context's worth (which leaves no room for new tokens, as in vLLM)."""
+    n_ctx = llm.config.n_positions
+    long = [random.randrange(50256) for _ in range(n_ctx + random.randint(1, 50))]
+    k = random.randint(1, n_ctx - 8)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    cut = llm.generate(long, replace(params, truncate_prompt_tokens=k), use_tqdm=False)[0]
+    alone = llm.generate(long[-k:], params, use_tqdm=False)[0]
+    assert cut.prompt_token_ids == long[-k:] and cut.outputs[0].token_ids == alone.outputs[0].token_ids
+    with pytest.raises(ValueError, match=f"{n_ctx} prompt tokens"):  # -1: as vLLM, the context, so no room left
+        llm.generate(long, replace(params, truncate_prompt_tokens=-1))
+    with pytest.raises(ValueError, match="truncate_prompt_tokens=.* exceeds"):
+        llm.generate(long, replace(params, truncate_prompt_tokens=n_ctx + 1))
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+            SamplingParams(truncate_prompt_tokens=bad)
 
 
 def test_request_larger_than_the_whole_pool_is_refused(tiny_checkpoint):

@@ -288,6 +288,19 @@ def metric(server, name: str) -> float:
     raise AssertionError(f"no metric {name}")
 
 
+def test_truncate_prompt_tokens_echoes_what_the_model_read(client, server, reference):
+    prompt = " ".join(words() for _ in range(30))
+    ids = reference.get_tokenizer().encode(prompt)
+    k = random.randint(2, min(len(ids) - 1, 40))
+    out = client.completions.create(model=server.model, prompt=prompt, max_tokens=4, temperature=0, echo=True,
+                                    extra_body={"truncate_prompt_tokens": k})  # fmt: skip
+    cut = reference.get_tokenizer().decode(ids[-k:])
+    assert out.choices[0].text == cut + expected(reference, ids[-k:], max_tokens=4, temperature=0)[0]
+    assert out.usage.prompt_tokens == k
+    r = server.post("/v1/completions", json={"model": server.model, "prompt": "hi", "truncate_prompt_tokens": 0})
+    assert error_of(r, 400)["param"] == "truncate_prompt_tokens"
+
+
 def test_structured_outputs_every_way_a_client_asks(client, server):
     """OpenAI's response_format (json_schema, json_object), vLLM's structured_outputs and guided_* fields."""
     import re
