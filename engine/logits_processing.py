@@ -1,8 +1,7 @@
 """The per-request logit changes, applied before sampling (vLLM's order): ``logit_bias``, the structured outputs'
 mask, the ``min_tokens`` mask, the repetition, frequency and presence penalties, then transformers'
-``no_repeat_ngram_size``. Each is one indexed
-tensor op for the whole batch over the (row, token) pairs it touches, and runs only when some row of the batch asks
-for it.
+``no_repeat_ngram_size``. Each is one indexed tensor op for the whole batch over the (row, token) pairs it touches,
+and runs only when some row of the batch asks for it.
 """
 
 from __future__ import annotations

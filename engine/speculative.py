@@ -3,13 +3,13 @@ prompt lookup decoding): no draft model, the drafts come from the sequence's own
 
 After each step, a decoding sequence whose last ``n`` tokens (``prompt_lookup_max`` down to ``prompt_lookup_min``)
 occurred earlier in its prompt or output proposes the up to ``num_speculative_tokens`` tokens that followed the
-first such occurrence. The next step feeds its last token and the drafts in one chunk over its cached context and
-samples every row of it, each row as the sequence's next token would be sampled. The output takes the rows' tokens
-up to and including the first that differs from the draft it checks (or all of them plus the last row's): each
-token is drawn from the model's distribution after the tokens before it, so the output is distributed as without
-speculation, and greedy decoding chooses the same tokens. A step then gives a sequence from 1 to
-``num_speculative_tokens + 1`` tokens for one pass over the weights, which is what decoding at small batches pays
-for.
+first such occurrence. The next step feeds its last token and the drafts together, each a decode row whose context
+ends at it (the runner's ``decode_drafts``), and samples every row as the sequence's next token would be sampled.
+The output takes the rows' tokens up to and including the first that differs from the draft it checks (or all of
+them plus the last row's): each token is drawn from the model's distribution after the tokens before it, so the
+output is distributed as without speculation, and greedy decoding chooses the same tokens. A step then gives a
+sequence from 1 to ``num_speculative_tokens + 1`` tokens for one pass over the weights, which is what decoding at
+small batches pays for.
 
 A sequence speculates only where each row's sampling does not depend on the tokens before it in the chunk: not
 with penalties, ``no_repeat_ngram_size`` or structured outputs, not before ``min_tokens``, and not when sampled from

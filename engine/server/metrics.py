@@ -1,11 +1,10 @@
 """``GET /metrics``: Prometheus text under a ``gpt2_triton:`` prefix, mirroring vLLM's names.
 
 Engine-wide numbers (running and waiting requests, KV-cache use, prefix-cache, token and speculative-decoding
-totals, preemptions) are
-read from the engine's last stats at scrape time; per-request ones (successes by finish reason, time to first
-token, time per output token, end-to-end latency) are recorded as requests finish. Each app has its own registry,
-so several servers (tests) never share counters. Under Ray Serve, :func:`merge_expositions` joins every replica's
-text into one, each sample labelled with its replica.
+totals, preemptions) are read from the engine's last stats at scrape time; per-request ones (successes by finish
+reason, time to first token, time per output token, end-to-end latency) are recorded as requests finish. Each app
+has its own registry, so several servers (tests) never share counters. Under Ray Serve, :func:`merge_expositions`
+joins every replica's text into one, each sample labelled with its replica.
 """
 
 from __future__ import annotations

@@ -140,7 +140,8 @@ class SamplingFields(BaseModel):
                        "logit_bias": self.logit_bias, "presence_penalty": self.presence_penalty,
                        "frequency_penalty": self.frequency_penalty, "min_tokens": self.min_tokens,
                        "repetition_penalty": self.repetition_penalty not in (None, 1.0)}  # fmt: skip
-        unsupported[self.structured_field or "response_format"] = self.structured_field
+        if self.structured_field is not None:
+            unsupported[self.structured_field] = True
         for name, value in unsupported.items():
             if value:
                 raise ApiError(400, f"{name} is not supported with use_beam_search", name)
