@@ -88,6 +88,18 @@ def test_a_batch_of_structured_and_free_requests(llm):
             assert out.outputs[0].text in ("x", "yz")
 
 
+def test_preempted_structured_sequences_resume_their_walk(tiny_checkpoint):
+    """A pool too small for the batch: preempted sequences recompute their tokens and go on from where their
+    grammar was (it is advanced by tokens drawn, never by recomputing them)."""
+    small = LLM(str(tiny_checkpoint), backend="torch", dtype="float32", device="cpu", progress=False, block_size=4,
+                num_blocks=32)  # fmt: skip
+    pattern = r"([a-z]{1,3} ){4,6}[0-9]"
+    outs = sample(small, StructuredOutputsParams(regex=pattern), max_tokens=40, k=8)
+    assert small.llm_engine.get_stats().num_preemptions > 0
+    assert all(re.fullmatch(pattern, c.text) for c in outs if c.finish_reason == "stop")
+    assert sum(c.finish_reason == "stop" for c in outs) >= len(outs) // 2
+
+
 def test_the_mask_is_the_grammars_and_logprobs_see_it(llm):
     """Each step's logprobs put all the mass on the tokens the grammar allows there (the mask acts with the logit
     bias, before the logprobs), and a greedy structured completion is the greedy choice among those tokens."""
