@@ -308,12 +308,14 @@ class LLMEngine:
             raise ValueError(f"{what}: n={params.n} exceeds max_num_seqs={self.max_num_seqs}")
 
     def _check_logit_bias(self, params: SamplingParams, what: str) -> None:
-        """``logit_bias`` ids must be in the vocabulary (``SamplingParams`` checked the rest, not knowing it)."""
-        bad = [t for t in params.logit_bias or () if t >= self.config.vocab_size]
-        if bad:
-            raise ValueError(
-                f"{what}: logit_bias token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})"
-            )
+        """``logit_bias`` and ``allowed_token_ids`` ids must be in the vocabulary (``SamplingParams`` checked the
+        rest, not knowing it)."""
+        for name in ("logit_bias", "allowed_token_ids"):
+            bad = [t for t in getattr(params, name) or () if t >= self.config.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"{what}: {name} token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})"
+                )
 
     def add(self, request: Request, fork_of: Sequence | None = None) -> None:
         """Queue a request built by :meth:`make_request`. ``fork_of``: a finished sequence of a ``keep_blocks``

@@ -1,7 +1,7 @@
-"""The per-request logit changes, applied before sampling (vLLM's order): ``logit_bias``, the structured outputs'
-mask, the ``min_tokens`` mask, the repetition, frequency and presence penalties, then transformers'
-``no_repeat_ngram_size``. Each is one indexed tensor op for the whole batch over the (row, token) pairs it touches,
-and runs only when some row of the batch asks for it.
+"""The per-request logit changes, applied before sampling (vLLM's order): ``logit_bias``, ``allowed_token_ids``, the
+structured outputs' mask, the ``min_tokens`` mask, the repetition, frequency and presence penalties, then
+transformers' ``no_repeat_ngram_size``. Each is one indexed tensor op for the whole batch over the (row, token)
+pairs it touches, and runs only when some row of the batch asks for it.
 """
 
 from __future__ import annotations
@@ -47,6 +47,15 @@ def apply_logit_bias(logits: torch.Tensor, rows: list[int], biases: list[dict[in
     values = torch.tensor([v for bias in biases for v in bias.values()], dtype=logits.dtype)
     index = torch.tensor([row_ids, tokens], device=logits.device)
     logits.index_put_((index[0], index[1]), values.to(logits.device), accumulate=True)
+
+
+def keep_only(logits: torch.Tensor, rows: list[int], tokens: list[list[int]]) -> None:
+    """In place: in row ``rows[j]``, every logit but those of ``tokens[j]`` becomes -inf (``allowed_token_ids``)."""
+    keep = torch.zeros(len(rows), logits.shape[-1], dtype=torch.bool)
+    for j, ids in enumerate(tokens):
+        keep[j, ids] = True
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = logits[index].masked_fill(~keep.to(logits.device), float("-inf"))
 
 
 def mask_tokens(logits: torch.Tensor, rows: list[int], tokens: list[list[int]]) -> None:
@@ -101,7 +110,8 @@ def process_logits(
     histories: Sequence[TokenHistory] | None,
     eos_token_id: int | None,
 ) -> None:
-    """In place, in vLLM's order: add ``logit_bias``; -inf for the tokens a structured output's grammar does not
+    """In place, in vLLM's order: add ``logit_bias``; -inf outside ``allowed_token_ids``; -inf for the tokens a
+    structured output's grammar does not
     allow next (``histories[i].grammar``); set EOS (unless ``ignore_eos``) and ``stop_token_ids`` to
     -inf in rows with fewer than ``min_tokens`` output tokens; the repetition penalty over prompt and output
     tokens; the frequency and presence penalties over output tokens only (OpenAI's and vLLM's definition); -inf
@@ -111,6 +121,9 @@ def process_logits(
     biased = [i for i, p in enumerate(params) if p.logit_bias]
     if biased:
         apply_logit_bias(logits, biased, [params[i].logit_bias for i in biased])
+    restricted = [i for i, p in enumerate(params) if p.allowed_token_ids]
+    if restricted:
+        keep_only(logits, restricted, [params[i].allowed_token_ids for i in restricted])
     rows = [i for i, p in enumerate(params) if p.min_tokens or p.penalized or p.no_repeat_ngram_size]
     structured = [i for i, p in enumerate(params) if p.structured_outputs]
     if not rows and not structured:

@@ -1,11 +1,12 @@
 """``OutputProcessor``: from sampled tokens to what the user sees (vLLM v1's detokenizer and output processor).
 
-For every new token of a sequence it records the token and its log-probs, detokenizes incrementally, and checks
-the stop conditions: EOS (unless ``ignore_eos``), a stop token, a stop string, ``max_tokens``. EOS and stop tokens
-end the sequence without adding their text; a stop string is cut off with what follows it. None of them applies to
-the first ``min_tokens`` tokens (vLLM's rule; a stop string must end in the text of a later token), only
-``max_tokens`` does. While a sequence runs, its visible text holds back the last ``len(longest stop string) - 1``
-characters, which a stop string may yet claim, so a stream never shows text that the final output does not have.
+For every new token of a sequence it records the token and its log-probs, detokenizes incrementally, and checks the
+stop conditions: EOS (unless ``ignore_eos``), a stop token, a stop string, ``max_tokens``. EOS and stop tokens end
+the sequence without adding their text; a stop string is cut off with what follows it
+(``include_stop_str_in_output`` keeps a stop string, and a stop token's text). None of them applies to the first
+``min_tokens`` tokens (vLLM's rule; a stop string must end in the text of a later token), only ``max_tokens`` does.
+While a sequence runs, its visible text holds back the last ``len(longest stop string) - 1`` characters, which a
+stop string may yet claim, so a stream never shows text that the final output does not have.
 
 Each step's output follows the request's ``output_kind``: everything so far (the engine's default), only what is
 new (``DELTA``, for streams), or nothing until the end (``FINAL_ONLY``, what ``LLM.generate`` and a non-streamed
@@ -52,7 +53,7 @@ class OutputProcessor:
         if may_stop and token == self.eos_token_id and not p.ignore_eos:
             return self._finish(seq, "stop", None, text_upto=count - 1)  # EOS adds no text
         if may_stop and p.stop_token_ids and token in p.stop_token_ids:
-            return self._finish(seq, "stop", token, text_upto=count - 1)
+            return self._finish(seq, "stop", token, text_upto=count if p.include_stop_str_in_output else count - 1)
         if seq.detokenizer is not None and (p.stop or p.output_kind is not _FINAL_ONLY):
             before = len(seq.text)
             if seq.num_detokenized == count - 1:  # a stream's every step: this token, inline
@@ -62,8 +63,8 @@ class OutputProcessor:
                 self._detokenize(seq, count)
             for s in p.stop if may_stop and p.stop else ():
                 cut = seq.text.find(s, max(0, before - len(s) + 1))
-                if cut >= 0:
-                    seq.text = seq.text[:cut]  # the stop string and anything after it, partial bytes included
+                if cut >= 0:  # the stop string (unless kept) and anything after it, partial bytes included
+                    seq.text = seq.text[: cut + len(s) if p.include_stop_str_in_output else cut]
                     return self._finish(seq, "stop", s, text_upto=None)
         if count >= p.max_tokens:
             self._finish(seq, "length", None, text_upto=count)

@@ -67,6 +67,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # CTRL-style, over prompt and generated tokens; 1.0: off
     stop: str | list[str] | None = None  # stop strings (not included in the output text)
     stop_token_ids: list[int] | None = None  # stop tokens (not included in the output)
+    include_stop_str_in_output: bool = False  # keep the stop string (or a stop token's text) at the end of the text
     ignore_eos: bool = False  # keep going past <|endoftext|>
     seed: int | None = None  # per-request generator: reproducible, batch-independent samples
     logprobs: int | None = None  # return the sampled token's logprob plus this many top alternatives
@@ -78,6 +79,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted from each token already generated; in [-2, 2]
     frequency_penalty: float = 0.0  # subtracted once per time a token was generated; in [-2, 2]
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    allowed_token_ids: list[int] | None = None  # sample only these tokens (the others' logits -inf)
     min_tokens: int = 0  # tokens to generate before EOS, a stop token or a stop string may end the sequence
     no_repeat_ngram_size: int = 0  # transformers': no n-gram of this size twice in prompt + output; 0: off
     # a JSON schema, any JSON object, a regex or a choice the completion must match (engine.structured_outputs)
@@ -115,6 +117,13 @@ class SamplingParams:
                     f"stop_token_ids must be a list of non-negative token ids, got {self.stop_token_ids!r}"
                 )
             self.stop_token_ids = list(self.stop_token_ids)
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if not isinstance(ids, (list, tuple)) or not ids or not all(_is_int(t) and t >= 0 for t in ids):
+                raise ValueError(f"allowed_token_ids must be a non-empty list of token ids or None, got {ids!r}")
+            self.allowed_token_ids = list(ids)
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise ValueError(f"include_stop_str_in_output must be a bool, got {self.include_stop_str_in_output!r}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if self.seed is not None and not _is_int(self.seed):
@@ -179,4 +188,5 @@ class SamplingParams:
             or self.repetition_penalty != 1.0
             or self.no_repeat_ngram_size
             or self.structured_outputs
+            or self.allowed_token_ids
         )

@@ -73,6 +73,8 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = None
     min_tokens: int = 0
     truncate_prompt_tokens: int | None = None
+    include_stop_str_in_output: bool = False
+    allowed_token_ids: list[int] | None = None
     # vLLM's beam search: the n best beams, n being the beam width (transformers' algorithm and length_penalty)
     use_beam_search: bool = False
     length_penalty: float = 1.0
@@ -131,13 +133,16 @@ class SamplingFields(BaseModel):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            allowed_token_ids=self.allowed_token_ids,
             structured_outputs=self.structured_outputs_params(),
         )
 
     def beam_search_params(self, max_tokens: int) -> BeamSearchParams:
         """As :class:`BeamSearchParams` (beam width ``n``); an ``ApiError`` names the field that cannot be."""
         unsupported = {"stream": self.stream, "stop": self.stop, "stop_token_ids": self.stop_token_ids,
-                       "logit_bias": self.logit_bias, "presence_penalty": self.presence_penalty,
+                       "logit_bias": self.logit_bias, "allowed_token_ids": self.allowed_token_ids,
+                       "presence_penalty": self.presence_penalty,
                        "frequency_penalty": self.frequency_penalty, "min_tokens": self.min_tokens,
                        "repetition_penalty": self.repetition_penalty not in (None, 1.0)}  # fmt: skip
         if self.structured_field is not None:

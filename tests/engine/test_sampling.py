@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -226,6 +227,51 @@ def test_min_p_through_the_engine(tiny_checkpoint):
     steps = [(d, t) for c in out.outputs for d, t in zip(c.logprobs, c.token_ids)]
     assert all(d[t] >= max(d.values()) + math.log(min_p) - 1e-5 for d, t in steps)
     assert any(d[t] < max(d.values()) for d, t in steps)
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_checkpoint):
+    from engine import LLM
+
+    return LLM(str(tiny_checkpoint), backend="torch", dtype="float32", device="cpu", progress=False)
+
+
+def test_allowed_token_ids_are_all_that_is_sampled(tiny_llm):
+    allowed = random.sample(range(50256), random.randint(2, 6))
+    params = SamplingParams(n=16, max_tokens=4, allowed_token_ids=allowed, logprobs=8, ignore_eos=True)
+    out = tiny_llm.generate([random.randrange(50256) for _ in range(6)], params, use_tqdm=False)[0]
+    assert all(set(c.token_ids) <= set(allowed) for c in out.outputs)
+    assert all(set(d) <= set(allowed) for c in out.outputs for d in c.logprobs)  # the rest cannot be drawn
+    assert len({t for c in out.outputs for t in c.token_ids}) > 1  # sampled, not one token forced
+    prompt = [random.randrange(50256) for _ in range(6)]
+    greedy = SamplingParams(max_tokens=1, temperature=0)
+    favourite = tiny_llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids[0]
+    others = [t for t in allowed if t != favourite]
+    chosen = tiny_llm.generate(prompt, replace(greedy, allowed_token_ids=others + [favourite]), use_tqdm=False)
+    assert chosen[0].outputs[0].token_ids == [favourite]
+    with pytest.raises(ValueError, match="allowed_token_ids token id 50257"):
+        tiny_llm.generate(prompt, replace(greedy, allowed_token_ids=[50257]))
+    for bad in ([], [-1], "12", [1.0]):
+        with pytest.raises(ValueError, match="allowed_token_ids"):
+            SamplingParams(allowed_token_ids=bad)
+
+
+def test_include_stop_str_in_output_keeps_the_stop(tiny_llm):
+    """A stop string, then a stop token, met half way through a greedy completion: the text ends before it, or with
+    it when ``include_stop_str_in_output``."""
+    tok = tiny_llm.get_tokenizer()
+    prompt = [random.randrange(50256) for _ in range(6)]
+    plain = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    ids = tiny_llm.generate(prompt, plain, use_tqdm=False)[0].outputs[0].token_ids
+    j = random.randrange(4, 12)
+    stop = tok.decode(ids[j : j + 2])
+    for params, kept in [(replace(plain, stop=[stop]), stop), (replace(plain, stop_token_ids=[ids[j]]), None)]:
+        cut = tiny_llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+        whole = tiny_llm.generate(prompt, replace(params, include_stop_str_in_output=True), use_tqdm=False)
+        whole = whole[0].outputs[0]
+        kept = kept if kept is not None else tok.decode(whole.token_ids[-1:])
+        assert whole.text == cut.text + kept and whole.finish_reason == cut.finish_reason == "stop"
+        assert whole.stop_reason == cut.stop_reason
 
 
 def assert_processed(got: torch.Tensor, want: torch.Tensor) -> None:

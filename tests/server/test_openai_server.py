@@ -301,6 +301,19 @@ def test_truncate_prompt_tokens_echoes_what_the_model_read(client, server, refer
     assert error_of(r, 400)["param"] == "truncate_prompt_tokens"
 
 
+def test_allowed_token_ids_and_include_stop_str_in_output(client, server, reference):
+    prompt, allowed = words(), random.sample(range(50256), 4)
+    out = client.completions.create(model=server.model, prompt=prompt, max_tokens=6, logprobs=2,
+                                    extra_body={"allowed_token_ids": allowed, "ignore_eos": True})  # fmt: skip
+    pieces = {reference.get_tokenizer().decode([a]) for a in allowed}
+    assert len(out.choices[0].logprobs.tokens) == 6 and set(out.choices[0].logprobs.tokens) <= pieces
+    full = expected(reference, prompt, max_tokens=12, temperature=0, ignore_eos=True)[0]
+    stop = full[len(full) // 2 :][:2]
+    out = client.completions.create(model=server.model, prompt=prompt, max_tokens=12, temperature=0, stop=[stop],
+                                    extra_body={"include_stop_str_in_output": True, "ignore_eos": True})  # fmt: skip
+    assert out.choices[0].text == full[: full.index(stop) + len(stop)]
+
+
 def test_structured_outputs_every_way_a_client_asks(client, server):
     """OpenAI's response_format (json_schema, json_object), vLLM's structured_outputs and guided_* fields."""
     import re
