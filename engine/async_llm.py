@@ -77,11 +77,13 @@ class AsyncLLM:
         return cls(engine, max_waiting)
 
     # ---------------------------------------------------------------- requests in
-    def make_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> Request:
+    def make_request(
+        self, request_id: str, prompt: Prompt, params: SamplingParams | None = None, priority: int = 0
+    ) -> Request:
         """Validate a request (``ValueError`` naming what is wrong) without queueing it."""
         if request_id in self._active:
             raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request")
-        return self.engine.make_request(request_id, prompt, params)
+        return self.engine.make_request(request_id, prompt, params, priority=priority)
 
     async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
         """Queue ``request`` and yield its outputs as the engine produces them (as its ``output_kind`` asks:

@@ -128,6 +128,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     _speculative_arg(p)
+    p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+                   help="priority: requests' priority field orders the queue and picks who is preempted")  # fmt: skip
     p.add_argument("--max-waiting", type=int, default=512, help="requests queued before new ones get 503")
     p.add_argument("--chat-template", default=None, help="a Jinja chat template file: enables /v1/chat/completions")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
@@ -302,7 +304,8 @@ def _serve(args) -> int:
         quantization=args.quantization, tokenizer=args.tokenizer, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size, num_blocks=args.num_blocks,
         kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=args.enable_prefix_caching,
-        enforce_eager=args.enforce_eager, speculative_config=args.speculative_config, progress=False,
+        enforce_eager=args.enforce_eager, speculative_config=args.speculative_config,
+        scheduling_policy=args.scheduling_policy, progress=False,
     )  # fmt: skip
     scale = _scale_options(args)
     if scale is None and args.ray_address is None:

@@ -62,7 +62,7 @@ class LLM:
         return list(prompts)
 
     # ---------------------------------------------------------------- generation
-    def _add_requests(self, prompts, params, output_kind: RequestOutputKind) -> list[str]:
+    def _add_requests(self, prompts, params, output_kind: RequestOutputKind, priority=None) -> list[str]:
         """Validate every prompt first (nothing is queued if one is refused), then queue them, each with the given
         ``output_kind`` (the caller's params are left as they are); returns their ids."""
         engine = self.llm_engine
@@ -77,10 +77,14 @@ class LLM:
             dataclasses.replace(p, output_kind=output_kind) if isinstance(p, SamplingParams) else p  # make_request
             for p in (SamplingParams() if p is None else p for p in params)  # refuses anything else, naming it
         ]
+        if priority is None:
+            priority = [0] * len(prompts)
+        elif not isinstance(priority, (list, tuple)) or len(priority) != len(prompts):
+            raise ValueError("priority must be a list with one integer per prompt")
         call = next(self._call_ids)
         requests = [
-            engine.make_request(f"{call}-{i}", prompt, p, what=f"prompt {i}")
-            for i, (prompt, p) in enumerate(zip(prompts, params))
+            engine.make_request(f"{call}-{i}", prompt, p, what=f"prompt {i}", priority=rank)
+            for i, (prompt, p, rank) in enumerate(zip(prompts, params, priority))
         ]
         for request in requests:
             engine.add(request)
@@ -99,9 +103,11 @@ class LLM:
         prompts: Prompt | Seq[Prompt],
         params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        priority: Seq[int] | None = None,
     ) -> list[RequestOutput]:
-        """Complete each prompt; returns one :class:`RequestOutput` per prompt, in order."""
-        request_ids = self._add_requests(prompts, params, RequestOutputKind.FINAL_ONLY)
+        """Complete each prompt; returns one :class:`RequestOutput` per prompt, in order. ``priority``: one per
+        prompt, lower first (with ``scheduling_policy="priority"``)."""
+        request_ids = self._add_requests(prompts, params, RequestOutputKind.FINAL_ONLY, priority)
         final: dict[str, RequestOutput] = {}
         with progress_bar(total=len(request_ids), desc="generate", unit="req",
                           disable=not (use_tqdm and self.progress)) as bar:  # fmt: skip

@@ -35,7 +35,7 @@ from engine.output_processor import OutputProcessor
 from engine.outputs import EngineStats, RequestOutput
 from engine.sampling import Sampler, SamplingBatch, seeded_generator, token_logprobs
 from engine.sampling_params import RequestOutputKind, SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import POLICIES, Scheduler
 from engine.sequence import Request, Sequence, SequenceStatus
 from engine.speculative import NgramProposer, SpeculativeConfig, accepted_length, speculates
 
@@ -87,7 +87,8 @@ class LLMEngine:
     (default ``max(4096, n_positions, max_num_seqs)``). ``split_special_tokens`` encodes ``<|endoftext|>`` written
     in prompt text as literal characters (default: as token 50256, as transformers does). ``speculative_config``
     (vLLM's: ``{"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 1}``)
-    turns on speculative decoding by n-gram lookup (:mod:`engine.speculative`).
+    turns on speculative decoding by n-gram lookup (:mod:`engine.speculative`). ``scheduling_policy="priority"``
+    (vLLM's) serves waiting requests by their ``priority`` (lower first) and preempts the lowest-priority one.
     """
 
     def __init__(
@@ -110,11 +111,15 @@ class LLMEngine:
         enforce_eager: bool = False,
         split_special_tokens: bool = False,
         speculative_config: SpeculativeConfig | dict | None = None,
+        scheduling_policy: str = "fcfs",
     ) -> None:
         _check_arguments(
             block_size, max_num_seqs, num_blocks, max_num_batched_tokens, load_format, quantization,
             split_special_tokens, enable_prefix_caching,
         )  # fmt: skip
+        if scheduling_policy not in POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {POLICIES}, got {scheduling_policy!r}")
+        self.scheduling_policy = scheduling_policy
         self.speculative = SpeculativeConfig.parse(speculative_config)
         self.proposer = NgramProposer(self.speculative) if self.speculative else None
         self.split_special_tokens = split_special_tokens
@@ -149,7 +154,7 @@ class LLMEngine:
             rows = min(rows, self.max_num_batched_tokens)  # a sequence's drafts are decode rows too
             static = StaticDecoder(self.model, self.kv, rows, self.device, capture=True)
         self.runner = ModelRunner(self.model, self.kv, self.blocks, self.device, static)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, self.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, self.max_num_batched_tokens, scheduling_policy)
         self.sampler = Sampler(self.config.eos_token_id)
         self._last_sampling: tuple[list[Sequence], int, SamplingBatch] | None = None  # the last step's, see _sample
         self.output_processor = OutputProcessor(self.config.eos_token_id)
@@ -229,10 +234,20 @@ class LLMEngine:
         return ids
 
     def make_request(
-        self, request_id: str, prompt: Prompt, params: SamplingParams | None = None, what: str | None = None
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        what: str | None = None,
+        priority: int = 0,
     ) -> Request:
-        """Validate a request without adding it (``ValueError`` naming what is wrong); ``add`` it afterwards."""
+        """Validate a request without adding it (``ValueError`` naming what is wrong); ``add`` it afterwards.
+        ``priority`` (lower first) needs ``scheduling_policy="priority"``."""
         what = what or f"request {request_id!r}"
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"{what}: priority must be an integer, got {priority!r}")
+        if priority and self.scheduling_policy != "priority":
+            raise ValueError(f"{what}: priority={priority} needs scheduling_policy='priority'")
         if not isinstance(request_id, str):
             raise ValueError(f"request_id must be a string, got {type(request_id).__name__}")
         if request_id in self.requests:
@@ -247,6 +262,7 @@ class LLMEngine:
         if params.stop and not detokenize:
             raise ValueError(f"{what}: stop strings need a tokenizer (pass tokenizer=...) or use stop_token_ids")
         request = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, detokenize)
+        request.priority = priority
         if params.prompt_logprobs is not None:
             if params.prompt_logprobs_start > len(ids):
                 raise ValueError(
@@ -338,10 +354,15 @@ class LLMEngine:
                 self.blocks.free(seq)
 
     def add_request(
-        self, request_id: str, prompt: Prompt, params: SamplingParams | None = None, arrival_time: float | None = None
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+        priority: int = 0,
     ) -> None:
         """Queue a prompt (text or token ids); its outputs come from :meth:`step` under ``request_id``."""
-        request = self.make_request(request_id, prompt, params)
+        request = self.make_request(request_id, prompt, params, priority=priority)
         if arrival_time is not None:
             request.metrics = replace(request.metrics, arrival_time=arrival_time)
         self.add(request)

@@ -11,6 +11,10 @@ is preempted by recompute: it gives its blocks back and goes to the front of the
 generated tokens later (hitting its own cached blocks) and continue where it was. A step that preempted admits
 nobody new. A request's ``n`` samples run as one sequence until its prompt is computed, then fork.
 
+With ``policy="priority"`` (vLLM's ``scheduling_policy``), the queue is ordered by each request's ``priority``
+(lower first), then arrival, and the sequence preempted is the running one of the lowest priority (the newest of
+those) instead of the newest.
+
 A decoding sequence with drafts (speculative decoding) computes its token and as many of its drafts as the budget
 and the free blocks allow, leaving a block for each running sequence whose next token needs one: a draft never
 makes the scheduler preempt.
@@ -49,9 +53,20 @@ class SchedulerOutput:
         return self.num_tokens[i] == seq.num_uncomputed + len(seq.draft_token_ids)
 
 
+POLICIES = ("fcfs", "priority")
+
+
+def _rank(seq: Sequence) -> tuple[int, int]:
+    """A sequence's place under the priority policy: its request's priority, then its arrival (ids grow with it)."""
+    return seq.request.priority, seq.seq_id
+
+
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, policy: str = "fcfs"
+    ) -> None:
         self.blocks = blocks
+        self.by_priority = policy == "priority"
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -61,7 +76,16 @@ class Scheduler:
         self.prefix_cache_hits = 0  # of those, tokens served from it
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        if self.by_priority:
+            self._queue(seq)
+        else:
+            self.waiting.append(seq)
+
+    def _queue(self, seq: Sequence) -> None:
+        """Into the waiting queue in priority order (a new or a preempted sequence)."""
+        rank = _rank(seq)
+        at = next((i for i, other in enumerate(self.waiting) if _rank(other) > rank), len(self.waiting))
+        self.waiting.insert(at, seq)
 
     @property
     def has_work(self) -> bool:
@@ -145,7 +169,7 @@ class Scheduler:
         target = seq.num_computed + n
         if not self.blocks.holds(seq, target):  # most decode steps write into a block the sequence already owns
             while not self.blocks.can_append(seq, target):
-                victim = self.running[-1]
+                victim = max(self.running, key=_rank) if self.by_priority else self.running[-1]
                 self._preempt(victim, out)
                 if victim is seq:
                     return False
@@ -162,7 +186,10 @@ class Scheduler:
         self.blocks.free(seq)
         seq.draft_token_ids = []
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        if self.by_priority:
+            self._queue(seq)
+        else:
+            self.waiting.appendleft(seq)
         self.num_preemptions += 1
         out.num_preempted += 1
 

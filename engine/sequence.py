@@ -123,6 +123,7 @@ class Request:
     num_outputs: int = 0  # outputs returned so far
     # a finished sequence keeps its blocks until LLMEngine.release (beam search forks the next beams from them)
     keep_blocks: bool = False
+    priority: int = 0  # with the priority scheduling policy: lower goes first
 
     @property
     def finished(self) -> bool:

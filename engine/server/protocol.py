@@ -75,6 +75,7 @@ class SamplingFields(BaseModel):
     truncate_prompt_tokens: int | None = None
     include_stop_str_in_output: bool = False
     allowed_token_ids: list[int] | None = None
+    priority: int = 0  # with serve --scheduling-policy priority: lower is served first
     # vLLM's beam search: the n best beams, n being the beam width (transformers' algorithm and length_penalty)
     use_beam_search: bool = False
     length_penalty: float = 1.0

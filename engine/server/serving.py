@@ -307,11 +307,13 @@ def make_job(llm: AsyncLLM, model: str, req: SamplingFields, prompts: list, max_
         params = replace(params, output_kind=kind)
     except ValueError as e:
         raise ApiError(400, str(e), str(e).split()[0]) from None
+    if req.priority and llm.engine.scheduling_policy != "priority":
+        raise ApiError(400, "priority needs the server started with --scheduling-policy priority", "priority")
     job_id = f"cmpl-{uuid.uuid4().hex}"
     requests = []
     for i, prompt in enumerate(prompts):
         try:
-            requests.append(llm.make_request(f"{job_id}-{i}", prompt, params))
+            requests.append(llm.make_request(f"{job_id}-{i}", prompt, params, priority=req.priority))
         except ValueError as e:
             raise ApiError(400, str(e).replace(f"request '{job_id}-{i}'", f"prompt {i}"), "prompt") from None
     texts = [p if isinstance(p, str) else "" for p in prompts]

@@ -94,6 +94,37 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(llm):
             SamplingParams(truncate_prompt_tokens=bad)
 
 
+def test_priority_scheduling(tiny_checkpoint):
+    """vLLM's scheduling_policy="priority": one sequence at a time, requests finish in priority order (then arrival),
+    with the tokens they get under first come first served; priority without the policy is refused."""
+    from engine import LLMEngine
+
+    kw = dict(backend="torch", dtype="float32", device="cpu", progress=False)
+    engine = LLMEngine(str(tiny_checkpoint), scheduling_policy="priority", max_num_seqs=1, **kw)
+    ranks = random.sample(range(-5, 5), 4) + [0]
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    prompts = [[random.randrange(50256) for _ in range(5)] for _ in ranks]
+    for i, (prompt, rank) in enumerate(zip(prompts, ranks)):
+        engine.add_request(str(i), prompt, params, priority=rank)
+    finished, tokens = [], {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            finished += [int(out.request_id)] * out.finished
+            tokens[int(out.request_id)] = out.outputs[0].token_ids
+    assert finished == sorted(range(len(ranks)), key=lambda i: (ranks[i], i))
+    fcfs = LLM(str(tiny_checkpoint), **kw).generate(prompts, params, use_tqdm=False)
+    assert [tokens[i] for i in range(len(ranks))] == [o.outputs[0].token_ids for o in fcfs]
+    llm = LLM(str(tiny_checkpoint), scheduling_policy="priority", **kw)
+    out = llm.generate(prompts, params, priority=ranks, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in fcfs]
+    with pytest.raises(ValueError, match="one integer per prompt"):
+        llm.generate(prompts, params, priority=[0])
+    with pytest.raises(ValueError, match="scheduling_policy='priority'"):
+        LLM(str(tiny_checkpoint), **kw).generate(prompts, params, priority=ranks)
+    with pytest.raises(ValueError, match="scheduling_policy must be"):
+        LLM(str(tiny_checkpoint), scheduling_policy="lifo", **kw)
+
+
 def test_request_larger_than_the_whole_pool_is_refused(tiny_checkpoint):
     llm = LLM(str(tiny_checkpoint), device="cpu", block_size=4, num_blocks=5, progress=False)
     with pytest.raises(ValueError, match="KV blocks"):

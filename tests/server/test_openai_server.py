@@ -249,6 +249,7 @@ def error_of(response, status: int) -> dict:
         ({"prompt": "hi", "use_beam_search": True, "stop": "x"}, "stop"),
         ({"prompt": "hi", "use_beam_search": True, "length_penalty": "long"}, "length_penalty"),
         ({"prompt": "hi", "min_p": 1.5}, "min_p"),
+        ({"prompt": "hi", "priority": 1}, "priority"),
     ],
 )
 def test_invalid_fields_are_400_naming_them(server, body, param):
@@ -352,13 +353,16 @@ def test_structured_outputs_mistakes_are_400_naming_the_field(server, extra, par
 
 
 def test_a_speculating_server_answers_what_the_engine_without_speculation_does(tiny_checkpoint, reference):
-    """``serve --speculative-config``: greedy completions, whole and streamed, are the reference's, and
-    ``/metrics`` counts the drafts (prompts of repeated words: the lookups hit)."""
+    """``serve --speculative-config`` (and ``--scheduling-policy priority``, requests with a priority): greedy
+    completions, whole and streamed, are the reference's, and ``/metrics`` counts the drafts (prompts of repeated
+    words: the lookups hit)."""
     spec = {"num_speculative_tokens": 3, "prompt_lookup_max": 2}
-    live, stop = start_server(tiny_checkpoint, engine_args={"speculative_config": spec})
+    options = {"speculative_config": spec, "scheduling_policy": "priority"}
+    live, stop = start_server(tiny_checkpoint, engine_args=options)
     try:
         prompts = [words() + " " + words() for _ in range(3)]
-        body = {"model": live.model, "prompt": prompts, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+        body = {"model": live.model, "prompt": prompts, "max_tokens": 16, "temperature": 0, "ignore_eos": True,
+                "priority": random.randint(-3, 3)}  # fmt: skip
         want = [expected(reference, p, max_tokens=16, temperature=0, ignore_eos=True)[0] for p in prompts]
         choices = sorted(live.post("/v1/completions", json=body).json()["choices"], key=lambda c: c["index"])
         assert [c["text"] for c in choices] == want
