@@ -164,8 +164,8 @@ class Scheduler:
         return 1 + len(drafts)
 
     def _reserve(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
-        """Blocks for ``seq``'s next ``n`` tokens, preempting the newest running sequences until they fit; False
-        when ``seq`` itself had to go."""
+        """Blocks for ``seq``'s next ``n`` tokens, preempting the newest running sequences (the lowest-priority ones
+        under the priority policy) until they fit; False when ``seq`` itself had to go."""
         target = seq.num_computed + n
         if not self.blocks.holds(seq, target):  # most decode steps write into a block the sequence already owns
             while not self.blocks.can_append(seq, target):
