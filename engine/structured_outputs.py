@@ -164,8 +164,8 @@ def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
 def mask_disallowed(logits: torch.Tensor, rows: list[int], grammars: list[Grammar]) -> None:
     """Set each row's logits that its grammar does not allow next to -inf, in place: the grammars write their bits
     on the host, the packed words go to the logits' device (an eighth of a bool mask's bytes) and are unpacked there."""
-    vocab = logits.shape[-1]
-    words = torch.zeros(len(rows), (grammars[0].vocab_size + 31) // 32, dtype=torch.int32)
+    vocab = logits.shape[-1]  # may exceed the tokenizer's (a padded LM head): the extra tokens stay disallowed
+    words = torch.zeros(len(rows), (max(vocab, grammars[0].vocab_size) + 31) // 32, dtype=torch.int32)
     for row, grammar in zip(words, grammars):
         grammar.write_words(row)
     disallowed = ~unpack_bits(words.to(logits.device, non_blocking=True), vocab)

@@ -154,6 +154,20 @@ def test_unpacking_the_bits_with_numpy_and_without(monkeypatch):
     assert torch.equal(got, want[:, :n].bool()) and torch.equal(structured_outputs.unpack_bits(words, n), got)
 
 
+def test_the_mask_over_a_head_wider_or_narrower_than_the_vocabulary(llm):
+    """A padded LM head (nanoGPT's 50304) has tokens no grammar knows: disallowed; a narrower one is cut."""
+    from engine.structured_outputs import mask_disallowed
+
+    grammar = llm.llm_engine.grammar(StructuredOutputsParams(choice=["yes", "no"]))
+    allowed = grammar.allowed(50257)
+    for width in (50304, 40000):
+        logits = torch.randn(2, width)
+        mask_disallowed(logits, [1], [grammar])
+        n = min(width, 50257)
+        assert torch.equal(logits[1, :n].isfinite(), allowed[:n]) and logits[0].isfinite().all()
+        assert not logits[1, n:].isfinite().any()
+
+
 def test_what_cannot_be_asked_is_a_value_error_naming_it(llm):
     for kwargs, words in [
         (dict(), "exactly one"),
