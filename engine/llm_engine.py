@@ -263,6 +263,8 @@ class LLMEngine:
             raise ValueError(f"{what}: stop strings need a tokenizer (pass tokenizer=...) or use stop_token_ids")
         request = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, detokenize)
         request.priority = priority
+        if params.bad_words:
+            request.bad_word_ids = self._bad_word_ids(params.bad_words, what)
         if params.prompt_logprobs is not None:
             if params.prompt_logprobs_start > len(ids):
                 raise ValueError(
@@ -293,6 +295,13 @@ class LLMEngine:
                     raise ValueError("structured_outputs need a tokenizer (pass tokenizer=...)")
                 self._grammar_compiler = GrammarCompiler(self.get_tokenizer())
         return self._grammar_compiler.grammar(structured_outputs)
+
+    def _bad_word_ids(self, words: list[str], what: str) -> list[list[int]]:
+        """``bad_words`` as token sequences, each word as written and after a space (vLLM's two forms)."""
+        if not self.has_tokenizer():
+            raise ValueError(f"{what}: bad_words need a tokenizer (pass tokenizer=...)")
+        encode = self.get_tokenizer().encode
+        return [list(ids) for word in words for ids in {tuple(encode(word)), tuple(encode(" " + word.lstrip(" ")))}]
 
     def _truncated(self, ids: list[int], keep: int | None, what: str) -> list[int]:
         """The last ``keep`` prompt tokens (``truncate_prompt_tokens``; -1: the context's worth), as vLLM cuts."""

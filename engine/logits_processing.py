@@ -115,7 +115,8 @@ def process_logits(
     allow next (``histories[i].grammar``); set EOS (unless ``ignore_eos``) and ``stop_token_ids`` to
     -inf in rows with fewer than ``min_tokens`` output tokens; the repetition penalty over prompt and output
     tokens; the frequency and presence penalties over output tokens only (OpenAI's and vLLM's definition); -inf
-    for the tokens that would repeat an n-gram of ``no_repeat_ngram_size`` (transformers'). Rows that use none of
+    for the tokens that would repeat an n-gram of ``no_repeat_ngram_size`` (transformers'), and for those that would
+    end one of the ``bad_words`` (``histories[i].request.bad_word_ids``). Rows that use none of
     these are left untouched, and a feature no row uses costs nothing. ``histories[i]`` holds row ``i``'s tokens
     (needed for all but ``logit_bias``)."""
     biased = [i for i, p in enumerate(params) if p.logit_bias]
@@ -124,7 +125,7 @@ def process_logits(
     restricted = [i for i, p in enumerate(params) if p.allowed_token_ids]
     if restricted:
         keep_only(logits, restricted, [params[i].allowed_token_ids for i in restricted])
-    rows = [i for i, p in enumerate(params) if p.min_tokens or p.penalized or p.no_repeat_ngram_size]
+    rows = [i for i, p in enumerate(params) if p.min_tokens or p.penalized or p.no_repeat_ngram_size or p.bad_words]
     structured = [i for i, p in enumerate(params) if p.structured_outputs]
     if not rows and not structured:
         return
@@ -153,6 +154,17 @@ def process_logits(
         histories_of = [histories[i].prompt_token_ids + histories[i].output_token_ids for i in ngrams]
         banned = [repeated_ngram_tokens(h, params[i].no_repeat_ngram_size) for i, h in zip(ngrams, histories_of)]
         mask_tokens(logits, ngrams, banned)
+    worded = [i for i in rows if params[i].bad_words]
+    if worded:
+        banned = [bad_word_endings(histories[i].output_token_ids, histories[i].request.bad_word_ids) for i in worded]
+        mask_tokens(logits, worded, banned)
+
+
+def bad_word_endings(output: Sequence[int], words: list[list[int]]) -> list[int]:
+    """The tokens that would end one of ``words`` (token sequences) after ``output``: a word's last token, where the
+    output ends with the rest of it (vLLM's ``bad_words``, over the generated tokens)."""
+    n = len(output)
+    return [ids[-1] for ids in words if len(ids) - 1 <= n and list(output[n - len(ids) + 1 :]) == ids[:-1]]
 
 
 def _min_tokens_stops(p: SamplingParams, eos_token_id: int | None) -> list[int]:

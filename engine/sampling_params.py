@@ -80,6 +80,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted once per time a token was generated; in [-2, 2]
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
     allowed_token_ids: list[int] | None = None  # sample only these tokens (the others' logits -inf)
+    bad_words: list[str] | None = None  # words never generated (their last token banned where it would end one)
     min_tokens: int = 0  # tokens to generate before EOS, a stop token or a stop string may end the sequence
     no_repeat_ngram_size: int = 0  # transformers': no n-gram of this size twice in prompt + output; 0: off
     # a JSON schema, any JSON object, a regex or a choice the completion must match (engine.structured_outputs)
@@ -122,6 +123,12 @@ class SamplingParams:
             if not isinstance(ids, (list, tuple)) or not ids or not all(_is_int(t) and t >= 0 for t in ids):
                 raise ValueError(f"allowed_token_ids must be a non-empty list of token ids or None, got {ids!r}")
             self.allowed_token_ids = list(ids)
+        if self.bad_words is not None:
+            if not isinstance(self.bad_words, (list, tuple)) or not all(
+                isinstance(w, str) and w for w in self.bad_words
+            ):
+                raise ValueError(f"bad_words must be a list of non-empty strings or None, got {self.bad_words!r}")
+            self.bad_words = list(self.bad_words)
         if not isinstance(self.include_stop_str_in_output, bool):
             raise ValueError(f"include_stop_str_in_output must be a bool, got {self.include_stop_str_in_output!r}")
         if not isinstance(self.ignore_eos, bool):
@@ -189,4 +196,5 @@ class SamplingParams:
             or self.no_repeat_ngram_size
             or self.structured_outputs
             or self.allowed_token_ids
+            or self.bad_words
         )

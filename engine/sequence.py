@@ -124,6 +124,7 @@ class Request:
     # a finished sequence keeps its blocks until LLMEngine.release (beam search forks the next beams from them)
     keep_blocks: bool = False
     priority: int = 0  # with the priority scheduling policy: lower goes first
+    bad_word_ids: list[list[int]] = field(default_factory=list)  # params.bad_words as token sequences
 
     @property
     def finished(self) -> bool:

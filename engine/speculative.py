@@ -11,10 +11,10 @@ output is distributed as without speculation, and greedy decoding chooses the sa
 sequence from 1 to ``num_speculative_tokens + 1`` tokens for one pass over the weights, which is what decoding at
 small batches pays for.
 
-A sequence speculates only where each row's sampling does not depend on the tokens before it in the chunk: not
-with penalties, ``no_repeat_ngram_size`` or structured outputs, not before ``min_tokens``, and not when sampled from
-its own seeded generator (whose draws would then depend on how many drafts the scheduler could fit, which depends on
-the batch).
+A sequence speculates only where each row's sampling does not depend on the tokens before it in the chunk: not with
+penalties, ``no_repeat_ngram_size``, ``bad_words`` or structured outputs, not before ``min_tokens``, and not when
+sampled from its own seeded generator (whose draws would then depend on how many drafts the scheduler could fit,
+which depends on the batch).
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def speculates(params: SamplingParams, generated: int, seeded: bool) -> bool:
         params.penalized
         or params.no_repeat_ngram_size
         or params.structured_outputs
+        or params.bad_words
         or generated < params.min_tokens
         or (seeded and params.temperature != 0.0)
     )

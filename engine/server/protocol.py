@@ -75,6 +75,7 @@ class SamplingFields(BaseModel):
     truncate_prompt_tokens: int | None = None
     include_stop_str_in_output: bool = False
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     priority: int = 0  # with serve --scheduling-policy priority: lower is served first
     # vLLM's beam search: the n best beams, n being the beam width (transformers' algorithm and length_penalty)
     use_beam_search: bool = False
@@ -136,6 +137,7 @@ class SamplingFields(BaseModel):
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words,
             structured_outputs=self.structured_outputs_params(),
         )
 
@@ -143,6 +145,7 @@ class SamplingFields(BaseModel):
         """As :class:`BeamSearchParams` (beam width ``n``); an ``ApiError`` names the field that cannot be."""
         unsupported = {"stream": self.stream, "stop": self.stop, "stop_token_ids": self.stop_token_ids,
                        "logit_bias": self.logit_bias, "allowed_token_ids": self.allowed_token_ids,
+                       "bad_words": self.bad_words,
                        "presence_penalty": self.presence_penalty,
                        "frequency_penalty": self.frequency_penalty, "min_tokens": self.min_tokens,
                        "repetition_penalty": self.repetition_penalty not in (None, 1.0)}  # fmt: skip

@@ -256,6 +256,28 @@ def test_allowed_token_ids_are_all_that_is_sampled(tiny_llm):
             SamplingParams(allowed_token_ids=bad)
 
 
+def test_bad_words_are_never_completed(tiny_llm):
+    """A two-token word the plain greedy output writes: with it banned, the output is the same until the plain one
+    completes the word (or its spelling after a space), and never completes either."""
+    tok = tiny_llm.get_tokenizer()
+    plain = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    for _ in range(50):
+        prompt = [random.randrange(50256) for _ in range(6)]
+        ids = tiny_llm.generate(prompt, plain, use_tqdm=False)[0].outputs[0].token_ids
+        pairs = [j for j in range(len(ids) - 1) if tok.encode(tok.decode(ids[j : j + 2])) == ids[j : j + 2]]
+        if pairs:
+            break
+    word = tok.decode(ids[pairs[0] : pairs[0] + 2])
+    out = tiny_llm.generate(prompt, replace(plain, bad_words=[word]), use_tqdm=False)[0].outputs[0].token_ids
+    spellings = [tok.encode(word), tok.encode(" " + word.lstrip(" "))]
+    first = min(k + len(w) - 1 for w in spellings for k in range(len(ids)) if ids[k : k + len(w)] == w)
+    assert out[:first] == ids[:first] and out[first] != ids[first]  # the same until the plain output ends a word
+    assert not any(out[k : k + len(w)] == w for w in spellings for k in range(len(out)))
+    for bad in (["ok", ""], "word", [3]):
+        with pytest.raises(ValueError, match="bad_words"):
+            SamplingParams(bad_words=bad)
+
+
 def test_include_stop_str_in_output_keeps_the_stop(tiny_llm):
     """A stop string, then a stop token, met half way through a greedy completion: the text ends before it, or with
     it when ``include_stop_str_in_output``."""

@@ -250,6 +250,7 @@ def error_of(response, status: int) -> dict:
         ({"prompt": "hi", "use_beam_search": True, "length_penalty": "long"}, "length_penalty"),
         ({"prompt": "hi", "min_p": 1.5}, "min_p"),
         ({"prompt": "hi", "priority": 1}, "priority"),
+        ({"prompt": "hi", "bad_words": ["ok", ""]}, "bad_words"),
     ],
 )
 def test_invalid_fields_are_400_naming_them(server, body, param):
@@ -302,7 +303,7 @@ def test_truncate_prompt_tokens_echoes_what_the_model_read(client, server, refer
     assert error_of(r, 400)["param"] == "truncate_prompt_tokens"
 
 
-def test_allowed_token_ids_and_include_stop_str_in_output(client, server, reference):
+def test_allowed_token_ids_include_stop_str_in_output_and_bad_words(client, server, reference):
     prompt, allowed = words(), random.sample(range(50256), 4)
     out = client.completions.create(model=server.model, prompt=prompt, max_tokens=6, logprobs=2,
                                     extra_body={"allowed_token_ids": allowed, "ignore_eos": True})  # fmt: skip
@@ -313,6 +314,10 @@ def test_allowed_token_ids_and_include_stop_str_in_output(client, server, refere
     out = client.completions.create(model=server.model, prompt=prompt, max_tokens=12, temperature=0, stop=[stop],
                                     extra_body={"include_stop_str_in_output": True, "ignore_eos": True})  # fmt: skip
     assert out.choices[0].text == full[: full.index(stop) + len(stop)]
+    first = reference.get_tokenizer().decode(reference.get_tokenizer().encode(full)[:1])
+    out = client.completions.create(model=server.model, prompt=prompt, max_tokens=1, temperature=0,
+                                    extra_body={"bad_words": [first.strip() or first]})  # fmt: skip
+    assert out.choices[0].text != first
 
 
 def test_structured_outputs_every_way_a_client_asks(client, server):
