@@ -29,6 +29,7 @@ except ImportError:
     np = None
 
 MAX_INDEXES = 32  # compiled indexes an engine keeps, least recently used dropped first
+MAX_STATE_WORDS = 512  # states whose allowed-token words an index keeps (6 KB each for GPT-2's vocabulary)
 # whitespace the JSON grammar allows between elements: one space at most, so that a model cannot pad its answer
 # with whitespace until max_tokens (outlines-core's default allows runs of it)
 WHITESPACE = r"[ ]?"
@@ -102,7 +103,7 @@ class GrammarCompiler:
                 tokens.setdefault(tokenizer.token_bytes(token_id), []).append(token_id)
         self.vocab_size = tokenizer.vocab_size
         self._vocabulary = outlines_core.Vocabulary(eos, tokens)
-        self._indexes: OrderedDict[str, object] = OrderedDict()
+        self._indexes: OrderedDict[str, tuple[object, StateWords]] = OrderedDict()  # pattern -> index, its words
         self._lock = threading.Lock()  # the server compiles in worker threads; the lock guards the dict only
 
     def grammar(self, params: StructuredOutputsParams) -> Grammar:
@@ -110,16 +111,17 @@ class GrammarCompiler:
         compiled)."""
         pattern = params.regex_pattern()
         with self._lock:
-            index = self._indexes.get(pattern)
-            if index is not None:
+            entry = self._indexes.get(pattern)
+            if entry is not None:
                 self._indexes.move_to_end(pattern)
-        if index is None:
-            index = self._compile(pattern, params)
+        if entry is None:
+            entry = self._compile(pattern, params), StateWords()
             with self._lock:
-                self._indexes[pattern] = index
+                self._indexes[pattern] = entry
                 if len(self._indexes) > MAX_INDEXES:
                     self._indexes.popitem(last=False)
-        return Grammar(self._oc.Guide(index), self.vocab_size)
+        index, words = entry
+        return Grammar(self._oc.Guide(index), self.vocab_size, words)
 
     def _compile(self, pattern: str, params: StructuredOutputsParams):
         try:
@@ -129,17 +131,39 @@ class GrammarCompiler:
             raise ValueError(f"structured_outputs.{field}: {' '.join(str(e).split())}") from None
 
 
+class StateWords:
+    """The allowed tokens' words of an index's states, kept once written (``MAX_STATE_WORDS``, least recently used
+    dropped first): outlines-core writes a state's words by walking its allowed tokens, 60 us where most of the
+    vocabulary is allowed (inside a JSON string), and the sequences of a batch keep coming back to the same states."""
+
+    def __init__(self) -> None:
+        self._words: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
+
+    def write(self, guide, row: torch.Tensor) -> None:
+        key = guide.get_state(), row.numel()
+        words = self._words.get(key)
+        if words is not None:
+            self._words.move_to_end(key)
+            row.copy_(words)
+            return
+        guide.write_mask_into(row.data_ptr(), row.numel(), row.element_size())
+        self._words[key] = row.clone()
+        if len(self._words) > MAX_STATE_WORDS:
+            self._words.popitem(last=False)
+
+
 class Grammar:
     """One sequence's place in its index: which tokens may come next, and advancing by the token drawn."""
 
-    def __init__(self, guide, vocab_size: int) -> None:
+    def __init__(self, guide, vocab_size: int, words: StateWords) -> None:
         self.guide = guide
         self.vocab_size = vocab_size
+        self.words = words  # shared by every walk over the same index
 
     def write_words(self, row: torch.Tensor) -> None:
         """Write the allowed tokens' bits into ``row`` (int32, contiguous, on the CPU, ``ceil(vocab / 32)`` words:
         token ``t`` is bit ``t % 32`` of word ``t // 32``)."""
-        self.guide.write_mask_into(row.data_ptr(), row.numel(), row.element_size())
+        self.words.write(self.guide, row)
 
     def allowed(self, vocab: int) -> torch.Tensor:
         """``[vocab]`` bool, True for the tokens that may come next."""

@@ -136,3 +136,30 @@ def test_ngram_lookups(benchmark, text, tokenizer_dir, context):
 
     assert sum(map(bool, lookups())) > 64  # many windows of real text repeat their last token somewhere
     benchmark.pedantic(lookups, rounds=50, warmup_rounds=2)
+
+
+@pytest.mark.benchmark(group="structured outputs: a step's mask, 64 sequences")
+@pytest.mark.parametrize("kind", ["choice", "json"])
+def test_structured_mask(benchmark, tokenizer_dir, kind):
+    """What ``structured_outputs`` adds to a step's host time: 64 sequences' grammars write their allowed tokens'
+    bits, unpacked once and applied to ``[64, 50257]`` logits (a choice: a handful of tokens allowed; a JSON
+    schema inside a string: most of the vocabulary)."""
+    import torch
+
+    from engine.structured_outputs import GrammarCompiler, StructuredOutputsParams, mask_disallowed
+    from engine.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    params = StructuredOutputsParams(choice=["yes", "no"]) if kind == "choice" else StructuredOutputsParams(json=schema)
+    compiler = GrammarCompiler(tok)
+    grammars = [compiler.grammar(params) for _ in range(64)]
+    if kind == "json":
+        for g in grammars:  # into the string: {"name": "
+            for token in tok.encode('{"name":"'):
+                g.advance(token)
+    logits = torch.randn(64, 50257)
+    allowed = grammars[0].allowed(50257).sum().item()
+    assert (allowed < 20) if kind == "choice" else (allowed > 40000)
+    fresh = lambda: ((logits.clone(), list(range(64)), grammars), {})  # noqa: E731 (untimed: a step's new logits)
+    benchmark.pedantic(mask_disallowed, setup=fresh, rounds=30, warmup_rounds=2)

@@ -142,6 +142,23 @@ def test_a_grammar_allows_only_continuations_and_reaches_every_choice(llm):
                 text += pieces[token]
 
 
+def test_kept_words_are_the_states_words(llm):
+    """The words an index keeps per state are what outlines-core writes for that state, all along a JSON walk
+    (each state written fresh, then again from what was kept), for two row widths."""
+    schema = {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "boolean"}}}
+    grammar = llm.llm_engine.grammar(StructuredOutputsParams(json=schema))
+    tok = llm.get_tokenizer()
+    for token in tok.encode('{"a":"xyz","b":true}'):
+        for width in (1571, 1575):
+            fresh = torch.zeros(width, dtype=torch.int32)
+            grammar.guide.write_mask_into(fresh.data_ptr(), width, 4)
+            for _ in range(2):  # written, then copied from what was kept
+                row = torch.full((width,), -1, dtype=torch.int32)
+                grammar.write_words(row)
+                assert torch.equal(row, fresh)
+        grammar.advance(token)
+
+
 def test_unpacking_the_bits_with_numpy_and_without(monkeypatch):
     """Bit ``i`` of word ``j`` is token ``32 j + i``, on numpy's path (the CPU's) and the shifts' (a GPU's)."""
     from engine import structured_outputs
