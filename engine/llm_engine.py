@@ -257,7 +257,7 @@ class LLMEngine:
             raise ValueError(f"{what}: params must be a SamplingParams, got {type(params).__name__}")
         ids = self._truncated(self.token_ids(prompt, what), params.truncate_prompt_tokens, what)
         self.check_fits(len(ids), params, what)
-        self._check_logit_bias(params, what)
+        self._check_token_ids(params, what)
         detokenize = isinstance(prompt, str) or self.has_tokenizer()
         if params.stop and not detokenize:
             raise ValueError(f"{what}: stop strings need a tokenizer (pass tokenizer=...) or use stop_token_ids")
@@ -332,7 +332,7 @@ class LLMEngine:
         if params.n > self.max_num_seqs:
             raise ValueError(f"{what}: n={params.n} exceeds max_num_seqs={self.max_num_seqs}")
 
-    def _check_logit_bias(self, params: SamplingParams, what: str) -> None:
+    def _check_token_ids(self, params: SamplingParams, what: str) -> None:
         """``logit_bias`` and ``allowed_token_ids`` ids must be in the vocabulary (``SamplingParams`` checked the
         rest, not knowing it)."""
         for name in ("logit_bias", "allowed_token_ids"):

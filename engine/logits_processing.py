@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 
 from engine.sampling_params import SamplingParams
-from engine.structured_outputs import mask_disallowed
+from engine.structured_outputs import Grammar, allowed_tokens
 
 
 class TokenHistory(Protocol):
@@ -49,13 +49,27 @@ def apply_logit_bias(logits: torch.Tensor, rows: list[int], biases: list[dict[in
     logits.index_put_((index[0], index[1]), values.to(logits.device), accumulate=True)
 
 
-def keep_only(logits: torch.Tensor, rows: list[int], tokens: list[list[int]]) -> None:
-    """In place: in row ``rows[j]``, every logit but those of ``tokens[j]`` becomes -inf (``allowed_token_ids``)."""
-    keep = torch.zeros(len(rows), logits.shape[-1], dtype=torch.bool)
-    for j, ids in enumerate(tokens):
-        keep[j, ids] = True
+def keep_only(logits: torch.Tensor, rows: list[int], keep: torch.Tensor) -> None:
+    """In place: in row ``rows[j]``, every logit where ``keep[j]`` (bool, on the logits' device) is False becomes
+    -inf; in place when ``rows`` are every row (no gather)."""
+    if len(rows) == logits.shape[0]:
+        logits.masked_fill_(~keep, float("-inf"))
+        return
     index = torch.tensor(rows, device=logits.device)
-    logits[index] = logits[index].masked_fill(~keep.to(logits.device), float("-inf"))
+    logits[index] = logits[index].masked_fill(~keep, float("-inf"))
+
+
+def mask_disallowed(logits: torch.Tensor, rows: list[int], grammars: list[Grammar]) -> None:
+    """In place: -inf for each row's tokens that its structured output's grammar does not allow next."""
+    keep_only(logits, rows, allowed_tokens(grammars, logits.shape[-1], logits.device))
+
+
+def _token_sets(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """``[len(token_lists), vocab]`` bool, True at each list's tokens (``allowed_token_ids``)."""
+    keep = torch.zeros(len(token_lists), vocab, dtype=torch.bool)
+    for j, ids in enumerate(token_lists):
+        keep[j, ids] = True
+    return keep.to(device)
 
 
 def mask_tokens(logits: torch.Tensor, rows: list[int], tokens: list[list[int]]) -> None:
@@ -124,7 +138,8 @@ def process_logits(
         apply_logit_bias(logits, biased, [params[i].logit_bias for i in biased])
     restricted = [i for i, p in enumerate(params) if p.allowed_token_ids]
     if restricted:
-        keep_only(logits, restricted, [params[i].allowed_token_ids for i in restricted])
+        allowed = [params[i].allowed_token_ids for i in restricted]
+        keep_only(logits, restricted, _token_sets(allowed, logits.shape[-1], logits.device))
     rows = [i for i, p in enumerate(params) if p.min_tokens or p.penalized or p.no_repeat_ngram_size or p.bad_words]
     structured = [i for i, p in enumerate(params) if p.structured_outputs]
     if not rows and not structured:

@@ -167,9 +167,7 @@ class Grammar:
 
     def allowed(self, vocab: int) -> torch.Tensor:
         """``[vocab]`` bool, True for the tokens that may come next."""
-        words = torch.zeros(1, (self.vocab_size + 31) // 32, dtype=torch.int32)
-        self.write_words(words[0])
-        return unpack_bits(words, vocab)[0]
+        return allowed_tokens([self], vocab, torch.device("cpu"))[0]
 
     def advance(self, token: int) -> None:
         self.guide.advance(token)
@@ -185,16 +183,11 @@ def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
     return ((words[:, :, None] >> shifts) & 1).bool().flatten(1)[:, :n]
 
 
-def mask_disallowed(logits: torch.Tensor, rows: list[int], grammars: list[Grammar]) -> None:
-    """Set each row's logits that its grammar does not allow next to -inf, in place: the grammars write their bits
-    on the host, the packed words go to the logits' device (an eighth of a bool mask's bytes) and are unpacked there."""
-    vocab = logits.shape[-1]  # may exceed the tokenizer's (a padded LM head): the extra tokens stay disallowed
-    words = torch.zeros(len(rows), (max(vocab, grammars[0].vocab_size) + 31) // 32, dtype=torch.int32)
+def allowed_tokens(grammars: list[Grammar], vocab: int, device: torch.device) -> torch.Tensor:
+    """``[len(grammars), vocab]`` bool on ``device``, True where each grammar allows the token next: the grammars
+    write their bits on the host, the packed words go to the device (an eighth of a bool mask's bytes) and are
+    unpacked there. ``vocab`` may exceed the tokenizer's (a padded LM head): the extra tokens are not allowed."""
+    words = torch.zeros(len(grammars), (max(vocab, grammars[0].vocab_size) + 31) // 32, dtype=torch.int32)
     for row, grammar in zip(words, grammars):
         grammar.write_words(row)
-    disallowed = ~unpack_bits(words.to(logits.device, non_blocking=True), vocab)
-    if len(rows) == logits.shape[0]:  # every row: in place, no gather
-        logits.masked_fill_(disallowed, float("-inf"))
-        return
-    index = torch.tensor(rows, device=logits.device)
-    logits[index] = logits[index].masked_fill(disallowed, float("-inf"))
+    return unpack_bits(words.to(device, non_blocking=True), vocab)

@@ -146,7 +146,8 @@ def test_structured_mask(benchmark, tokenizer_dir, kind):
     schema inside a string: most of the vocabulary)."""
     import torch
 
-    from engine.structured_outputs import GrammarCompiler, StructuredOutputsParams, mask_disallowed
+    from engine.logits_processing import mask_disallowed
+    from engine.structured_outputs import GrammarCompiler, StructuredOutputsParams
     from engine.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)

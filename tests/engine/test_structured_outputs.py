@@ -173,7 +173,7 @@ def test_unpacking_the_bits_with_numpy_and_without(monkeypatch):
 
 def test_the_mask_over_a_head_wider_or_narrower_than_the_vocabulary(llm):
     """A padded LM head (nanoGPT's 50304) has tokens no grammar knows: disallowed; a narrower one is cut."""
-    from engine.structured_outputs import mask_disallowed
+    from engine.logits_processing import mask_disallowed
 
     grammar = llm.llm_engine.grammar(StructuredOutputsParams(choice=["yes", "no"]))
     allowed = grammar.allowed(50257)
