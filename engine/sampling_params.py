@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from engine.structured_outputs import StructuredOutputsParams
 
+MIN_TEMPERATURE = 1e-2  # a smaller non-zero temperature is raised to this (vLLM's floor; 0 stays greedy)
 MAX_LOGPROBS = 20  # most alternatives a request may ask for per token (vLLM's default limit)
 MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2] (OpenAI's range)
 MAX_LOGIT_BIAS = 100.0  # logit_bias values lie in [-100, 100] (OpenAI's range)
@@ -60,7 +61,7 @@ class SamplingParams:
 
     n: int = 1  # completions per prompt
     max_tokens: int = 16  # new tokens per completion
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 means greedy; a non-zero one below 0.01 is raised to 0.01
     top_k: int = 0  # 0 or -1: off
     top_p: float = 1.0  # nucleus mass; 1.0: off
     min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one; 0.0: off
@@ -96,6 +97,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be a number, got {self.temperature!r}")
         if not 0.0 <= self.temperature < float("inf"):
             raise ValueError(f"temperature must be >= 0 and finite, got {self.temperature!r}")
+        if 0.0 < self.temperature < MIN_TEMPERATURE:  # logits / 1e-246 overflow to inf, softmax to NaN (vLLM's rule)
+            self.temperature = MIN_TEMPERATURE
         if not _is_int(self.top_k) or self.top_k < -1:
             raise ValueError(f"top_k must be an integer >= 1, or 0 / -1 for off; got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
