@@ -10,6 +10,7 @@ import torch
 
 from bench import bench_decode
 from engine import LLM
+from tests.helpers import prompt_with_a_repeat_ahead
 
 
 def test_our_runners_and_transformers_agree(tiny_checkpoint, hf_model):
@@ -24,11 +25,11 @@ def test_our_runners_and_transformers_agree(tiny_checkpoint, hf_model):
 
 
 def test_speculating_runners_agree_with_plain_greedy(tiny_checkpoint, hf_model):
+    """A prompt the model's first token already occurs in, so that the lookups hit from the first decode step."""
     lookup = dict(num_speculative_tokens=3, prompt_lookup_max=bench_decode.LOOKUP_MAX)
-    llm = LLM(str(tiny_checkpoint), backend="torch", dtype="float32", device="cpu", progress=False,
-              speculative_config=lookup)  # fmt: skip
-    head = torch.randint(0, hf_model.config.vocab_size, (4,)).tolist()
-    ids = [head + torch.randint(0, hf_model.config.vocab_size, (3,)).tolist() + head[:2] for _ in range(2)]
+    kw = dict(backend="torch", dtype="float32", device="cpu", progress=False)
+    llm = LLM(str(tiny_checkpoint), speculative_config=lookup, **kw)
+    ids = [prompt_with_a_repeat_ahead(LLM(str(tiny_checkpoint), **kw), 1)]
     n = random.randint(4, 12)
     greedy = bench_decode.theirs(hf_model)(ids, n)
     assert bench_decode.ours(llm)(ids, n) == greedy
