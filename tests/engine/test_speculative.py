@@ -118,7 +118,8 @@ def assert_both_outcomes(llm: LLM) -> None:
 
 def greedy_params(plain: LLM, prompts: list[list[int]]) -> list[SamplingParams]:
     """Greedy, random lengths, and for some prompts a stop token or stop string that the plain output meets half
-    way (the speculating engine must stop at the same token, even inside an accepted run of drafts)."""
+    way (the speculating engine must stop at the same token, even inside an accepted run of drafts); only the
+    others may end at EOS (a random model may favour it from the first token)."""
     params = []
     for prompt in prompts:
         n = random.randint(8, 40)
@@ -128,21 +129,27 @@ def greedy_params(plain: LLM, prompts: list[list[int]]) -> list[SamplingParams]:
         text = plain.get_tokenizer().decode([token]).strip()
         choice = random.choice(["eos", "stop_token", "stop_string"])
         if choice == "stop_token":
-            base["stop_token_ids"] = [token]
+            base.update(stop_token_ids=[token], ignore_eos=True)
         elif choice == "stop_string" and text:
-            base["stop"] = [text]
+            base.update(stop=[text], ignore_eos=True)
         params.append(SamplingParams(**base))
     return params
 
 
-def test_greedy_outputs_are_those_without_speculation(checkpoint):
+def test_greedy_outputs_are_those_without_speculation(checkpoint, request):
+    """Through the path each model exercises: the repeating one's accepted drafts, the wandering one's rejected
+    ones (it may accept none: a CI run saw 57 drafts and no acceptance)."""
     plain = LLM(str(checkpoint), **ENGINE)
     spec = LLM(str(checkpoint), speculative_config=SPEC, **ENGINE)
     prompts = random_prompts(8)
     params = greedy_params(plain, prompts)
     assert_same_completions(plain.generate(prompts, params, use_tqdm=False),
                             spec.generate(prompts, params, use_tqdm=False))  # fmt: skip
-    assert spec.llm_engine.get_stats().spec_decode_num_accepted_tokens > 0
+    stats = spec.llm_engine.get_stats()
+    if "repeating" in request.node.callspec.id:
+        assert stats.spec_decode_num_accepted_tokens > 0
+    else:
+        assert stats.spec_decode_num_draft_tokens > stats.spec_decode_num_accepted_tokens
 
 
 def test_greedy_parity_through_preemption_and_the_prefix_cache(checkpoint):
