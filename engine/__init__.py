@@ -8,6 +8,7 @@ print(llm.generate("Hello, I'm a language model,", SamplingParams(max_tokens=30)
 from engine.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from engine.llm import LLM
 from engine.llm_engine import LLMEngine
+from engine.lora import LoRARequest
 from engine.outputs import CompletionOutput, EngineStats, RequestOutput, ScoreOutput, StreamDelta
 from engine.pipeline import pipeline, set_seed
 from engine.sampling_params import RequestOutputKind, SamplingParams
@@ -20,6 +21,7 @@ __all__ = [
     "SamplingParams",
     "StructuredOutputsParams",
     "SpeculativeConfig",
+    "LoRARequest",
     "BeamSearchParams",
     "BeamSearchOutput",
     "BeamSearchSequence",

@@ -79,12 +79,13 @@ class BlockManager:
         return [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)]
 
     # ------------------------------------------------------------------ prefix cache
-    def match_prefix(self, token_ids: Seq[int]) -> tuple[list[int], list[int]]:
+    def match_prefix(self, token_ids: Seq[int], root: int | None = None) -> tuple[list[int], list[int]]:
         """The registered blocks holding the longest prefix of ``token_ids`` in whole blocks, never its last token:
-        ``(block ids, their hashes)``. Changes nothing."""
+        ``(block ids, their hashes)``, the first block's chained to ``root`` (a request's ``cache_root``: what
+        besides the tokens its K/V depend on). Changes nothing."""
         if not self.enable_prefix_caching:
             return [], []
-        ids, hashes, parent = [], [], None
+        ids, hashes, parent = [], [], root
         bs = self.block_size
         for i in range((len(token_ids) - 1) // bs):
             tokens = token_ids[i * bs : (i + 1) * bs]
@@ -111,7 +112,7 @@ class BlockManager:
             return
         tokens = seq.all_token_ids()
         for i in range(len(seq.block_hashes), num_tokens // bs):
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq.request.cache_root
             chunk = tokens[i * bs : (i + 1) * bs]
             h = block_hash(parent, chunk)
             seq.block_hashes.append(h)

@@ -62,6 +62,8 @@ class StaticDecoder:
             block_tables=full((size, self.max_blocks), 0, torch.int32),
             context_lens=full((size,), 0, torch.int32),  # pad rows: attend over nothing
             max_context_len=self.max_context,
+            # with LoRA on, every bucket runs the adapters' path (pad rows and base rows: slot -1)
+            lora_slots=full((size,), -1, torch.int64) if self.model.lora is not None else None,
         )
         bucket = _Bucket(batch)
         if self.capture:
@@ -90,9 +92,15 @@ class StaticDecoder:
             bucket.logits = self._run(bucket.batch)
 
     def decode(
-        self, input_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]]
+        self,
+        input_ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        tables: list[list[int]],
+        lora_slots: list[int] | None = None,
     ) -> torch.Tensor:
-        """One decode step for ``len(input_ids)`` sequences; returns their logits ``[B, V]``."""
+        """One decode step for ``len(input_ids)`` sequences; returns their logits ``[B, V]``. ``lora_slots``: each
+        row's LoRA slot (None: none has an adapter)."""
         n = len(input_ids)
         size = self.bucket_size(n)
         if size is None:
@@ -110,6 +118,10 @@ class StaticDecoder:
         b.context_lens[:n].copy_(list_tensor(positions, torch.int32, cpu) + 1)
         b.slot_mapping[n:].fill_(-1)  # rows a larger batch used before are padding again
         b.context_lens[n:].fill_(0)
+        if b.lora_slots is not None:
+            b.lora_slots.fill_(-1)
+            if lora_slots is not None:
+                b.lora_slots[:n].copy_(list_tensor(lora_slots, torch.int64, cpu))
         if bucket.graph is None:
             return self._run(b)[:n]
         bucket.graph.replay()

@@ -12,6 +12,7 @@ import torch
 
 from engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from engine.llm_engine import LLMEngine, Prompt
+from engine.lora import LoRARequest
 from engine.outputs import RequestOutput, ScoreOutput, StreamDelta
 from engine.progress import progress_bar
 from engine.sampling_params import RequestOutputKind, SamplingParams
@@ -62,7 +63,9 @@ class LLM:
         return list(prompts)
 
     # ---------------------------------------------------------------- generation
-    def _add_requests(self, prompts, params, output_kind: RequestOutputKind, priority=None) -> list[str]:
+    def _add_requests(
+        self, prompts, params, output_kind: RequestOutputKind, priority=None, lora_request=None
+    ) -> list[str]:
         """Validate every prompt first (nothing is queued if one is refused), then queue them, each with the given
         ``output_kind`` (the caller's params are left as they are); returns their ids."""
         engine = self.llm_engine
@@ -81,10 +84,14 @@ class LLM:
             priority = [0] * len(prompts)
         elif not isinstance(priority, (list, tuple)) or len(priority) != len(prompts):
             raise ValueError("priority must be a list with one integer per prompt")
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            lora_request = [lora_request] * len(prompts)
+        elif not isinstance(lora_request, (list, tuple)) or len(lora_request) != len(prompts):
+            raise ValueError("lora_request must be one LoRARequest or a list with one (or None) per prompt")
         call = next(self._call_ids)
         requests = [
-            engine.make_request(f"{call}-{i}", prompt, p, what=f"prompt {i}", priority=rank)
-            for i, (prompt, p, rank) in enumerate(zip(prompts, params, priority))
+            engine.make_request(f"{call}-{i}", prompt, p, what=f"prompt {i}", priority=rank, lora_request=lora)
+            for i, (prompt, p, rank, lora) in enumerate(zip(prompts, params, priority, lora_request))
         ]
         for request in requests:
             engine.add(request)
@@ -104,10 +111,12 @@ class LLM:
         params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: Seq[int] | None = None,
+        lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Complete each prompt; returns one :class:`RequestOutput` per prompt, in order. ``priority``: one per
-        prompt, lower first (with ``scheduling_policy="priority"``)."""
-        request_ids = self._add_requests(prompts, params, RequestOutputKind.FINAL_ONLY, priority)
+        prompt, lower first (with ``scheduling_policy="priority"``). ``lora_request``: the LoRA adapter of every
+        prompt, or one (or None) per prompt (with ``enable_lora=True``)."""
+        request_ids = self._add_requests(prompts, params, RequestOutputKind.FINAL_ONLY, priority, lora_request)
         final: dict[str, RequestOutput] = {}
         with progress_bar(total=len(request_ids), desc="generate", unit="req",
                           disable=not (use_tqdm and self.progress)) as bar:  # fmt: skip
@@ -118,11 +127,14 @@ class LLM:
         return [final[i] for i in request_ids]
 
     def generate_stream(
-        self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
+        self,
+        prompts: Prompt | Seq[Prompt],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
     ) -> Iterator[StreamDelta]:
         """Yield text deltas as tokens are produced; a stop string is never partly emitted."""
         self.get_tokenizer()
-        request_ids = self._add_requests(prompts, params, RequestOutputKind.DELTA)
+        request_ids = self._add_requests(prompts, params, RequestOutputKind.DELTA, lora_request=lora_request)
         index = {request_id: i for i, request_id in enumerate(request_ids)}
         for outputs in self._steps(request_ids):
             for out in outputs:

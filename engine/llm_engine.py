@@ -29,6 +29,7 @@ from engine.cuda_graphs import StaticDecoder
 from engine.device import make_ops, resolve_device, resolve_dtype
 from engine.host_tensors import list_tensor
 from engine.kv_cache import KVCache, cdiv
+from engine.lora import LoRARequest, LoRASlots
 from engine.model import GPT2
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
@@ -79,6 +80,16 @@ def _check_arguments(
         raise ValueError(f"enable_prefix_caching must be a bool, got {enable_prefix_caching!r}")
 
 
+def _check_lora_arguments(enable_lora, max_loras, max_lora_rank, max_cpu_loras) -> None:
+    if not isinstance(enable_lora, bool):
+        raise ValueError(f"enable_lora must be a bool, got {enable_lora!r}")
+    _check_positive("max_loras", max_loras)
+    _check_positive("max_lora_rank", max_lora_rank)
+    _check_positive("max_cpu_loras", max_cpu_loras, allow_none=True)
+    if max_cpu_loras is not None and max_cpu_loras < max_loras:
+        raise ValueError(f"max_cpu_loras={max_cpu_loras} is below max_loras={max_loras}")
+
+
 class LLMEngine:
     """A GPT-2 model, its paged KV cache and the scheduler; built from the same arguments as ``LLM``.
 
@@ -89,6 +100,8 @@ class LLMEngine:
     (vLLM's: ``{"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 1}``)
     turns on speculative decoding by n-gram lookup (:mod:`engine.speculative`). ``scheduling_policy="priority"``
     (vLLM's) serves waiting requests by their ``priority`` (lower first) and preempts the lowest-priority one.
+    ``enable_lora`` serves PEFT LoRA adapters named per request (:mod:`engine.lora`): up to ``max_loras`` of them
+    in a step, of rank up to ``max_lora_rank``, ``max_cpu_loras`` kept on the host (default ``max_loras``).
     """
 
     def __init__(
@@ -112,6 +125,10 @@ class LLMEngine:
         split_special_tokens: bool = False,
         speculative_config: SpeculativeConfig | dict | None = None,
         scheduling_policy: str = "fcfs",
+        enable_lora: bool = False,
+        max_loras: int = 1,
+        max_lora_rank: int = 16,
+        max_cpu_loras: int | None = None,
     ) -> None:
         _check_arguments(
             block_size, max_num_seqs, num_blocks, max_num_batched_tokens, load_format, quantization,
@@ -120,6 +137,7 @@ class LLMEngine:
         if scheduling_policy not in POLICIES:
             raise ValueError(f"scheduling_policy must be one of {POLICIES}, got {scheduling_policy!r}")
         self.scheduling_policy = scheduling_policy
+        _check_lora_arguments(enable_lora, max_loras, max_lora_rank, max_cpu_loras)
         self.speculative = SpeculativeConfig.parse(speculative_config)
         self.proposer = NgramProposer(self.speculative) if self.speculative else None
         self.split_special_tokens = split_special_tokens
@@ -134,6 +152,10 @@ class LLMEngine:
         self.model_path, self.config, weights = self._load(model, load_format)
         self.quantization = quantization
         self.model = GPT2(self.config, weights, self.ops, quantization)
+        self.loras = None
+        if enable_lora:
+            self.loras = LoRASlots(self.config, max_loras, max_lora_rank, self.dtype, self.device, max_cpu_loras)
+            self.model.lora = self.loras.stacks
         self._tokenizer_source = tokenizer if tokenizer is not None else self.model_path
         self._tokenizer = None
         self._tokenizer_error: str | None = None
@@ -153,8 +175,9 @@ class LLMEngine:
             rows = max_num_seqs * (1 + (self.speculative.num_speculative_tokens if self.speculative else 0))
             rows = min(rows, self.max_num_batched_tokens)  # a sequence's drafts are decode rows too
             static = StaticDecoder(self.model, self.kv, rows, self.device, capture=True)
-        self.runner = ModelRunner(self.model, self.kv, self.blocks, self.device, static)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, self.max_num_batched_tokens, scheduling_policy)
+        self.runner = ModelRunner(self.model, self.kv, self.blocks, self.device, static, self.loras)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, self.max_num_batched_tokens, scheduling_policy,
+                                   max_loras if enable_lora else None)  # fmt: skip
         self.sampler = Sampler(self.config.eos_token_id)
         self._last_sampling: tuple[list[Sequence], int, SamplingBatch] | None = None  # the last step's, see _sample
         self.output_processor = OutputProcessor(self.config.eos_token_id)
@@ -240,9 +263,10 @@ class LLMEngine:
         params: SamplingParams | None = None,
         what: str | None = None,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> Request:
         """Validate a request without adding it (``ValueError`` naming what is wrong); ``add`` it afterwards.
-        ``priority`` (lower first) needs ``scheduling_policy="priority"``."""
+        ``priority`` (lower first) needs ``scheduling_policy="priority"``; ``lora_request`` needs ``enable_lora``."""
         what = what or f"request {request_id!r}"
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"{what}: priority must be an integer, got {priority!r}")
@@ -263,6 +287,10 @@ class LLMEngine:
             raise ValueError(f"{what}: stop strings need a tokenizer (pass tokenizer=...) or use stop_token_ids")
         request = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, detokenize)
         request.priority = priority
+        if lora_request is not None:
+            self._check_lora(lora_request, what)
+            request.lora_request = lora_request
+            request.cache_root = hash(("lora", lora_request.lora_int_id))
         if params.bad_words:
             request.bad_word_ids = self._bad_word_ids(params.bad_words, what)
         if params.prompt_logprobs is not None:
@@ -295,6 +323,15 @@ class LLMEngine:
                     raise ValueError("structured_outputs need a tokenizer (pass tokenizer=...)")
                 self._grammar_compiler = GrammarCompiler(self.get_tokenizer())
         return self._grammar_compiler.grammar(structured_outputs)
+
+    def _check_lora(self, lora_request: LoRARequest, what: str) -> None:
+        """The adapter can run here: LoRA is on, and it loads (read from disk on first use)."""
+        if self.loras is None:
+            raise ValueError(f"{what}: lora_request needs an engine made with enable_lora=True")
+        try:
+            self.loras.check(lora_request)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
 
     def _bad_word_ids(self, words: list[str], what: str) -> list[list[int]]:
         """``bad_words`` as token sequences, each word as written and after a space (vLLM's two forms)."""
@@ -369,9 +406,10 @@ class LLMEngine:
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         """Queue a prompt (text or token ids); its outputs come from :meth:`step` under ``request_id``."""
-        request = self.make_request(request_id, prompt, params, priority=priority)
+        request = self.make_request(request_id, prompt, params, priority=priority, lora_request=lora_request)
         if arrival_time is not None:
             request.metrics = replace(request.metrics, arrival_time=arrival_time)
         self.add(request)

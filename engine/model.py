@@ -36,6 +36,7 @@ class PrefillBatch:
     cu_seqlens: torch.Tensor  # [B+1] int32, prompt boundaries in the packed rows
     max_seqlen: int
     slot_mapping: torch.Tensor  # [T] int64, where each token's K/V goes (-1: don't cache)
+    lora_slots: torch.Tensor | None = None  # [T] int64, each token's LoRA slot (-1: none); None: no LoRA at all
 
 
 @dataclass
@@ -49,6 +50,7 @@ class DecodeBatch:
     block_tables: torch.Tensor  # [B, max_blocks] int32
     context_lens: torch.Tensor  # [B] int32, tokens cached after this step's store (= positions + 1)
     max_context_len: int
+    lora_slots: torch.Tensor | None = None  # [B] int64, as PrefillBatch's
 
 
 @dataclass
@@ -66,6 +68,7 @@ class ExtendBatch:
     chunk_cu_seqlens: torch.Tensor  # [B - num_decodes + 1] int32, chunk boundaries in rows num_decodes ..
     max_chunk_len: int
     max_seq_len: int  # max of seq_lens over the chunk sequences
+    lora_slots: torch.Tensor | None = None  # [T] int64, as PrefillBatch's
 
 
 class GPT2:
@@ -80,10 +83,30 @@ class GPT2:
         self.w = weights
         self.lm_head = ops.prepare_lm_head(weights.head, quantization)
         self.scales = [config.attn_scale(i) for i in range(config.n_layer)]
+        # LoRA adapters' device slots, engine.lora.LoRASlots.stacks: [layer][linear] = (a [S, R, K], b [N, S * R])
+        self.lora: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttentionFn) -> torch.Tensor:
-        """Embeddings through every block; returns the residual stream *before* ln_f, ``[T, D]``."""
+    def _linear(self, x, weight, bias, lora, slots, activation=None, residual=None) -> torch.Tensor:
+        """A block linear, plus the LoRA update of each row's adapter when ``slots`` is given:
+        ``act(x W.T + bias + u b.T) + residual`` with ``u = lora_shrink(x, a, slots)`` (the update's residual and
+        activation ride on the GEMMs' epilogues where the activation allows)."""
+        if slots is None:
+            return self.ops.linear(x, weight, bias, activation, residual)
+        a, b = lora
+        if activation is None:  # the residual joins the update, which joins the base GEMM's epilogue
+            update = self.ops.linear(self.ops.lora_shrink(x, a, slots), b, residual=residual)
+            return self.ops.linear(x, weight, bias, residual=update)
+        update = self.ops.linear(self.ops.lora_shrink(x, a, slots), b)  # added before the activation
+        y = self.ops.gelu(self.ops.linear(x, weight, bias, residual=update))
+        return y if residual is None else y + residual
+
+    def _forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttentionFn, lora_slots: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Embeddings through every block; returns the residual stream *before* ln_f, ``[T, D]``. ``lora_slots``:
+        each token's LoRA slot (-1: none), or None to run the base model alone."""
         cfg, ops, w = self.config, self.ops, self.w
+        slots = lora_slots if self.lora is not None else None
         T, H, hd = input_ids.shape[0], cfg.n_head, cfg.head_dim
         eps = cfg.layer_norm_epsilon
         # h = wte[ids] + wpe[pos], the add fused into the first LayerNorm
@@ -92,13 +115,15 @@ class GPT2:
         for i, layer in enumerate(w.layers):
             if i > 0:
                 x, _ = ops.layer_norm(h, layer.ln_1_weight, layer.ln_1_bias, eps)
-            qkv = ops.linear(x, layer.attn_weight, layer.attn_bias)  # (T, 3D)
+            lora = self.lora[i] if slots is not None else (None,) * 4
+            qkv = self._linear(x, layer.attn_weight, layer.attn_bias, lora[0], slots)  # (T, 3D)
             q, k, v = qkv.view(T, 3, H, hd).unbind(1)  # each (T, H, hd), strided views: no copy
             a = attend(q, k, v, i)  # (T, H, hd); stores k, v in the paged cache
-            h = ops.linear(a.view(T, H * hd), layer.attn_proj_weight, layer.attn_proj_bias, residual=h)
+            a = a.view(T, H * hd)
+            h = self._linear(a, layer.attn_proj_weight, layer.attn_proj_bias, lora[1], slots, residual=h)
             x, _ = ops.layer_norm(h, layer.ln_2_weight, layer.ln_2_bias, eps)
-            m = ops.linear(x, layer.fc_weight, layer.fc_bias, activation="gelu_tanh")  # (T, d_ff)
-            h = ops.linear(m, layer.mlp_proj_weight, layer.mlp_proj_bias, residual=h)
+            m = self._linear(x, layer.fc_weight, layer.fc_bias, lora[2], slots, activation="gelu_tanh")  # (T, d_ff)
+            h = self._linear(m, layer.mlp_proj_weight, layer.mlp_proj_bias, lora[3], slots, residual=h)
         return h
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
@@ -119,7 +144,7 @@ class GPT2:
                 q, k, v, batch.cu_seqlens, batch.max_seqlen, self.scales[layer], kv_cache=cache
             )
 
-        h = self._forward(batch.input_ids, batch.positions, attend)
+        h = self._forward(batch.input_ids, batch.positions, attend, batch.lora_slots)
         return self.final_norm(h if rows is None else h[rows])
 
     @torch.inference_mode()
@@ -138,7 +163,7 @@ class GPT2:
                 self.scales[layer],
             )
 
-        h = self._forward(batch.input_ids, batch.positions, attend)
+        h = self._forward(batch.input_ids, batch.positions, attend, batch.lora_slots)
         return self.final_norm(h)
 
     @torch.inference_mode()
@@ -173,5 +198,5 @@ class GPT2:
                 )
             return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-        h = self._forward(batch.input_ids, batch.positions, attend)
+        h = self._forward(batch.input_ids, batch.positions, attend, batch.lora_slots)
         return self.final_norm(h[rows])

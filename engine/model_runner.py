@@ -20,6 +20,7 @@ from engine.block_manager import BlockManager
 from engine.cuda_graphs import StaticDecoder
 from engine.host_tensors import list_tensor, padded_rows
 from engine.kv_cache import KVCache
+from engine.lora import LoRASlots
 from engine.model import GPT2, DecodeBatch, ExtendBatch, PrefillBatch
 from engine.sampling import token_logprobs
 from engine.scheduler import SchedulerOutput
@@ -43,12 +44,14 @@ class ModelRunner:
         blocks: BlockManager,
         device: torch.device,
         static_decoder: StaticDecoder | None = None,
+        loras: LoRASlots | None = None,
     ) -> None:
         self.model = model
         self.kv = kv
         self.blocks = blocks
         self.device = device
         self.static_decoder = static_decoder  # fixed-shape (CUDA-graph) decode; None: eager
+        self.loras = loras  # the LoRA adapters' device slots (enable_lora); None: the base model only
 
     def execute(self, step: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor]:
         """Run one step (``num_computed`` not yet advanced); returns the sequences whose tokens are then all
@@ -70,6 +73,22 @@ class ModelRunner:
     def _tokens(self, seq: Sequence, n: int) -> list[int]:
         tokens = seq.all_token_ids() + seq.draft_token_ids if seq.draft_token_ids else seq.all_token_ids()
         return tokens[seq.num_computed : seq.num_computed + n]
+
+    def _lora_rows(self, seqs: list[Sequence], counts: list[int]) -> list[int] | None:
+        """The LoRA slot of each packed row (``counts[i]`` rows of ``seqs[i]``; -1: the base model), bringing the
+        step's adapters to the device; None when no row has an adapter."""
+        if self.loras is None:
+            return None
+        wanted = [seq.request.lora_request for seq in seqs if seq.request.lora_request is not None]
+        if not wanted:
+            return None
+        where = self.loras.activate(wanted)
+        slot = [-1 if seq.request.lora_request is None else where[seq.request.lora_request.lora_int_id] for seq in seqs]
+        return [s for s, n in zip(slot, counts) for _ in range(n)]
+
+    def _lora_tensor(self, seqs: list[Sequence], counts: list[int]) -> torch.Tensor | None:
+        rows = self._lora_rows(seqs, counts)
+        return None if rows is None else list_tensor(rows, torch.int64, self.device)
 
     def _rows_to_sample(
         self, step: SchedulerOutput, order: list[int]
@@ -116,7 +135,9 @@ class ModelRunner:
         tokens = [self._tokens(seq, n) for seq, n in zip(step.seqs, step.num_tokens)]
         slots = [self._slots(seq, n) for seq, n in zip(step.seqs, step.num_tokens)]
         seqs, rows, targets = self._rows_to_sample(step, list(range(len(step.seqs))))
-        hidden = self.model.prefill(self.pack(tokens, slots), self.kv, rows=rows)
+        batch = self.pack(tokens, slots)
+        batch.lora_slots = self._lora_tensor(step.seqs, step.num_tokens)
+        hidden = self.model.prefill(batch, self.kv, rows=rows)
         return seqs, self._record_prompt_logprobs(targets, self.model.logits(hidden))
 
     def extend(self, step: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor]:
@@ -144,6 +165,7 @@ class ModelRunner:
             chunk_cu_seqlens=list_tensor(_cumsum(counts[nd:]), torch.int32, dev),
             max_chunk_len=max(counts[nd:], default=0),
             max_seq_len=max(lens[nd:], default=0),
+            lora_slots=self._lora_tensor(seqs, counts),
         )
         sampled, rows, targets = self._rows_to_sample(step, order)
         logits = self.model.logits(self.model.extend(batch, self.kv, rows))
@@ -157,10 +179,13 @@ class ModelRunner:
         if tokens is None:
             tokens = [seq.last_token for seq in seqs]
         slots = self.blocks.slots(seqs, positions)
+        lora = self._lora_rows(seqs, [1] * len(seqs))
         static = self.static_decoder
         if static is not None and static.bucket_size(len(seqs)) is not None:
-            return static.decode(tokens, positions, slots, [s.block_table for s in seqs])
-        return self.model.logits(self.model.decode(self.decode_batch(seqs, tokens, positions, slots), self.kv))
+            return static.decode(tokens, positions, slots, [s.block_table for s in seqs], lora)
+        batch = self.decode_batch(seqs, tokens, positions, slots)
+        batch.lora_slots = None if lora is None else list_tensor(lora, torch.int64, self.device)
+        return self.model.logits(self.model.decode(batch, self.kv))
 
     def decode_drafts(self, seqs: list[Sequence]) -> tuple[list[Sequence], torch.Tensor]:
         """Decoding sequences, some with drafts: each of a sequence's rows (its last token, then each draft) is a

@@ -65,6 +65,16 @@ class Ops:
         """Elementwise GELU-tanh."""
         raise NotImplementedError
 
+    def lora_shrink(self, x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+        """The first half of batched LoRA (:mod:`engine.lora`): ``u [M, S * R]`` whose row ``m`` holds
+        ``x[m] @ lora_a[s].T`` in columns ``s * R .. (s + 1) * R`` for ``s = token_slots[m]``, and zeros in every
+        other column (all of them where ``token_slots[m]`` is -1). ``x [M, K]``, ``lora_a [S, R, K]``,
+        ``token_slots [M]`` int64. This default computes every slot's columns and keeps the row's own."""
+        S, R, K = lora_a.shape
+        u = (x @ lora_a.view(S * R, K).t()).view(-1, S, R)
+        mine = token_slots[:, None] == torch.arange(S, device=x.device)  # [M, S]
+        return torch.where(mine[:, :, None], u, 0).view(-1, S * R)
+
     def store_kv(
         self,
         k: torch.Tensor,

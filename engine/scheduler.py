@@ -15,6 +15,9 @@ With ``policy="priority"`` (vLLM's ``scheduling_policy``), the queue is ordered 
 (lower first), then arrival, and the sequence preempted is the running one of the lowest priority (the newest of
 those) instead of the newest.
 
+With LoRA adapters (``max_loras``), the running sequences use at most ``max_loras`` distinct adapters: a waiting
+sequence whose adapter would be one too many waits, and those behind it are admitted past it.
+
 A decoding sequence with drafts (speculative decoding) computes its token and as many of its drafts as the budget
 and the free blocks allow, leaving a block for each running sequence whose next token needs one: a draft never
 makes the scheduler preempt.
@@ -63,9 +66,15 @@ def _rank(seq: Sequence) -> tuple[int, int]:
 
 class Scheduler:
     def __init__(
-        self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, policy: str = "fcfs"
+        self,
+        blocks: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        policy: str = "fcfs",
+        max_loras: int | None = None,
     ) -> None:
         self.blocks = blocks
+        self.max_loras = max_loras  # distinct LoRA adapters the running sequences may use (None: LoRA off)
         self.by_priority = policy == "priority"
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -196,8 +205,14 @@ class Scheduler:
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         # running sequences, and the samples their requests will fork once their prompts are computed
         seats = len(self.running) + sum(seq.request.num_pending_forks for seq in self.running if seq.params.n > 1)
+        loras = self._running_loras()
+        skipped = []  # waiting for a LoRA slot, in queue order
         while self.waiting and budget > 0:
             seq = self.waiting[0]
+            lora = seq.request.lora_request
+            if lora is not None and lora.lora_int_id not in loras and len(loras) >= (self.max_loras or 0):
+                skipped.append(self.waiting.popleft())
+                continue
             wanted = 1 + seq.request.num_pending_forks
             if seats + wanted > self.max_num_seqs:
                 break
@@ -221,6 +236,15 @@ class Scheduler:
             out.all_decodes = False
             budget -= n
             seats += wanted
+            if lora is not None:
+                loras.add(lora.lora_int_id)
+        self.waiting.extendleft(reversed(skipped))
+
+    def _running_loras(self) -> set[int]:
+        """The ``lora_int_id`` s of the running sequences' adapters."""
+        if self.max_loras is None:
+            return set()
+        return {seq.request.lora_request.lora_int_id for seq in self.running if seq.request.lora_request is not None}
 
     def _take_blocks(
         self, seq: Sequence, tokens: list[int], budget: int, out: SchedulerOutput
@@ -235,7 +259,7 @@ class Scheduler:
                 return None
             out.block_copies += self.blocks.append(seq, cached + n)
             return cached, n
-        hits, hashes = self.blocks.match_prefix(self._cacheable(seq, tokens))
+        hits, hashes = self.blocks.match_prefix(self._cacheable(seq, tokens), seq.request.cache_root)
         cached = len(hits) * self.blocks.block_size
         n = min(len(tokens) - cached, budget)
         if not self.blocks.can_admit(hits, cached + n):

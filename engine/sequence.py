@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.lora import LoRARequest
 from engine.sampling_params import SamplingParams
 
 
@@ -125,6 +126,9 @@ class Request:
     keep_blocks: bool = False
     priority: int = 0  # with the priority scheduling policy: lower goes first
     bad_word_ids: list[list[int]] = field(default_factory=list)  # params.bad_words as token sequences
+    lora_request: LoRARequest | None = None  # the LoRA adapter it runs with (None: the base model)
+    # the prefix cache's hash chain starts here: K/V computed under an adapter are that adapter's alone
+    cache_root: int | None = None
 
     @property
     def finished(self) -> bool:

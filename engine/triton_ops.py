@@ -49,6 +49,7 @@ class TritonOps(Ops):
         self._decode = k["paged_attention"].decode_attention
         self._context = k["context_attention"].context_attention
         self._store = k["kv_cache"].store_kv
+        self._lora_shrink = k["lora"].lora_shrink
 
     def prepare_weight(self, weight, quantization=None):
         if quantization is None:
@@ -71,6 +72,9 @@ class TritonOps(Ops):
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
         self._store(k, v, k_cache, v_cache, slot_mapping)
+
+    def lora_shrink(self, x, lora_a, token_slots):
+        return self._lora_shrink(x, lora_a, token_slots)  # the expand is self.linear over all slots
 
     def prefill_attention(self, q, k, v, cu_seqlens, max_seqlen, scale, kv_cache=None):
         return self._prefill(q, k, v, cu_seqlens, max_seqlen, scale, kv_cache=kv_cache)  # K/V stored in the pass

@@ -15,4 +15,5 @@ KERNEL_MODULES = (
     "paged_attention",
     "context_attention",
     "kv_cache",
+    "lora",
 )

@@ -197,9 +197,9 @@ def test_drafts_decode_in_the_fixed_shape_buckets(repeating_checkpoint):
     rows_per_step = []
     decode = decoder.decode
 
-    def counting(input_ids, positions, slots, block_tables):
+    def counting(input_ids, positions, slots, block_tables, *lora_slots):
         rows_per_step.append((len(input_ids), len({tuple(t) for t in block_tables})))
-        return decode(input_ids, positions, slots, block_tables)
+        return decode(input_ids, positions, slots, block_tables, *lora_slots)
 
     decoder.decode = counting
     prompts = random_prompts(6)

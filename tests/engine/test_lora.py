@@ -1,0 +1,245 @@
+"""LoRA adapters: our logits under an adapter are PEFT's (the independent reference, run in float64), several adapters
+and the base model share a batch, ``max_loras`` bounds the adapters of a step without losing a request, the prefix
+cache never serves one adapter's K/V to another, and every adapter that cannot be served is refused by name."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import peft
+import pytest
+import torch
+
+from engine import LLM, LoRARequest, SamplingParams
+from engine.cuda_graphs import StaticDecoder
+from tests.helpers import DEVICE, hf_greedy, make_hf_model, rel_err, save_checkpoint
+
+ENGINE = dict(backend="torch", dtype="float32", device="cpu", block_size=4, progress=False)
+ALL = ["c_attn", "c_proj", "c_fc"]
+
+
+def make_adapter(base, directory, **lora_config):
+    """A PEFT LoRA of ``base`` with random A and B (PEFT starts B at zero, which would test nothing), saved to
+    ``directory``; returns the PEFT model in float64, the reference."""
+    config = peft.LoraConfig(init_lora_weights=False, fan_in_fan_out=True, **lora_config)
+    model = peft.get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+    model.save_pretrained(directory)
+    return model.double().eval()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny base checkpoint and three adapters: every linear at rank 4; c_attn and mlp.c_proj only at rank 8
+    with per-module alpha; rsLoRA with a per-module rank."""
+    base = make_hf_model()
+    root = tmp_path_factory.mktemp("lora")
+    save_checkpoint(base, root / "base")
+    some = dict(r=8, lora_alpha=16, target_modules=["c_attn", "mlp.c_proj"], alpha_pattern={"c_attn": 4})
+    rs = dict(r=2, lora_alpha=4, target_modules=ALL, use_rslora=True, rank_pattern={"c_fc": 6})
+    refs = {
+        "all": make_adapter(base, root / "all", r=4, lora_alpha=8, target_modules=ALL),
+        "some": make_adapter(base, root / "some", **some),
+        "rs": make_adapter(base, root / "rs", **rs),
+    }
+    requests = {name: LoRARequest(name, i + 1, str(root / name)) for i, name in enumerate(refs)}
+    return root, base.double(), refs, requests
+
+
+def reference_logprobs(model, ids: list[int], adapter: bool) -> torch.Tensor:
+    """``[T, V]`` float64 log-probabilities of the PEFT model, with or without its adapter."""
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        if adapter:
+            return model(x).logits[0].log_softmax(-1)
+        with model.disable_adapter():
+            return model(x).logits[0].log_softmax(-1)
+
+
+def prompt_logprobs(out) -> torch.Tensor:
+    """The prompt tokens' log-probs of an output (positions 1 ..)."""
+    ids = out.prompt_token_ids
+    return torch.tensor([entry[t] for entry, t in zip(out.prompt_logprobs[1:], ids[1:])])
+
+
+def random_prompt(n: int) -> list[int]:
+    return [random.randrange(50256) for _ in range(n)]
+
+
+@pytest.mark.parametrize("name", ["all", "some", "rs"])
+def test_logprobs_under_an_adapter_are_peft_s(setup, name):
+    root, _, refs, requests = setup
+    llm = LLM(root / "base", enable_lora=True, max_lora_rank=8, **ENGINE)
+    ids = random_prompt(random.randint(9, 20))
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    out = llm.generate(ids, params, use_tqdm=False, lora_request=requests[name])[0]
+    want = reference_logprobs(refs[name], ids, adapter=True)
+    target = torch.tensor(ids[1:])
+    want = want[:-1].gather(1, target[:, None]).squeeze(1)
+    assert rel_err(prompt_logprobs(out), want) < 1e-5
+    base_want = reference_logprobs(refs[name], ids, adapter=False)[:-1].gather(1, target[:, None]).squeeze(1)
+    assert rel_err(want, base_want) > 1e-2, "the adapter barely changes the model: the test could not fail"
+
+
+def test_adapters_and_the_base_model_share_a_batch(setup):
+    """Three adapters and the base model in one generate call, greedy: each prompt continues as PEFT's model does
+    with its own adapter (prefill, then decode steps mixing all four)."""
+    root, base, refs, requests = setup
+    llm = LLM(root / "base", enable_lora=True, max_loras=3, max_lora_rank=8, **ENGINE)
+    names = ["all", None, "some", "rs", "all", None]
+    prompts = [random_prompt(random.randint(3, 12)) for _ in names]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False, lora_request=[requests.get(n) for n in names])
+    for name, ids, out in zip(names, prompts, outs):
+        model = base if name is None else refs[name]
+        assert out.outputs[0].token_ids == hf_greedy(model, ids, 8), name
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("float16", 3e-3)])
+def test_the_triton_kernels_serve_adapters_as_the_torch_backend_does(setup, dtype, tol):
+    """The Triton backend (the shrink kernel, the expand through the GEMM's residual epilogue), in the interpreter:
+    a prefill and decode steps that mix adapters and the base model, against the torch backend."""
+    root, _, _, requests = setup
+    on_device = {**ENGINE, "dtype": dtype, "device": DEVICE}
+    engines = [LLM(root / "base", enable_lora=True, max_loras=2, max_lora_rank=8, **{**on_device, "backend": backend})
+               for backend in ("torch", "triton")]  # fmt: skip
+    prompts = [random_prompt(random.randint(3, 9)) for _ in range(3)]
+    loras = [requests["rs"], None, requests["some"]]
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, logprobs=0, prompt_logprobs=0)
+    want, got = (e.generate(prompts, params, use_tqdm=False, lora_request=loras) for e in engines)
+    for a, b in zip(got, want):
+        assert rel_err(prompt_logprobs(a), prompt_logprobs(b)) < tol
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+
+
+def test_max_loras_bounds_each_step_and_loses_nobody(setup):
+    """One slot for three adapters: the scheduler runs one adapter at a time (and the base model beside it), and
+    every request finishes as it would alone; adapters are read again from disk after leaving the host cache."""
+    root, _, _, requests = setup
+    llm = LLM(root / "base", enable_lora=True, max_loras=1, max_lora_rank=8, max_cpu_loras=1, **ENGINE)
+    seen = []
+    activate = llm.runner.loras.activate
+    llm.runner.loras.activate = lambda wanted: seen.append({r.lora_int_id for r in wanted}) or activate(wanted)
+    names = [random.choice(["all", "some", "rs", None]) for _ in range(10)]
+    prompts = [random_prompt(random.randint(3, 10)) for _ in names]
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=0)
+    together = llm.generate(prompts, params, use_tqdm=False, lora_request=[requests.get(n) for n in names])
+    assert seen and all(len(ids) <= 1 for ids in seen)
+    assert len({frozenset(ids) for ids in seen if ids}) == len({n for n in names if n}), "an adapter never ran"
+    fresh = LLM(root / "base", enable_lora=True, max_loras=3, max_lora_rank=8, **ENGINE)
+    for name, ids, got in zip(names, prompts, together):
+        alone = fresh.generate(ids, params, use_tqdm=False, lora_request=requests.get(name))[0]
+        assert got.outputs[0].token_ids == alone.outputs[0].token_ids
+        got_lp = torch.tensor([d[t] for d, t in zip(got.outputs[0].logprobs, got.outputs[0].token_ids)])
+        want_lp = torch.tensor([d[t] for d, t in zip(alone.outputs[0].logprobs, alone.outputs[0].token_ids)])
+        assert rel_err(got_lp, want_lp) < 1e-5
+
+
+def test_the_prefix_cache_keeps_each_adapter_s_blocks_its_own(setup):
+    root, _, refs, requests = setup
+    llm = LLM(root / "base", enable_lora=True, max_loras=2, max_lora_rank=8, **ENGINE)
+    ids = random_prompt(17)  # four full blocks of 4
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    target = torch.tensor(ids[1:])[:, None]
+    for lora in (None, requests["all"], requests["some"], requests["all"], None):
+        out = llm.generate(ids, params, use_tqdm=False, lora_request=lora)[0]
+        model = refs["all"] if lora is None else refs[lora.lora_name]
+        want = reference_logprobs(model, ids, adapter=lora is not None)[:-1].gather(1, target).squeeze(1)
+        assert rel_err(prompt_logprobs(out), want) < 1e-5
+    # prompt logprobs need every row computed, so they bypass the cache: ask again without them
+    plain = SamplingParams(max_tokens=1)
+    same_files = LoRARequest("rs2", 9, requests["rs"].lora_path)  # another id: another adapter to the cache
+    cached = [llm.generate(ids, plain, use_tqdm=False, lora_request=r)[0].num_cached_tokens
+              for r in (requests["rs"], requests["rs"], None, same_files)]  # fmt: skip
+    assert cached == [0, 16, 16, 0]
+
+
+def test_speculative_decoding_keeps_an_adapter_s_greedy_output(setup):
+    root, _, _, requests = setup
+    spec = LLM(root / "base", enable_lora=True, max_loras=2, max_lora_rank=8,
+               speculative_config={"num_speculative_tokens": 3, "prompt_lookup_max": 2}, **ENGINE)  # fmt: skip
+    plain = LLM(root / "base", enable_lora=True, max_loras=2, max_lora_rank=8, **ENGINE)
+    prompts = [random_prompt(6) * 3 for _ in range(3)]  # repeats, so drafts happen
+    loras = [requests["all"], None, requests["rs"]]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    got = spec.generate(prompts, params, use_tqdm=False, lora_request=loras)
+    want = plain.generate(prompts, params, use_tqdm=False, lora_request=loras)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert spec.llm_engine.spec_draft_tokens > 0
+
+
+def test_fixed_shape_decode_buckets_apply_each_row_s_adapter(setup):
+    """The padded buckets a GPU replays as CUDA graphs (run eagerly here): adapters, base rows and pad rows mixed;
+    the NaN-filled pool catches a pad row that stored."""
+    root, _, _, requests = setup
+    eager = LLM(root / "base", enable_lora=True, max_loras=2, max_lora_rank=8, **ENGINE)
+    static = LLM(root / "base", enable_lora=True, max_loras=2, max_lora_rank=8, **ENGINE)
+    static.runner.static_decoder = StaticDecoder(static.model, static.kv, 8, static.device, capture=False)
+    static.kv.k.fill_(float("nan"))
+    static.kv.v.fill_(float("nan"))
+    prompts = [random_prompt(random.randint(3, 9)) for _ in range(5)]
+    loras = [requests["all"], None, requests["some"], requests["all"], None]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=0) for n in (2, 9, 5, 7, 3)]
+    want = eager.generate(prompts, params, use_tqdm=False, lora_request=loras)
+    got = static.generate(prompts, params, use_tqdm=False, lora_request=loras)
+    for a, b in zip(got, want):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        la = torch.tensor([d[t] for d, t in zip(a.outputs[0].logprobs, a.outputs[0].token_ids)])
+        lb = torch.tensor([d[t] for d, t in zip(b.outputs[0].logprobs, b.outputs[0].token_ids)])
+        assert rel_err(la, lb) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+def rewrite_config(directory, **fields):
+    path = directory / "adapter_config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, **fields}))
+
+
+def test_adapters_that_cannot_be_served_are_refused_by_name(setup, tmp_path):
+    root, base, _, requests = setup
+    llm = LLM(root / "base", enable_lora=True, max_lora_rank=4, **ENGINE)
+
+    def refused(path, match, name="x", lora_id=7):
+        with pytest.raises(ValueError, match=match):
+            llm.generate([1, 2], SamplingParams(max_tokens=1), lora_request=LoRARequest(name, lora_id, str(path)))
+
+    refused(tmp_path / "missing", "does not exist")
+    refused(root / "some", "rank 8, above max_lora_rank=4")
+    for field, value, match in [("use_dora", True, "DoRA"), ("modules_to_save", ["lm_head"], "modules_to_save"),
+                                ("bias", "all", "trained biases"), ("peft_type", "IA3", "not LORA")]:  # fmt: skip
+        bad = tmp_path / field
+        make_adapter(base.float(), bad, r=2, target_modules=ALL)
+        rewrite_config(bad, **{field: value})
+        refused(bad, match)
+    wide = tmp_path / "wide"
+    make_adapter(make_hf_model(n_embd=32), wide, r=2, target_modules=ALL)
+    refused(wide, r"lora_A \(2, 32\).*needs \[r, 64\]")
+    embedding = tmp_path / "embedding"
+    make_adapter(base.float(), embedding, r=2, target_modules=["wte", "c_attn"])
+    refused(embedding, "wte.* is not a LoRA weight of GPT-2's c_attn, c_proj or c_fc")
+    llm.generate([1, 2], SamplingParams(max_tokens=1), lora_request=requests["all"])
+    refused(root / "rs", "lora_int_id 1 is already adapter 'all'", name="all", lora_id=1)
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_lora_arguments_are_checked(setup):
+    root, _, _, requests = setup
+    with pytest.raises(ValueError, match="needs an engine made with enable_lora=True"):
+        LLM(root / "base", **ENGINE).generate([1, 2], lora_request=requests["all"])
+    with pytest.raises(ValueError, match="max_cpu_loras=1 is below max_loras=2"):
+        LLM(root / "base", enable_lora=True, max_loras=2, max_cpu_loras=1, **ENGINE)
+    with pytest.raises(ValueError, match="max_lora_rank must be a positive integer"):
+        LLM(root / "base", enable_lora=True, max_lora_rank=0, **ENGINE)
+    with pytest.raises(ValueError, match="lora_int_id must be a positive integer"):
+        LoRARequest("a", 0, "/x")
+    llm = LLM(root / "base", enable_lora=True, **ENGINE)
+    with pytest.raises(ValueError, match="one \\(or None\\) per prompt"):
+        llm.generate([[1, 2], [3]], lora_request=[requests["all"]])
+    with pytest.raises(ValueError, match="must be a LoRARequest"):
+        llm.generate([1, 2], lora_request=[root / "all"])
