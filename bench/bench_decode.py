@@ -4,6 +4,7 @@
     python bench/bench_decode.py --model gpt2 --batch 1 4 16 --new-tokens 64
     python bench/bench_decode.py --beams 4            # beam search: ours vs generate(num_beams=4)
     python bench/bench_decode.py --speculative 4      # n-gram speculation: ours vs generate(prompt_lookup_num_tokens=4)
+    python bench/bench_decode.py --lora 16            # a rank-16 LoRA adapter on every linear: ours vs PEFT's model
 
 Both sides first generate greedily (or, with ``--beams K``, by beam search of K beams) from the same checkpoint
 and must agree token for token (validate, then time). Decode throughput excludes the prefill:
@@ -13,6 +14,10 @@ and must agree token for token (validate, then time). Decode throughput excludes
 batch 1 only) and prints our rate without speculation and our drafts' acceptance rate too. Random weights make
 greedy text repeat itself more than a trained model's does, so the drafts are accepted more often than on real
 text: compare the two engines at the same acceptance, not the speed-up itself.
+
+``--lora R`` gives every prompt a random PEFT LoRA adapter of rank R on ``c_attn``, ``c_proj`` and ``c_fc``: ours
+serves it from its adapter slots (``enable_lora``), transformers runs PEFT's model (the update computed beside
+each linear, unmerged), and our rate without the adapter shows what it costs.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import LLM, BeamSearchParams, SamplingParams  # noqa: E402
+from engine import LLM, BeamSearchParams, LoRARequest, SamplingParams  # noqa: E402
 from engine.config import PRESETS  # noqa: E402
 
 LOOKUP_MAX = 4  # longest n-gram looked up, on both sides (transformers' max_matching_ngram_size)
@@ -62,14 +67,31 @@ def build(config: dict, device: str, dtype: str, engines: dict[str, dict], max_b
     return hf, llms
 
 
-def ours(llm: LLM) -> Callable[[list[list[int]], int], list[list[int]]]:
-    """Greedy generation of ``n`` tokens per prompt with our engine."""
+def ours(llm: LLM, lora_request: LoRARequest | None = None) -> Callable[[list[list[int]], int], list[list[int]]]:
+    """Greedy generation of ``n`` tokens per prompt with our engine (under ``lora_request``'s adapter, if given)."""
 
     def run(ids: list[list[int]], n: int) -> list[list[int]]:
         params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-        return [o.outputs[0].token_ids for o in llm.generate(ids, params, use_tqdm=False)]
+        outs = llm.generate(ids, params, use_tqdm=False, lora_request=lora_request)
+        return [o.outputs[0].token_ids for o in outs]
 
     return run
+
+
+def add_adapter(hf, rank: int, directory: str, std: float = 0.02):
+    """Make ``hf`` PEFT's model with a random LoRA of ``rank`` on every block linear (A and B drawn from N(0, std),
+    B too, which PEFT starts at zero), saved to ``directory``; returns that model and the request naming it."""
+    import peft
+
+    config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=["c_attn", "c_proj", "c_fc"],
+                             init_lora_weights=False, fan_in_fan_out=True)  # fmt: skip
+    model = peft.get_peft_model(hf, config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, std)
+    model.save_pretrained(directory)
+    return model, LoRARequest("bench", 1, directory)
 
 
 def theirs(hf, **generate_kwargs) -> Callable[[list[list[int]], int], list[list[int]]]:
@@ -140,29 +162,43 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--beams", type=int, default=0, help="beam search of this many beams instead of greedy")
     ap.add_argument("--speculative", type=int, default=0, help="speculate this many tokens by n-gram lookup")
+    ap.add_argument("--lora", type=int, default=0, metavar="RANK", help="every prompt with a LoRA adapter of RANK")
     args = ap.parse_args(argv)
-    if args.beams and args.speculative:
-        ap.error("--beams and --speculative do not combine")
+    if sum(map(bool, (args.beams, args.speculative, args.lora))) > 1:
+        ap.error("--beams, --speculative and --lora do not combine")
+    with tempfile.TemporaryDirectory() as adapter_dir:  # read by the engine at its first request
+        return run_benchmark(args, adapter_dir)
 
+
+def run_benchmark(args, adapter_dir: str) -> int:
     engines = {"ours": dict(backend=args.backend)}
+    if args.lora:
+        engines["ours"].update(enable_lora=True, max_lora_rank=args.lora)
     if args.speculative:
         lookup = dict(num_speculative_tokens=args.speculative, prompt_lookup_max=LOOKUP_MAX)
         engines["speculative"] = dict(backend=args.backend, speculative_config=lookup)
     hf, llms = build(PRESETS[args.model], args.device, args.dtype, engines, max(args.batch) * max(1, args.beams))
     llm = llms["ours"]
     hf = hf.to(getattr(torch, args.dtype))
+    lora = None
+    if args.lora:
+        hf, lora = add_adapter(hf, args.lora, adapter_dir)
     print(f"{args.model} {args.dtype} on {args.device}, backend={llm.backend}, threads={torch.get_num_threads()}, "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, median of {args.repeats}"
           + (f", beam search of {args.beams} beams (tok/s: steps/s x batch)" if args.beams else "")
           + (f", {args.speculative} speculative tokens (transformers: one prompt at a time)"
-             if args.speculative else ""))  # fmt: skip
+             if args.speculative else "")
+          + (f", a rank-{args.lora} LoRA on every prompt (transformers: PEFT)" if args.lora else ""))  # fmt: skip
     if args.beams:
         fns = (ours_beams(llm, args.beams), theirs_beams(hf, args.beams))
     elif args.speculative:
         fns = (ours(llms["speculative"]), theirs_lookup(hf, args.speculative, LOOKUP_MAX), ours(llm))
+    elif args.lora:
+        fns = (ours(llm, lora), theirs(hf), ours(llm))
     else:
         fns = (ours(llm), theirs(hf))
     extra = f" {'ours, no spec tok/s':>20} {'accepted':>8}" if args.speculative else ""
+    extra += f" {'ours, no LoRA tok/s':>20}" if args.lora else ""
     print(f"{'batch':>5} {'ours tok/s':>11} {'transformers tok/s':>19} {'ratio':>6}{extra}")
     for B in args.batch:
         ids = torch.randint(0, hf.config.vocab_size, (B, args.prompt_len)).tolist()
@@ -175,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.speculative:
             accepted = llms["speculative"].llm_engine.get_stats().spec_decode_acceptance_rate
             line += f" {rates[2]:>20.1f} {accepted:>8.0%}"
+        if args.lora:
+            line += f" {rates[2]:>20.1f}"
         print(line)
     return 0
 

@@ -45,7 +45,7 @@ from bench.gpu_report import (  # noqa: E402
     score,
 )
 from bench.harness import OURS, RESULTS, Bench, environment, measure, measure_ceilings, slug, use_interpreter  # noqa: E402
-from bench.kernels import gelu, layernorm, linear, paged_decode, prefill_attention, quant, store_kv  # noqa: E402
+from bench.kernels import gelu, layernorm, linear, lora, paged_decode, prefill_attention, quant, store_kv  # noqa: E402
 from bench.shapes import model_for  # noqa: E402
 
 
@@ -62,10 +62,11 @@ class Sizes:
     gelu_rows: int = 16384
     store_tokens: tuple[int, ...] = (64, 8192)
     engine: EngineSizes = field(default_factory=EngineSizes)
+    lora_rows: tuple[int, ...] = (1, 64, 4096)  # a decode batch, a small and a large prefill
 
     @classmethod
     def tiny(cls) -> Sizes:
-        return cls((1, 17), (1,), (2, 40), (1, 3), 40, ((33, 128), (5, 1600)), 33, (5,), EngineSizes.tiny())
+        return cls((1, 17), (1,), (2, 40), (1, 3), 40, ((33, 128), (5, 1600)), 33, (5,), EngineSizes.tiny(), (3,))
 
 
 def layers(b: Bench):
@@ -88,6 +89,7 @@ SECTIONS = {
     "decode_cfg": lambda b, d, s: paged_decode.config_cases(b, d, s.decode_batch, s.decode_ctx),
     "splitk": lambda b, d, s: linear.split_k_cases(b, d, layers(b)),
     "store_kv": lambda b, d, s: [store_kv.case(b, d, t) for t in s.store_tokens],
+    "lora": lambda b, d, s: [lora.case(b, d, m, model_for(b.dry_run).d, lora.SLOTS, lora.RANK) for m in s.lora_rows],
 }
 PAIRS = {"copy": ("torch", "torch"), "decode_cfg": ("triton-config", OURS), "splitk": ("triton-split", OURS)}
 GOALS = [

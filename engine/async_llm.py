@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from engine.llm_engine import LLMEngine, Prompt
+from engine.lora import LoRARequest
 from engine.outputs import EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.sequence import Request
@@ -78,12 +79,17 @@ class AsyncLLM:
 
     # ---------------------------------------------------------------- requests in
     def make_request(
-        self, request_id: str, prompt: Prompt, params: SamplingParams | None = None, priority: int = 0
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> Request:
         """Validate a request (``ValueError`` naming what is wrong) without queueing it."""
         if request_id in self._active:
             raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request")
-        return self.engine.make_request(request_id, prompt, params, priority=priority)
+        return self.engine.make_request(request_id, prompt, params, priority=priority, lora_request=lora_request)
 
     async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
         """Queue ``request`` and yield its outputs as the engine produces them (as its ``output_kind`` asks:
@@ -108,7 +114,11 @@ class AsyncLLM:
                 self.abort(request.request_id)
 
     async def beam_search(
-        self, request_id: str, prompt_token_ids: list[int], params: BeamSearchParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: BeamSearchParams,
+        lora_request: LoRARequest | None = None,
     ) -> BeamSearchOutput:
         """Beam search of one prompt among whatever else the engine runs. Each step's beams are one-token
         requests (ids ``{request_id}-{step}-{beam}``) whose prefixes the prefix cache serves, vLLM's way: unlike
@@ -118,9 +128,10 @@ class AsyncLLM:
         step = 0
         while not search.done:
             requests = [
-                self.make_request(f"{request_id}-{step}-{b}", prompt_token_ids + beam.tokens, search.step_params(beam))
+                self.make_request(f"{request_id}-{step}-{b}", prompt_token_ids + beam.tokens, search.step_params(beam),
+                                  lora_request=lora_request)
                 for b, beam in enumerate(search.running)
-            ]
+            ]  # fmt: skip
             finals = await asyncio.gather(*(self._final(r) for r in requests))
             search.advance([out.outputs[0].logprobs[0] for out in finals])
             step += 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 EXIT_USAGE = 2
@@ -47,6 +48,18 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _lora_module(text: str) -> tuple[str, str]:
+    """An argparse type: a served LoRA adapter, ``NAME=DIR`` or vLLM's ``{"name": NAME, "path": DIR}``."""
+    if text.lstrip().startswith("{"):
+        value = _json_object(text)
+        name, path = value.get("name"), value.get("path")
+    else:
+        name, _, path = text.partition("=")
+    if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+        raise argparse.ArgumentTypeError(f'expected NAME=DIR or {{"name": NAME, "path": DIR}}, got {text!r}')
+    return name, path
+
+
 def _speculative_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-config", type=_json_object, default=None,
                    help='speculative decoding by n-gram lookup, as vLLM\'s: \'{"method": "ngram", '
@@ -71,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated (n=1)")
     _speculative_arg(gen)
+    gen.add_argument("--lora", default=None, metavar="DIR", help="generate with this PEFT LoRA adapter")
     structured = gen.add_argument_group(
         "structured outputs (pip install -e '.[structured]')"
     ).add_mutually_exclusive_group()
@@ -128,6 +142,12 @@ def _serve_parser(sub) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     _speculative_arg(p)
+    lora = p.add_argument_group("LoRA adapters, each served as a model of its own name")
+    lora.add_argument("--lora-modules", nargs="+", type=_lora_module, default=None, metavar="NAME=DIR",
+                      help='PEFT adapters: NAME=DIR or \'{"name": NAME, "path": DIR}\' (turns LoRA on)')  # fmt: skip
+    lora.add_argument("--max-loras", type=int, default=1, help="adapters in one step (device slots)")
+    lora.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank served")
+    lora.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept in host memory")
     p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
                    help="priority: requests' priority field orders the queue and picks who is preempted")  # fmt: skip
     p.add_argument("--max-waiting", type=int, default=512, help="requests queued before new ones get 503")
@@ -159,7 +179,21 @@ def _make_llm(args):
         progress=not args.quiet,
         max_num_seqs=max(getattr(args, "n", 1), getattr(args, "num_beams", 1), 1),
         speculative_config=getattr(args, "speculative_config", None),
+        **_lora_engine_args(getattr(args, "lora", None)),
     )
+
+
+def _lora_engine_args(path: str | None) -> dict:
+    """What ``generate --lora DIR`` asks of the engine: LoRA on, with room for the adapter's rank."""
+    from engine.lora import adapter_rank
+
+    return {} if path is None else {"enable_lora": True, "max_lora_rank": adapter_rank(path)}
+
+
+def _lora_request(args):
+    from engine import LoRARequest
+
+    return None if args.lora is None else LoRARequest(os.path.basename(os.path.normpath(args.lora)), 1, args.lora)
 
 
 def _checked(kind, flags: dict[str, str], **fields):
@@ -189,12 +223,12 @@ def _generate(args) -> int:
     llm = _make_llm(args)
     if args.stream:
         sys.stdout.write(args.prompt)
-        for delta in llm.generate_stream(args.prompt, params):
+        for delta in llm.generate_stream(args.prompt, params, lora_request=_lora_request(args)):
             sys.stdout.write(delta.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
-    out = llm.generate(args.prompt, params, use_tqdm=not args.quiet)[0]
+    out = llm.generate(args.prompt, params, use_tqdm=not args.quiet, lora_request=_lora_request(args))[0]
     for c in out.outputs:
         if args.n > 1:
             print(f"--- completion {c.index} ({c.finish_reason}) ---")
@@ -237,7 +271,7 @@ def _beam_search(args) -> int:
                       length_penalty=args.length_penalty, early_stopping=early_stopping,
                       no_repeat_ngram_size=args.no_repeat_ngram_size)  # fmt: skip
     llm = _make_llm(args)
-    out = llm.beam_search(args.prompt, params, use_tqdm=not args.quiet)[0]
+    out = llm.beam_search(args.prompt, params, use_tqdm=not args.quiet, lora_request=_lora_request(args))[0]
     for i, seq in enumerate(out.sequences):
         print(f"--- beam {i}: score {seq.score:.4f} ({seq.finish_reason}) ---")
         print(seq.text)
@@ -298,14 +332,16 @@ def _serve(args) -> int:
     except ImportError as e:
         raise UsageError(f"serve needs the serve extra ({e.name} is missing): pip install -e '.[serve]'") from None
     options = ServeOptions(args.host, args.port, args.served_model_name, args.api_key, args.chat_template,
-                           args.max_waiting, args.max_body_bytes, args.shutdown_grace, args.log_level)  # fmt: skip
+                           args.max_waiting, args.max_body_bytes, args.shutdown_grace, args.log_level,
+                           args.lora_modules)  # fmt: skip
     engine_args = dict(
         model=args.model, backend=args.backend, dtype=args.dtype, device=args.device, load_format=args.load_format,
         quantization=args.quantization, tokenizer=args.tokenizer, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size, num_blocks=args.num_blocks,
         kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=args.enable_prefix_caching,
         enforce_eager=args.enforce_eager, speculative_config=args.speculative_config,
-        scheduling_policy=args.scheduling_policy, progress=False,
+        scheduling_policy=args.scheduling_policy, progress=False, enable_lora=bool(args.lora_modules),
+        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
     )  # fmt: skip
     scale = _scale_options(args)
     if scale is None and args.ray_address is None:

@@ -143,13 +143,20 @@ class LLM:
                         yield StreamDelta(index[out.request_id], c.index, c.text, c.token_ids, c.finish_reason)
 
     def beam_search(
-        self, prompts: Prompt | Seq[Prompt], params: BeamSearchParams, use_tqdm: bool = True
+        self,
+        prompts: Prompt | Seq[Prompt],
+        params: BeamSearchParams,
+        use_tqdm: bool = True,
+        lora_request: LoRARequest | None = None,
     ) -> list[BeamSearchOutput]:
         """The ``params.beam_width`` best continuations of each prompt by beam search (transformers' algorithm:
-        ``generate(num_beams=beam_width, do_sample=False)`` finds the same; see :mod:`engine.beam_search`)."""
+        ``generate(num_beams=beam_width, do_sample=False)`` finds the same; see :mod:`engine.beam_search`), under
+        the LoRA adapter ``lora_request`` if given."""
         engine = self.llm_engine
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        if lora_request is not None:
+            engine.check_lora(lora_request, "lora_request")  # refused here, before any step
         if engine.has_unfinished_requests():
             raise RuntimeError("LLM is already generating (one generate/stream/beam_search at a time)")
         items = [self._token_ids(p, f"prompt {i}") for i, p in enumerate(self._prompt_list(prompts))]
@@ -164,7 +171,7 @@ class LLM:
         with progress_bar(total=len(groups) * params.max_tokens, desc="beam search", unit="step",
                           disable=not (use_tqdm and self.progress)) as bar:  # fmt: skip
             for g, group in enumerate(groups):
-                steps = self._search([searches[i] for i in group], f"{call}-{g}", bar)
+                steps = self._search([searches[i] for i in group], f"{call}-{g}", bar, lora_request)
                 bar.update(params.max_tokens - steps)  # the steps an early stop left out
         tokenizer = self.get_tokenizer() if engine.has_tokenizer() else None
         return [s.output(tokenizer) for s in searches]
@@ -184,7 +191,7 @@ class LLM:
         if group:
             yield group
 
-    def _search(self, searches: list[BeamSearch], prefix: str, bar) -> int:
+    def _search(self, searches: list[BeamSearch], prefix: str, bar, lora_request: LoRARequest | None) -> int:
         """Run ``searches`` to their end; returns the number of steps taken.
 
         Each step, every running beam is a one-token request for its top candidates, forked from the sequence that
@@ -202,7 +209,8 @@ class LLM:
                     parents = kept.pop(i, [])
                     for b, beam in enumerate([] if search.done else search.running):
                         prompt = search.prompt_token_ids + beam.tokens
-                        request = engine.make_request(f"{prefix}-{step}-{i}-{b}", prompt, search.step_params(beam))
+                        request = engine.make_request(f"{prefix}-{step}-{i}-{b}", prompt, search.step_params(beam),
+                                                      lora_request=lora_request)  # fmt: skip
                         request.keep_blocks = True
                         engine.add(request, fork_of=parents[beam.source] if parents else None)
                         requests[i, b] = request

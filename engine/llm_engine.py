@@ -288,7 +288,7 @@ class LLMEngine:
         request = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, detokenize)
         request.priority = priority
         if lora_request is not None:
-            self._check_lora(lora_request, what)
+            self.check_lora(lora_request, what)
             request.lora_request = lora_request
             request.cache_root = hash(("lora", lora_request.lora_int_id))
         if params.bad_words:
@@ -324,7 +324,7 @@ class LLMEngine:
                 self._grammar_compiler = GrammarCompiler(self.get_tokenizer())
         return self._grammar_compiler.grammar(structured_outputs)
 
-    def _check_lora(self, lora_request: LoRARequest, what: str) -> None:
+    def check_lora(self, lora_request: LoRARequest, what: str) -> None:
         """The adapter can run here: LoRA is on, and it loads (read from disk on first use)."""
         if self.loras is None:
             raise ValueError(f"{what}: lora_request needs an engine made with enable_lora=True")

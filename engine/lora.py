@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,15 @@ def _read_config(path: Path) -> dict:
     return adapter_config
 
 
+def adapter_rank(path: str | Path) -> int:
+    """The largest rank an adapter's config declares (``r``, ``rank_pattern``): the ``max_lora_rank`` it needs."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"LoRA adapter directory {path} does not exist")
+    adapter_config = _read_config(path)
+    return max([int(adapter_config.get("r", 8)), *map(int, (adapter_config.get("rank_pattern") or {}).values())])
+
+
 def load_adapter(path: str | Path, config: ModelConfig) -> LoRAAdapter:
     """Read and check a PEFT LoRA checkpoint for GPT-2 ``config``; ``ValueError`` naming what does not fit."""
     from safetensors.torch import load_file
@@ -161,7 +171,8 @@ class LoRASlots:
 
     Adapters are read from disk once and kept on the host (the ``max_cpu_loras`` used last); a step asks for its
     adapters' slots with :meth:`activate`, which copies in those not on the device, over the slots used longest ago.
-    The copies are in place: a captured CUDA graph reads the new weights.
+    The copies are in place: a captured CUDA graph reads the new weights. :meth:`check` may run in another thread
+    than the steps (the server validates requests as they arrive): the host cache is shared under a lock.
     """
 
     def __init__(
@@ -189,33 +200,39 @@ class LoRASlots:
         self._slot_order: OrderedDict[int, None] = OrderedDict((s, None) for s in range(S))  # least recent first
         self._host: OrderedDict[int, LoRAAdapter] = OrderedDict()  # by lora_int_id, least recent first
         self._requests: dict[int, LoRARequest] = {}  # the request each known id was first seen with
+        self._lock = threading.Lock()
 
     def check(self, request: LoRARequest) -> None:
         """Load ``request``'s adapter to the host if it is not there (``ValueError`` if it cannot be served), and
         refuse an id already known under another name or path."""
         if not isinstance(request, LoRARequest):
             raise ValueError(f"lora_request must be a LoRARequest, got {type(request).__name__}")
-        known = self._requests.get(request.lora_int_id)
+        with self._lock:
+            known = self._requests.get(request.lora_int_id)
         if known is not None and (known.lora_name, known.lora_path) != (request.lora_name, request.lora_path):
             raise ValueError(
                 f"lora_int_id {request.lora_int_id} is already adapter {known.lora_name!r} at {known.lora_path}"
             )
         self._adapter(request)
-        self._requests[request.lora_int_id] = request
+        with self._lock:
+            self._requests.setdefault(request.lora_int_id, request)
 
     def _adapter(self, request: LoRARequest) -> LoRAAdapter:
-        adapter = self._host.get(request.lora_int_id)
-        if adapter is None:
-            adapter = load_adapter(request.lora_path, self.config)
-            if adapter.rank > self.max_lora_rank:
-                raise ValueError(
-                    f"LoRA adapter {request.lora_name!r} has rank {adapter.rank}, above max_lora_rank="
-                    f"{self.max_lora_rank}"
-                )
+        """The adapter from the host cache, or read from disk (outside the lock: a step need not wait for it)."""
+        with self._lock:
+            adapter = self._host.get(request.lora_int_id)
+            if adapter is not None:
+                self._host.move_to_end(request.lora_int_id)
+                return adapter
+        adapter = load_adapter(request.lora_path, self.config)
+        if adapter.rank > self.max_lora_rank:
+            raise ValueError(
+                f"LoRA adapter {request.lora_name!r} has rank {adapter.rank}, above max_lora_rank={self.max_lora_rank}"
+            )
+        with self._lock:
             self._host[request.lora_int_id] = adapter
             while len(self._host) > self.max_cpu_loras:
                 self._host.popitem(last=False)
-        self._host.move_to_end(request.lora_int_id)
         return adapter
 
     def activate(self, requests: list[LoRARequest]) -> dict[int, int]:

@@ -104,6 +104,23 @@ def make_hf_model(**overrides):
     return model
 
 
+def make_adapter(base, directory, **lora_config):
+    """A PEFT LoRA of the transformers model ``base`` with random A and B (PEFT starts B at zero, which would test
+    nothing), saved to ``directory``; returns the PEFT model in float64, the reference."""
+    import copy
+
+    import peft
+
+    config = peft.LoraConfig(init_lora_weights=False, fan_in_fan_out=True, **lora_config)
+    model = peft.get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+    model.save_pretrained(directory)
+    return model.double().eval()
+
+
 def prompt_with_a_repeat_ahead(llm, n: int) -> list[int]:
     """A prompt after which ``llm``'s favourite next token would repeat one of its n-grams, found by trying: a
     random prompt whose first n tokens are replaced by its last n - 1 and the token the model likes best after

@@ -33,6 +33,7 @@ class ServeOptions:
     max_body_bytes: int = 1 << 20
     shutdown_grace_s: float = 10.0
     log_level: str = "info"
+    lora_modules: list[tuple[str, str]] | None = None  # (name, PEFT adapter directory): served as models of their own
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -62,15 +63,21 @@ def _read_template(path: str | None) -> str | None:
 def build(options: ServeOptions, engine_args: dict, exposition=None):
     """The app and its ``AsyncLLM`` (the engine loaded, its thread started); ``exposition``: see ``build_app``."""
     from engine.async_llm import AsyncLLM
+    from engine.lora import LoRARequest
     from engine.server.app import ServerConfig, build_app
 
     template = _read_template(options.chat_template)
     model = str(engine_args.get("model", "gpt2-medium"))
     names = options.served_model_names or [os.path.basename(os.path.normpath(model)) or model]
+    loras = [LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(options.lora_modules or [])]
+    if loras:
+        engine_args = {**engine_args, "enable_lora": True}
     llm = AsyncLLM.from_engine_args(max_waiting=options.max_waiting, **engine_args)
-    config = ServerConfig(names, options.api_key or os.environ.get(API_KEY_ENV) or None, template,
-                          options.max_body_bytes, options.shutdown_grace_s)  # fmt: skip
     try:
+        for lora in loras:  # read and checked now: a bad adapter stops the server before it listens
+            llm.engine.check_lora(lora, f"--lora-modules {lora.lora_name}")
+        config = ServerConfig(names, options.api_key or os.environ.get(API_KEY_ENV) or None, template,
+                              options.max_body_bytes, options.shutdown_grace_s, lora_modules=loras)  # fmt: skip
         return build_app(llm, config, exposition), llm
     except ValueError:
         llm.stop()

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import engine
 from engine.async_llm import AsyncLLM, EngineError, EngineOverloaded
+from engine.lora import LoRARequest
 from engine.outputs import RequestOutput
 from engine.server import serving
 from engine.server.metrics import Metrics
@@ -46,6 +47,13 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     shutdown_grace_s: float = 10.0
     created: int = field(default_factory=lambda: int(time.time()))
+    lora_modules: list[LoRARequest] = field(default_factory=list)  # adapters served under their own names
+
+    def __post_init__(self) -> None:
+        names = [r.lora_name for r in self.lora_modules]
+        clash = set(names) & set(self.served_model_names) or {n for n in names if names.count(n) > 1}
+        if clash:
+            raise ValueError(f"--lora-modules: the name {sorted(clash)[0]!r} is taken twice (names must be unique)")
 
 
 def error_response(status: int, message: str, type_: str, param: str | None = None) -> JSONResponse:
@@ -131,11 +139,14 @@ def build_app(llm: AsyncLLM, config: ServerConfig, exposition: Callable[[], Awai
     app = FastAPI(title="gpt2-triton", version=engine.__version__, lifespan=lifespan)
     _install_error_handlers(app)
 
-    def check_model(name: str | None) -> str:
-        if name is not None and name not in config.served_model_names:
-            raise ApiError(404, f"model {name!r} does not exist; this server serves {config.served_model_names}",
-                           "model")  # fmt: skip
-        return name or config.served_model_names[0]
+    adapters = {r.lora_name: r for r in config.lora_modules}
+    every_name = config.served_model_names + list(adapters)
+
+    def check_model(name: str | None) -> serving.Served:
+        """The base model or the LoRA adapter a request names (404 for any other name)."""
+        if name is not None and name not in every_name:
+            raise ApiError(404, f"model {name!r} does not exist; this server serves {every_name}", "model")
+        return serving.Served(name or config.served_model_names[0], adapters.get(name))
 
     async def respond(raw: Request, job: serving.Job, full, stream) -> Response:
         """The finished answer (``full``), or the SSE ``stream``; refused with 503 before anything is sent."""
@@ -175,6 +186,9 @@ def build_app(llm: AsyncLLM, config: ServerConfig, exposition: Callable[[], Awai
         n_ctx = llm.engine.config.n_positions
         data = [{"id": name, "object": "model", "created": config.created, "owned_by": "gpt2-triton",
                  "max_model_len": n_ctx} for name in config.served_model_names]  # fmt: skip
+        data += [{"id": r.lora_name, "object": "model", "created": config.created, "owned_by": "gpt2-triton",
+                  "root": r.lora_path, "parent": config.served_model_names[0], "max_model_len": n_ctx}
+                 for r in config.lora_modules]  # fmt: skip
         return {"object": "list", "data": data}
 
     @app.get("/health")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from engine.async_llm import AsyncLLM
 from engine.beam_search import BeamSearchParams, generated
+from engine.lora import LoRARequest
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import RequestOutputKind
 from engine.sequence import Request
@@ -54,6 +55,14 @@ async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tu
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass(frozen=True)
+class Served:
+    """A model name clients may ask for: the base model's, or a LoRA adapter's (``--lora-modules``)."""
+
+    name: str
+    lora_request: LoRARequest | None = None
 
 
 @dataclass
@@ -131,7 +140,8 @@ class BeamJob(Job):
     beams: BeamSearchParams | None = None
 
     async def finals(self) -> list[RequestOutput]:
-        searches = [self.llm.beam_search(r.request_id, r.prompt_token_ids, self.beams) for r in self.requests]
+        searches = [self.llm.beam_search(r.request_id, r.prompt_token_ids, self.beams, r.lora_request)
+                    for r in self.requests]  # fmt: skip
         outputs = await asyncio.gather(*searches)
         tokenizer = self.llm.get_tokenizer()
         finals = []
@@ -290,10 +300,11 @@ async def compile_structured_outputs(llm: AsyncLLM, req: SamplingFields) -> None
             raise ApiError(400, f"{req.structured_field}: {e}", req.structured_field) from None
 
 
-def make_job(llm: AsyncLLM, model: str, req: SamplingFields, prompts: list, max_tokens: int, logprobs: int | None,
-             echo: bool = False, prompt_logprobs: int | None = None) -> Job:  # fmt: skip
+def make_job(llm: AsyncLLM, model: Served, req: SamplingFields, prompts: list, max_tokens: int,
+             logprobs: int | None, echo: bool = False, prompt_logprobs: int | None = None) -> Job:  # fmt: skip
     """Validate everything and build the engine requests: an ``ApiError`` (400) names what is wrong. With
-    ``use_beam_search`` the requests are the prompts, checked as ``n`` full copies, that the beam searches run."""
+    ``use_beam_search`` the requests are the prompts, checked as ``n`` full copies, that the beam searches run.
+    ``model``: the name the client asked for, and the LoRA adapter it stands for (if any)."""
     check_common(req)
     beams = None
     if req.use_beam_search:
@@ -313,7 +324,8 @@ def make_job(llm: AsyncLLM, model: str, req: SamplingFields, prompts: list, max_
     requests = []
     for i, prompt in enumerate(prompts):
         try:
-            requests.append(llm.make_request(f"{job_id}-{i}", prompt, params, priority=req.priority))
+            requests.append(llm.make_request(f"{job_id}-{i}", prompt, params, priority=req.priority,
+                                             lora_request=model.lora_request))  # fmt: skip
         except ValueError as e:
             raise ApiError(400, str(e).replace(f"request '{job_id}-{i}'", f"prompt {i}"), "prompt") from None
     texts = [p if isinstance(p, str) else "" for p in prompts]
@@ -325,11 +337,11 @@ def make_job(llm: AsyncLLM, model: str, req: SamplingFields, prompts: list, max_
         ]
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     if beams is not None:
-        return BeamJob(llm, model, requests, texts, echo, req.stream, include_usage, id=job_id, beams=beams)
-    return Job(llm, model, requests, texts, echo, req.stream, include_usage, id=job_id)
+        return BeamJob(llm, model.name, requests, texts, echo, req.stream, include_usage, id=job_id, beams=beams)
+    return Job(llm, model.name, requests, texts, echo, req.stream, include_usage, id=job_id)
 
 
-def completion_job(llm: AsyncLLM, model: str, req: CompletionRequest) -> Job:
+def completion_job(llm: AsyncLLM, model: Served, req: CompletionRequest) -> Job:
     if req.suffix is not None:
         raise ApiError(400, "suffix is not supported: GPT-2 does not fill in the middle", "suffix")
     if req.best_of is not None and req.best_of != req.n:
@@ -339,7 +351,7 @@ def completion_job(llm: AsyncLLM, model: str, req: CompletionRequest) -> Job:
     return make_job(llm, model, req, prompt_list(req.prompt), max_tokens, req.logprobs, req.echo, prompt_logprobs)
 
 
-def chat_job(llm: AsyncLLM, model: str, req: ChatCompletionRequest, render: Callable[[list[dict]], str]) -> Job:
+def chat_job(llm: AsyncLLM, model: Served, req: ChatCompletionRequest, render: Callable[[list[dict]], str]) -> Job:
     prompt = render([m.model_dump(exclude_none=True) for m in req.messages])
     max_tokens = req.max_completion_tokens or req.max_tokens or 16
     logprobs = (req.top_logprobs or 0) if req.logprobs else None

@@ -24,6 +24,20 @@ def test_our_runners_and_transformers_agree(tiny_checkpoint, hf_model):
     assert [len(b) for b in beams] == [width, width] and all(len(t) == n for b in beams for t in b)
 
 
+def test_lora_runners_agree(tiny_checkpoint, hf_model, tmp_path):
+    """Ours under the adapter and PEFT's model write the same tokens, and the adapter changes them."""
+    import copy
+
+    kw = dict(backend="torch", dtype="float32", device="cpu", progress=False)
+    llm = LLM(str(tiny_checkpoint), enable_lora=True, max_lora_rank=8, **kw)
+    peft_model, lora = bench_decode.add_adapter(copy.deepcopy(hf_model), 8, str(tmp_path), std=0.3)
+    ids = torch.randint(0, hf_model.config.vocab_size, (2, random.randint(2, 8))).tolist()
+    n = random.randint(4, 8)
+    with_adapter = bench_decode.ours(llm, lora)(ids, n)
+    assert with_adapter == bench_decode.theirs(peft_model)(ids, n)
+    assert with_adapter != bench_decode.ours(llm)(ids, n)
+
+
 def test_speculating_runners_agree_with_plain_greedy(tiny_checkpoint, hf_model):
     """A prompt the model's first token already occurs in, so that the lookups hit from the first decode step."""
     lookup = dict(num_speculative_tokens=3, prompt_lookup_max=bench_decode.LOOKUP_MAX)

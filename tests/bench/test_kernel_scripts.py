@@ -29,6 +29,7 @@ RUNS = {
     "paged_decode": (["--batch", "2", "--context", "17"], PAGED, {"batch", "context"}),
     "store_kv": (["--tokens", "5"], PEERS, {"tokens"}),
     "context_attention": (["--batch", "2", "--context", "7", "--chunk", "3"], PAGED, {"context", "chunk"}),
+    "lora": (["--rows", "9", "--slots", "3", "--rank", "8"], PEERS, {"rows"}),
 }
 
 

@@ -12,7 +12,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from engine import LLM, BeamSearchParams, SamplingParams, pipeline, set_seed
+from engine import LLM, BeamSearchParams, LoRARequest, SamplingParams, pipeline, set_seed
+from tests.helpers import make_adapter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -216,6 +217,28 @@ def test_cli_generate_speculating_prints_the_greedy_continuation(tiny_checkpoint
         prompt, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False
     )[0]
     assert r.stdout == prompt + greedy.outputs[0].text + "\n"
+
+
+def test_cli_generate_with_a_lora_adapter(tiny_checkpoint, hf_model, tmp_path):
+    """``--lora DIR``: the adapter's greedy continuation (its rank sized the engine), streamed or not, and by beams."""
+    prompt, adapter = "Hello, I'm a language model,", tmp_path / "adapter"
+    make_adapter(hf_model, adapter, r=24, target_modules=["c_attn", "c_fc"])
+    llm = LLM(str(tiny_checkpoint), device="cpu", progress=False, enable_lora=True, max_lora_rank=24)
+    lora = LoRARequest("adapter", 1, str(adapter))
+    greedy = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0), use_tqdm=False, lora_request=lora)
+    base = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
+    assert greedy[0].outputs[0].text != base[0].outputs[0].text, "the adapter changes nothing: the test can't fail"
+    for stream in ([], ["--stream"]):
+        r = run_cli("generate", prompt, "--model", str(tiny_checkpoint), "--max-new-tokens", "8", "--temperature",
+                    "0", "--lora", str(adapter), "--quiet", *stream)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == prompt + greedy[0].outputs[0].text + "\n"
+    r = run_cli("generate", prompt, "--model", str(tiny_checkpoint), "--max-new-tokens", "4", "--num-beams", "2",
+                "--lora", str(adapter), "--quiet")  # fmt: skip
+    want = llm.beam_search(prompt, BeamSearchParams(2, 4), use_tqdm=False, lora_request=lora)[0]
+    assert r.returncode == 0 and r.stdout.splitlines()[1] == want.sequences[0].text
+    r = run_cli("generate", prompt, "--model", str(tiny_checkpoint), "--lora", str(tmp_path / "missing"), "--quiet")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "LoRA adapter directory" in r.stderr
 
 
 def test_cli_generate_structured(tiny_checkpoint, tmp_path):

@@ -41,7 +41,7 @@ def test_dry_run_validates_every_section(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     sections = {row["section"] for row in rows}
-    kernels = {"layernorm", "decode", "prefill", "quant", "linear", "gelu", "store_kv"}
+    kernels = {"layernorm", "decode", "prefill", "quant", "linear", "gelu", "store_kv", "lora"}
     assert kernels | {"engine", "decode_cfg", "splitk"} <= sections, sections
     assert all(row["status"] not in ("FAIL", "ERROR") for row in rows)
 

@@ -4,33 +4,18 @@ cache never serves one adapter's K/V to another, and every adapter that cannot b
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 
-import peft
 import pytest
 import torch
 
-from engine import LLM, LoRARequest, SamplingParams
+from engine import LLM, BeamSearchParams, LoRARequest, SamplingParams
 from engine.cuda_graphs import StaticDecoder
-from tests.helpers import DEVICE, hf_greedy, make_hf_model, rel_err, save_checkpoint
+from tests.helpers import DEVICE, hf_greedy, make_adapter, make_hf_model, rel_err, save_checkpoint
 
 ENGINE = dict(backend="torch", dtype="float32", device="cpu", block_size=4, progress=False)
 ALL = ["c_attn", "c_proj", "c_fc"]
-
-
-def make_adapter(base, directory, **lora_config):
-    """A PEFT LoRA of ``base`` with random A and B (PEFT starts B at zero, which would test nothing), saved to
-    ``directory``; returns the PEFT model in float64, the reference."""
-    config = peft.LoraConfig(init_lora_weights=False, fan_in_fan_out=True, **lora_config)
-    model = peft.get_peft_model(copy.deepcopy(base), config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.3)
-    model.save_pretrained(directory)
-    return model.double().eval()
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +71,14 @@ def test_logprobs_under_an_adapter_are_peft_s(setup, name):
     assert rel_err(want, base_want) > 1e-2, "the adapter barely changes the model: the test could not fail"
 
 
-def test_adapters_and_the_base_model_share_a_batch(setup):
+@pytest.mark.parametrize("budget", [None, 8])
+def test_adapters_and_the_base_model_share_a_batch(setup, budget):
     """Three adapters and the base model in one generate call, greedy: each prompt continues as PEFT's model does
-    with its own adapter (prefill, then decode steps mixing all four)."""
+    with its own adapter (prefill, then decode steps mixing all four; with a budget of 8 tokens a step, prompt
+    chunks over cached context beside decodes)."""
     root, base, refs, requests = setup
-    llm = LLM(root / "base", enable_lora=True, max_loras=3, max_lora_rank=8, **ENGINE)
+    llm = LLM(root / "base", enable_lora=True, max_loras=3, max_lora_rank=8, max_num_seqs=8,
+              max_num_batched_tokens=budget, **ENGINE)  # fmt: skip
     names = ["all", None, "some", "rs", "all", None]
     prompts = [random_prompt(random.randint(3, 12)) for _ in names]
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
@@ -141,7 +129,7 @@ def test_max_loras_bounds_each_step_and_loses_nobody(setup):
 
 
 def test_the_prefix_cache_keeps_each_adapter_s_blocks_its_own(setup):
-    root, _, refs, requests = setup
+    root, base, refs, requests = setup
     llm = LLM(root / "base", enable_lora=True, max_loras=2, max_lora_rank=8, **ENGINE)
     ids = random_prompt(17)  # four full blocks of 4
     params = SamplingParams(max_tokens=1, prompt_logprobs=0)
@@ -151,12 +139,29 @@ def test_the_prefix_cache_keeps_each_adapter_s_blocks_its_own(setup):
         model = refs["all"] if lora is None else refs[lora.lora_name]
         want = reference_logprobs(model, ids, adapter=lora is not None)[:-1].gather(1, target).squeeze(1)
         assert rel_err(prompt_logprobs(out), want) < 1e-5
-    # prompt logprobs need every row computed, so they bypass the cache: ask again without them
-    plain = SamplingParams(max_tokens=1)
+    # prompt logprobs need every row computed, so they bypass the cache: ask again without them, greedy
+    plain = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     same_files = LoRARequest("rs2", 9, requests["rs"].lora_path)  # another id: another adapter to the cache
-    cached = [llm.generate(ids, plain, use_tqdm=False, lora_request=r)[0].num_cached_tokens
-              for r in (requests["rs"], requests["rs"], None, same_files)]  # fmt: skip
+    cached = []
+    for lora in (requests["rs"], requests["rs"], None, same_files):
+        out = llm.generate(ids, plain, use_tqdm=False, lora_request=lora)[0]
+        cached.append(out.num_cached_tokens)
+        assert out.outputs[0].token_ids == hf_greedy(refs["rs"] if lora else base, ids, 4)
     assert cached == [0, 16, 16, 0]
+
+
+def test_beam_search_under_an_adapter_finds_peft_s_beams(setup):
+    root, _, refs, requests = setup
+    llm = LLM(root / "base", enable_lora=True, max_lora_rank=8, **ENGINE)
+    ids, params = random_prompt(7), BeamSearchParams(3, 5, ignore_eos=True)
+    out = llm.beam_search(ids, params, use_tqdm=False, lora_request=requests["some"])[0]
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        want = refs["some"].generate(
+            x, attention_mask=torch.ones_like(x), do_sample=False, num_beams=3, num_return_sequences=3,
+            max_new_tokens=5, eos_token_id=None, pad_token_id=0,
+        )  # fmt: skip
+    assert [s.tokens[len(ids) :] for s in out.sequences] == [row[len(ids) :].tolist() for row in want]
 
 
 def test_speculative_decoding_keeps_an_adapter_s_greedy_output(setup):

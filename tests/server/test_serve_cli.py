@@ -75,7 +75,7 @@ def test_sigterm_with_requests_in_flight_exits_0(tiny_checkpoint):
             proc.wait()
 
 
-@pytest.mark.parametrize("case", ["no such model", "port in use", "bad template"])
+@pytest.mark.parametrize("case", ["no such model", "port in use", "bad template", "bad adapter", "bad lora flag"])
 def test_mistakes_are_one_line_and_exit_2(tiny_checkpoint, tmp_path, case):
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
@@ -84,6 +84,8 @@ def test_mistakes_are_one_line_and_exit_2(tiny_checkpoint, tmp_path, case):
         "no such model": ["/nonexistent/model", "--port", "0"],
         "port in use": [str(tiny_checkpoint), "--port", str(busy.getsockname()[1])],
         "bad template": [str(tiny_checkpoint), "--port", "0", "--chat-template", str(tmp_path / "missing.jinja")],
+        "bad adapter": [str(tiny_checkpoint), "--port", "0", "--lora-modules", f"ours={tmp_path / 'missing'}"],
+        "bad lora flag": [str(tiny_checkpoint), "--port", "0", "--lora-modules", "no-directory-given"],
     }[case]
     try:
         r = subprocess.run(serve_cmd(*args, "--device", "cpu"), capture_output=True, text=True, env=env(), cwd=ROOT,
@@ -93,6 +95,7 @@ def test_mistakes_are_one_line_and_exit_2(tiny_checkpoint, tmp_path, case):
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    assert {"no such model": "nonexistent", "port in use": "cannot listen", "bad template": "chat-template"}[
+    assert {"no such model": "nonexistent", "port in use": "cannot listen", "bad template": "chat-template",
+            "bad adapter": "--lora-modules ours: LoRA adapter directory", "bad lora flag": "expected NAME=DIR"}[
         case
-    ] in lines[0]
+    ] in lines[0]  # fmt: skip
