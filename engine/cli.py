@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(score)
     score.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: half the context)")
     score.add_argument("--json", action="store_true", help="print a JSON object instead of a line")
+    score.add_argument("--lora", default=None, metavar="DIR", help="score under this PEFT LoRA adapter")
 
     _eval_parser(sub)
     _serve_parser(sub)
@@ -122,6 +123,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="sequences per engine step (max_num_seqs)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--seed", type=int, default=1234, help="lm-eval's seeds (few-shot sampling, sampled generation)")
+    p.add_argument("--lora", default=None, metavar="DIR", help="evaluate under this PEFT LoRA adapter")
     p.add_argument("--output", default=None, help="write the results as JSON to this file")
 
 
@@ -287,7 +289,7 @@ def _score(args) -> int:
     except UnicodeDecodeError:
         raise UsageError(f"{args.file} is not UTF-8 text") from None
     llm = _make_llm(args)
-    result = llm.score(text, stride=args.stride)[0]
+    result = llm.score(text, stride=args.stride, lora_request=_lora_request(args))[0]
     n = len(result.token_ids)
     if args.json:
         print(json.dumps({"file": args.file, "tokens": n, "perplexity": result.perplexity,
@@ -313,7 +315,8 @@ def _eval(args) -> int:
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     model_args = dict(pretrained=args.model, backend=args.backend, dtype=args.dtype, device=args.device,
                       load_format=args.load_format, quantization=args.quantization, tokenizer=args.tokenizer,
-                      max_num_batched_tokens=args.max_num_batched_tokens, progress=not args.quiet)  # fmt: skip
+                      max_num_batched_tokens=args.max_num_batched_tokens, progress=not args.quiet,
+                      **({"lora_local_path": args.lora} if args.lora else {}))  # fmt: skip
     if args.paper_table:
         from engine import paper_table
 

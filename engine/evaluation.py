@@ -32,6 +32,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from engine.llm import LLM
+from engine.lora import LoRARequest, adapter_rank
 from engine.sampling_params import SamplingParams
 
 DEFAULT_MAX_GEN_TOKS = 256  # the hf backend's default
@@ -62,6 +63,7 @@ class GPT2TritonLM(TemplateLM):
     ``batch_size`` (lm-eval's flag) caps the sequences per engine step (``max_num_seqs``); the per-step token
     budget is ``max_num_batched_tokens``. ``max_length`` (default: the model's context) and ``max_gen_toks``
     (default 256) mean what they mean for the ``hf`` backend; ``seed`` seeds sampled generations per request.
+    ``lora_local_path`` (vLLM's lm-eval argument) evaluates the model under that PEFT LoRA adapter.
     """
 
     def __init__(
@@ -73,9 +75,14 @@ class GPT2TritonLM(TemplateLM):
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
         seed: int | None = None,
         llm: LLM | None = None,
+        lora_local_path: str | None = None,
         **llm_kwargs,
     ) -> None:
         super().__init__()
+        self.lora_request = None
+        if lora_local_path:
+            llm_kwargs.update(enable_lora=True, max_lora_rank=adapter_rank(lora_local_path))
+            self.lora_request = LoRARequest("lm-eval", 1, str(lora_local_path))
         max_num_seqs = _as_int("batch_size", batch_size)
         if max_num_seqs is not None:
             llm_kwargs.setdefault("max_num_seqs", max_num_seqs)
@@ -91,6 +98,8 @@ class GPT2TritonLM(TemplateLM):
             raise ValueError(f"max_length={self._max_length} exceeds the model's context of {n_ctx}")
         self._max_gen_toks = _as_int("max_gen_toks", max_gen_toks)
         self.seed = None if seed is None else int(seed)
+        if self.lora_request is not None:
+            self.llm.llm_engine.check_lora(self.lora_request, "lora_local_path")
 
     # ---------------------------------------------------------------- what lm-eval asks of a model
     @property
@@ -164,7 +173,7 @@ class GPT2TritonLM(TemplateLM):
             SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1, prompt_logprobs_start=len(requests[j][1]))
             for j in order
         ]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora_request)
         for j, out in zip(order, outputs):
             continuation = requests[j][2]
             entries = out.prompt_logprobs[len(requests[j][1]) :]
@@ -178,7 +187,7 @@ class GPT2TritonLM(TemplateLM):
         dropped) computed whole, packed without padding; the LM head on the continuation's rows only."""
         windows = [(ctx + cont)[-(self.max_length + 1) :][:-1] for _, ctx, cont in requests]
         for group in self.llm._batches(windows):
-            hidden = self.llm.runner.hidden_states([windows[j] for j in group])
+            hidden = self.llm.runner.hidden_states([windows[j] for j in group], self.lora_request)
             ends = itertools.accumulate(len(windows[j]) for j in group)
             rows = torch.cat([hidden[end - len(requests[j][2]) : end] for j, end in zip(group, ends)])
             targets = torch.tensor([t for j in group for t in requests[j][2]], device=hidden.device)
@@ -256,7 +265,8 @@ class GPT2TritonLM(TemplateLM):
             prompts.append(ids)
             params.append(p)
             stops.append(until)
-        outputs = self.llm.generate(prompts, params, use_tqdm=not disable_tqdm and self.llm.progress)
+        outputs = self.llm.generate(prompts, params, use_tqdm=not disable_tqdm and self.llm.progress,
+                                    lora_request=self.lora_request)  # fmt: skip
         texts = []
         for req, out, until in zip(requests, outputs, stops):
             text = postprocess_generated_text(out.outputs[0].text, until, None)

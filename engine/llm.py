@@ -155,8 +155,7 @@ class LLM:
         engine = self.llm_engine
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
-        if lora_request is not None:
-            engine.check_lora(lora_request, "lora_request")  # refused here, before any step
+        self._check_lora(lora_request)
         if engine.has_unfinished_requests():
             raise RuntimeError("LLM is already generating (one generate/stream/beam_search at a time)")
         items = [self._token_ids(p, f"prompt {i}") for i, p in enumerate(self._prompt_list(prompts))]
@@ -228,6 +227,11 @@ class LLM:
             engine.release(itertools.chain(running, *kept.values()))
         return step
 
+    def _check_lora(self, lora_request: LoRARequest | None) -> None:
+        """A call's one adapter can run here: refused before any step."""
+        if lora_request is not None:
+            self.llm_engine.check_lora(lora_request, "lora_request")
+
     # ---------------------------------------------------------------- scoring and features
     def _batches(self, items: list[list[int]]) -> Iterator[list[int]]:
         """Indices of ``items`` grouped so each group packs at most ``max_num_batched_tokens`` tokens."""
@@ -241,12 +245,15 @@ class LLM:
         if group:
             yield group
 
-    def score(self, texts: Prompt | Seq[Prompt], stride: int | None = None) -> list[ScoreOutput]:
+    def score(
+        self, texts: Prompt | Seq[Prompt], stride: int | None = None, lora_request: LoRARequest | None = None
+    ) -> list[ScoreOutput]:
         """Log-likelihood and perplexity of each text; texts longer than the context use a sliding window.
 
         Each window spans up to ``n_positions`` tokens and advances by ``stride`` (default half the context);
         tokens are scored once, in the first window that reaches them, with all of that window before them as
-        context (the strided evaluation of Radford et al. 2019 and transformers' perplexity guide).
+        context (the strided evaluation of Radford et al. 2019 and transformers' perplexity guide). Under the LoRA
+        adapter ``lora_request`` if given.
         """
         n_ctx = self.config.n_positions
         stride = n_ctx // 2 if stride is None else stride
@@ -254,6 +261,7 @@ class LLM:
             # stride == n_ctx would start a window at a token with no context before it in its window
             raise ValueError(f"stride must be an integer in [1, {n_ctx - 1}], got {stride!r}")
         items = [self._token_ids(t, f"text {i}") for i, t in enumerate(self._prompt_list(texts))]
+        self._check_lora(lora_request)
         for i, ids in enumerate(items):
             if len(ids) < 2:
                 raise ValueError(f"text {i} has {len(ids)} token; scoring needs at least 2")
@@ -269,7 +277,7 @@ class LLM:
         spans = [items[i][b:e] for i, b, e, _ in windows]
         with progress_bar(total=len(windows), desc="score", unit="window", disable=not self.progress) as bar:
             for group in self._batches(spans):
-                hidden = self.runner.hidden_states([spans[w] for w in group])
+                hidden = self.runner.hidden_states([spans[w] for w in group], lora_request)
                 offset = 0
                 for w in group:
                     i, begin, end, first = windows[w]
@@ -281,15 +289,17 @@ class LLM:
                 bar.update(len(group))
         return results
 
-    def features(self, texts: Prompt | Seq[Prompt]) -> list[torch.Tensor]:
-        """The last hidden state of each text, ``[T, d_model]`` (transformers' ``last_hidden_state``)."""
+    def features(self, texts: Prompt | Seq[Prompt], lora_request: LoRARequest | None = None) -> list[torch.Tensor]:
+        """The last hidden state of each text, ``[T, d_model]`` (transformers' ``last_hidden_state``), under the
+        LoRA adapter ``lora_request`` if given."""
         items = [self._token_ids(t, f"text {i}") for i, t in enumerate(self._prompt_list(texts))]
+        self._check_lora(lora_request)
         for i, ids in enumerate(items):
             if len(ids) > self.config.n_positions:
                 raise ValueError(f"text {i} has {len(ids)} tokens, more than the context of {self.config.n_positions}")
         out: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
         for group in self._batches(items):
-            hidden = self.runner.hidden_states([items[i] for i in group])
+            hidden = self.runner.hidden_states([items[i] for i in group], lora_request)
             for i, part in zip(group, hidden.split([len(items[i]) for i in group])):
                 out[i] = part
         return out

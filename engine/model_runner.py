@@ -20,7 +20,7 @@ from engine.block_manager import BlockManager
 from engine.cuda_graphs import StaticDecoder
 from engine.host_tensors import list_tensor, padded_rows
 from engine.kv_cache import KVCache
-from engine.lora import LoRASlots
+from engine.lora import LoRARequest, LoRASlots
 from engine.model import GPT2, DecodeBatch, ExtendBatch, PrefillBatch
 from engine.sampling import token_logprobs
 from engine.scheduler import SchedulerOutput
@@ -228,6 +228,11 @@ class ModelRunner:
             slot_mapping=list_tensor(slots, torch.int64, dev),
         )
 
-    def hidden_states(self, token_lists: list[list[int]]) -> torch.Tensor:
-        """Final hidden states of whole sequences, nothing cached (scoring, features): packed ``[T, D]``."""
-        return self.model.prefill(self.pack(token_lists), self.kv)
+    def hidden_states(self, token_lists: list[list[int]], lora_request: LoRARequest | None = None) -> torch.Tensor:
+        """Final hidden states of whole sequences, nothing cached (scoring, features): packed ``[T, D]``; under the
+        LoRA adapter ``lora_request`` if given."""
+        batch = self.pack(token_lists)
+        if lora_request is not None:
+            slot = self.loras.activate([lora_request])[lora_request.lora_int_id]
+            batch.lora_slots = torch.full_like(batch.input_ids, slot)
+        return self.model.prefill(batch, self.kv)

@@ -239,6 +239,11 @@ def test_cli_generate_with_a_lora_adapter(tiny_checkpoint, hf_model, tmp_path):
     assert r.returncode == 0 and r.stdout.splitlines()[1] == want.sequences[0].text
     r = run_cli("generate", prompt, "--model", str(tiny_checkpoint), "--lora", str(tmp_path / "missing"), "--quiet")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "LoRA adapter directory" in r.stderr
+    text = tmp_path / "text.txt"
+    text.write_text(prompt * 3)
+    r = run_cli("score", str(text), "--model", str(tiny_checkpoint), "--lora", str(adapter), "--json", "--quiet")
+    want = llm.score(text.read_text(), lora_request=lora)[0].perplexity
+    assert r.returncode == 0 and json.loads(r.stdout)["perplexity"] == pytest.approx(want, rel=1e-6)
 
 
 def test_cli_generate_structured(tiny_checkpoint, tmp_path):

@@ -16,6 +16,7 @@ import lm_eval  # the eval extra: pip install -e ".[eval]"
 import pytest
 
 from engine.evaluation import GPT2TritonLM, rolling_windows  # registers gpt2-triton
+from tests.helpers import make_adapter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -138,6 +139,26 @@ def test_rolling_windows_equal_the_hf_backends(tiny_checkpoint):
     request = [Instance("loglikelihood_rolling", {}, (text,), 0)]
     got, ref = ours.loglikelihood_rolling(request, disable_tqdm=True), hf.loglikelihood_rolling(request, True)
     assert_close(got, ref)
+
+
+def test_an_adapter_is_evaluated_as_the_hf_backend_with_peft(tiny_checkpoint, hf_model, tmp_path):
+    """``lora_local_path`` against lm-eval's hf backend with ``peft=``: log-likelihoods of continuations (the engine's
+    prompts) and of a text several contexts long (whole windows), and the greedy answers."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    adapter = tmp_path / "adapter"
+    make_adapter(hf_model, adapter, r=4, target_modules=["c_attn", "c_fc"])
+    kw = dict(pretrained=str(tiny_checkpoint), backend="torch", dtype="float32", device="cpu")
+    ours = GPT2TritonLM(lora_local_path=str(adapter), **kw)
+    hf = HFLM(pretrained=str(tiny_checkpoint), peft=str(adapter), dtype="float32", device="cpu", batch_size=4)
+    pairs = [Instance("loglikelihood", {}, (words(random.randint(3, 30)), " " + words(2)), i) for i in range(4)]
+    got, want = ours.loglikelihood(pairs, disable_tqdm=True), hf.loglikelihood(pairs, disable_tqdm=True)
+    assert_close(got, want)
+    base = GPT2TritonLM(**kw).loglikelihood(pairs, disable_tqdm=True)
+    assert not all(math.isclose(a[0], b[0], rel_tol=1e-3) for a, b in zip(got, base)), "the adapter changed nothing"
+    rolling = [Instance("loglikelihood_rolling", {}, (words(random.randint(300, 400)),), 0)]
+    assert_close(ours.loglikelihood_rolling(rolling, disable_tqdm=True), hf.loglikelihood_rolling(rolling, True))
 
 
 def test_shared_contexts_are_served_from_the_prefix_cache(tiny_checkpoint):

@@ -150,6 +150,18 @@ def test_the_prefix_cache_keeps_each_adapter_s_blocks_its_own(setup):
     assert cached == [0, 16, 16, 0]
 
 
+def test_score_and_features_under_an_adapter_are_peft_s(setup):
+    root, _, refs, requests = setup
+    llm = LLM(root / "base", enable_lora=True, max_lora_rank=8, **ENGINE)
+    ids = random_prompt(random.randint(10, 30))
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = refs["rs"](x, output_hidden_states=True)
+    want = out.logits[0, :-1].log_softmax(-1).gather(1, x[0, 1:, None]).squeeze(1)
+    assert rel_err(torch.tensor(llm.score(ids, lora_request=requests["rs"])[0].logprobs), want) < 1e-5
+    assert rel_err(llm.features(ids, lora_request=requests["rs"])[0], out.hidden_states[-1][0]) < 1e-5
+
+
 def test_beam_search_under_an_adapter_finds_peft_s_beams(setup):
     root, _, refs, requests = setup
     llm = LLM(root / "base", enable_lora=True, max_lora_rank=8, **ENGINE)
