@@ -559,4 +559,16 @@ class LLMEngine:
             spec_decode_num_drafts=self.spec_drafts,
             spec_decode_num_draft_tokens=self.spec_draft_tokens,
             spec_decode_num_accepted_tokens=self.spec_accepted_tokens,
+            **self._lora_stats(),
         )
+
+    def _lora_stats(self) -> dict:
+        if self.loras is None:
+            return {}
+
+        def names(seqs) -> tuple[str, ...]:
+            return tuple(sorted({seq.request.lora_request.lora_name for seq in seqs if seq.request.lora_request}))
+
+        s = self.scheduler
+        return dict(running_lora_adapters=names(s.running), waiting_lora_adapters=names(s.waiting),
+                    max_lora=self.loras.max_loras)  # fmt: skip

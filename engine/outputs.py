@@ -75,6 +75,10 @@ class EngineStats:
     spec_decode_num_drafts: int = 0
     spec_decode_num_draft_tokens: int = 0
     spec_decode_num_accepted_tokens: int = 0
+    # LoRA (enable_lora): the adapters of the running and of the waiting sequences, by name, and max_loras (0: off)
+    running_lora_adapters: tuple[str, ...] = ()
+    waiting_lora_adapters: tuple[str, ...] = ()
+    max_lora: int = 0
 
     @property
     def prefix_cache_hit_rate(self) -> float:

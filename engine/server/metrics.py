@@ -9,6 +9,8 @@ joins every replica's text into one, each sample labelled with its replica.
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -48,6 +50,12 @@ class _EngineCollector:
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(PREFIX + name, doc, value=value)
+        if s.max_lora:  # vLLM's info gauge: the adapters in use as labels, the time of the reading as the value
+            info = GaugeMetricFamily(PREFIX + "lora_requests_info", "LoRA adapters of the running and waiting requests",
+                                     labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])  # fmt: skip
+            labels = [str(s.max_lora), ",".join(s.running_lora_adapters), ",".join(s.waiting_lora_adapters)]
+            info.add_metric(labels, time.time())
+            yield info
 
 
 class Metrics:

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from engine import LLM, BeamSearchParams, LoRARequest, SamplingParams
+from engine import LLM, BeamSearchParams, LLMEngine, LoRARequest, SamplingParams
 from engine.cuda_graphs import StaticDecoder
 from tests.helpers import DEVICE, hf_greedy, make_adapter, make_hf_model, rel_err, save_checkpoint
 
@@ -188,6 +188,22 @@ def test_speculative_decoding_keeps_an_adapter_s_greedy_output(setup):
     want = plain.generate(prompts, params, use_tqdm=False, lora_request=loras)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     assert spec.llm_engine.spec_draft_tokens > 0
+
+
+def test_stats_name_the_running_and_waiting_adapters(setup):
+    root, _, _, requests = setup
+    engine = LLMEngine(root / "base", enable_lora=True, max_loras=1, max_lora_rank=8, **ENGINE)
+    params = SamplingParams(max_tokens=3)
+    for i, lora in enumerate([requests["rs"], None, requests["all"], requests["rs"]]):
+        engine.add_request(str(i), random_prompt(5), params, lora_request=lora)
+    engine.step()
+    stats = engine.get_stats()
+    assert (stats.running_lora_adapters, stats.waiting_lora_adapters, stats.max_lora) == (("rs",), ("all",), 1)
+    while engine.has_unfinished_requests():
+        engine.step()
+    stats = engine.get_stats()
+    assert stats.running_lora_adapters == stats.waiting_lora_adapters == ()
+    assert LLMEngine(root / "base", **ENGINE).get_stats().max_lora == 0
 
 
 def test_fixed_shape_decode_buckets_apply_each_row_s_adapter(setup):

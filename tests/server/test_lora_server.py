@@ -88,6 +88,8 @@ def test_models_lists_the_adapters_and_unknown_names_are_404(lora_server, adapte
     assert models["alpha"].parent == lora_server.model and models["alpha"].root == paths["alpha"]
     with pytest.raises(openai.NotFoundError, match="'gamma' does not exist"):
         client.completions.create(model="gamma", prompt="Hi", max_tokens=2)
+    metrics = lora_server.get("/metrics").text
+    assert 'gpt2_triton:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapters=""}' in metrics
 
 
 @pytest.mark.parametrize("case", ["missing", "clash"])
