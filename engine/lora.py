@@ -6,9 +6,9 @@ An adapter is a PEFT checkpoint (``adapter_config.json`` + ``adapter_model.safet
 (``alpha / sqrt(r)`` with rsLoRA).
 
 The engine keeps up to ``max_loras`` adapters on the device, each in a slot of stacked tensors per layer and
-linear (:class:`LoRASlots`): ``a [S, R, K]`` and ``b [N, S * R]``, the rank padded to ``R = max_lora_rank`` with
-zeros and the scale folded into ``b``. Every row of a step names its slot (-1: the base model alone), so one step
-mixes adapters and the base model:
+linear (:class:`LoRASlots`): ``a [S, R, K]`` and ``b [N, S * R]``, the rank padded with zeros to ``R``
+(``max_lora_rank`` rounded up to a multiple of 16, so that the expand's K is one too) and the scale folded into
+``b``. Every row of a step names its slot (-1: the base model alone), so one step mixes adapters and the base model:
     u = lora_shrink(x, a, slots)    # [M, S * R]: row m's x @ a[slot].T in its slot's columns, zeros elsewhere
     y = W x + bias + u @ b.T         # the expand is one dense GEMM over all slots: the zeros select
 No shape depends on which adapters a step uses, so a decode step with adapters is still one CUDA graph.
@@ -29,6 +29,7 @@ import torch
 from engine.config import ModelConfig
 
 CONFIG_FILE = "adapter_config.json"
+RANK_MULTIPLE = 16  # the slots' rank is padded to a multiple of this: tl.dot's smallest K
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 # PEFT's names of GPT-2's block linears (GPT2Block's attn.c_attn ...), in the order of weights.LINEAR_FIELDS
@@ -188,7 +189,8 @@ class LoRASlots:
         self.max_loras = max_loras
         self.max_lora_rank = max_lora_rank
         self.max_cpu_loras = max(max_cpu_loras or max_loras, max_loras)
-        S, R = max_loras, max_lora_rank
+        S, R = max_loras, -(-max_lora_rank // RANK_MULTIPLE) * RANK_MULTIPLE
+        self.padded_rank = R
         self.stacks = [
             [
                 (torch.zeros(S, R, k, dtype=dtype, device=device), torch.zeros(n, S * R, dtype=dtype, device=device))
@@ -252,7 +254,7 @@ class LoRASlots:
         return where
 
     def _copy_in(self, slot: int, adapter: LoRAAdapter) -> None:
-        R = self.max_lora_rank
+        R = self.padded_rank
         for layer, stacks in enumerate(self.stacks):
             for module, (a, b) in enumerate(stacks):
                 a[slot].zero_()
