@@ -147,6 +147,8 @@ def _serve_parser(sub) -> None:
     lora = p.add_argument_group("LoRA adapters, each served as a model of its own name")
     lora.add_argument("--lora-modules", nargs="+", type=_lora_module, default=None, metavar="NAME=DIR",
                       help='PEFT adapters: NAME=DIR or \'{"name": NAME, "path": DIR}\' (turns LoRA on)')  # fmt: skip
+    lora.add_argument("--allow-runtime-lora-updating", action="store_true",
+                      help="POST /v1/load_lora_adapter, /v1/unload_lora_adapter (LoRA on; not on Ray)")  # fmt: skip
     lora.add_argument("--max-loras", type=int, default=1, help="adapters in one step (device slots)")
     lora.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank served")
     lora.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept in host memory")
@@ -336,19 +338,22 @@ def _serve(args) -> int:
         raise UsageError(f"serve needs the serve extra ({e.name} is missing): pip install -e '.[serve]'") from None
     options = ServeOptions(args.host, args.port, args.served_model_name, args.api_key, args.chat_template,
                            args.max_waiting, args.max_body_bytes, args.shutdown_grace, args.log_level,
-                           args.lora_modules)  # fmt: skip
+                           args.lora_modules, args.allow_runtime_lora_updating)  # fmt: skip
     engine_args = dict(
         model=args.model, backend=args.backend, dtype=args.dtype, device=args.device, load_format=args.load_format,
         quantization=args.quantization, tokenizer=args.tokenizer, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size, num_blocks=args.num_blocks,
         kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=args.enable_prefix_caching,
         enforce_eager=args.enforce_eager, speculative_config=args.speculative_config,
-        scheduling_policy=args.scheduling_policy, progress=False, enable_lora=bool(args.lora_modules),
+        scheduling_policy=args.scheduling_policy, progress=False,
+        enable_lora=bool(args.lora_modules) or args.allow_runtime_lora_updating,
         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
     )  # fmt: skip
     scale = _scale_options(args)
     if scale is None and args.ray_address is None:
         return serve(options, engine_args)
+    if args.allow_runtime_lora_updating:  # each replica would load its own: requests would find it or not by chance
+        raise UsageError("gpt2-triton serve: --allow-runtime-lora-updating does not combine with Ray Serve replicas")
     try:
         from engine.server.ray_serve import ScaleOptions, serve_on_ray
     except ImportError as e:

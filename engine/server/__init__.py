@@ -34,6 +34,7 @@ class ServeOptions:
     shutdown_grace_s: float = 10.0
     log_level: str = "info"
     lora_modules: list[tuple[str, str]] | None = None  # (name, PEFT adapter directory): served as models of their own
+    allow_runtime_lora_updating: bool = False  # adapters loaded and unloaded over HTTP while the server runs
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -70,14 +71,15 @@ def build(options: ServeOptions, engine_args: dict, exposition=None):
     model = str(engine_args.get("model", "gpt2-medium"))
     names = options.served_model_names or [os.path.basename(os.path.normpath(model)) or model]
     loras = [LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(options.lora_modules or [])]
-    if loras:
+    if loras or options.allow_runtime_lora_updating:
         engine_args = {**engine_args, "enable_lora": True}
     llm = AsyncLLM.from_engine_args(max_waiting=options.max_waiting, **engine_args)
     try:
         for lora in loras:  # read and checked now: a bad adapter stops the server before it listens
             llm.engine.check_lora(lora, f"--lora-modules {lora.lora_name}")
         config = ServerConfig(names, options.api_key or os.environ.get(API_KEY_ENV) or None, template,
-                              options.max_body_bytes, options.shutdown_grace_s, lora_modules=loras)  # fmt: skip
+                              options.max_body_bytes, options.shutdown_grace_s, lora_modules=loras,
+                              allow_runtime_lora_updating=options.allow_runtime_lora_updating)  # fmt: skip
         return build_app(llm, config, exposition), llm
     except ValueError:
         llm.stop()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import engine
@@ -25,12 +25,15 @@ from engine.lora import LoRARequest
 from engine.outputs import RequestOutput
 from engine.server import serving
 from engine.server.metrics import Metrics
+from engine.server.models import ServedModels
 from engine.server.protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    LoadLoRAAdapterRequest,
     TokenizeRequest,
+    UnloadLoRAAdapterRequest,
     error_body,
 )
 
@@ -48,12 +51,7 @@ class ServerConfig:
     shutdown_grace_s: float = 10.0
     created: int = field(default_factory=lambda: int(time.time()))
     lora_modules: list[LoRARequest] = field(default_factory=list)  # adapters served under their own names
-
-    def __post_init__(self) -> None:
-        names = [r.lora_name for r in self.lora_modules]
-        clash = set(names) & set(self.served_model_names) or {n for n in names if names.count(n) > 1}
-        if clash:
-            raise ValueError(f"--lora-modules: the name {sorted(clash)[0]!r} is taken twice (names must be unique)")
+    allow_runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
 
 
 def error_response(status: int, message: str, type_: str, param: str | None = None) -> JSONResponse:
@@ -139,14 +137,7 @@ def build_app(llm: AsyncLLM, config: ServerConfig, exposition: Callable[[], Awai
     app = FastAPI(title="gpt2-triton", version=engine.__version__, lifespan=lifespan)
     _install_error_handlers(app)
 
-    adapters = {r.lora_name: r for r in config.lora_modules}
-    every_name = config.served_model_names + list(adapters)
-
-    def check_model(name: str | None) -> serving.Served:
-        """The base model or the LoRA adapter a request names (404 for any other name)."""
-        if name is not None and name not in every_name:
-            raise ApiError(404, f"model {name!r} does not exist; this server serves {every_name}", "model")
-        return serving.Served(name or config.served_model_names[0], adapters.get(name))
+    served = ServedModels(config.served_model_names, config.lora_modules)
 
     async def respond(raw: Request, job: serving.Job, full, stream) -> Response:
         """The finished answer (``full``), or the SSE ``stream``; refused with 503 before anything is sent."""
@@ -166,14 +157,14 @@ def build_app(llm: AsyncLLM, config: ServerConfig, exposition: Callable[[], Awai
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):
-        model = check_model(req.model)
+        model = served.resolve(req.model)
         await serving.compile_structured_outputs(llm, req)
         job = serving.completion_job(llm, model, req)
         return await respond(raw, job, serving.completion_response, serving.completion_stream)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
-        model = check_model(req.model)
+        model = served.resolve(req.model)
         if render_chat is None:
             raise ApiError(400, "GPT-2 has no chat template: use /v1/completions, or start the server with "
                            "--chat-template FILE (a Jinja template)", "messages")  # fmt: skip
@@ -183,13 +174,19 @@ def build_app(llm: AsyncLLM, config: ServerConfig, exposition: Callable[[], Awai
 
     @app.get("/v1/models")
     async def models():
-        n_ctx = llm.engine.config.n_positions
-        data = [{"id": name, "object": "model", "created": config.created, "owned_by": "gpt2-triton",
-                 "max_model_len": n_ctx} for name in config.served_model_names]  # fmt: skip
-        data += [{"id": r.lora_name, "object": "model", "created": config.created, "owned_by": "gpt2-triton",
-                  "root": r.lora_path, "parent": config.served_model_names[0], "max_model_len": n_ctx}
-                 for r in config.lora_modules]  # fmt: skip
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": served.cards(config.created, llm.engine.config.n_positions)}
+
+    if config.allow_runtime_lora_updating:
+
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(req: LoadLoRAAdapterRequest):
+            await served.load(llm, req.lora_name, req.lora_path)
+            return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(req: UnloadLoRAAdapterRequest):
+            served.unload(req.lora_name)
+            return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
 
     @app.get("/health")
     async def health():
@@ -203,13 +200,13 @@ def build_app(llm: AsyncLLM, config: ServerConfig, exposition: Callable[[], Awai
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
-        check_model(req.model)
+        served.resolve(req.model)
         tokens = llm.get_tokenizer().encode(req.prompt)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": llm.engine.config.n_positions}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
-        check_model(req.model)
+        served.resolve(req.model)
         vocab = llm.engine.config.vocab_size
         bad = [t for t in req.tokens if not 0 <= t < vocab]
         if bad:

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field, replace
 
 from engine.async_llm import AsyncLLM
 from engine.beam_search import BeamSearchParams, generated
-from engine.lora import LoRARequest
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import RequestOutputKind
 from engine.sequence import Request
+from engine.server.models import Served
 from engine.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingFields
 
 _DONE = object()
@@ -55,14 +55,6 @@ async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tu
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-@dataclass(frozen=True)
-class Served:
-    """A model name clients may ask for: the base model's, or a LoRA adapter's (``--lora-modules``)."""
-
-    name: str
-    lora_request: LoRARequest | None = None
 
 
 @dataclass

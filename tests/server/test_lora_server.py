@@ -92,6 +92,50 @@ def test_models_lists_the_adapters_and_unknown_names_are_404(lora_server, adapte
     assert 'gpt2_triton:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapters=""}' in metrics
 
 
+def test_adapters_load_and_unload_at_run_time(adapters):
+    """``--allow-runtime-lora-updating``: an adapter loaded over HTTP answers as ``LLM`` does with it, is listed, and
+    once unloaded is a 404; names already served, bad directories and unknown names are refused by name. Without
+    the flag the routes do not exist."""
+    base, paths = adapters
+    live, stop = start_server(base, LORA_ARGS, allow_runtime_lora_updating=True)
+    try:
+        assert [m["id"] for m in live.get("/v1/models").json()["data"]] == [live.model]
+        r = live.post("/v1/load_lora_adapter", json={"lora_name": "beta", "lora_path": paths["beta"]})
+        assert r.status_code == 200 and "beta" in r.text
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0)
+        prompt = "The meaning of life is"
+        out = client.completions.create(model="beta", prompt=prompt, max_tokens=6, temperature=0,
+                                        extra_body={"ignore_eos": True})  # fmt: skip
+        want = greedy_texts(base, {"beta": paths["beta"]}, [prompt], ["beta"], 6)[0]
+        assert out.choices[0].text == want
+        assert [m["id"] for m in live.get("/v1/models").json()["data"]] == [live.model, "beta"]
+        refusals = [
+            ("/v1/load_lora_adapter", {"lora_name": "beta", "lora_path": paths["alpha"]}, 400, "already served"),
+            ("/v1/load_lora_adapter", {"lora_name": live.model, "lora_path": paths["alpha"]}, 400, "already served"),
+            ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/nonexistent"}, 400, "does not exist"),
+            ("/v1/load_lora_adapter", {"lora_name": "x"}, 400, "lora_path"),
+            ("/v1/unload_lora_adapter", {"lora_name": "alpha"}, 404, "no LoRA adapter 'alpha'"),
+        ]
+        for path, body, status, match in refusals:
+            r = live.post(path, json=body)
+            assert r.status_code == status and match in r.json()["error"]["message"], (path, body, r.text)
+        assert live.post("/v1/unload_lora_adapter", json={"lora_name": "beta"}).status_code == 200
+        with pytest.raises(openai.NotFoundError, match="'beta' does not exist"):
+            client.completions.create(model="beta", prompt=prompt, max_tokens=2)
+        r = live.post("/v1/load_lora_adapter", json={"lora_name": "beta", "lora_path": paths["alpha"]})
+        assert r.status_code == 200  # the name again, other files: a new adapter
+        again = client.completions.create(model="beta", prompt=prompt, max_tokens=6, temperature=0,
+                                          extra_body={"ignore_eos": True})  # fmt: skip
+        assert again.choices[0].text == greedy_texts(base, {"alpha": paths["alpha"]}, [prompt], ["alpha"], 6)[0]
+    finally:
+        stop()
+
+
+def test_without_the_flag_adapters_cannot_be_loaded(lora_server, adapters):
+    r = lora_server.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": adapters[1]["alpha"]})
+    assert r.status_code == 404
+
+
 @pytest.mark.parametrize("case", ["missing", "clash"])
 def test_a_bad_adapter_stops_the_server_before_it_listens(adapters, tmp_path, case):
     base, paths = adapters

@@ -75,7 +75,9 @@ def test_sigterm_with_requests_in_flight_exits_0(tiny_checkpoint):
             proc.wait()
 
 
-@pytest.mark.parametrize("case", ["no such model", "port in use", "bad template", "bad adapter", "bad lora flag"])
+@pytest.mark.parametrize(
+    "case", ["no such model", "port in use", "bad template", "bad adapter", "bad lora flag", "runtime lora on ray"]
+)
 def test_mistakes_are_one_line_and_exit_2(tiny_checkpoint, tmp_path, case):
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
@@ -86,6 +88,7 @@ def test_mistakes_are_one_line_and_exit_2(tiny_checkpoint, tmp_path, case):
         "bad template": [str(tiny_checkpoint), "--port", "0", "--chat-template", str(tmp_path / "missing.jinja")],
         "bad adapter": [str(tiny_checkpoint), "--port", "0", "--lora-modules", f"ours={tmp_path / 'missing'}"],
         "bad lora flag": [str(tiny_checkpoint), "--port", "0", "--lora-modules", "no-directory-given"],
+        "runtime lora on ray": [str(tiny_checkpoint), "--replicas", "2", "--allow-runtime-lora-updating"],
     }[case]
     try:
         r = subprocess.run(serve_cmd(*args, "--device", "cpu"), capture_output=True, text=True, env=env(), cwd=ROOT,
@@ -96,6 +99,7 @@ def test_mistakes_are_one_line_and_exit_2(tiny_checkpoint, tmp_path, case):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert {"no such model": "nonexistent", "port in use": "cannot listen", "bad template": "chat-template",
-            "bad adapter": "--lora-modules ours: LoRA adapter directory", "bad lora flag": "expected NAME=DIR"}[
+            "bad adapter": "--lora-modules ours: LoRA adapter directory", "bad lora flag": "expected NAME=DIR",
+            "runtime lora on ray": "does not combine with Ray Serve"}[
         case
     ] in lines[0]  # fmt: skip
