@@ -88,10 +88,36 @@ def _linear_shapes(config: ModelConfig) -> list[tuple[int, int]]:
 def _alpha(adapter_config: dict, layer: int, module: str) -> float:
     """The module's alpha: PEFT's ``alpha_pattern`` (a key matching the end of its name) or ``lora_alpha``."""
     name = f"transformer.h.{layer}.{module}"
-    for key, alpha in (adapter_config.get("alpha_pattern") or {}).items():
+    for key, alpha in adapter_config["alpha_pattern"].items():
         if re.match(rf"(.*\.)?({key})$", name):
             return float(alpha)
-    return float(adapter_config.get("lora_alpha", 8))
+    return float(adapter_config["lora_alpha"])
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_numbers(adapter_config: dict, file: Path) -> None:
+    """The fields the math reads hold what PEFT writes there (a hand-edited config must fail here, not mid-load);
+    fills in PEFT's defaults."""
+    adapter_config.setdefault("r", 8)
+    adapter_config.setdefault("lora_alpha", 8)
+    for field in ("alpha_pattern", "rank_pattern"):
+        adapter_config[field] = adapter_config.get(field) or {}
+        if not isinstance(adapter_config[field], dict):
+            raise ValueError(f"{file}: {field} must be a JSON object, got {adapter_config[field]!r}")
+    ranks = [adapter_config["r"], *adapter_config["rank_pattern"].values()]
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks):
+        raise ValueError(f"{file}: ranks (r, rank_pattern) must be positive integers, got {ranks}")
+    alphas = [adapter_config["lora_alpha"], *adapter_config["alpha_pattern"].values()]
+    if not all(map(_is_number, alphas)):
+        raise ValueError(f"{file}: alphas (lora_alpha, alpha_pattern) must be numbers, got {alphas}")
+    for key in adapter_config["alpha_pattern"]:
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise ValueError(f"{file}: alpha_pattern key {key!r} is not a regular expression ({e})") from None
 
 
 def _read_config(path: Path) -> dict:
@@ -100,8 +126,10 @@ def _read_config(path: Path) -> dict:
         raise ValueError(f"LoRA adapter {path} has no {CONFIG_FILE} (save it with peft's save_pretrained)")
     try:
         adapter_config = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"LoRA adapter {file} is not readable JSON: {e}") from None
+    if not isinstance(adapter_config, dict):
+        raise ValueError(f"LoRA adapter {file} holds a JSON {type(adapter_config).__name__}, not an object")
     if adapter_config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{file}: peft_type {adapter_config['peft_type']!r} is not LORA")
     if adapter_config.get("bias", "none") != "none":
@@ -109,6 +137,7 @@ def _read_config(path: Path) -> dict:
     for field, what in _UNSUPPORTED.items():
         if adapter_config.get(field):
             raise ValueError(f"{file}: {what} is not supported by the LoRA kernels")
+    _check_numbers(adapter_config, file)
     return adapter_config
 
 
@@ -118,7 +147,7 @@ def adapter_rank(path: str | Path) -> int:
     if not path.is_dir():
         raise ValueError(f"LoRA adapter directory {path} does not exist")
     adapter_config = _read_config(path)
-    return max([int(adapter_config.get("r", 8)), *map(int, (adapter_config.get("rank_pattern") or {}).values())])
+    return max([adapter_config["r"], *adapter_config["rank_pattern"].values()])
 
 
 def load_adapter(path: str | Path, config: ModelConfig) -> LoRAAdapter:
@@ -131,7 +160,10 @@ def load_adapter(path: str | Path, config: ModelConfig) -> LoRAAdapter:
     adapter_config = _read_config(path)
     if not (path / WEIGHTS_FILE).is_file():
         raise ValueError(f"LoRA adapter {path} has no {WEIGHTS_FILE}")
-    tensors = load_file(path / WEIGHTS_FILE)
+    try:
+        tensors = load_file(path / WEIGHTS_FILE)
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own error type for a damaged file)
+        raise ValueError(f"{path / WEIGHTS_FILE} is not a readable safetensors file: {e}") from None
     L, shapes = config.n_layer, _linear_shapes(config)
     found: dict[tuple[int, int, str], torch.Tensor] = {}
     for key, value in tensors.items():

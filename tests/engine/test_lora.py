@@ -4,14 +4,17 @@ cache never serves one adapter's K/V to another, and every adapter that cannot b
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 
+import peft
 import pytest
 import torch
 
 from engine import LLM, BeamSearchParams, LLMEngine, LoRARequest, SamplingParams
 from engine.cuda_graphs import StaticDecoder
+from engine.weights import LINEAR_FIELDS
 from tests.helpers import DEVICE, hf_greedy, make_adapter, make_hf_model, rel_err, save_checkpoint
 
 ENGINE = dict(backend="torch", dtype="float32", device="cpu", block_size=4, progress=False)
@@ -69,6 +72,27 @@ def test_logprobs_under_an_adapter_are_peft_s(setup, name):
     assert rel_err(prompt_logprobs(out), want) < 1e-5
     base_want = reference_logprobs(refs[name], ids, adapter=False)[:-1].gather(1, target[:, None]).squeeze(1)
     assert rel_err(want, base_want) > 1e-2, "the adapter barely changes the model: the test could not fail"
+
+
+def test_an_adapter_over_int8_weights(setup):
+    """LoRA composes with weight-only int8: the adapter's update, unquantized, joins the int8 GEMM's epilogue. The
+    reference is PEFT's float64 model over the very weights our int8 ones dequantize to."""
+    root, base, _, requests = setup
+    llm = LLM(root / "base", enable_lora=True, max_lora_rank=8, quantization="int8", **ENGINE)
+    dequantized = copy.deepcopy(base)
+    with torch.no_grad():
+        for ours, block in zip(llm.model.w.layers, dequantized.transformer.h):
+            convs = (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)
+            for field, conv in zip(LINEAR_FIELDS, convs):
+                conv.weight.copy_(getattr(ours, field).dequantize(torch.float64).t())  # Conv1D is [in, out]
+    reference = peft.PeftModel.from_pretrained(dequantized, requests["all"].lora_path).double().eval()
+    ids = random_prompt(20)
+    target = torch.tensor(ids[1:])[:, None]
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    for request in (None, requests["all"]):
+        got = prompt_logprobs(llm.generate(ids, params, use_tqdm=False, lora_request=request)[0])
+        want = reference_logprobs(reference, ids, adapter=request is not None)[:-1].gather(1, target).squeeze(1)
+        assert rel_err(got, want) < 1e-4, request  # the int8 GEMM's fp32 rounding over 8 GEMMs (1e-5 each)
 
 
 @pytest.mark.parametrize("budget", [None, 8])
@@ -249,6 +273,19 @@ def test_adapters_that_cannot_be_served_are_refused_by_name(setup, tmp_path):
         bad = tmp_path / field
         make_adapter(base.float(), bad, r=2, target_modules=ALL)
         rewrite_config(bad, **{field: value})
+        refused(bad, match)
+    damaged = {  # hand-edited or broken files: one clear error each, never a crash mid-load
+        "list": ("adapter_config.json", "[1, 2]", "holds a JSON list, not an object"),
+        "not json": ("adapter_config.json", "{r: 4", "is not readable JSON"),
+        "alpha": ("adapter_config.json", json.dumps({"r": 2, "lora_alpha": "big"}), "alphas .* must be numbers"),
+        "rank": ("adapter_config.json", json.dumps({"r": 0}), "ranks .* must be positive integers"),
+        "pattern": ("adapter_config.json", json.dumps({"r": 2, "alpha_pattern": {"(": 2}}), "not a regular expr"),
+        "weights": ("adapter_model.safetensors", "not safetensors", "is not a readable safetensors file"),
+    }
+    for name, (file, text, match) in damaged.items():
+        bad = tmp_path / name
+        make_adapter(base.float(), bad, r=2, target_modules=ALL)
+        (bad / file).write_text(text)
         refused(bad, match)
     wide = tmp_path / "wide"
     make_adapter(make_hf_model(n_embd=32), wide, r=2, target_modules=ALL)

@@ -303,3 +303,33 @@ def test_random_workloads_drain_under_the_priority_policy():
         s.add(seq)
     run_to_end(s, max_steps=5000)
     assert all(len(seq.output_token_ids) == seq.params.max_tokens for seq in seqs)
+
+
+def test_random_workloads_with_adapters_never_run_more_than_max_loras():
+    """Requests under four LoRA adapters and the base model, a pool small enough to preempt, both policies: no step,
+    and no running set, ever holds more than ``max_loras`` adapters, and every request finishes."""
+    from engine.lora import LoRARequest
+
+    adapters = [None] + [LoRARequest(f"a{i}", i, f"/adapters/{i}") for i in range(1, 5)]
+    for policy in ("fcfs", "priority"):
+        max_loras = random.randint(1, 3)
+        s = Scheduler(BlockManager(12, 4), 6, 24, policy, max_loras=max_loras)
+        seqs = []
+        for _ in range(25):
+            seq = make_sequence(prompt(random.randint(1, 12)), max_tokens=random.randint(1, 30))
+            seq.request.lora_request = random.choice(adapters)
+            seq.request.priority = random.randint(0, 3) if policy == "priority" else 0
+            seqs.append(seq)
+            s.add(seq)
+        used = set()
+        for _ in range(5000):
+            if not s.has_work:
+                break
+            out = step(s)
+            in_step = {seq.request.lora_request for seq in out.seqs} - {None}
+            running = {seq.request.lora_request for seq in s.running} - {None}
+            assert len(in_step) <= max_loras and len(running) <= max_loras, (in_step, running)
+            used |= in_step
+        assert_scheduler_empty(s)
+        assert all(len(seq.output_token_ids) == seq.params.max_tokens for seq in seqs)
+        assert used == {seq.request.lora_request for seq in seqs} - {None}
