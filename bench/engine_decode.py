@@ -1,9 +1,10 @@
 """End to end, for ``gpu_check``: greedy decode tokens/s of the engine with the Triton backend (CUDA graphs, and
-eager, and with n-gram speculation) against the same engine with the torch backend and transformers' ``generate``,
-on random GPT-2 weights.
+eager, and with n-gram speculation, and with every prompt under a LoRA adapter) against the same engine with the
+torch backend and transformers' ``generate``, on random GPT-2 weights.
 
 Validated first: the prompts' log-probs through each engine (``score``) against transformers in float32, within
-twice the error of transformers itself in the benchmark dtype. A system that fails is not timed. The speculating
+twice the error of transformers itself in the benchmark dtype (for the LoRA engine: against PEFT's model, within
+twice PEFT's own error in that dtype). A system that fails is not timed. The speculating
 engine's greedy tokens are compared with the plain one's too (``tokens_agree``: the share of prompts whose tokens
 are the same; a near-tie may flip between the two batch shapes), and its row records the share of its drafts
 accepted: random weights loop, so this is more than real text gives.
@@ -12,12 +13,13 @@ accepted: random weights loop, so this is more than real text gives.
 from __future__ import annotations
 
 import copy
+import tempfile
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from bench.bench_decode import build, decode_rate, ours, theirs
+from bench.bench_decode import add_adapter, build, decode_rate, ours, theirs
 from bench.harness import dtype_name, rel_err
 
 ENGINES = {  # label -> LLM arguments
@@ -25,9 +27,12 @@ ENGINES = {  # label -> LLM arguments
     "triton-eager": dict(backend="triton", enforce_eager=True),
     "torch": dict(backend="torch"),  # cuBLAS + SDPA, eager (not capturable)
     "triton-spec": dict(backend="triton", speculative_config={"num_speculative_tokens": 4}),
+    "triton-lora": dict(backend="triton", enable_lora=True, max_lora_rank=16),  # every prompt under one adapter
 }
-# (ours, peer): the shipped engine against both peers, both eager engines against each other, and speculation
-PAIRS = (("triton", "torch"), ("triton", "transformers"), ("triton-eager", "torch"), ("triton-spec", "triton"))
+LORA_RANK = 16
+# (ours, peer): the shipped engine against both peers, both eager engines against each other, speculation and LoRA
+PAIRS = (("triton", "torch"), ("triton", "transformers"), ("triton-eager", "torch"), ("triton-spec", "triton"),
+         ("triton-lora", "triton"))  # fmt: skip
 
 
 @dataclass
@@ -45,8 +50,14 @@ class EngineSizes:
 
 def engine_rows(device: torch.device, dtype: torch.dtype, s: EngineSizes, deadline: float) -> list[dict]:
     """One row per batch size and pair of systems: tokens/s of each, the speedup, the log-prob errors."""
+    with tempfile.TemporaryDirectory() as adapter_dir:  # the LoRA engine reads it at its first request
+        return _engine_rows(device, dtype, s, deadline, adapter_dir)
+
+
+def _engine_rows(device: torch.device, dtype: torch.dtype, s: EngineSizes, deadline: float, adapter_dir: str):
     vocab = s.model.get("vocab_size", 50257)
     hf32, llms = build(s.model, str(device), dtype_name(dtype), ENGINES, max(s.batch))
+    peft32, lora = add_adapter(copy.deepcopy(hf32), LORA_RANK, adapter_dir)
     hf = copy.deepcopy(hf32).to(dtype)
     ids = torch.randint(0, vocab, (max(s.batch), s.prompt)).tolist()
 
@@ -56,24 +67,32 @@ def engine_rows(device: torch.device, dtype: torch.dtype, s: EngineSizes, deadli
             logp = model(x).logits[:, :-1].double().log_softmax(-1)
         return logp.gather(2, x[:, 1:, None]).flatten().cpu()
 
-    ref = hf_logprobs(hf32)
+    def our_logprobs(llm, lora_request=None) -> torch.Tensor:
+        return torch.tensor([v for o in llm.score(ids, lora_request=lora_request) for v in o.logprobs])
+
+    ref, ref_lora = hf_logprobs(hf32), hf_logprobs(peft32)
     errs = {"transformers": rel_err(hf_logprobs(hf), ref)}
-    tol = max(2 * errs["transformers"], 1e-6)
+    tols = dict.fromkeys([*llms, "transformers"], max(2 * errs["transformers"], 1e-6))
+    tols["triton-lora"] = max(2 * rel_err(hf_logprobs(copy.deepcopy(peft32).to(dtype)), ref_lora), 1e-6)
     for label, llm in llms.items():
-        errs[label] = rel_err(torch.tensor([v for o in llm.score(ids) for v in o.logprobs]), ref)
-    del hf32
+        if label == "triton-lora":
+            errs[label] = rel_err(our_logprobs(llm, lora), ref_lora)
+        else:
+            errs[label] = rel_err(our_logprobs(llm), ref)
+    del hf32, peft32
     gens = {label: ours(llm) for label, llm in llms.items()} | {"transformers": theirs(hf)}
+    gens["triton-lora"] = ours(llms["triton-lora"], lora)
     rows = []
     for bsz in s.batch:
         rates = {}
         for label, fn in gens.items():
-            if time.monotonic() < deadline and errs[label] <= tol:
+            if time.monotonic() < deadline and errs[label] <= tols[label]:
                 fn(ids[:bsz], 2)  # warm-up: autotuning, CUDA-graph capture of this batch's bucket
                 rates[label] = decode_rate(fn, ids[:bsz], s.new_tokens, s.repeats)
         for mine, peer in PAIRS:
-            rows.append(pair_row(bsz, mine, peer, errs, tol, rates))
-        if "triton-spec" in rates:
-            rows[-1].update(speculation(gens["triton-spec"], gens["triton"], llms["triton-spec"], ids[:bsz], s))
+            rows.append(pair_row(bsz, mine, peer, errs, tols[mine], rates))
+            if mine == "triton-spec" and "triton-spec" in rates:
+                rows[-1].update(speculation(gens["triton-spec"], gens["triton"], llms["triton-spec"], ids[:bsz], s))
     return rows
 
 
