@@ -20,18 +20,23 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
 
 from engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from engine.llm_engine import LLMEngine, Prompt
 from engine.lora import LoRARequest
 from engine.outputs import EngineStats, RequestOutput
+from engine.pooling import check_pooling, embed
 from engine.sampling_params import SamplingParams
 from engine.sequence import Request
 
 logger = logging.getLogger("gpt2_triton.engine")
 DEFAULT_MAX_WAITING = 512
+T = TypeVar("T")
 
 
 class EngineOverloaded(RuntimeError):
@@ -54,6 +59,23 @@ class _Stream:
             self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
         except RuntimeError:  # its event loop is closed: nobody is listening any more
             pass
+
+
+def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    """Complete a future with the engine thread's answer (in its loop's thread), unless its caller gave up."""
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _answer(loop: asyncio.AbstractEventLoop, future: asyncio.Future, result, error: BaseException | None) -> None:
+    try:
+        loop.call_soon_threadsafe(_settle, future, result, error)
+    except RuntimeError:  # its event loop is closed: nobody is waiting any more
+        pass
 
 
 class AsyncLLM:
@@ -136,6 +158,26 @@ class AsyncLLM:
             search.advance([out.outputs[0].logprobs[0] for out in finals])
             step += 1
         return search.output()
+
+    async def embed(
+        self,
+        token_lists: list[list[int]],
+        pooling: str = "last",
+        normalize: bool = True,
+        lora_request: LoRARequest | None = None,
+    ) -> list[torch.Tensor]:
+        """Embeddings of whole token lists (:func:`engine.pooling.embed`; the lists fit the context, the adapter was
+        checked), computed in the engine's thread between two steps."""
+        check_pooling(pooling, normalize)
+        return await self._in_engine_thread(lambda: embed(self.engine, token_lists, pooling, normalize, lora_request))
+
+    async def _in_engine_thread(self, fn: Callable[[], T]) -> T:
+        """``fn()``'s result, run by the engine thread between two steps (the model is the thread's alone)."""
+        self.check_accepting()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._commands.put(("call", (fn, loop, future)))
+        return await future
 
     async def _final(self, request: Request) -> RequestOutput:
         async for out in self.generate(request):
@@ -232,6 +274,13 @@ class AsyncLLM:
                 self._streams[request.request_id] = stream
             elif kind == "abort" and self._streams.pop(arg, None) is not None:
                 self.engine.abort_request(arg)
+            elif kind == "call":
+                fn, loop, future = arg
+                try:
+                    result, error = fn(), None
+                except Exception as e:  # the caller's to handle
+                    result, error = None, e
+                _answer(loop, future, result, error)
             self._stats = self.engine.get_stats()
 
     def _fail_lost_requests(self, error: Exception) -> None:
@@ -240,6 +289,10 @@ class AsyncLLM:
             self._streams.pop(request_id).put(EngineError(f"the engine failed while running this request: {error}"))
 
     def _abort_all(self) -> None:
+        while not self._commands.empty():  # calls queued behind the stop never run: their callers hear why
+            kind, arg = self._commands.get()
+            if kind == "call":
+                _answer(arg[1], arg[2], None, EngineOverloaded("the engine stopped"))
         self.engine.abort_request(list(self.engine.requests))
         for stream in list(self._streams.values()):
             stream.put(EngineOverloaded("the engine stopped"))

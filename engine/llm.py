@@ -13,7 +13,8 @@ import torch
 from engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from engine.llm_engine import LLMEngine, Prompt
 from engine.lora import LoRARequest
-from engine.outputs import RequestOutput, ScoreOutput, StreamDelta
+from engine.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput, ScoreOutput, StreamDelta
+from engine.pooling import check_pooling, embed, token_batches
 from engine.progress import progress_bar
 from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.sequence import Sequence
@@ -235,15 +236,16 @@ class LLM:
     # ---------------------------------------------------------------- scoring and features
     def _batches(self, items: list[list[int]]) -> Iterator[list[int]]:
         """Indices of ``items`` grouped so each group packs at most ``max_num_batched_tokens`` tokens."""
-        group, tokens = [], 0
-        for i, item in enumerate(items):
-            if group and tokens + len(item) > self.max_num_batched_tokens:
-                yield group
-                group, tokens = [], 0
-            group.append(i)
-            tokens += len(item)
-        if group:
-            yield group
+        return token_batches([len(item) for item in items], self.max_num_batched_tokens)
+
+    def _whole_texts(self, texts: Prompt | Seq[Prompt], lora_request: LoRARequest | None) -> list[list[int]]:
+        """Texts as token ids that fit the context whole (features, embeddings), and their adapter checked."""
+        items = [self._token_ids(t, f"text {i}") for i, t in enumerate(self._prompt_list(texts))]
+        self._check_lora(lora_request)
+        for i, ids in enumerate(items):
+            if len(ids) > self.config.n_positions:
+                raise ValueError(f"text {i} has {len(ids)} tokens, more than the context of {self.config.n_positions}")
+        return items
 
     def score(
         self, texts: Prompt | Seq[Prompt], stride: int | None = None, lora_request: LoRARequest | None = None
@@ -292,14 +294,27 @@ class LLM:
     def features(self, texts: Prompt | Seq[Prompt], lora_request: LoRARequest | None = None) -> list[torch.Tensor]:
         """The last hidden state of each text, ``[T, d_model]`` (transformers' ``last_hidden_state``), under the
         LoRA adapter ``lora_request`` if given."""
-        items = [self._token_ids(t, f"text {i}") for i, t in enumerate(self._prompt_list(texts))]
-        self._check_lora(lora_request)
-        for i, ids in enumerate(items):
-            if len(ids) > self.config.n_positions:
-                raise ValueError(f"text {i} has {len(ids)} tokens, more than the context of {self.config.n_positions}")
+        items = self._whole_texts(texts, lora_request)
         out: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
         for group in self._batches(items):
             hidden = self.runner.hidden_states([items[i] for i in group], lora_request)
             for i, part in zip(group, hidden.split([len(items[i]) for i in group])):
                 out[i] = part
         return out
+
+    def embed(
+        self,
+        texts: Prompt | Seq[Prompt],
+        pooling: str = "last",
+        normalize: bool = True,
+        lora_request: LoRARequest | None = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """An embedding of each text (vLLM's ``LLM.embed``: ``out.outputs.embedding``): its last token's final
+        hidden state, L2-normalized, by default; ``pooling="mean"`` averages every token's (see
+        :mod:`engine.pooling`)."""
+        check_pooling(pooling, normalize)
+        items = self._whole_texts(texts, lora_request)
+        vectors = embed(self.llm_engine, items, pooling, normalize, lora_request)
+        call = next(self._call_ids)
+        return [EmbeddingRequestOutput(f"{call}-{i}", ids, EmbeddingOutput(v.tolist()))
+                for i, (ids, v) in enumerate(zip(items, vectors))]  # fmt: skip

@@ -59,6 +59,21 @@ class ScoreOutput:
 
 
 @dataclass
+class EmbeddingOutput:
+    embedding: list[float]  # [d_model]
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """One text's embedding (vLLM's shape: ``out.outputs.embedding``)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True
+
+
+@dataclass
 class EngineStats:
     """A snapshot of ``LLMEngine.get_stats()``: sequences in each state (a request with ``n`` samples counts ``n``
     once its prompt is computed), KV-cache use, and totals since the engine started."""

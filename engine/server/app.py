@@ -24,6 +24,7 @@ from engine.async_llm import AsyncLLM, EngineError, EngineOverloaded
 from engine.lora import LoRARequest
 from engine.outputs import RequestOutput
 from engine.server import serving
+from engine.server.embeddings import create_embeddings
 from engine.server.metrics import Metrics
 from engine.server.models import ServedModels
 from engine.server.protocol import (
@@ -31,6 +32,7 @@ from engine.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     LoadLoRAAdapterRequest,
     TokenizeRequest,
     UnloadLoRAAdapterRequest,
@@ -171,6 +173,10 @@ def build_app(llm: AsyncLLM, config: ServerConfig, exposition: Callable[[], Awai
         await serving.compile_structured_outputs(llm, req)
         job = serving.chat_job(llm, model, req, render_chat)
         return await respond(raw, job, serving.chat_response, serving.chat_stream)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest):
+        return await create_embeddings(llm, served.resolve(req.model), req)
 
     @app.get("/v1/models")
     async def models():

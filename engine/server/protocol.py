@@ -214,6 +214,19 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
+class EmbeddingRequest(BaseModel):
+    """``POST /v1/embeddings``: OpenAI's fields, and vLLM's ``normalize`` and ``truncate_prompt_tokens``."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    normalize: bool = True
+    truncate_prompt_tokens: int | None = None
+
+
 class LoadLoRAAdapterRequest(BaseModel):
     """``POST /v1/load_lora_adapter`` (vLLM's): serve the PEFT adapter at ``lora_path`` as model ``lora_name``."""
 

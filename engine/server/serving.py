@@ -264,12 +264,13 @@ async def chat_stream(job: Job) -> AsyncIterator[str]:
 
 
 # --------------------------------------------------------------------------------------------- requests in
-def prompt_list(prompt) -> list[str | list[int]]:
-    """OpenAI's ``prompt``: a string, a list of strings, a list of token ids, or a list of such lists."""
+def prompt_list(prompt, field: str = "prompt") -> list[str | list[int]]:
+    """OpenAI's ``prompt`` (or embeddings' ``input``): a string, a list of strings, a list of token ids, or a list of
+    such lists."""
     if isinstance(prompt, str):
         return [prompt]
     if not prompt:
-        raise ApiError(400, "prompt must not be empty", "prompt")
+        raise ApiError(400, f"{field} must not be empty", field)
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     return list(prompt)

@@ -59,6 +59,12 @@ ROUTES = {
     ),
     "/tokenize": ({"prompt": TEXT}, {"model": st.just("tiny-gpt2")}),
     "/detokenize": ({"tokens": st.lists(st.integers(0, 50256), max_size=8)}, {"model": st.just("tiny-gpt2")}),
+    "/v1/embeddings": (
+        {"input": st.one_of(TEXT.filter(str.strip), st.lists(TEXT.filter(str.strip), min_size=1, max_size=3),
+                            st.lists(st.integers(0, 50256), min_size=1, max_size=6))},
+        {"model": st.just("tiny-gpt2"), "encoding_format": st.sampled_from(["float", "base64"]),
+         "normalize": st.booleans(), "dimensions": st.integers(0, 100), "truncate_prompt_tokens": st.integers(-2, 9)},
+    ),
 }  # fmt: skip
 EXTRA = ("suffix", "best_of", "stream_options", "tools", "structured_outputs")  # fields to set to anything
 
@@ -93,7 +99,8 @@ def check_answer(server, path: str, body) -> None:
             assert text.endswith("data: [DONE]\n\n")
         else:
             answer = json.loads(text)
-            assert "choices" in answer if path.startswith("/v1/") else answer
+            expected = {"/v1/completions": "choices", "/v1/chat/completions": "choices", "/v1/embeddings": "data"}
+            assert expected[path] in answer if path in expected else answer
     else:
         error = reply.json()["error"]
         assert 400 <= reply.status_code < 500 and set(error) == {"message", "type", "param", "code"}
@@ -119,6 +126,6 @@ def test_any_chat_body_gets_a_whole_answer_or_a_4xx(chat_server, body):
 
 @settings(FUZZ, max_examples=60)
 @given(data=st.data())
-def test_any_tokenizer_body_gets_an_answer_or_a_4xx(chat_server, data):
-    path = data.draw(st.sampled_from(["/tokenize", "/detokenize"]))
+def test_any_tokenizer_or_embeddings_body_gets_an_answer_or_a_4xx(chat_server, data):
+    path = data.draw(st.sampled_from(["/tokenize", "/detokenize", "/v1/embeddings"]))
     check_answer(chat_server, path, data.draw(bodies(path)))

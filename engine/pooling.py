@@ -1,0 +1,54 @@
+"""Embeddings of whole texts from GPT-2's final hidden states: vLLM's pooling (``LLM.embed``, ``/v1/embeddings``).
+
+GPT-2 was not trained for embeddings; like vLLM serving a decoder as an embedding model, the default pools the last
+token's final hidden state (the only one that has read the whole text) and L2-normalizes it; ``pooling="mean"``
+averages every token's. They run outside the scheduler: whole texts, nothing cached, packed into batches of at most
+``max_num_batched_tokens`` tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from engine.lora import LoRARequest
+
+POOLINGS = ("last", "mean")
+
+
+def token_batches(lengths: list[int], budget: int) -> Iterator[list[int]]:
+    """Indices of sequences of ``lengths``, in order, grouped so that each group packs at most ``budget`` tokens (a
+    longer sequence alone)."""
+    group, tokens = [], 0
+    for i, n in enumerate(lengths):
+        if group and tokens + n > budget:
+            yield group
+            group, tokens = [], 0
+        group.append(i)
+        tokens += n
+    if group:
+        yield group
+
+
+def check_pooling(pooling: str, normalize: bool) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if not isinstance(normalize, bool):
+        raise ValueError(f"normalize must be a bool, got {normalize!r}")
+
+
+def embed(
+    engine, token_lists: list[list[int]], pooling: str = "last", normalize: bool = True,
+    lora_request: LoRARequest | None = None,
+) -> list[torch.Tensor]:  # fmt: skip
+    """One fp32 vector ``[d_model]`` per token list (on the CPU), as :func:`check_pooling`'s arguments ask; ``engine``
+    is an :class:`engine.llm_engine.LLMEngine` and the lists are checked against its context already."""
+    out: list[torch.Tensor] = [None] * len(token_lists)  # type: ignore[list-item]
+    lengths = [len(ids) for ids in token_lists]
+    for group in token_batches(lengths, engine.max_num_batched_tokens):
+        hidden = engine.runner.hidden_states([token_lists[i] for i in group], lora_request)
+        for i, states in zip(group, hidden.split([lengths[i] for i in group])):
+            vector = (states[-1] if pooling == "last" else states.float().mean(0)).float()
+            out[i] = (torch.nn.functional.normalize(vector, dim=0) if normalize else vector).cpu()
+    return out
