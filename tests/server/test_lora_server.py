@@ -9,10 +9,11 @@ import random
 
 import openai
 import pytest
+import torch
 
 from engine import LLM, LoRARequest, SamplingParams
 from engine.server import ServeOptions, build
-from tests.helpers import make_adapter, make_hf_model, save_checkpoint
+from tests.helpers import make_adapter, make_hf_model, rel_err, save_checkpoint
 from tests.server.conftest import start_server
 
 ENGINE = dict(backend="torch", dtype="float32", device="cpu", progress=False)
@@ -78,6 +79,17 @@ def test_an_adapter_streams_what_it_answers_whole(lora_server, adapters):
     stream = client.completions.create(model="beta", prompt=prompt, max_tokens=8, temperature=0, stream=True,
                                        extra_body={"ignore_eos": True})  # fmt: skip
     assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == want
+
+
+def test_an_adapter_s_embeddings(lora_server, adapters):
+    base, paths = adapters
+    llm = LLM(str(base), enable_lora=True, **LORA_ARGS, **ENGINE)
+    want = llm.embed("A short text", lora_request=LoRARequest("alpha", 1, paths["alpha"]))[0].outputs.embedding
+    client = openai.OpenAI(base_url=lora_server.url + "/v1", api_key="none", max_retries=0)
+    got = client.embeddings.create(model="alpha", input="A short text").data[0].embedding
+    base_vector = client.embeddings.create(model=lora_server.model, input="A short text").data[0].embedding
+    assert rel_err(torch.tensor(got), torch.tensor(want)) < 1e-6
+    assert rel_err(torch.tensor(base_vector), torch.tensor(want)) > 1e-3, "the adapter changed nothing"
 
 
 def test_models_lists_the_adapters_and_unknown_names_are_404(lora_server, adapters):
