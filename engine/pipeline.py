@@ -5,6 +5,8 @@ runs unchanged::
     generator = pipeline("text-generation", model="gpt2-medium")
     set_seed(42)
     generator("Hello, I'm a language model,", max_length=30, num_return_sequences=5)
+
+and ``pipeline("feature-extraction")``, whose output is transformers' too (``[1, T, d_model]`` per text).
 """
 
 from __future__ import annotations
@@ -133,8 +135,24 @@ def _check_beam_arguments(num_beams, num_return_sequences, do_sample, repetition
         raise ValueError(f"num_return_sequences={num_return_sequences} is more than num_beams={num_beams}")
 
 
-def pipeline(task: str = "text-generation", model: str = "gpt2-medium", **llm_kwargs) -> TextGenerationPipeline:
-    """``transformers.pipeline`` for the one task this engine serves; ``llm_kwargs`` go to :class:`LLM`."""
-    if task != "text-generation":
-        raise ValueError(f"task {task!r} is not supported; only 'text-generation'")
-    return TextGenerationPipeline(LLM(model, **llm_kwargs))
+class FeatureExtractionPipeline:
+    """Callable like transformers' feature-extraction pipeline: each text's last hidden states, ``[1, T, d_model]``
+    as nested lists (a tensor with ``return_tensors=True``); a list of those for a list of texts."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.llm = llm
+
+    def __call__(self, inputs: str | list[str], return_tensors: bool = False):
+        hidden = [states[None].cpu() for states in self.llm.features(inputs)]
+        outputs = hidden if return_tensors else [states.tolist() for states in hidden]
+        return outputs[0] if isinstance(inputs, str) else outputs
+
+
+TASKS = {"text-generation": TextGenerationPipeline, "feature-extraction": FeatureExtractionPipeline}
+
+
+def pipeline(task: str = "text-generation", model: str = "gpt2-medium", **llm_kwargs):
+    """``transformers.pipeline`` for the tasks this engine serves (``TASKS``); ``llm_kwargs`` go to :class:`LLM`."""
+    if task not in TASKS:
+        raise ValueError(f"task {task!r} is not supported; one of {list(TASKS)}")
+    return TASKS[task](LLM(model, **llm_kwargs))

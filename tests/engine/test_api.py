@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine import LLM, BeamSearchParams, LoRARequest, SamplingParams, pipeline, set_seed
-from tests.helpers import make_adapter
+from tests.helpers import make_adapter, rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -168,6 +168,20 @@ def test_pipeline_matches_the_model_card(tiny_checkpoint):
         pipeline("summarization", model=str(tiny_checkpoint))
     # min_p 1 keeps only the most likely token: sampling is then greedy decoding
     assert generator(prompt, max_new_tokens=8, min_p=1.0) == generator(prompt, max_new_tokens=8, do_sample=False)
+
+
+def test_feature_extraction_pipeline_is_transformers(tiny_checkpoint, hf_model, gpt2_tokenizer_dir):
+    import transformers
+
+    tokenizer = transformers.GPT2TokenizerFast.from_pretrained(str(gpt2_tokenizer_dir))
+    theirs = transformers.pipeline("feature-extraction", model=str(tiny_checkpoint), tokenizer=tokenizer, device="cpu")
+    ours = pipeline("feature-extraction", model=str(tiny_checkpoint), device="cpu", progress=False)
+    texts = ["Hello, I'm a language model,", f"number {random.randint(0, 10**6)} of a list"]
+    one = ours(texts[0])
+    assert len(one) == 1 and len(one[0][0]) == hf_model.config.n_embd
+    assert rel_err(torch.tensor(one), torch.tensor(theirs(texts[0]))) < 1e-5
+    for got, want in zip(ours(texts, return_tensors=True), theirs(texts, return_tensors=True), strict=True):
+        assert got.shape == want.shape and rel_err(got, want) < 1e-5
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
