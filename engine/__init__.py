@@ -9,7 +9,14 @@ from engine.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSeq
 from engine.llm import LLM
 from engine.llm_engine import LLMEngine
 from engine.lora import LoRARequest
-from engine.outputs import CompletionOutput, EngineStats, RequestOutput, ScoreOutput, StreamDelta
+from engine.outputs import (
+    CompletionOutput,
+    EmbeddingRequestOutput,
+    EngineStats,
+    RequestOutput,
+    ScoreOutput,
+    StreamDelta,
+)
 from engine.pipeline import pipeline, set_seed
 from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.speculative import SpeculativeConfig
@@ -29,6 +36,7 @@ __all__ = [
     "EngineStats",
     "RequestOutput",
     "CompletionOutput",
+    "EmbeddingRequestOutput",
     "ScoreOutput",
     "StreamDelta",
     "pipeline",

@@ -74,10 +74,6 @@ class LoRAAdapter:
     a: list[list[torch.Tensor | None]]
     b: list[list[torch.Tensor | None]]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for rows in (self.a, self.b) for row in rows for t in row if t is not None)
-
 
 def _linear_shapes(config: ModelConfig) -> list[tuple[int, int]]:
     """``(N, K)`` of each block linear, in MODULES order."""
