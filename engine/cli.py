@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _eval_parser(sub)
     _serve_parser(sub)
+    _run_batch_parser(sub)
     sub.add_parser("check-kernels", help="compile every kernel ahead of time for sm_80/sm_90", add_help=False)
     return parser
 
@@ -135,27 +136,10 @@ def _serve_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", nargs="+", default=None, help="names clients use (default: the dir name)")
     p.add_argument("--api-key", default=None, help="require this bearer token on /v1 (or $GPT2_TRITON_API_KEY)")
-    _backend_args(p)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-blocks", type=int, default=None)
-    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV pool")
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    _speculative_arg(p)
-    lora = p.add_argument_group("LoRA adapters, each served as a model of its own name")
-    lora.add_argument("--lora-modules", nargs="+", type=_lora_module, default=None, metavar="NAME=DIR",
-                      help='PEFT adapters: NAME=DIR or \'{"name": NAME, "path": DIR}\' (turns LoRA on)')  # fmt: skip
+    lora = _engine_flags(p)
     lora.add_argument("--allow-runtime-lora-updating", action="store_true",
                       help="POST /v1/load_lora_adapter, /v1/unload_lora_adapter (LoRA on; not on Ray)")  # fmt: skip
-    lora.add_argument("--max-loras", type=int, default=1, help="adapters in one step (device slots)")
-    lora.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank served")
-    lora.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept in host memory")
-    p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
-                   help="priority: requests' priority field orders the queue and picks who is preempted")  # fmt: skip
     p.add_argument("--max-waiting", type=int, default=512, help="requests queued before new ones get 503")
-    p.add_argument("--chat-template", default=None, help="a Jinja chat template file: enables /v1/chat/completions")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -167,6 +151,55 @@ def _serve_parser(sub) -> None:
     ray.add_argument("--target-ongoing-requests", type=float, default=None, help="autoscaling target per replica")
     ray.add_argument("--replica-cpus", type=float, default=None, help="CPUs per replica (default: a fair share)")
     ray.add_argument("--replica-gpus", type=float, default=None, help="GPUs per replica (default: 1 if any)")
+
+
+def _engine_flags(p: argparse.ArgumentParser):
+    """The engine's flags that ``serve`` and ``run-batch`` share (vLLM's names); returns the LoRA group."""
+    _backend_args(p)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-blocks", type=int, default=None)
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV pool")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    _speculative_arg(p)
+    p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+                   help="priority: requests' priority field orders the queue and picks who is preempted")  # fmt: skip
+    p.add_argument("--chat-template", default=None, help="a Jinja chat template file: enables /v1/chat/completions")
+    lora = p.add_argument_group("LoRA adapters, each served as a model of its own name")
+    lora.add_argument("--lora-modules", nargs="+", type=_lora_module, default=None, metavar="NAME=DIR",
+                      help='PEFT adapters: NAME=DIR or \'{"name": NAME, "path": DIR}\' (turns LoRA on)')  # fmt: skip
+    lora.add_argument("--max-loras", type=int, default=1, help="adapters in one step (device slots)")
+    lora.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank served")
+    lora.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept in host memory")
+    return lora
+
+
+def _engine_args(args, enable_lora: bool) -> dict:
+    """``LLMEngine``'s arguments from :func:`_engine_flags`' (and the model's)."""
+    return dict(
+        model=args.model, backend=args.backend, dtype=args.dtype, device=args.device, load_format=args.load_format,
+        quantization=args.quantization, tokenizer=args.tokenizer, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size, num_blocks=args.num_blocks,
+        kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=args.enable_prefix_caching,
+        enforce_eager=args.enforce_eager, speculative_config=args.speculative_config,
+        scheduling_policy=args.scheduling_policy, progress=False, enable_lora=enable_lora,
+        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
+    )  # fmt: skip
+
+
+def _run_batch_parser(sub) -> None:
+    """``run-batch``: vLLM's ``vllm run-batch`` (OpenAI's Batch API files, offline)."""
+    p = sub.add_parser("run-batch", help="answer a file of OpenAI batch requests (JSONL) into another")
+    p.add_argument("-i", "--input-file", required=True, help="the requests, one JSON object a line")
+    p.add_argument("-o", "--output-file", required=True, help="where their answers go, in the same order")
+    p.add_argument("--model", default="gpt2-medium", help="checkpoint directory or hub id (default: gpt2-medium)")
+    p.add_argument("--served-model-name", nargs="+", default=None, help="names the requests use (default: the dir)")
+    _engine_flags(p)
+    p.add_argument("--max-concurrency", type=int, default=None, help="requests in the engine at once "
+                   "(default: 4 x --max-num-seqs)")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _make_llm(args):
@@ -339,16 +372,7 @@ def _serve(args) -> int:
     options = ServeOptions(args.host, args.port, args.served_model_name, args.api_key, args.chat_template,
                            args.max_waiting, args.max_body_bytes, args.shutdown_grace, args.log_level,
                            args.lora_modules, args.allow_runtime_lora_updating)  # fmt: skip
-    engine_args = dict(
-        model=args.model, backend=args.backend, dtype=args.dtype, device=args.device, load_format=args.load_format,
-        quantization=args.quantization, tokenizer=args.tokenizer, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size, num_blocks=args.num_blocks,
-        kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=args.enable_prefix_caching,
-        enforce_eager=args.enforce_eager, speculative_config=args.speculative_config,
-        scheduling_policy=args.scheduling_policy, progress=False,
-        enable_lora=bool(args.lora_modules) or args.allow_runtime_lora_updating,
-        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
-    )  # fmt: skip
+    engine_args = _engine_args(args, enable_lora=bool(args.lora_modules) or args.allow_runtime_lora_updating)
     scale = _scale_options(args)
     if scale is None and args.ray_address is None:
         return serve(options, engine_args)
@@ -383,7 +407,23 @@ def _scale_options(args) -> dict | None:
     return given or None
 
 
-COMMANDS = {"generate": _generate, "score": _score, "eval": _eval, "serve": _serve}
+def _run_batch(args) -> int:
+    try:
+        from engine.server import ServeOptions
+        from engine.server.batch import main
+    except ImportError as e:
+        raise UsageError(f"run-batch needs the serve extra ({e.name} is missing): pip install -e '.[serve]'") from None
+    concurrency = args.max_concurrency or 4 * args.max_num_seqs
+    if concurrency < 1:
+        raise UsageError(f"gpt2-triton run-batch: --max-concurrency must be positive, got {concurrency}")
+    # every request comes from the file, already read: no queue limit or body size to protect
+    options = ServeOptions(served_model_names=args.served_model_name, chat_template=args.chat_template,
+                           max_waiting=1 << 30, max_body_bytes=1 << 40, lora_modules=args.lora_modules)  # fmt: skip
+    engine_args = _engine_args(args, enable_lora=bool(args.lora_modules))
+    return main(options, engine_args, args.input_file, args.output_file, concurrency, not args.quiet)
+
+
+COMMANDS = {"generate": _generate, "score": _score, "eval": _eval, "serve": _serve, "run-batch": _run_batch}
 
 
 def main(argv: list[str] | None = None) -> int:
