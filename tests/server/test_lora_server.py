@@ -11,7 +11,7 @@ import openai
 import pytest
 import torch
 
-from engine import LLM, LoRARequest, SamplingParams
+from engine import LLM, BeamSearchParams, LoRARequest, SamplingParams
 from engine.server import ServeOptions, build
 from tests.helpers import make_adapter, make_hf_model, rel_err, save_checkpoint
 from tests.server.conftest import start_server
@@ -79,6 +79,20 @@ def test_an_adapter_streams_what_it_answers_whole(lora_server, adapters):
     stream = client.completions.create(model="beta", prompt=prompt, max_tokens=8, temperature=0, stream=True,
                                        extra_body={"ignore_eos": True})  # fmt: skip
     assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == want
+
+
+def test_an_adapter_s_beam_search(lora_server, adapters):
+    """``use_beam_search`` under an adapter's name: the beams ``LLM.beam_search`` finds with that adapter."""
+    base, paths = adapters
+    llm = LLM(str(base), enable_lora=True, **LORA_ARGS, **ENGINE)
+    want = llm.beam_search("The sea", BeamSearchParams(3, 5), use_tqdm=False,
+                           lora_request=LoRARequest("beta", 2, paths["beta"]))[0]  # fmt: skip
+    r = lora_server.post("/v1/completions", json={"model": "beta", "prompt": "The sea", "max_tokens": 5, "n": 3,
+                                                  "use_beam_search": True})  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert [c["text"] for c in r.json()["choices"]] == [s.text.removeprefix("The sea") for s in want.sequences]
+    base_beams = llm.beam_search("The sea", BeamSearchParams(3, 5), use_tqdm=False)[0]
+    assert [s.text for s in base_beams.sequences] != [s.text for s in want.sequences], "the adapter changed nothing"
 
 
 def test_an_adapter_s_embeddings(lora_server, adapters):
