@@ -57,31 +57,19 @@ def engine_rows(device: torch.device, dtype: torch.dtype, s: EngineSizes, deadli
 def _engine_rows(device: torch.device, dtype: torch.dtype, s: EngineSizes, deadline: float, adapter_dir: str):
     vocab = s.model.get("vocab_size", 50257)
     hf32, llms = build(s.model, str(device), dtype_name(dtype), ENGINES, max(s.batch))
-    peft32, lora = add_adapter(copy.deepcopy(hf32), LORA_RANK, adapter_dir)
-    hf = copy.deepcopy(hf32).to(dtype)
     ids = torch.randint(0, vocab, (max(s.batch), s.prompt)).tolist()
-
-    def hf_logprobs(model) -> torch.Tensor:
-        x = torch.tensor(ids, device=device)
-        with torch.inference_mode():
-            logp = model(x).logits[:, :-1].double().log_softmax(-1)
-        return logp.gather(2, x[:, 1:, None]).flatten().cpu()
-
-    def our_logprobs(llm, lora_request=None) -> torch.Tensor:
-        return torch.tensor([v for o in llm.score(ids, lora_request=lora_request) for v in o.logprobs])
-
-    ref, ref_lora = hf_logprobs(hf32), hf_logprobs(peft32)
-    errs = {"transformers": rel_err(hf_logprobs(hf), ref)}
-    tols = dict.fromkeys([*llms, "transformers"], max(2 * errs["transformers"], 1e-6))
-    tols["triton-lora"] = max(2 * rel_err(hf_logprobs(copy.deepcopy(peft32).to(dtype)), ref_lora), 1e-6)
-    for label, llm in llms.items():
-        if label == "triton-lora":
-            errs[label] = rel_err(our_logprobs(llm, lora), ref_lora)
-        else:
-            errs[label] = rel_err(our_logprobs(llm), ref)
+    try:
+        peft32, lora = add_adapter(copy.deepcopy(hf32), LORA_RANK, adapter_dir)
+    except ImportError as e:  # the LoRA engine's reference is PEFT's model: without peft it is not run
+        print(f"  engine   triton-lora skipped: {e}", flush=True)
+        peft32 = lora = None
+        del llms["triton-lora"]
+    hf = copy.deepcopy(hf32).to(dtype)
+    errs, tols = validate(llms, {"transformers": (hf32, hf), "triton-lora": (peft32, lora)}, ids, dtype)
     del hf32, peft32
     gens = {label: ours(llm) for label, llm in llms.items()} | {"transformers": theirs(hf)}
-    gens["triton-lora"] = ours(llms["triton-lora"], lora)
+    if lora is not None:
+        gens["triton-lora"] = ours(llms["triton-lora"], lora)
     rows = []
     for bsz in s.batch:
         rates = {}
@@ -89,11 +77,40 @@ def _engine_rows(device: torch.device, dtype: torch.dtype, s: EngineSizes, deadl
             if time.monotonic() < deadline and errs[label] <= tols[label]:
                 fn(ids[:bsz], 2)  # warm-up: autotuning, CUDA-graph capture of this batch's bucket
                 rates[label] = decode_rate(fn, ids[:bsz], s.new_tokens, s.repeats)
-        for mine, peer in PAIRS:
+        for mine, peer in (pair for pair in PAIRS if set(pair) <= set(gens)):
             rows.append(pair_row(bsz, mine, peer, errs, tols[mine], rates))
             if mine == "triton-spec" and "triton-spec" in rates:
                 rows[-1].update(speculation(gens["triton-spec"], gens["triton"], llms["triton-spec"], ids[:bsz], s))
     return rows
+
+
+def validate(llms: dict, references: dict, ids: list[list[int]], dtype: torch.dtype) -> tuple[dict, dict]:
+    """Each system's prompt log-prob error against its float32 reference, and its tolerance: twice the error of the
+    reference itself run in ``dtype``. ``references``: ``"transformers"`` (the base model) and ``"triton-lora"``
+    (PEFT's model, and the adapter's request) as ``(float32 model, model or request)``."""
+
+    def hf_logprobs(model) -> torch.Tensor:
+        x = torch.tensor(ids, device=model.device)
+        with torch.inference_mode():
+            logp = model(x).logits[:, :-1].double().log_softmax(-1)
+        return logp.gather(2, x[:, 1:, None]).flatten().cpu()
+
+    def our_logprobs(llm, lora_request=None) -> torch.Tensor:
+        return torch.tensor([v for o in llm.score(ids, lora_request=lora_request) for v in o.logprobs])
+
+    hf32, hf = references["transformers"]
+    ref = hf_logprobs(hf32)
+    errs = {"transformers": rel_err(hf_logprobs(hf), ref)}
+    tols = dict.fromkeys([*llms, "transformers"], max(2 * errs["transformers"], 1e-6))
+    for label, llm in llms.items():
+        if label != "triton-lora":
+            errs[label] = rel_err(our_logprobs(llm), ref)
+    if "triton-lora" in llms:
+        peft32, lora = references["triton-lora"]
+        ref_lora = hf_logprobs(peft32)
+        tols["triton-lora"] = max(2 * rel_err(hf_logprobs(copy.deepcopy(peft32).to(dtype)), ref_lora), 1e-6)
+        errs["triton-lora"] = rel_err(our_logprobs(llms["triton-lora"], lora), ref_lora)
+    return errs, tols
 
 
 def speculation(spec, plain, llm, ids: list[list[int]], s: EngineSizes) -> dict:
