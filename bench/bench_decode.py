@@ -5,6 +5,7 @@
     python bench/bench_decode.py --beams 4            # beam search: ours vs generate(num_beams=4)
     python bench/bench_decode.py --speculative 4      # n-gram speculation: ours vs generate(prompt_lookup_num_tokens=4)
     python bench/bench_decode.py --lora 16            # a rank-16 LoRA adapter on every linear: ours vs PEFT's model
+    python bench/bench_decode.py --lora 16 --num-loras 4 --batch 4 8   # 4 adapters mixed in each batch
 
 Both sides first generate greedily (or, with ``--beams K``, by beam search of K beams) from the same checkpoint
 and must agree token for token (validate, then time). Decode throughput excludes the prefill:
@@ -17,7 +18,8 @@ text: compare the two engines at the same acceptance, not the speed-up itself.
 
 ``--lora R`` gives every prompt a random PEFT LoRA adapter of rank R on ``c_attn``, ``c_proj`` and ``c_fc``: ours
 serves it from its adapter slots (``enable_lora``), transformers runs PEFT's model (the update computed beside
-each linear, unmerged), and our rate without the adapter shows what it costs.
+each linear, unmerged), and our rate without the adapter shows what it costs. ``--num-loras K`` makes K adapters,
+prompt i under adapter i mod K: ours mixes them in each step, PEFT in each batch (``generate(adapter_names=...)``).
 """
 
 from __future__ import annotations
@@ -67,31 +69,46 @@ def build(config: dict, device: str, dtype: str, engines: dict[str, dict], max_b
     return hf, llms
 
 
-def ours(llm: LLM, lora_request: LoRARequest | None = None) -> Callable[[list[list[int]], int], list[list[int]]]:
-    """Greedy generation of ``n`` tokens per prompt with our engine (under ``lora_request``'s adapter, if given)."""
+def ours(llm: LLM, loras: list[LoRARequest] | None = None) -> Callable[[list[list[int]], int], list[list[int]]]:
+    """Greedy generation of ``n`` tokens per prompt with our engine (prompt i under ``loras[i % len(loras)]``)."""
 
     def run(ids: list[list[int]], n: int) -> list[list[int]]:
         params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-        outs = llm.generate(ids, params, use_tqdm=False, lora_request=lora_request)
+        per_prompt = [loras[i % len(loras)] for i in range(len(ids))] if loras else None
+        outs = llm.generate(ids, params, use_tqdm=False, lora_request=per_prompt)
         return [o.outputs[0].token_ids for o in outs]
 
     return run
 
 
-def add_adapter(hf, rank: int, directory: str, std: float = 0.02):
-    """Make ``hf`` PEFT's model with a random LoRA of ``rank`` on every block linear (A and B drawn from N(0, std),
-    B too, which PEFT starts at zero), saved to ``directory``; returns that model and the request naming it."""
+def add_adapters(hf, rank: int, directory: str, count: int = 1, std: float = 0.02):
+    """Make ``hf`` PEFT's model with ``count`` random LoRAs of ``rank`` on every block linear (A and B drawn from
+    N(0, std), B too, which PEFT starts at zero), saved under ``directory``; returns that model and the requests
+    naming them (PEFT's adapter names are the requests' names)."""
     import peft
 
     config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=["c_attn", "c_proj", "c_fc"],
                              init_lora_weights=False, fan_in_fan_out=True)  # fmt: skip
-    model = peft.get_peft_model(hf, config).eval()
+    names = [f"lora{i}" for i in range(count)]
+    model = peft.get_peft_model(hf, config, adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.normal_(0, std)
-    model.save_pretrained(directory)
-    return model, LoRARequest("bench", 1, directory)
+    model.save_pretrained(directory)  # each adapter in a directory of its name
+    return model.eval(), [LoRARequest(name, i + 1, str(Path(directory) / name)) for i, name in enumerate(names)]
+
+
+def theirs_adapters(peft_model, loras: list[LoRARequest]) -> Callable[[list[list[int]], int], list[list[int]]]:
+    """PEFT's greedy ``generate``, prompt i under adapter ``loras[i % len(loras)]`` (its mixed-batch inference)."""
+
+    def run(ids: list[list[int]], n: int) -> list[list[int]]:
+        names = [loras[i % len(loras)].lora_name for i in range(len(ids))]
+        return theirs(peft_model, adapter_names=names)(ids, n)
+
+    return run
 
 
 def theirs(hf, **generate_kwargs) -> Callable[[list[list[int]], int], list[list[int]]]:
@@ -163,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--beams", type=int, default=0, help="beam search of this many beams instead of greedy")
     ap.add_argument("--speculative", type=int, default=0, help="speculate this many tokens by n-gram lookup")
     ap.add_argument("--lora", type=int, default=0, metavar="RANK", help="every prompt with a LoRA adapter of RANK")
+    ap.add_argument("--num-loras", type=int, default=1, help="with --lora: this many adapters, mixed in each batch")
     args = ap.parse_args(argv)
     if sum(map(bool, (args.beams, args.speculative, args.lora))) > 1:
         ap.error("--beams, --speculative and --lora do not combine")
@@ -173,28 +191,28 @@ def main(argv: list[str] | None = None) -> int:
 def run_benchmark(args, adapter_dir: str) -> int:
     engines = {"ours": dict(backend=args.backend)}
     if args.lora:
-        engines["ours"].update(enable_lora=True, max_lora_rank=args.lora)
+        engines["ours"].update(enable_lora=True, max_lora_rank=args.lora, max_loras=args.num_loras)
     if args.speculative:
         lookup = dict(num_speculative_tokens=args.speculative, prompt_lookup_max=LOOKUP_MAX)
         engines["speculative"] = dict(backend=args.backend, speculative_config=lookup)
     hf, llms = build(PRESETS[args.model], args.device, args.dtype, engines, max(args.batch) * max(1, args.beams))
     llm = llms["ours"]
     hf = hf.to(getattr(torch, args.dtype))
-    lora = None
+    loras = None
     if args.lora:
-        hf, lora = add_adapter(hf, args.lora, adapter_dir)
+        hf, loras = add_adapters(hf, args.lora, adapter_dir, args.num_loras)
     print(f"{args.model} {args.dtype} on {args.device}, backend={llm.backend}, threads={torch.get_num_threads()}, "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, median of {args.repeats}"
           + (f", beam search of {args.beams} beams (tok/s: steps/s x batch)" if args.beams else "")
           + (f", {args.speculative} speculative tokens (transformers: one prompt at a time)"
              if args.speculative else "")
-          + (f", a rank-{args.lora} LoRA on every prompt (transformers: PEFT)" if args.lora else ""))  # fmt: skip
+          + (f", {args.num_loras} rank-{args.lora} LoRAs (transformers: PEFT)" if args.lora else ""))  # fmt: skip
     if args.beams:
         fns = (ours_beams(llm, args.beams), theirs_beams(hf, args.beams))
     elif args.speculative:
         fns = (ours(llms["speculative"]), theirs_lookup(hf, args.speculative, LOOKUP_MAX), ours(llm))
     elif args.lora:
-        fns = (ours(llm, lora), theirs(hf), ours(llm))
+        fns = (ours(llm, loras), theirs_adapters(hf, loras), ours(llm))
     else:
         fns = (ours(llm), theirs(hf))
     extra = f" {'ours, no spec tok/s':>20} {'accepted':>8}" if args.speculative else ""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.bench_decode import add_adapter, build, decode_rate, ours, theirs
+from bench.bench_decode import add_adapters, build, decode_rate, ours, theirs
 from bench.harness import dtype_name, rel_err
 
 ENGINES = {  # label -> LLM arguments
@@ -59,7 +59,8 @@ def _engine_rows(device: torch.device, dtype: torch.dtype, s: EngineSizes, deadl
     hf32, llms = build(s.model, str(device), dtype_name(dtype), ENGINES, max(s.batch))
     ids = torch.randint(0, vocab, (max(s.batch), s.prompt)).tolist()
     try:
-        peft32, lora = add_adapter(copy.deepcopy(hf32), LORA_RANK, adapter_dir)
+        peft32, loras = add_adapters(copy.deepcopy(hf32), LORA_RANK, adapter_dir)
+        lora = loras[0]
     except ImportError as e:  # the LoRA engine's reference is PEFT's model: without peft it is not run
         print(f"  engine   triton-lora skipped: {e}", flush=True)
         peft32 = lora = None
@@ -69,7 +70,7 @@ def _engine_rows(device: torch.device, dtype: torch.dtype, s: EngineSizes, deadl
     del hf32, peft32
     gens = {label: ours(llm) for label, llm in llms.items()} | {"transformers": theirs(hf)}
     if lora is not None:
-        gens["triton-lora"] = ours(llms["triton-lora"], lora)
+        gens["triton-lora"] = ours(llms["triton-lora"], [lora])
     rows = []
     for bsz in s.batch:
         rates = {}

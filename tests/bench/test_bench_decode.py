@@ -25,17 +25,18 @@ def test_our_runners_and_transformers_agree(tiny_checkpoint, hf_model):
 
 
 def test_lora_runners_agree(tiny_checkpoint, hf_model, tmp_path):
-    """Ours under the adapter and PEFT's model write the same tokens, and the adapter changes them."""
+    """Ours and PEFT's model write the same tokens with three adapters mixed in a batch, and the adapters change
+    them."""
     import copy
 
     kw = dict(backend="torch", dtype="float32", device="cpu", progress=False)
-    llm = LLM(str(tiny_checkpoint), enable_lora=True, max_lora_rank=8, **kw)
-    peft_model, lora = bench_decode.add_adapter(copy.deepcopy(hf_model), 8, str(tmp_path), std=0.3)
-    ids = torch.randint(0, hf_model.config.vocab_size, (2, random.randint(2, 8))).tolist()
+    llm = LLM(str(tiny_checkpoint), enable_lora=True, max_lora_rank=8, max_loras=3, **kw)
+    peft_model, loras = bench_decode.add_adapters(copy.deepcopy(hf_model), 8, str(tmp_path), count=3, std=0.3)
+    ids = torch.randint(0, hf_model.config.vocab_size, (4, random.randint(2, 8))).tolist()
     n = random.randint(4, 8)
-    with_adapter = bench_decode.ours(llm, lora)(ids, n)
-    assert with_adapter == bench_decode.theirs(peft_model)(ids, n)
-    assert with_adapter != bench_decode.ours(llm)(ids, n)
+    with_adapters = bench_decode.ours(llm, loras)(ids, n)
+    assert with_adapters == bench_decode.theirs_adapters(peft_model, loras)(ids, n)
+    assert with_adapters != bench_decode.ours(llm)(ids, n)
 
 
 def test_speculating_runners_agree_with_plain_greedy(tiny_checkpoint, hf_model):
