@@ -289,10 +289,12 @@ class AsyncLLM:
             self._streams.pop(request_id).put(EngineError(f"the engine failed while running this request: {error}"))
 
     def _abort_all(self) -> None:
-        while not self._commands.empty():  # calls queued behind the stop never run: their callers hear why
+        while not self._commands.empty():  # what was queued behind the stop never runs: its callers hear why
             kind, arg = self._commands.get()
             if kind == "call":
                 _answer(arg[1], arg[2], None, EngineOverloaded("the engine stopped"))
+            elif kind == "add":
+                arg[1].put(EngineOverloaded("the engine stopped"))
         self.engine.abort_request(list(self.engine.requests))
         for stream in list(self._streams.values()):
             stream.put(EngineOverloaded("the engine stopped"))

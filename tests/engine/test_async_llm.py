@@ -133,3 +133,37 @@ def test_bad_requests_are_refused_before_queueing(tiny_checkpoint):
             AsyncLLM(llm.engine, max_waiting=0)
     finally:
         llm.stop()
+
+
+def test_embeddings_run_in_the_engine_thread_and_stop_with_it(tiny_checkpoint):
+    """``embed`` between steps equals ``LLM.embed``; once the engine stops, an embedding is refused (503's error),
+    and one queued behind the stop hears so instead of waiting forever."""
+    import torch
+
+    llm = make(tiny_checkpoint)
+    texts = [ids(random.randint(1, 30)) for _ in range(3)]
+
+    async def embed_while_generating():
+        request = llm.make_request("g", ids(5), SamplingParams(max_tokens=8, ignore_eos=True))
+        generated, vectors = await asyncio.gather(final(llm, request), llm.embed(texts, pooling="mean"))
+        return generated, vectors
+
+    try:
+        generated, vectors = asyncio.run(asyncio.wait_for(embed_while_generating(), 120))
+    finally:
+        llm.stop()
+    ref = LLM(str(tiny_checkpoint), backend="torch", dtype="float32", device="cpu", progress=False)
+    want = [torch.tensor(o.outputs.embedding) for o in ref.embed(texts, pooling="mean")]
+    assert generated.finished and all(torch.allclose(v, w, rtol=1e-5, atol=1e-6) for v, w in zip(vectors, want))
+    with pytest.raises(EngineOverloaded):
+        asyncio.run(llm.embed(texts))
+
+    async def queued_behind_the_stop():  # what the thread's last act does with a call it will never run
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        llm._commands.put(("call", (lambda: 1, loop, future)))
+        llm._abort_all()
+        return await asyncio.wait_for(future, 10)
+
+    with pytest.raises(EngineOverloaded, match="stopped"):
+        asyncio.run(queued_behind_the_stop())
