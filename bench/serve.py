@@ -5,6 +5,7 @@
     python bench/serve.py --base-url http://127.0.0.1:8000 --request-rate 4 --goodput ttft:500 tpot:100
     python bench/serve.py --launch ours --prompts-file prompts.jsonl --max-concurrency 8 --save-requests
     python bench/serve.py --ray-replicas 1 2                       # ours on Ray Serve, 1 then 2 replicas
+    python bench/serve.py --launch ours --ours-args "--lora-modules a=DIR_A b=DIR_B --max-loras 2" --lora-models a b
 
 A client streams ``/v1/completions`` (SSE) for every request: TTFT is the time to the first chunk that carries text,
 ITL every gap between such chunks, TPOT per request ``(e2e - TTFT) / (output tokens - 1)``, output tokens the
@@ -91,6 +92,9 @@ def add_workload_args(ap: argparse.ArgumentParser) -> None:
     req.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                      help="every completion runs to max_tokens (vLLM's ignore_eos + min_tokens)")  # fmt: skip
     req.add_argument("--extra-body", type=json.loads, default={}, help="JSON merged into every request body")
+    req.add_argument("--lora-models", nargs="+", metavar="NAME",
+                     help="request i's model: the i-th of these, round robin (LoRA adapters the server serves, "
+                     "ours given --ours-args '--lora-modules NAME=DIR ...'; the base model may be one)")  # fmt: skip
     req.add_argument("--timeout", type=float, default=300.0, help="seconds each request may take")
     req.add_argument("--num-warmups", type=int, default=1, help="untimed requests before the runs")
 

@@ -123,7 +123,10 @@ def request_body(server: Server, w: Workload, i: int, args) -> dict:
     body = {"prompt": w.prompt(i, server.prompt_format), "max_tokens": n, "temperature": 0.0, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
     body.update(server.eos_extras(n, args.ignore_eos), **args.extra_body)
-    if server.model is not None:
+    models = getattr(args, "lora_models", None)
+    if models:  # LoRA adapters served as models: request i asks for the i-th, round robin
+        body["model"] = models[i % len(models)]
+    elif server.model is not None:
         body["model"] = server.model
     return body
 

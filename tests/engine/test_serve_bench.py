@@ -192,6 +192,28 @@ def test_against_our_server(bench, tmp_path, tiny_checkpoint):
     assert bench.servers.http_get_json(f"http://127.0.0.1:{port}/health", timeout=1)[0] == 0  # stopped
 
 
+def test_lora_models_round_robin_against_our_server(bench, tmp_path, tiny_checkpoint, hf_model):
+    """``--lora-models``: request i asks for the i-th name, round robin; ours launched with an adapter serves both the
+    adapter's and the base model's requests whole."""
+    from tests.helpers import make_adapter
+
+    make_adapter(hf_model, tmp_path / "adapter", r=4, target_modules=["c_attn"])
+    server = SimpleNamespace(model="default", prompt_format="ids", eos_extras=lambda n, ignore: {})
+    workload = SimpleNamespace(output_lens=[3] * 5, prompt=lambda i, fmt: [1, 2, 3])
+    args = SimpleNamespace(ignore_eos=True, extra_body={}, lora_models=["a", "base"])
+    models = [bench.client.request_body(server, workload, i, args)["model"] for i in range(5)]
+    assert models == ["a", "base", "a", "base", "a"]
+    out, n = tmp_path / "lora.json", 6
+    ours_args = f"--served-model-name base --lora-modules a={tmp_path / 'adapter'} --max-lora-rank 4"
+    argv = ["--launch", "ours", "--checkpoint", str(tiny_checkpoint), "--num-prompts", str(n), "--input-len", "8",
+            "--output-len", "4", "--max-num-seqs", "4", "--ours-args", ours_args, "--lora-models", "a", "base",
+            "--server-log-dir", str(tmp_path / "logs"), "--server-startup-timeout", "120", "--timeout", "60",
+            "--output-json", str(out)]  # fmt: skip
+    assert bench.serve.main(argv) == 0
+    [run] = json.loads(out.read_text())["runs"]
+    assert run["summary"]["completed"] == n and run["summary"]["failed"] == 0
+
+
 def result(bench, ok=True, ttft=None, e2e=None, out=0, itl=()):
     if not ok:
         return bench.client.RequestResult(0, 10, out, error="boom")
