@@ -11,6 +11,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
+from engine.chat import ChatTemplate
 from engine.llm_engine import LLMEngine, Prompt
 from engine.lora import LoRARequest
 from engine.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput, ScoreOutput, StreamDelta
@@ -126,6 +127,30 @@ class LLM:
                 final.update((out.request_id, out) for out in done)
                 bar.update(len(done))
         return [final[i] for i in request_ids]
+
+    def chat(
+        self,
+        messages: list[dict] | Seq[list[dict]],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """vLLM's ``LLM.chat``: each conversation (a list of ``{"role", "content"}`` dicts, or a list of those) as
+        ``chat_template`` renders it, then :meth:`generate`. GPT-2 ships no chat template, so one must be given
+        (a Jinja string; see :mod:`engine.chat`)."""
+        if chat_template is None:
+            raise ValueError("GPT-2 has no chat template: pass chat_template=... (a Jinja template over messages)")
+        eos = self.get_tokenizer().decode([self.config.eos_token_id])
+        template = ChatTemplate(chat_template, eos)
+        single = isinstance(messages, list) and all(isinstance(m, dict) for m in messages)
+        conversations = [messages] if single else messages
+        if not isinstance(conversations, (list, tuple)) or not conversations:
+            raise ValueError("messages must be a conversation (a list of dicts) or a non-empty list of them")
+        prompts = [template.render(list(c) if isinstance(c, tuple) else c, add_generation_prompt)
+                   for c in conversations]  # fmt: skip
+        return self.generate(prompts, params, use_tqdm, lora_request=lora_request)
 
     def generate_stream(
         self,

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import engine
 from engine.async_llm import AsyncLLM, EngineError, EngineOverloaded
+from engine.chat import ChatTemplate
 from engine.lora import LoRARequest
 from engine.outputs import RequestOutput
 from engine.server import serving
@@ -228,20 +229,14 @@ def build_app(llm: AsyncLLM, config: ServerConfig, exposition: Callable[[], Awai
 
 
 def _chat_renderer(llm: AsyncLLM, template_source: str):
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    try:
-        template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template_source)
-    except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"--chat-template: line {e.lineno}: {e.message}") from None
     eos = llm.get_tokenizer().decode([llm.engine.config.eos_token_id])
+    template = ChatTemplate(template_source, eos, "--chat-template")
 
     def render(messages: list[dict]) -> str:
         try:
-            return template.render(messages=messages, add_generation_prompt=True, bos_token=eos, eos_token=eos)
-        except jinja2.TemplateError as e:
-            raise ApiError(400, f"the chat template failed on these messages: {e}", "messages") from None
+            return template.render(messages)
+        except ValueError as e:
+            raise ApiError(400, str(e), "messages") from None
 
     return render
 

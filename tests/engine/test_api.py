@@ -184,6 +184,32 @@ def test_feature_extraction_pipeline_is_transformers(tiny_checkpoint, hf_model, 
         assert got.shape == want.shape and rel_err(got, want) < 1e-5
 
 
+CHAT = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}" + (
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def test_chat_renders_each_conversation_then_generates(tiny_checkpoint):
+    llm = LLM(str(tiny_checkpoint), device="cpu", progress=False)
+    hello = [{"role": "user", "content": f"Hi there, number {random.randint(0, 99)}"}]
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    got = llm.chat(hello, params, use_tqdm=False, chat_template=CHAT)[0]
+    prompt = f"user: {hello[0]['content']}\nassistant:"
+    want = llm.generate(prompt, params, use_tqdm=False)[0]
+    assert got.prompt == prompt and got.outputs[0].token_ids == want.outputs[0].token_ids
+    answered = hello + [{"role": "assistant", "content": "Hello"}]
+    both = llm.chat([hello, answered], params, use_tqdm=False, chat_template=CHAT, add_generation_prompt=False)
+    assert [o.prompt for o in both] == [prompt.removesuffix("assistant:"), prompt.removesuffix("assistant:") +
+                                        "assistant: Hello\n"]  # fmt: skip
+    refusals = [(dict(), "no chat template"), (dict(chat_template="{% for %}"), "chat_template: line 1"),
+                (dict(chat_template="{{ messages[5].content.upper() }}"), "failed on these messages")]  # fmt: skip
+    for kwargs, match in refusals:
+        with pytest.raises(ValueError, match=match):
+            llm.chat(hello, params, use_tqdm=False, **kwargs)
+    with pytest.raises(ValueError, match="messages must be a list of dicts"):
+        llm.chat(["hi"], params, chat_template=CHAT)
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": ROOT}
     return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True, env=env, cwd=ROOT)
