@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from engine import LLMEngine, RequestOutputKind, SamplingParams
+from engine import LLMEngine, LoRARequest, RequestOutputKind, SamplingParams
 
 HOST_VOCAB = 128  # logits columns when the math would run on a GPU (see the module's docstring)
 TINY_MODEL = dict(n_layer=1, n_embd=64, n_head=1, n_positions=1024, vocab_size=50257)  # never run: the stub is
@@ -62,6 +62,28 @@ def sampling(kind: str, max_tokens: int, output: str = "stream") -> SamplingPara
     return SamplingParams(temperature=0.8, top_p=0.95, **common)
 
 
+def write_lora_dirs(directory: Path, count: int, rank: int = 16) -> list[LoRARequest]:
+    """``count`` random PEFT adapters of the tiny model's linears (written as PEFT writes them, without peft)."""
+    from safetensors.torch import save_file
+
+    d, f = TINY_MODEL["n_embd"], 4 * TINY_MODEL["n_embd"]
+    shapes = {"attn.c_attn": (3 * d, d), "attn.c_proj": (d, d), "mlp.c_fc": (f, d), "mlp.c_proj": (d, f)}
+    requests = []
+    for i in range(count):
+        path = directory / f"lora{i}"
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": rank}))
+        tensors = {}
+        for layer in range(TINY_MODEL["n_layer"]):
+            for module, (n, k) in shapes.items():
+                key = f"base_model.model.transformer.h.{layer}.{module}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, k) * 0.02
+                tensors[f"{key}.lora_B.weight"] = torch.randn(n, rank) * 0.02
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+        requests.append(LoRARequest(f"lora{i}", i + 1, str(path)))
+    return requests
+
+
 def decoding_engine(
     model_dir: Path,
     prompts: list[str],
@@ -69,9 +91,11 @@ def decoding_engine(
     output: str = "stream",
     vocab: int = HOST_VOCAB,
     max_tokens: int = 600,
+    loras: list[LoRARequest] | None = None,
 ) -> LLMEngine:
     """An engine with every prompt admitted, prefilled and decoding: each ``step()`` from here is a decode step of
-    ``len(prompts)`` sequences."""
+    ``len(prompts)`` sequences. ``loras``: prompt i runs under ``loras[i % (len + 1)]``, the last share on the base
+    model."""
     engine = LLMEngine(
         model_dir,
         backend="torch",
@@ -81,10 +105,13 @@ def decoding_engine(
         max_num_seqs=max(len(prompts), 1),
         num_blocks=len(prompts) * 64 + 16,
         progress=False,
+        enable_lora=bool(loras),
+        max_loras=len(loras or [None]),
     )
     engine.runner.model = StubModel(vocab, len(prompts))  # a row per sequence: no prompt logprobs asked
+    choices = [*loras, None] if loras else [None]
     for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, sampling(kind, max_tokens, output))
+        engine.add_request(str(i), prompt, sampling(kind, max_tokens, output), lora_request=choices[i % len(choices)])
     while engine.scheduler.waiting or any(seq.num_uncomputed > 1 for seq in engine.scheduler.running):
         engine.step()
     engine.step()

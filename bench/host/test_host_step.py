@@ -50,6 +50,19 @@ def test_decode_step(benchmark, model_dir, prompts, batch, kind, output):
     benchmark.pedantic(engine.step, rounds=ROUNDS[batch], warmup_rounds=3)
 
 
+@pytest.mark.benchmark(group="step: host time of a decode step (stub forward)")
+def test_decode_step_lora(benchmark, model_dir, prompts, tmp_path_factory):
+    """256 sequences under four LoRA adapters and the base model, streamed: what the adapters' bookkeeping (each
+    row's slot, the slots' check, the stats' adapter names) adds to ``test_decode_step[256-sampled-stream]``."""
+    from bench.host.stub import write_lora_dirs
+
+    loras = write_lora_dirs(tmp_path_factory.mktemp("loras"), 4)
+    engine = decoding_engine(model_dir, prompts, "sampled", "stream", loras=loras)
+    check_step(engine, 256, "stream")
+    assert engine.get_stats().running_lora_adapters == tuple(lora.lora_name for lora in loras)
+    benchmark.pedantic(engine.step, rounds=ROUNDS[256], warmup_rounds=3)
+
+
 @pytest.mark.benchmark(group="step: the full vocabulary's math on this CPU (a CPU deployment)")
 @pytest.mark.parametrize("kind", ["greedy", "sampled"])
 def test_decode_step_full_vocab_cpu(benchmark, model_dir, prompts, kind):
