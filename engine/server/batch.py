@@ -42,22 +42,27 @@ def read_batch(path: str | os.PathLike) -> list[BatchRequest]:
         if not line.strip():
             continue
         where = f"{path}, line {number}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not JSON ({e.msg})") from None
-        if not isinstance(item, dict) or not isinstance(item.get("custom_id"), str) or not isinstance(
-                item.get("body"), dict):  # fmt: skip
-            raise ValueError(f'{where}: a request is {{"custom_id": str, "method": "POST", "url": ..., "body": {{}}}}')
-        if item.get("method", "POST") != "POST" or item.get("url") not in URLS:
-            raise ValueError(f"{where}: {item.get('method')} {item.get('url')} is not one of POST {', '.join(URLS)}")
-        if item["custom_id"] in seen:
-            raise ValueError(f"{where}: custom_id {item['custom_id']!r} is used twice")
-        seen.add(item["custom_id"])
-        requests.append(BatchRequest(item["custom_id"], item["url"], item["body"]))
+        request = _batch_request(line, where)
+        if request.custom_id in seen:
+            raise ValueError(f"{where}: custom_id {request.custom_id!r} is used twice")
+        seen.add(request.custom_id)
+        requests.append(request)
     if not requests:
         raise ValueError(f"the batch file {path} holds no requests")
     return requests
+
+
+def _batch_request(line: str, where: str) -> BatchRequest:
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not JSON ({e.msg})") from None
+    shaped = isinstance(item, dict) and isinstance(item.get("custom_id"), str) and isinstance(item.get("body"), dict)
+    if not shaped:
+        raise ValueError(f'{where}: a request is {{"custom_id": str, "method": "POST", "url": ..., "body": {{}}}}')
+    if item.get("method", "POST") != "POST" or item.get("url") not in URLS:
+        raise ValueError(f"{where}: {item.get('method')} {item.get('url')} is not one of POST {', '.join(URLS)}")
+    return BatchRequest(item["custom_id"], item["url"], item["body"])
 
 
 async def post(app, path: str, body: bytes) -> tuple[int, bytes]:
