@@ -26,7 +26,7 @@ GPU_TESTS = (
     "kernels/test_quant.py",
     "kernels/test_linear.py",
     "kernels/test_lora.py",
-    "engine/test_lora.py",  # LoRA through the Triton backend against the torch backend, on the device
+    "engine/test_lora_triton.py",  # LoRA through the Triton backend (CUDA graphs) against the torch backend
     "bench/test_harness.py",  # the harness's own GPU tests (host_syncs, device_ms); its CPU tests take seconds
 )
 TEST_WORKERS = 8  # pytest-xdist processes sharing the GPU, when xdist is installed

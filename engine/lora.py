@@ -194,6 +194,29 @@ def load_adapter(path: str | Path, config: ModelConfig) -> LoRAAdapter:
     return LoRAAdapter(rank, a, b)
 
 
+def save_random_adapter(
+    directory: str | Path, config: ModelConfig, rank: int = 16, std: float = 0.02, seed: int | None = None
+) -> Path:
+    """A PEFT LoRA adapter of every block linear with N(0, std) weights, written as PEFT writes one: for benchmarks
+    and tests without trained adapters (or peft), as ``load_format="dummy"`` is for the model's weights."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
+    tensors = {}
+    for layer in range(config.n_layer):
+        for module, (n, k) in zip(MODULES, _linear_shapes(config)):
+            key = f"base_model.model.transformer.h.{layer}.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, k, generator=gen) * std
+            tensors[f"{key}.lora_B.weight"] = torch.randn(n, rank, generator=gen) * std
+    save_file(tensors, str(directory / WEIGHTS_FILE))
+    peft_config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": ["c_attn", "c_proj", "c_fc"],
+                   "fan_in_fan_out": True, "bias": "none", "base_model_name_or_path": None}  # fmt: skip
+    (directory / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2))
+    return directory
+
+
 class LoRASlots:
     """The adapters on the device: ``max_loras`` slots of stacked tensors per layer and linear, as the model reads
     them (``stacks[layer][module] = (a [S, R, K], b [N, S * R])``), and which adapter holds each slot.

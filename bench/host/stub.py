@@ -63,25 +63,13 @@ def sampling(kind: str, max_tokens: int, output: str = "stream") -> SamplingPara
 
 
 def write_lora_dirs(directory: Path, count: int, rank: int = 16) -> list[LoRARequest]:
-    """``count`` random PEFT adapters of the tiny model's linears (written as PEFT writes them, without peft)."""
-    from safetensors.torch import save_file
+    """``count`` random PEFT adapters of the tiny model's linears."""
+    from engine.config import ModelConfig
+    from engine.lora import save_random_adapter
 
-    d, f = TINY_MODEL["n_embd"], 4 * TINY_MODEL["n_embd"]
-    shapes = {"attn.c_attn": (3 * d, d), "attn.c_proj": (d, d), "mlp.c_fc": (f, d), "mlp.c_proj": (d, f)}
-    requests = []
-    for i in range(count):
-        path = directory / f"lora{i}"
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": rank}))
-        tensors = {}
-        for layer in range(TINY_MODEL["n_layer"]):
-            for module, (n, k) in shapes.items():
-                key = f"base_model.model.transformer.h.{layer}.{module}"
-                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, k) * 0.02
-                tensors[f"{key}.lora_B.weight"] = torch.randn(n, rank) * 0.02
-        save_file(tensors, str(path / "adapter_model.safetensors"))
-        requests.append(LoRARequest(f"lora{i}", i + 1, str(path)))
-    return requests
+    config = ModelConfig(**TINY_MODEL)
+    return [LoRARequest(f"lora{i}", i + 1, str(save_random_adapter(directory / f"lora{i}", config, rank)))
+            for i in range(count)]  # fmt: skip
 
 
 def decoding_engine(

@@ -15,7 +15,7 @@ import torch
 from engine import LLM, BeamSearchParams, LLMEngine, LoRARequest, SamplingParams
 from engine.cuda_graphs import StaticDecoder
 from engine.weights import LINEAR_FIELDS
-from tests.helpers import DEVICE, hf_greedy, make_adapter, make_hf_model, rel_err, save_checkpoint
+from tests.helpers import hf_greedy, make_adapter, make_hf_model, rel_err, save_checkpoint
 
 ENGINE = dict(backend="torch", dtype="float32", device="cpu", block_size=4, progress=False)
 ALL = ["c_attn", "c_proj", "c_fc"]
@@ -112,21 +112,22 @@ def test_adapters_and_the_base_model_share_a_batch(setup, budget):
         assert out.outputs[0].token_ids == hf_greedy(model, ids, 8), name
 
 
-@pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("float16", 3e-3)])
-def test_the_triton_kernels_serve_adapters_as_the_torch_backend_does(setup, dtype, tol):
-    """The Triton backend (the shrink kernel, the expand through the GEMM's residual epilogue), in the interpreter:
-    a prefill and decode steps that mix adapters and the base model, against the torch backend."""
-    root, _, _, requests = setup
-    on_device = {**ENGINE, "dtype": dtype, "device": DEVICE}
-    engines = [LLM(root / "base", enable_lora=True, max_loras=2, max_lora_rank=8, **{**on_device, "backend": backend})
-               for backend in ("torch", "triton")]  # fmt: skip
-    prompts = [random_prompt(random.randint(3, 9)) for _ in range(3)]
-    loras = [requests["rs"], None, requests["some"]]
-    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, logprobs=0, prompt_logprobs=0)
-    want, got = (e.generate(prompts, params, use_tqdm=False, lora_request=loras) for e in engines)
-    for a, b in zip(got, want):
-        assert rel_err(prompt_logprobs(a), prompt_logprobs(b)) < tol
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+def test_a_random_adapter_is_one_peft_reads(setup, tmp_path):
+    """``save_random_adapter`` (benchmarks' and tests' adapters without peft) writes what PEFT loads, with the same
+    logits as ours under it."""
+    from engine.lora import save_random_adapter
+
+    root, base, _, _ = setup
+    llm = LLM(root / "base", enable_lora=True, max_lora_rank=8, **ENGINE)
+    path = save_random_adapter(tmp_path / "random", llm.config, rank=8, std=0.2)
+    reference = peft.PeftModel.from_pretrained(copy.deepcopy(base).float(), str(path)).double().eval()
+    ids = random_prompt(15)
+    target = torch.tensor(ids[1:])[:, None]
+    out = llm.generate(ids, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False,
+                       lora_request=LoRARequest("random", 5, str(path)))[0]  # fmt: skip
+    want = reference_logprobs(reference, ids, adapter=True)[:-1].gather(1, target).squeeze(1)
+    assert rel_err(prompt_logprobs(out), want) < 1e-5
+    assert rel_err(want, reference_logprobs(reference, ids, adapter=False)[:-1].gather(1, target).squeeze(1)) > 1e-2
 
 
 def test_max_loras_bounds_each_step_and_loses_nobody(setup):
