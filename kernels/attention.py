@@ -16,7 +16,7 @@ import triton.language as tl
 
 from kernels.attention_common import LOG2E, MAX_GRID_Y, check_head_dim, online_softmax_step
 from kernels.kv_cache import check_kv_cache
-from kernels.utils import FLOAT_DTYPES, autotune, cast, check_device, check_tensor, is_interpreter
+from kernels.utils import FLOAT_DTYPES, autotune, cast, check_device, check_tensor, upcast_in_interpreter
 
 
 def get_configs() -> list[triton.Config]:
@@ -216,7 +216,7 @@ def prefill_attention(
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
             H, scale * LOG2E, triton.next_power_of_2(max_seqlen),
             HEAD_DIM=hd,
-            UPCAST=is_interpreter() and q.dtype == torch.bfloat16,
+            UPCAST=upcast_in_interpreter(q.dtype),
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             STORE_KV=kv_cache is not None,
         )  # fmt: skip

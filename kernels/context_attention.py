@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels.attention_common import LOG2E, MAX_GRID_Y, check_head_dim, online_softmax_step
-from kernels.utils import FLOAT_DTYPES, autotune, cast, check_device, check_tensor, is_interpreter
+from kernels.utils import FLOAT_DTYPES, autotune, cast, check_device, check_tensor, upcast_in_interpreter
 
 
 def get_configs() -> list[triton.Config]:
@@ -268,7 +268,7 @@ def context_attention(
             H, max_seqlen_k, scale * LOG2E, triton.next_power_of_2(max_seqlen_q),
             HEAD_DIM=hd,
             BLOCK_SIZE=block_size,
-            UPCAST=is_interpreter() and q.dtype == torch.bfloat16,
+            UPCAST=upcast_in_interpreter(q.dtype),
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         )  # fmt: skip
     return out

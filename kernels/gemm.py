@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from kernels.gelu import gelu_tanh
-from kernels.utils import FLOAT_DTYPES, cast, check_device, check_tensor, is_interpreter
+from kernels.utils import FLOAT_DTYPES, cast, check_device, check_tensor, upcast_in_interpreter
 
 ACTIVATIONS = (None, "gelu_tanh")
 SMEM_LIMIT = 160 * 1024  # bytes of pipeline buffers a config may use: sm_80 allows 163 KB, sm_90 227 KB
@@ -394,7 +394,7 @@ class WeightFormat:
 
     def upcast(self, dtype: torch.dtype) -> bool:
         """Whether the kernel multiplies in fp32 (interpreter only: its bf16 ``tl.dot`` and int8 casts are wrong)."""
-        return is_interpreter() and dtype == torch.bfloat16
+        return upcast_in_interpreter(dtype)
 
     def run(
         self,

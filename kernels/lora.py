@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from kernels.gemm import dot
-from kernels.utils import FLOAT_DTYPES, cast, check_device, check_tensor, is_interpreter
+from kernels.utils import FLOAT_DTYPES, cast, check_device, check_tensor, upcast_in_interpreter
 
 BLOCK_K = 32  # the reduction step over K (every GPT-2 width is a multiple; at 64, fp32 tiles spill)
 SMALL_M = 16  # BLOCK_M for decode-sized batches; larger ones take LARGE_M rows a program
@@ -97,9 +97,9 @@ def lora_shrink(
     config = shrink_config(M, R)
     n_rank_blocks = triton.cdiv(R, config["BLOCK_R"])
     grid = (triton.cdiv(M, config["BLOCK_M"]), S * n_rank_blocks)
-    upcast = is_interpreter() and x.dtype == torch.bfloat16
     _lora_shrink_kernel[grid](
-        x, lora_a, slots, u, M, K, R, x.stride(0), u.stride(0), n_rank_blocks, **config, UPCAST=upcast
+        x, lora_a, slots, u, M, K, R, x.stride(0), u.stride(0), n_rank_blocks, **config,
+        UPCAST=upcast_in_interpreter(x.dtype),
     )  # fmt: skip
     return u
 

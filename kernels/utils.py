@@ -20,6 +20,12 @@ def is_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def upcast_in_interpreter(dtype: torch.dtype) -> bool:
+    """A kernel's ``UPCAST``: multiply in fp32 where the interpreter's bf16 ``tl.dot`` (and int8 -> bf16 cast) is
+    wrong (triton #11584); compiled code never upcasts."""
+    return is_interpreter() and dtype == torch.bfloat16
+
+
 # Read once, when the kernel modules are imported: the same moment Triton decides how to run @triton.jit.
 INTERPRET = tl.constexpr(is_interpreter())
 
