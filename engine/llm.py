@@ -15,7 +15,7 @@ from engine.chat import ChatTemplate
 from engine.llm_engine import LLMEngine, Prompt
 from engine.lora import LoRARequest
 from engine.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput, ScoreOutput, StreamDelta
-from engine.pooling import check_pooling, embed, token_batches
+from engine.pooling import check_pooling, embed, hidden_states, token_batches
 from engine.progress import progress_bar
 from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.sequence import Sequence
@@ -321,10 +321,8 @@ class LLM:
         LoRA adapter ``lora_request`` if given."""
         items = self._whole_texts(texts, lora_request)
         out: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
-        for group in self._batches(items):
-            hidden = self.runner.hidden_states([items[i] for i in group], lora_request)
-            for i, part in zip(group, hidden.split([len(items[i]) for i in group])):
-                out[i] = part
+        for i, states in hidden_states(self.llm_engine, items, lora_request):
+            out[i] = states
         return out
 
     def embed(

@@ -38,6 +38,17 @@ def check_pooling(pooling: str, normalize: bool) -> None:
         raise ValueError(f"normalize must be a bool, got {normalize!r}")
 
 
+def hidden_states(
+    engine, token_lists: list[list[int]], lora_request: LoRARequest | None = None
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(i, final hidden states [T_i, D])`` of each token list, whole and nothing cached, computed in batches of
+    at most ``max_num_batched_tokens`` tokens (features, embeddings)."""
+    lengths = [len(ids) for ids in token_lists]
+    for group in token_batches(lengths, engine.max_num_batched_tokens):
+        hidden = engine.runner.hidden_states([token_lists[i] for i in group], lora_request)
+        yield from zip(group, hidden.split([lengths[i] for i in group]))
+
+
 def embed(
     engine, token_lists: list[list[int]], pooling: str = "last", normalize: bool = True,
     lora_request: LoRARequest | None = None,
@@ -45,10 +56,7 @@ def embed(
     """One fp32 vector ``[d_model]`` per token list (on the CPU), as :func:`check_pooling`'s arguments ask; ``engine``
     is an :class:`engine.llm_engine.LLMEngine` and the lists are checked against its context already."""
     out: list[torch.Tensor] = [None] * len(token_lists)  # type: ignore[list-item]
-    lengths = [len(ids) for ids in token_lists]
-    for group in token_batches(lengths, engine.max_num_batched_tokens):
-        hidden = engine.runner.hidden_states([token_lists[i] for i in group], lora_request)
-        for i, states in zip(group, hidden.split([lengths[i] for i in group])):
-            vector = (states[-1] if pooling == "last" else states.float().mean(0)).float()
-            out[i] = (torch.nn.functional.normalize(vector, dim=0) if normalize else vector).cpu()
+    for i, states in hidden_states(engine, token_lists, lora_request):
+        vector = (states[-1] if pooling == "last" else states.float().mean(0)).float()
+        out[i] = (torch.nn.functional.normalize(vector, dim=0) if normalize else vector).cpu()
     return out

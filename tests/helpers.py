@@ -104,6 +104,11 @@ def make_hf_model(**overrides):
     return model
 
 
+def prompt_logprobs(out) -> torch.Tensor:
+    """The prompt tokens' log-probs of a ``RequestOutput`` asked for ``prompt_logprobs`` (positions 1 ..)."""
+    return torch.tensor([entry[t] for entry, t in zip(out.prompt_logprobs[1:], out.prompt_token_ids[1:])])
+
+
 def make_adapter(base, directory, **lora_config):
     """A PEFT LoRA of the transformers model ``base`` with random A and B (PEFT starts B at zero, which would test
     nothing), saved to ``directory``; returns the PEFT model in float64, the reference."""

@@ -15,7 +15,7 @@ import torch
 from engine import LLM, BeamSearchParams, LLMEngine, LoRARequest, SamplingParams
 from engine.cuda_graphs import StaticDecoder
 from engine.weights import LINEAR_FIELDS
-from tests.helpers import hf_greedy, make_adapter, make_hf_model, rel_err, save_checkpoint
+from tests.helpers import hf_greedy, make_adapter, make_hf_model, prompt_logprobs, rel_err, save_checkpoint
 
 ENGINE = dict(backend="torch", dtype="float32", device="cpu", block_size=4, progress=False)
 ALL = ["c_attn", "c_proj", "c_fc"]
@@ -47,12 +47,6 @@ def reference_logprobs(model, ids: list[int], adapter: bool) -> torch.Tensor:
             return model(x).logits[0].log_softmax(-1)
         with model.disable_adapter():
             return model(x).logits[0].log_softmax(-1)
-
-
-def prompt_logprobs(out) -> torch.Tensor:
-    """The prompt tokens' log-probs of an output (positions 1 ..)."""
-    ids = out.prompt_token_ids
-    return torch.tensor([entry[t] for entry, t in zip(out.prompt_logprobs[1:], ids[1:])])
 
 
 def random_prompt(n: int) -> list[int]:

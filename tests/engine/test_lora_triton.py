@@ -13,11 +13,7 @@ import torch
 from engine import LLM, LoRARequest, SamplingParams
 from engine.config import ModelConfig
 from engine.lora import save_random_adapter
-from tests.helpers import DEVICE, rel_err
-
-
-def prompt_logprobs(out) -> torch.Tensor:
-    return torch.tensor([entry[t] for entry, t in zip(out.prompt_logprobs[1:], out.prompt_token_ids[1:])])
+from tests.helpers import DEVICE, prompt_logprobs, rel_err
 
 
 @pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("float16", 3e-3)])
