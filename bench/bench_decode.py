@@ -4,6 +4,7 @@
     python bench/bench_decode.py --model gpt2 --batch 1 4 16 --new-tokens 64
     python bench/bench_decode.py --beams 4            # beam search: ours vs generate(num_beams=4)
     python bench/bench_decode.py --speculative 4      # n-gram speculation: ours vs generate(prompt_lookup_num_tokens=4)
+    python bench/bench_decode.py --model gpt2-xl --speculative 4 --draft-model gpt2   # vs generate(assistant_model=)
     python bench/bench_decode.py --lora 16            # a rank-16 LoRA adapter on every linear: ours vs PEFT's model
     python bench/bench_decode.py --lora 16 --num-loras 4 --batch 4 8   # 4 adapters mixed in each batch
 
@@ -14,7 +15,9 @@ and must agree token for token (validate, then time). Decode throughput excludes
 ``--speculative K`` speculates K tokens by n-gram lookup on both sides (transformers' prompt lookup decoding, at
 batch 1 only) and prints our rate without speculation and our drafts' acceptance rate too. Random weights make
 greedy text repeat itself more than a trained model's does, so the drafts are accepted more often than on real
-text: compare the two engines at the same acceptance, not the speed-up itself.
+text: compare the two engines at the same acceptance, not the speed-up itself. With ``--draft-model PRESET`` a
+smaller GPT-2 (random weights too) drafts instead, on both sides (transformers' assisted generation, K drafts a
+step); two random models agree on far fewer tokens than a trained pair would, so the same caution holds.
 
 ``--lora R`` gives every prompt a random PEFT LoRA adapter of rank R on ``c_attn``, ``c_proj`` and ``c_fc``: ours
 serves it from its adapter slots (``enable_lora``), transformers runs PEFT's model (the update computed beside
@@ -160,6 +163,20 @@ def theirs_lookup(hf, num_tokens: int, longest: int) -> Callable[[list[list[int]
     return run
 
 
+def theirs_assisted(hf, draft, num_tokens: int) -> Callable[[list[list[int]], int], list[list[int]]]:
+    """transformers' greedy ``generate`` with ``draft`` as its assistant model, ``num_tokens`` drafts a step (no
+    dynamic schedule, no confidence cut), one prompt at a time as its assisted generation takes them."""
+    draft.generation_config.num_assistant_tokens = num_tokens
+    draft.generation_config.num_assistant_tokens_schedule = "constant"
+    draft.generation_config.assistant_confidence_threshold = 0.0
+    greedy = theirs(hf, assistant_model=draft)
+
+    def run(ids: list[list[int]], n: int) -> list[list[int]]:
+        return [row for one in ids for row in greedy([one], n)]
+
+    return run
+
+
 def decode_rate(fn, ids: list[list[int]], new_tokens: int, repeats: int) -> float:
     """Decode tokens/s without the prefill: ``B * (N - 1) / (t(N new tokens) - t(1 new token))``."""
     t_n = timed(fn, ids, new_tokens, repeats=repeats)
@@ -179,38 +196,58 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--beams", type=int, default=0, help="beam search of this many beams instead of greedy")
     ap.add_argument("--speculative", type=int, default=0, help="speculate this many tokens by n-gram lookup")
+    ap.add_argument("--draft-model", choices=list(PRESETS), help="with --speculative: drafted by this model instead")
     ap.add_argument("--lora", type=int, default=0, metavar="RANK", help="every prompt with a LoRA adapter of RANK")
     ap.add_argument("--num-loras", type=int, default=1, help="with --lora: this many adapters, mixed in each batch")
     args = ap.parse_args(argv)
     if sum(map(bool, (args.beams, args.speculative, args.lora))) > 1:
         ap.error("--beams, --speculative and --lora do not combine")
-    with tempfile.TemporaryDirectory() as adapter_dir:  # read by the engine at its first request
-        return run_benchmark(args, adapter_dir)
+    if args.draft_model and not args.speculative:
+        ap.error("--draft-model needs --speculative K")
+    with tempfile.TemporaryDirectory() as scratch:  # adapters (read at the first request), the draft model
+        return run_benchmark(args, scratch)
 
 
-def run_benchmark(args, adapter_dir: str) -> int:
+def save_draft(preset: str, directory: str, device: str, dtype: str):
+    """A random ``preset`` GPT-2 saved to ``directory`` (for our engine), and the same model (for transformers)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    draft = GPT2LMHeadModel(GPT2Config(**PRESETS[preset])).eval()
+    draft.save_pretrained(directory)
+    return draft.to(device=device, dtype=getattr(torch, dtype))
+
+
+def run_benchmark(args, scratch: str) -> int:
     engines = {"ours": dict(backend=args.backend)}
     if args.lora:
         engines["ours"].update(enable_lora=True, max_lora_rank=args.lora, max_loras=args.num_loras)
+    draft = None
     if args.speculative:
-        lookup = dict(num_speculative_tokens=args.speculative, prompt_lookup_max=LOOKUP_MAX)
-        engines["speculative"] = dict(backend=args.backend, speculative_config=lookup)
+        config = dict(num_speculative_tokens=args.speculative, prompt_lookup_max=LOOKUP_MAX)
+        if args.draft_model:
+            draft = save_draft(args.draft_model, str(Path(scratch) / "draft"), args.device, args.dtype)
+            config = dict(num_speculative_tokens=args.speculative, model=str(Path(scratch) / "draft"))
+        engines["speculative"] = dict(backend=args.backend, speculative_config=config)
     hf, llms = build(PRESETS[args.model], args.device, args.dtype, engines, max(args.batch) * max(1, args.beams))
     llm = llms["ours"]
     hf = hf.to(getattr(torch, args.dtype))
     loras = None
     if args.lora:
-        hf, loras = add_adapters(hf, args.lora, adapter_dir, args.num_loras)
+        hf, loras = add_adapters(hf, args.lora, scratch, args.num_loras)
     print(f"{args.model} {args.dtype} on {args.device}, backend={llm.backend}, threads={torch.get_num_threads()}, "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, median of {args.repeats}"
           + (f", beam search of {args.beams} beams (tok/s: steps/s x batch)" if args.beams else "")
           + (f", {args.speculative} speculative tokens (transformers: one prompt at a time)"
              if args.speculative else "")
+          + (f" drafted by {args.draft_model} (random weights)" if draft is not None else "")
           + (f", {args.num_loras} rank-{args.lora} LoRAs (transformers: PEFT)" if args.lora else ""))  # fmt: skip
     if args.beams:
         fns = (ours_beams(llm, args.beams), theirs_beams(hf, args.beams))
     elif args.speculative:
-        fns = (ours(llms["speculative"]), theirs_lookup(hf, args.speculative, LOOKUP_MAX), ours(llm))
+        peer = theirs_assisted(hf, draft, args.speculative) if draft is not None else (
+            theirs_lookup(hf, args.speculative, LOOKUP_MAX))  # fmt: skip
+        fns = (ours(llms["speculative"]), peer, ours(llm))
     elif args.lora:
         fns = (ours(llm, loras), theirs_adapters(hf, loras), ours(llm))
     else:

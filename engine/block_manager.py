@@ -213,6 +213,10 @@ class BlockManager:
         child.block_table = list(parent.block_table)
         child.block_hashes = list(parent.block_hashes)
         child.num_computed = parent.num_computed
+        # a draft model's K/V of the partly filled last block are not copied with it: both recompute them
+        parent.draft_computed = child.draft_computed = min(
+            parent.draft_computed, parent.num_computed // self.block_size * self.block_size
+        )
 
     def free(self, seq: Sequence) -> None:
         """Give back ``seq``'s blocks, last first; blocks nobody else holds join the free queue.
@@ -232,4 +236,4 @@ class BlockManager:
                     self.free_queue.move_to_end(block.block_id, last=False)
         seq.block_table = []
         seq.block_hashes = []
-        seq.num_computed = 0
+        seq.num_computed = seq.draft_computed = 0

@@ -62,8 +62,9 @@ def _lora_module(text: str) -> tuple[str, str]:
 
 def _speculative_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-config", type=_json_object, default=None,
-                   help='speculative decoding by n-gram lookup, as vLLM\'s: \'{"method": "ngram", '
-                        '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\'')  # fmt: skip
+                   help='speculative decoding, as vLLM\'s: by n-gram lookup, \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\', or drafted by a smaller GPT-2, '
+                        '\'{"model": "gpt2", "num_speculative_tokens": 4}\'')  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,6 +27,7 @@ from engine.block_manager import BlockManager
 from engine.config import ModelConfig
 from engine.cuda_graphs import StaticDecoder
 from engine.device import make_ops, resolve_device, resolve_dtype
+from engine.draft_model import DraftModelProposer
 from engine.host_tensors import list_tensor
 from engine.kv_cache import KVCache, cdiv
 from engine.lora import LoRARequest, LoRASlots
@@ -98,8 +99,10 @@ class LLMEngine:
     (default ``max(4096, n_positions, max_num_seqs)``). ``split_special_tokens`` encodes ``<|endoftext|>`` written
     in prompt text as literal characters (default: as token 50256, as transformers does). ``speculative_config``
     (vLLM's: ``{"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 1}``)
-    turns on speculative decoding by n-gram lookup (:mod:`engine.speculative`). ``scheduling_policy="priority"``
-    (vLLM's) serves waiting requests by their ``priority`` (lower first) and preempts the lowest-priority one.
+    turns on speculative decoding by n-gram lookup (:mod:`engine.speculative`); ``{"model": "gpt2",
+    "num_speculative_tokens": k}`` drafts with a smaller GPT-2 (:mod:`engine.draft_model`).
+    ``scheduling_policy="priority"`` (vLLM's) serves waiting requests by their ``priority`` (lower first) and
+    preempts the lowest-priority one.
     ``enable_lora`` serves PEFT LoRA adapters named per request (:mod:`engine.lora`): up to ``max_loras`` of them
     in a step, of rank up to ``max_lora_rank``, ``max_cpu_loras`` kept on the host (default ``max_loras``).
     """
@@ -139,7 +142,6 @@ class LLMEngine:
         self.scheduling_policy = scheduling_policy
         _check_lora_arguments(enable_lora, max_loras, max_lora_rank, max_cpu_loras)
         self.speculative = SpeculativeConfig.parse(speculative_config)
-        self.proposer = NgramProposer(self.speculative) if self.speculative else None
         self.split_special_tokens = split_special_tokens
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -152,6 +154,7 @@ class LLMEngine:
         self.model_path, self.config, weights = self._load(model, load_format)
         self.quantization = quantization
         self.model = GPT2(self.config, weights, self.ops, quantization)
+        draft = self._load_draft(load_format) if self.speculative and self.speculative.model is not None else None
         self.loras = None
         if enable_lora:
             self.loras = LoRASlots(self.config, max_loras, max_lora_rank, self.dtype, self.device, max_cpu_loras)
@@ -163,19 +166,21 @@ class LLMEngine:
         self._grammar_lock = threading.Lock()
 
         self.block_size = block_size
-        num_blocks = num_blocks or self._num_blocks_from_budget(kv_cache_memory, max_num_seqs)
+        num_blocks = num_blocks or self._num_blocks_from_budget(kv_cache_memory, max_num_seqs, draft)
         self.kv = KVCache.allocate(self.config, num_blocks, block_size, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens or max(
             MIN_BATCHED_TOKENS, self.config.n_positions, max_num_seqs
         )
+        self._graphs = self.device.type == "cuda" and self.ops.cuda_graphs and not enforce_eager
         static = None
-        if self.device.type == "cuda" and self.ops.cuda_graphs and not enforce_eager:  # decode as CUDA graphs
+        if self._graphs:  # decode as CUDA graphs
             rows = max_num_seqs * (1 + (self.speculative.num_speculative_tokens if self.speculative else 0))
             rows = min(rows, self.max_num_batched_tokens)  # a sequence's drafts are decode rows too
             static = StaticDecoder(self.model, self.kv, rows, self.device, capture=True)
         self.runner = ModelRunner(self.model, self.kv, self.blocks, self.device, static, self.loras)
+        self.proposer = self._proposer(draft, max_num_seqs)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, self.max_num_batched_tokens, scheduling_policy,
                                    max_loras if enable_lora else None)  # fmt: skip
         self.sampler = Sampler(self.config.eos_token_id)
@@ -204,8 +209,37 @@ class LLMEngine:
         config, weights = load_checkpoint(path, self.dtype, self.device, progress=self.progress)
         return path, config, weights
 
-    def _num_blocks_from_budget(self, budget: int | None, max_num_seqs: int) -> int:
+    def _load_draft(self, load_format: str) -> GPT2:
+        """``speculative_config``'s draft model, loaded as the target is (backend, dtype, device, ``load_format``)
+        but never quantized; ``ValueError`` unless it reads the target's vocabulary over the target's context."""
+        what = f"speculative_config: draft model {str(self.speculative.model)!r}"
+        try:
+            _, config, weights = self._load(self.speculative.model, load_format)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
+        if config.vocab_size != self.config.vocab_size:
+            raise ValueError(f"{what} has a vocabulary of {config.vocab_size} tokens, the target's has "
+                             f"{self.config.vocab_size}: the draft must share the target's tokenizer")  # fmt: skip
+        if config.n_positions < self.config.n_positions:
+            raise ValueError(f"{what} reads {config.n_positions} positions, fewer than the target's "
+                             f"{self.config.n_positions}")  # fmt: skip
+        return GPT2(config, weights, self.ops)
+
+    def _proposer(self, draft: GPT2 | None, max_num_seqs: int):
+        """What drafts tokens for speculative decoding: n-gram lookup, or ``draft`` over a KV cache of its own
+        that the target's block tables index (one decode row per sequence; CUDA graphs as the target's)."""
+        if self.speculative is None:
+            return None
+        if draft is None:
+            return NgramProposer(self.speculative)
+        kv = KVCache.allocate(draft.config, self.blocks.num_blocks, self.block_size, self.dtype, self.device)
+        static = StaticDecoder(draft, kv, max_num_seqs, self.device, capture=True) if self._graphs else None
+        return DraftModelProposer(ModelRunner(draft, kv, self.blocks, self.device, static))
+
+    def _num_blocks_from_budget(self, budget: int | None, max_num_seqs: int, draft: GPT2 | None) -> int:
         per_block = KVCache.bytes_per_block(self.config, self.block_size, self.dtype)
+        if draft is not None:  # the draft's cache has the same blocks
+            per_block += KVCache.bytes_per_block(draft.config, self.block_size, self.dtype)
         wanted = max_num_seqs * cdiv(self.config.n_positions, self.block_size)  # every slot full-length
         if budget is None:
             if self.device.type == "cuda":
@@ -442,6 +476,8 @@ class LLMEngine:
             # every request was checked against the whole pool on entry, so an empty pool always admits one
             raise RuntimeError("scheduler stalled: sequences wait but none can be scheduled")
         try:
+            if self.proposer is not None:
+                self.proposer.before_step(scheduled)
             seqs, logits = self.runner.execute(scheduled)
             self.scheduler.step_done(scheduled)
             seqs, logits = self._fork(seqs, logits)
@@ -496,6 +532,7 @@ class LLMEngine:
                     taken = j - i + 1
                     break
             seq.num_computed -= rows - taken  # the K/V of rejected drafts are not the sequence's
+            seq.draft_computed = min(seq.draft_computed, seq.num_computed)  # nor the draft model's
             self.blocks.register_full_blocks(seq, seq.num_computed)  # accepted drafts may have filled blocks
             self.generation_tokens += taken
             if drafts:

@@ -67,8 +67,8 @@ class ModelRunner:
         return self.extend(step)
 
     # ------------------------------------------------------------------ the three paths
-    def _slots(self, seq: Sequence, n: int) -> list[int]:
-        return [self.blocks.slot(seq, p) for p in range(seq.num_computed, seq.num_computed + n)]
+    def _slots(self, seq: Sequence, start: int, n: int) -> list[int]:
+        return [self.blocks.slot(seq, p) for p in range(start, start + n)]
 
     def _tokens(self, seq: Sequence, n: int) -> list[int]:
         tokens = seq.all_token_ids() + seq.draft_token_ids if seq.draft_token_ids else seq.all_token_ids()
@@ -133,7 +133,7 @@ class ModelRunner:
     def prefill(self, step: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor]:
         """Every sequence starts at position 0: causal attention within the chunk, K/V stored on the way."""
         tokens = [self._tokens(seq, n) for seq, n in zip(step.seqs, step.num_tokens)]
-        slots = [self._slots(seq, n) for seq, n in zip(step.seqs, step.num_tokens)]
+        slots = [self._slots(seq, seq.num_computed, n) for seq, n in zip(step.seqs, step.num_tokens)]
         seqs, rows, targets = self._rows_to_sample(step, list(range(len(step.seqs))))
         batch = self.pack(tokens, slots)
         batch.lora_slots = self._lora_tensor(step.seqs, step.num_tokens)
@@ -145,18 +145,29 @@ class ModelRunner:
         order = sorted(range(len(step.seqs)), key=lambda i: step.num_tokens[i] != 1)
         seqs = [step.seqs[i] for i in order]
         counts = [step.num_tokens[i] for i in order]
+        batch = self.extend_batch(
+            seqs, [seq.num_computed for seq in seqs], [self._tokens(s, n) for s, n in zip(seqs, counts)]
+        )
+        batch.lora_slots = self._lora_tensor(seqs, counts)
+        sampled, rows, targets = self._rows_to_sample(step, order)
+        logits = self.model.logits(self.model.extend(batch, self.kv, rows))
+        return sampled, self._record_prompt_logprobs(targets, logits)
+
+    def extend_batch(self, seqs: list[Sequence], starts: list[int], chunks: list[list[int]]) -> ExtendBatch:
+        """``chunks[i]``, the tokens of ``seqs[i]`` from position ``starts[i]`` on, over what the cache holds before
+        it; the one-token chunks come first (they run as decode rows)."""
+        counts = [len(chunk) for chunk in chunks]
         nd = counts.count(1)
-        lens = [seq.num_computed + n for seq, n in zip(seqs, counts)]
+        assert counts[:nd] == [1] * nd, "one-token chunks go first"
+        lens = [start + n for start, n in zip(starts, counts)]
         dev = self.device
-        batch = ExtendBatch(
-            input_ids=list_tensor([t for seq, n in zip(seqs, counts) for t in self._tokens(seq, n)], torch.int64, dev),
+        return ExtendBatch(
+            input_ids=list_tensor([t for chunk in chunks for t in chunk], torch.int64, dev),
             positions=list_tensor(
-                [p for seq, n in zip(seqs, counts) for p in range(seq.num_computed, seq.num_computed + n)],
-                torch.int64,
-                dev,
+                [p for start, n in zip(starts, counts) for p in range(start, start + n)], torch.int64, dev
             ),  # fmt: skip
             slot_mapping=list_tensor(
-                [s for seq, n in zip(seqs, counts) for s in self._slots(seq, n)], torch.int64, dev
+                [s for seq, start, n in zip(seqs, starts, counts) for s in self._slots(seq, start, n)], torch.int64, dev
             ),  # fmt: skip
             num_decodes=nd,
             block_tables=padded_rows([seq.block_table for seq in seqs], torch.int32, dev),
@@ -165,11 +176,21 @@ class ModelRunner:
             chunk_cu_seqlens=list_tensor(_cumsum(counts[nd:]), torch.int32, dev),
             max_chunk_len=max(counts[nd:], default=0),
             max_seq_len=max(lens[nd:], default=0),
-            lora_slots=self._lora_tensor(seqs, counts),
         )
-        sampled, rows, targets = self._rows_to_sample(step, order)
-        logits = self.model.logits(self.model.extend(batch, self.kv, rows))
-        return sampled, self._record_prompt_logprobs(targets, logits)
+
+    def last_row_logits(self, seqs: list[Sequence], starts: list[int], chunks: list[list[int]]) -> torch.Tensor:
+        """Feed ``chunks[i]`` to ``seqs[i]`` from position ``starts[i]`` (K/V stored, attending to the cache before
+        it); the logits of each chunk's last token, ``[len(seqs), V]`` in that order. No LoRA: a draft model's."""
+        if all(len(chunk) == 1 for chunk in chunks):
+            return self.decode(seqs, [chunk[0] for chunk in chunks], starts)
+        order = sorted(range(len(seqs)), key=lambda i: len(chunks[i]) != 1)
+        batch = self.extend_batch([seqs[i] for i in order], [starts[i] for i in order], [chunks[i] for i in order])
+        ends = _cumsum([len(chunks[i]) for i in order])[1:]
+        last = [0] * len(seqs)
+        for i, end in zip(order, ends):
+            last[i] = end - 1
+        rows = list_tensor(last, torch.int64, self.device)
+        return self.model.logits(self.model.extend(batch, self.kv, rows))
 
     def decode(self, seqs: list[Sequence], tokens: list[int] | None = None, positions: list[int] | None = None):
         """Feed each sequence's last token; returns next-token logits ``[B, V]``. With ``tokens`` and

@@ -55,6 +55,7 @@ class Sequence:
     num_sent_chars: int = 0  # characters of ``text`` already returned in a DELTA output
     # speculative decoding: tokens guessed to follow the last one, fed with it in the next step (see speculative.py)
     draft_token_ids: list[int] = field(default_factory=list)
+    draft_computed: int = 0  # tokens whose K/V the draft model's cache holds (engine.draft_model), in these blocks
     grammar: object | None = None  # structured outputs: the sequence's Grammar (engine.structured_outputs)
 
     @property

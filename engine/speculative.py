@@ -1,5 +1,7 @@
-"""Speculative decoding by n-gram lookup (vLLM's ``speculative_config={"method": "ngram", ...}``, transformers'
-prompt lookup decoding): no draft model, the drafts come from the sequence's own tokens.
+"""Speculative decoding's configuration, the rule that verifies drafts, and drafting by n-gram lookup (vLLM's
+``speculative_config={"method": "ngram", ...}``, transformers' prompt lookup decoding): no draft model, the drafts
+come from the sequence's own tokens. A smaller GPT-2 drafts instead with ``{"model": "gpt2", ...}``
+(:mod:`engine.draft_model`); the verification below is the same for both.
 
 After each step, a decoding sequence whose last ``n`` tokens (``prompt_lookup_max`` down to ``prompt_lookup_min``)
 occurred earlier in its prompt or output proposes the up to ``num_speculative_tokens`` tokens that followed the
@@ -19,6 +21,7 @@ which depends on the batch).
 
 from __future__ import annotations
 
+import os
 import weakref
 from array import array
 from collections.abc import Mapping
@@ -27,7 +30,8 @@ from dataclasses import dataclass, fields
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")
+NGRAM_KEYS = ("prompt_lookup_max", "prompt_lookup_min")
 
 
 @dataclass(frozen=True)
@@ -35,9 +39,10 @@ class SpeculativeConfig:
     """How to speculate; built by :meth:`parse` from vLLM's dict (``ValueError`` naming a bad key or value)."""
 
     num_speculative_tokens: int  # drafts proposed per sequence and step, at most
-    method: str = "ngram"
-    prompt_lookup_max: int = 4  # longest suffix looked up
-    prompt_lookup_min: int = 1  # shortest suffix looked up
+    method: str = "ngram"  # "draft_model" when ``model`` is given (vLLM infers it the same way)
+    prompt_lookup_max: int = 4  # ngram: longest suffix looked up
+    prompt_lookup_min: int = 1  # ngram: shortest suffix looked up
+    model: str | None = None  # draft_model: a GPT-2 checkpoint (name or directory) sharing the target's vocabulary
 
     @classmethod
     def parse(cls, config: SpeculativeConfig | Mapping | None) -> SpeculativeConfig | None:
@@ -51,6 +56,12 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
         if "num_speculative_tokens" not in config:
             raise ValueError("speculative_config needs num_speculative_tokens")
+        config = dict(config)
+        if config.get("model") is not None:
+            config.setdefault("method", "draft_model")
+            lookup = [key for key in NGRAM_KEYS if key in config]
+            if lookup and config["method"] == "draft_model":
+                raise ValueError(f"speculative_config: {lookup[0]} is for method 'ngram', not a draft model")
         return cls(**config)
 
     def __post_init__(self) -> None:
@@ -60,6 +71,11 @@ class SpeculativeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"speculative_config: {name} must be a positive integer, got {value!r}")
+        if self.method == "draft_model" and not (isinstance(self.model, (str, os.PathLike)) and str(self.model)):
+            raise ValueError(f"speculative_config: method 'draft_model' needs model (a name or directory), got "
+                             f"{self.model!r}")  # fmt: skip
+        if self.method == "ngram" and self.model is not None:
+            raise ValueError("speculative_config: method 'ngram' takes no model")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(
                 f"speculative_config: prompt_lookup_min={self.prompt_lookup_min} exceeds "
@@ -87,6 +103,9 @@ class NgramProposer:
     def __init__(self, config: SpeculativeConfig) -> None:
         self.config = config
         self._words: weakref.WeakKeyDictionary[Sequence, bytearray] = weakref.WeakKeyDictionary()
+
+    def before_step(self, step) -> None:
+        """Nothing to do before a step: the drafts were found when proposed."""
 
     def propose(self, seq: Sequence, num_drafts: int) -> list[int]:
         words = self._words.setdefault(seq, bytearray())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -290,3 +291,90 @@ def reference_processed(logits, params, histories, eos) -> torch.Tensor:
         for t in set(h.output_token_ids):
             row[t] -= p.frequency_penalty * h.output_token_ids.count(t) + p.presence_penalty
     return out
+
+
+# ---------------------------------------------------------------------------------------------- speculation
+EOS = 50256
+
+
+def random_prompts(count: int) -> list[list[int]]:
+    """Prompts with a repeat inside, so that lookups hit from the first step."""
+    prompts = []
+    for _ in range(count):
+        head = [random.randrange(EOS) for _ in range(random.randint(2, 12))]
+        prompts.append(head + [random.randrange(EOS) for _ in range(random.randint(0, 6))] + head[:2])
+    return prompts
+
+
+def extended_latest_first(prompts: list[list[int]], outputs) -> list[list[int]]:
+    """Each prompt followed by part of its output, the request that finished last first: its blocks are the ones a
+    small pool still caches, so the first admission hits them before it evicts any."""
+    order = sorted(range(len(prompts)), key=lambda i: -outputs[i].metrics.finished_time)
+    return [prompts[i] + outputs[i].outputs[0].token_ids[: random.randint(8, 32)] for i in order]
+
+
+def greedy_params(plain, prompts: list[list[int]]) -> list:
+    """Greedy, random lengths, and for some prompts a stop token or stop string that the plain output meets half
+    way (the speculating engine must stop at the same token, even inside an accepted run of drafts); only the
+    others may end at EOS (a random model may favour it from the first token)."""
+    from engine import SamplingParams
+
+    params = []
+    for prompt in prompts:
+        n = random.randint(8, 40)
+        base = dict(max_tokens=n, temperature=0, logprobs=1, n=random.choice([1, 1, 2]))
+        out = plain.generate([prompt], SamplingParams(**base, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+        token = out.token_ids[random.randrange(n // 2, n)]
+        text = plain.get_tokenizer().decode([token]).strip()
+        choice = random.choice(["eos", "stop_token", "stop_string"])
+        if choice == "stop_token":
+            base.update(stop_token_ids=[token], ignore_eos=True)
+        elif choice == "stop_string" and text:
+            base.update(stop=[text], ignore_eos=True)
+        params.append(SamplingParams(**base))
+    return params
+
+
+def reference_probs(model, prompt: list[int], length: int, top_k: int, temperature: float) -> dict[tuple, float]:
+    """Every continuation of ``length`` tokens and its probability under top-k sampling, in float64."""
+    model = model.double()
+    probs = {(): 1.0}
+    for _ in range(length):
+        grown = {}
+        for seq, p in probs.items():
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + list(seq)])).logits[0, -1] / temperature
+            top = logits.topk(top_k)
+            for token, q in zip(top.indices.tolist(), top.values.softmax(-1).tolist()):
+                grown[seq + (token,)] = p * q
+        probs = grown
+    model.float()
+    return probs
+
+
+def chi2_quantile(dof: int, tail: float) -> float:
+    """The chi-square value exceeded with probability ``tail`` (Wilson-Hilferty, good to a few percent here)."""
+    z = math.sqrt(2) * torch.erfinv(torch.tensor(1 - 2 * tail, dtype=torch.float64)).item()
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+def assert_samples_follow(llm, prompt: list[int], target_model, draws: int = 3000) -> None:
+    """Five tokens with top-k 2 at temperature 1.5, ``draws`` times: the outcomes' counts pass a chi-square test
+    against ``target_model``'s float64 probabilities (fails by chance once in 10^4 runs; the rare outcomes are
+    pooled, as the test needs about 5 expected per bin)."""
+    from engine import SamplingParams
+
+    length, top_k, temperature = 5, 2, 1.5
+    params = SamplingParams(max_tokens=length, temperature=temperature, top_k=top_k, ignore_eos=True)
+    counts: dict[tuple, int] = {}
+    for out in llm.generate([prompt] * draws, params, use_tqdm=False):
+        key = tuple(out.outputs[0].token_ids)
+        counts[key] = counts.get(key, 0) + 1
+    probs = reference_probs(target_model, prompt, length, top_k, temperature)
+    assert set(counts) <= set(probs), "sampled a continuation outside the top-k sets"
+    bins = [([key], p) for key, p in probs.items() if draws * p >= 5]
+    rare = [key for key, p in probs.items() if draws * p < 5]
+    if rare:
+        bins.append((rare, sum(probs[key] for key in rare)))
+    chi2 = sum((sum(counts.get(k, 0) for k in keys) - draws * p) ** 2 / (draws * p) for keys, p in bins)
+    assert chi2 < chi2_quantile(len(bins) - 1, 1e-4), f"chi2={chi2:.1f} over {len(bins)} bins"

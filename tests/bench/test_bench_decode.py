@@ -1,6 +1,6 @@
 """bench/bench_decode.py's runners on the tiny checkpoint: ours and transformers' return the same tokens, greedy, by
-beam search and with n-gram speculation, which is what the script checks before it times anything. Rates are
-printed, never asserted."""
+beam search, with n-gram speculation and with a draft model, which is what the script checks before it times
+anything. Rates are printed, never asserted."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from bench import bench_decode
 from engine import LLM
-from tests.helpers import prompt_with_a_repeat_ahead
+from tests.helpers import make_hf_model, prompt_with_a_repeat_ahead, save_checkpoint
 
 
 def test_our_runners_and_transformers_agree(tiny_checkpoint, hf_model):
@@ -49,4 +49,19 @@ def test_speculating_runners_agree_with_plain_greedy(tiny_checkpoint, hf_model):
     greedy = bench_decode.theirs(hf_model)(ids, n)
     assert bench_decode.ours(llm)(ids, n) == greedy
     assert bench_decode.theirs_lookup(hf_model, 3, bench_decode.LOOKUP_MAX)(ids, n) == greedy
+    assert llm.llm_engine.get_stats().spec_decode_num_drafts > 0
+
+
+def test_draft_model_runners_agree_with_plain_greedy(tiny_checkpoint, hf_model, tmp_path):
+    """Ours and transformers' assisted generation, drafted by the same smaller random model."""
+    draft = make_hf_model(n_embd=32, n_head=2, n_layer=1)
+    save_checkpoint(draft, tmp_path)
+    config = dict(num_speculative_tokens=3, model=str(tmp_path))
+    llm = LLM(str(tiny_checkpoint), speculative_config=config, backend="torch", dtype="float32", device="cpu",
+              progress=False)  # fmt: skip
+    ids = torch.randint(0, hf_model.config.vocab_size, (2, random.randint(2, 8))).tolist()
+    n = random.randint(4, 12)
+    greedy = bench_decode.theirs(hf_model)(ids, n)
+    assert bench_decode.ours(llm)(ids, n) == greedy
+    assert bench_decode.theirs_assisted(hf_model, draft, 3)(ids, n) == greedy
     assert llm.llm_engine.get_stats().spec_decode_num_drafts > 0

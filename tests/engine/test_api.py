@@ -248,10 +248,12 @@ def test_cli_generate_with_beams_prints_each_beam(tiny_checkpoint):
                                for i, s in enumerate(want.sequences))  # fmt: skip
 
 
-def test_cli_generate_speculating_prints_the_greedy_continuation(tiny_checkpoint):
+@pytest.mark.parametrize("drafter", ["ngram", "draft_model"])
+def test_cli_generate_speculating_prints_the_greedy_continuation(tiny_checkpoint, drafter):
     prompt = "the cat sat on the mat and the cat sat on the"
+    config = {"num_speculative_tokens": 3, **({"model": str(tiny_checkpoint)} if drafter == "draft_model" else {})}
     r = run_cli("generate", prompt, "--model", str(tiny_checkpoint), "--max-new-tokens", "12", "--temperature", "0",
-                "--speculative-config", '{"num_speculative_tokens": 3}', "--quiet")  # fmt: skip
+                "--speculative-config", json.dumps(config), "--quiet")  # fmt: skip
     assert r.returncode == 0, r.stderr
     greedy = LLM(str(tiny_checkpoint), device="cpu", progress=False).generate(
         prompt, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False
@@ -334,6 +336,19 @@ def test_cli_score(tiny_checkpoint, tmp_path):
         (["generate", "hi", "--regex", "a", "--choice", "b"], "not allowed with"),
         (["generate", "hi", "--choice", "a", "--num-beams", "2"], "structured outputs"),
         (["generate", "hi", "--speculative-config", '{"num_speculative_tokens": 0}'], "num_speculative_tokens must"),
+        (
+            [
+                "generate",
+                "hi",
+                "--load-format",
+                "dummy",
+                "--model",
+                "gpt2",
+                "--speculative-config",
+                '{"model": "/nonexistent", "num_speculative_tokens": 2}',
+            ],
+            "draft model '/nonexistent'",
+        ),  # fmt: skip
         (["score", "/nonexistent/file.txt"], "cannot read"),
         (["frobnicate"], "invalid choice"),
         (["check-kernels", "--bogus"], "unrecognized arguments"),

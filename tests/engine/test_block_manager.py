@@ -125,10 +125,13 @@ def test_fork_shares_blocks_and_copies_only_the_partial_one_on_write():
     bm = BlockManager(num_blocks=16, block_size=bs)
     parent = make_sequence(list(range(10)), n=3)
     computed(bm, parent, 10)  # 2 full blocks + 2 tokens in a third
+    parent.draft_computed = random.randint(9, 10)  # a draft model's cache holds the partial block's tokens too
     children = parent.request.seqs[1:]
     for child in children:
         bm.fork(parent, child)
     assert all(c.block_table == parent.block_table and c.num_computed == 10 for c in children)
+    # ... which the target's copy-on-write does not copy: the draft recomputes them, in the family's own blocks
+    assert [seq.draft_computed for seq in [parent, *children]] == [8, 8, 8]
     assert [bm.blocks[b].ref_count for b in parent.block_table] == [3, 3, 3]
     free_before = bm.num_free
     for seq in [parent, *children]:  # each feeds its first sampled token (position 10)

@@ -5,7 +5,6 @@ float64 probabilities), and the requests it must not touch are not touched."""
 
 from __future__ import annotations
 
-import math
 import random
 from array import array
 
@@ -17,9 +16,18 @@ from hypothesis import strategies as st
 from engine import LLM, LLMEngine, SamplingParams
 from engine.sampling_params import RequestOutputKind
 from engine.speculative import NgramProposer, SpeculativeConfig, lookup_drafts
-from tests.helpers import make_hf_model, make_sequence, rel_err, save_checkpoint
+from tests.helpers import (
+    EOS,
+    assert_samples_follow,
+    extended_latest_first,
+    greedy_params,
+    make_hf_model,
+    make_sequence,
+    random_prompts,
+    rel_err,
+    save_checkpoint,
+)
 
-EOS = 50256
 SPEC = {"num_speculative_tokens": 4, "prompt_lookup_max": 3}
 ENGINE = dict(backend="torch", dtype="float32", device="cpu", block_size=4, progress=False)
 
@@ -90,15 +98,6 @@ def repeating_checkpoint(tmp_path_factory, gpt2_tokenizer_dir):
     return random_checkpoint(tmp_path_factory, gpt2_tokenizer_dir, 0.02)
 
 
-def random_prompts(count: int) -> list[list[int]]:
-    """Prompts with a repeat inside, so that lookups hit from the first step."""
-    prompts = []
-    for _ in range(count):
-        head = [random.randrange(EOS) for _ in range(random.randint(2, 12))]
-        prompts.append(head + [random.randrange(EOS) for _ in range(random.randint(0, 6))] + head[:2])
-    return prompts
-
-
 def assert_same_completions(plain, spec) -> None:
     for a, b in zip(plain, spec, strict=True):
         for ca, cb in zip(a.outputs, b.outputs, strict=True):
@@ -114,26 +113,6 @@ def assert_both_outcomes(llm: LLM) -> None:
     stats = llm.llm_engine.get_stats()
     assert stats.spec_decode_num_drafts > 0
     assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens
-
-
-def greedy_params(plain: LLM, prompts: list[list[int]]) -> list[SamplingParams]:
-    """Greedy, random lengths, and for some prompts a stop token or stop string that the plain output meets half
-    way (the speculating engine must stop at the same token, even inside an accepted run of drafts); only the
-    others may end at EOS (a random model may favour it from the first token)."""
-    params = []
-    for prompt in prompts:
-        n = random.randint(8, 40)
-        base = dict(max_tokens=n, temperature=0, logprobs=1, n=random.choice([1, 1, 2]))
-        out = plain.generate([prompt], SamplingParams(**base, ignore_eos=True), use_tqdm=False)[0].outputs[0]
-        token = out.token_ids[random.randrange(n // 2, n)]
-        text = plain.get_tokenizer().decode([token]).strip()
-        choice = random.choice(["eos", "stop_token", "stop_string"])
-        if choice == "stop_token":
-            base.update(stop_token_ids=[token], ignore_eos=True)
-        elif choice == "stop_string" and text:
-            base.update(stop=[text], ignore_eos=True)
-        params.append(SamplingParams(**base))
-    return params
 
 
 def test_greedy_outputs_are_those_without_speculation(checkpoint, request):
@@ -162,7 +141,7 @@ def test_greedy_parity_through_preemption_and_the_prefix_cache(checkpoint):
     first = spec.generate(prompts, params, use_tqdm=False)
     assert_same_completions(plain.generate(prompts, params, use_tqdm=False), first)
     assert spec.llm_engine.get_stats().num_preemptions > 0
-    longer = [p + o.outputs[0].token_ids[: random.randint(8, 32)] for p, o in zip(prompts, first)]
+    longer = extended_latest_first(prompts, first)
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=0)
     hits = spec.llm_engine.get_stats().prefix_cache_hits
     assert_same_completions(plain.generate(longer, params, use_tqdm=False),
@@ -252,23 +231,6 @@ def test_requests_whose_rows_depend_on_the_drafts_do_not_speculate(checkpoint):
 
 
 # ---------------------------------------------------------------------------------------------- sampling
-def reference_probs(model, prompt: list[int], length: int, top_k: int, temperature: float) -> dict[tuple, float]:
-    """Every continuation of ``length`` tokens and its probability under top-k sampling, in float64."""
-    model = model.double()
-    probs = {(): 1.0}
-    for _ in range(length):
-        grown = {}
-        for seq, p in probs.items():
-            with torch.no_grad():
-                logits = model(torch.tensor([prompt + list(seq)])).logits[0, -1] / temperature
-            top = logits.topk(top_k)
-            for token, q in zip(top.indices.tolist(), top.values.softmax(-1).tolist()):
-                grown[seq + (token,)] = p * q
-        probs = grown
-    model.float()
-    return probs
-
-
 def test_sampled_outputs_follow_the_models_distribution(repeating_checkpoint):
     """Five tokens with top-k 2 from a model whose top tokens recur (so the lookups hit in the output, and about
     half the drafts are accepted): the 32 outcomes' counts in 3000 speculative samples pass a chi-square test
@@ -278,26 +240,5 @@ def test_sampled_outputs_follow_the_models_distribution(repeating_checkpoint):
 
     model = GPT2LMHeadModel.from_pretrained(repeating_checkpoint).eval()
     spec = LLM(str(repeating_checkpoint), speculative_config=SPEC, max_num_seqs=256, **ENGINE)
-    prompt = [random.randrange(EOS) for _ in range(8)]
-    length, top_k, temperature, draws = 5, 2, 1.5, 3000
-    params = SamplingParams(max_tokens=length, temperature=temperature, top_k=top_k, ignore_eos=True)
-    outs = spec.generate([prompt] * draws, params, use_tqdm=False)
-    counts: dict[tuple, int] = {}
-    for o in outs:
-        key = tuple(o.outputs[0].token_ids)
-        counts[key] = counts.get(key, 0) + 1
-    probs = reference_probs(model, prompt, length, top_k, temperature)
-    assert set(counts) <= set(probs), "sampled a continuation outside the top-k sets"
-    bins = [([key], p) for key, p in probs.items() if draws * p >= 5]
-    rare = [key for key, p in probs.items() if draws * p < 5]  # pooled: the test needs about 5 expected per bin
-    if rare:
-        bins.append((rare, sum(probs[key] for key in rare)))
-    chi2 = sum((sum(counts.get(k, 0) for k in keys) - draws * p) ** 2 / (draws * p) for keys, p in bins)
-    assert chi2 < chi2_quantile(len(bins) - 1, 1e-4), f"chi2={chi2:.1f} over {len(bins)} bins"
+    assert_samples_follow(spec, [random.randrange(EOS) for _ in range(8)], model)
     assert_both_outcomes(spec)
-
-
-def chi2_quantile(dof: int, tail: float) -> float:
-    """The chi-square value exceeded with probability ``tail`` (Wilson-Hilferty, good to a few percent here)."""
-    z = math.sqrt(2) * torch.erfinv(torch.tensor(1 - 2 * tail, dtype=torch.float64)).item()
-    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3

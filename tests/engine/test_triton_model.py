@@ -91,11 +91,14 @@ def test_triton_beam_search_matches_transformers(small_model):
         assert [seq.tokens for seq in out.sequences] == want.tolist()
 
 
-def test_triton_speculative_decoding_matches_transformers(gpt2_init_model):
-    """Drafts checked by the context-attention kernel over the paged cache (a chunk per speculating sequence), mixed
-    with plain decode steps (CUDA graphs on a GPU) when no lookup hits: transformers' greedy tokens."""
+@pytest.mark.parametrize("drafter", ["ngram", "draft_model"])
+def test_triton_speculative_decoding_matches_transformers(gpt2_init_model, drafter):
+    """Drafts checked as decode rows over the paged cache, mixed with plain decode steps (CUDA graphs on a GPU) when
+    no lookup hits: transformers' greedy tokens. With a draft model (here the target itself), its catch-up chunks
+    run the context-attention kernel over its own cache, and its drafts land."""
     model, path = gpt2_init_model
-    llm = triton_llm(path, speculative_config={"num_speculative_tokens": 4})
+    config = {"num_speculative_tokens": 4, **({"model": str(path)} if drafter == "draft_model" else {})}
+    llm = triton_llm(path, speculative_config=config)
     batch = [p[:32] + p[:3] for p in prompts(3)]  # a repeat ahead: the first lookups hit (and 35 + 24 < 64)
     n = random.randint(16, 24)
     params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
