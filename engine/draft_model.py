@@ -14,14 +14,22 @@ Drafting happens after the scheduler has cut each sequence's drafts to the step'
 blocks (:meth:`DraftModelProposer.propose` only asks for ``num_speculative_tokens`` of them): the draft first
 catches up on the tokens its cache lacks (the whole prompt at a sequence's first decode, then the last sampled
 token, or two when every draft was accepted) in one pass that also gives the first draft, then runs one decode
-step per further draft. Drafts are the draft model's greedy tokens, and the target checks them as it checks the
-n-gram lookup's (:func:`engine.speculative.accepted_length`), so what the target generates is exactly what it
-generates without speculation; a better draft model only makes more of the drafts land.
+step per further draft. Each draft is drawn as the target would draw the token there, under the request's own
+sampling parameters (a greedy request's is the draft's argmax). A greedy request keeps the drafts up to the first
+that is not the target's argmax; a sampled one runs rejection sampling (:meth:`DraftModelProposer.verify`), which
+keeps each position's token distributed as the target's and accepts a draft whenever the two models agree on its
+probability, where checking for equality with the target's own draw would land it only as often as that draw
+picks it. Either way the output is distributed exactly as without speculation; a better draft makes more land.
 """
 
 from __future__ import annotations
 
+import torch
+
+from engine.logits_processing import process_logits
 from engine.model_runner import ModelRunner
+from engine.race import row_argmax
+from engine.sampling import SamplingBatch, draw_from, sampling_probs
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 
@@ -29,10 +37,13 @@ PENDING = -1  # a draft the scheduler counts but the draft model has not written
 
 
 class DraftModelProposer:
-    """Drafts from a draft model, run by its own :class:`ModelRunner` over its own KV cache."""
+    """Drafts from a draft model, run by its own :class:`ModelRunner` over its own KV cache; verifies sampled
+    requests' drafts by rejection sampling."""
 
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(self, runner: ModelRunner, eos_token_id: int | None) -> None:
         self.runner = runner
+        self.eos_token_id = eos_token_id  # what ``min_tokens`` holds back, as the sampler's
+        self._draft_probs: dict[Sequence, list[torch.Tensor]] = {}  # a sampled sequence's q rows, this step's drafts
 
     def propose(self, seq: Sequence, num_drafts: int) -> list[int]:
         """Room for ``num_drafts`` drafts in the sequence's next step, written by :meth:`before_step`."""
@@ -40,6 +51,7 @@ class DraftModelProposer:
 
     def before_step(self, step: SchedulerOutput) -> None:
         """Write the drafts of the step's sequences that have room for them."""
+        self._draft_probs = {}
         seqs = [seq for seq in step.seqs if seq.draft_token_ids]
         if seqs:
             self._draft(seqs)
@@ -48,13 +60,68 @@ class DraftModelProposer:
         counts = [len(seq.draft_token_ids) for seq in seqs]
         starts = [min(seq.draft_computed, seq.num_computed) for seq in seqs]
         chunks = [seq.all_token_ids()[start:] for seq, start in zip(seqs, starts)]
-        drafts = [[token] for token in self.runner.last_row_logits(seqs, starts, chunks).argmax(-1).tolist()]
+        drafts = [[token] for token in self._choose(seqs, self.runner.last_row_logits(seqs, starts, chunks))]
         for j in range(1, max(counts)):  # draft j + 1 of each sequence that wants that many
             live = [i for i, count in enumerate(counts) if count > j]
             logits = self.runner.decode([seqs[i] for i in live], [drafts[i][-1] for i in live],
                                         [seqs[i].num_computed + j for i in live])  # fmt: skip
-            for i, token in zip(live, logits.argmax(-1).tolist()):
+            for i, token in zip(live, self._choose([seqs[i] for i in live], logits)):
                 drafts[i].append(token)
         for seq, tokens in zip(seqs, drafts):
             seq.draft_token_ids = tokens
             seq.draft_computed = seq.num_computed + len(tokens)  # the last token and every draft but the last
+
+    def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """Each row's draft, drawn as the target would draw its token (the request's own sampling parameters; a
+        greedy request's argmax); a sampled sequence keeps the distribution ``q`` it was drawn from."""
+        batch = SamplingBatch.of([seq.params for seq in seqs], [None] * len(seqs), logits.shape[-1], logits.device)
+        if batch.modifies_logits:
+            process_logits(logits, batch.params, seqs, self.eos_token_id)
+        if batch.temperatures is None:  # all greedy (most batches)
+            return row_argmax(logits).tolist()
+        probs, tokens = sampling_probs(logits, batch, draw=True)
+        for i, seq in enumerate(seqs):
+            if seq.params.temperature != 0.0:
+                self._draft_probs.setdefault(seq, []).append(probs[i])
+        return tokens.tolist()
+
+    def verify(self, rows: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Rejection sampling (Leviathan et al. 2023; vLLM's rejection sampler) for the sampled sequences' drafts:
+        ``rows`` lists each sequence once per row (its last token's, then each draft's), ``logits`` the rows'
+        logits as the sampler processed them, ``tokens`` what the sampler drew from each row's distribution ``p``.
+        Draft ``d`` of a row is accepted with probability ``min(1, p(d) / q(d))``; the first one rejected is
+        replaced by a draw from ``max(p - q, 0)``, which never gives ``d``. So each position's token is distributed
+        as ``p`` (what decoding without speculation draws), and a draft close to the target lands far more often
+        than a draw from ``p`` would equal it. Rows past a rejection are not used; greedy sequences keep ``tokens``
+        (a draft lands if it is the target's argmax)."""
+        if not self._draft_probs:
+            return tokens
+        index, drafts, q_rows = [], [], []
+        i = 0
+        while i < len(rows):
+            seq = rows[i]
+            n = len(seq.draft_token_ids)
+            if seq in self._draft_probs:
+                index += range(i, i + n)
+                drafts += seq.draft_token_ids
+                q_rows += self._draft_probs[seq][:n]
+            i += n + 1
+        if not index:
+            return tokens
+        params = [rows[i].params for i in index]
+        batch = SamplingBatch.of(params, [None] * len(index), logits.shape[-1], logits.device)
+        p = sampling_probs(logits[index], batch)
+        q = torch.stack(q_rows)
+        d = torch.tensor(drafts, device=logits.device)[:, None]
+        p_d, q_d = p.gather(1, d).squeeze(1), q.gather(1, d).squeeze(1)
+        accepted = (torch.rand_like(q_d) * q_d < p_d).tolist()
+        tokens = tokens.tolist()
+        rejected = [k for k, ok in enumerate(accepted) if not ok]
+        if rejected:
+            residual = (p[rejected] - q[rejected]).clamp_(min=0)
+            for k, token in zip(rejected, draw_from(residual).tolist()):
+                tokens[index[k]] = token
+        for k, ok in enumerate(accepted):
+            if ok:
+                tokens[index[k]] = drafts[k]
+        return torch.tensor(tokens, device=logits.device)

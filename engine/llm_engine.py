@@ -180,10 +180,10 @@ class LLMEngine:
             rows = min(rows, self.max_num_batched_tokens)  # a sequence's drafts are decode rows too
             static = StaticDecoder(self.model, self.kv, rows, self.device, capture=True)
         self.runner = ModelRunner(self.model, self.kv, self.blocks, self.device, static, self.loras)
-        self.proposer = self._proposer(draft, max_num_seqs)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, self.max_num_batched_tokens, scheduling_policy,
                                    max_loras if enable_lora else None)  # fmt: skip
         self.sampler = Sampler(self.config.eos_token_id)
+        self.proposer = self._proposer(draft, max_num_seqs)
         self._last_sampling: tuple[list[Sequence], int, SamplingBatch] | None = None  # the last step's, see _sample
         self.output_processor = OutputProcessor(self.config.eos_token_id)
         self.requests: dict[str, Request] = {}  # unfinished requests by id
@@ -234,7 +234,7 @@ class LLMEngine:
             return NgramProposer(self.speculative)
         kv = KVCache.allocate(draft.config, self.blocks.num_blocks, self.block_size, self.dtype, self.device)
         static = StaticDecoder(draft, kv, max_num_seqs, self.device, capture=True) if self._graphs else None
-        return DraftModelProposer(ModelRunner(draft, kv, self.blocks, self.device, static))
+        return DraftModelProposer(ModelRunner(draft, kv, self.blocks, self.device, static), self.config.eos_token_id)
 
     def _num_blocks_from_budget(self, budget: int | None, max_num_seqs: int, draft: GPT2 | None) -> int:
         per_block = KVCache.bytes_per_block(self.config, self.block_size, self.dtype)
@@ -507,6 +507,8 @@ class LLMEngine:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         batch = self._sampling_batch(seqs, logits.shape[-1])
         tokens, logprobs = self.sampler.sample(logits, batch, seqs)  # seqs: the histories penalties read
+        if self.speculative is not None:
+            tokens = self.proposer.verify(seqs, logits, tokens)
         chosen, tops = token_logprobs(logprobs, tokens, batch.num_top)
         if self.speculative is not None:
             return self._take_speculated(seqs, tokens.tolist(), chosen, tops)

@@ -217,6 +217,32 @@ class Sampler:
         return torch.where(batch.greedy_rows, row_argmax(logits), sampled), logprobs
 
 
+def sampling_probs(logits: torch.Tensor, batch: SamplingBatch, draw: bool = False):
+    """The distribution :meth:`Sampler.sample` draws each row's token from, ``[B, V]`` fp32, given the logits as it
+    processed them: the softmax of the temperature-scaled logits over the row's top-k / top-p / min-p set, and for a
+    greedy row all the mass on its argmax (speculative decoding's rejection sampling reads it). With ``draw``, also
+    a token per row drawn from it (by the race, as the sampler draws): ``(probs, tokens)``."""
+    argmax = row_argmax(logits)
+    greedy = torch.zeros_like(logits).scatter_(1, argmax[:, None], 1.0)
+    if batch.temperatures is None:
+        return (greedy, argmax) if draw else greedy
+    scaled = logits / batch.temperatures[:, None]
+    kept = _with_min_p(scaled, _kept(scaled, batch), batch.log_min_p)
+    probs = (scaled if kept is None else scaled.masked_fill(~kept, float("-inf"))).softmax(dim=-1)
+    if batch.greedy_rows is not None:
+        probs = torch.where(batch.greedy_rows[:, None], greedy, probs)
+    if not draw:
+        return probs
+    tokens = race(scaled, kept, [])
+    return probs, tokens if batch.greedy_rows is None else torch.where(batch.greedy_rows, argmax, tokens)
+
+
+def draw_from(probs: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``probs`` ``[B, V]`` (non-negative, normalized or not, every row with some mass), by
+    the race over the tokens with mass."""
+    return race(probs.log(), probs > 0, [])
+
+
 def _with_min_p(scaled: torch.Tensor, kept: torch.Tensor | None, log_min_p: torch.Tensor | None):
     """``kept`` without the tokens below each row's min-p floor: ``log(min_p)`` under the row's largest scaled logit
     (transformers' ``MinPLogitsWarper``, after top-k and top-p as there; the most likely token always stays)."""

@@ -107,6 +107,11 @@ class NgramProposer:
     def before_step(self, step) -> None:
         """Nothing to do before a step: the drafts were found when proposed."""
 
+    @staticmethod
+    def verify(rows, logits, tokens):
+        """The sampled tokens as they are: a draft lands where the row's token equals it."""
+        return tokens
+
     def propose(self, seq: Sequence, num_drafts: int) -> list[int]:
         words = self._words.setdefault(seq, bytearray())
         have, prompt = len(words) // 4, seq.prompt_token_ids

@@ -197,10 +197,37 @@ def test_the_target_as_its_own_draft_accepts_every_draft(target, drafts, buckets
 
 
 # ---------------------------------------------------------------------------------------------- sampling
-def test_sampled_outputs_follow_the_targets_distribution(target, near_draft):
-    """3000 samples drafted by the noisy copy (some drafts accepted, some not) follow the target's distribution
-    (:func:`assert_samples_follow`)."""
-    spec = LLM(str(target[1]), speculative_config=spec_config(near_draft), max_num_seqs=256, **ENGINE)
-    assert_samples_follow(spec, [random.randrange(EOS) for _ in range(8)], target[0])
+@pytest.fixture(scope="module")
+def small_vocab(tmp_path_factory):
+    """A target of 1000 tokens (the sampling tests draw thousands of times over the vocabulary), and its drafts."""
+    target = make_hf_model(vocab_size=1000)
+    other = make_hf_model(vocab_size=1000, n_embd=32, n_head=2, n_layer=1)
+    paths = {name: save_checkpoint(model, tmp_path_factory.mktemp(name))
+             for name, model in [("target", target), ("near", noisy_copy(target, 0.05)), ("other", other)]}  # fmt: skip
+    return target, paths
+
+
+@pytest.mark.parametrize("kind", ["near", "other"])
+def test_sampled_outputs_follow_the_targets_distribution(small_vocab, kind):
+    """3000 samples follow the target's distribution (:func:`assert_samples_follow`) whether the draft is close to
+    it (some drafts accepted, the rejected positions drawn from the residual ``max(p - q, 0)``) or far from it (its
+    top-2 tokens are not the target's: nearly every position drawn from the residual)."""
+    target, paths = small_vocab
+    spec = LLM(str(paths["target"]), speculative_config=spec_config(paths[kind]), max_num_seqs=256, **ENGINE)
+    assert_samples_follow(spec, [random.randrange(1000) for _ in range(8)], target)
     stats = spec.llm_engine.get_stats()
-    assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens
+    assert stats.spec_decode_num_draft_tokens > 0
+    if kind == "near":
+        assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens
+
+
+def test_rejection_sampling_lands_nearly_every_draft_of_a_draft_that_is_the_target(target, drafts):
+    """Sampled at temperature 1 over the whole vocabulary with the target as its own draft, ``q`` is ``p`` up to
+    rounding, so nearly every draft is accepted; checking each draft for equality with the target's own draw
+    would accept it only as often as that draw picks it."""
+    spec = LLM(str(target[1]), speculative_config=spec_config(drafts["self"]), **ENGINE)
+    outs = spec.generate(random_prompts(16), SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True),
+                         use_tqdm=False)  # fmt: skip
+    stats = spec.llm_engine.get_stats()
+    assert stats.spec_decode_num_accepted_tokens >= 0.95 * stats.spec_decode_num_draft_tokens > 0
+    assert len({tuple(o.outputs[0].token_ids) for o in outs}) == len(outs), "sampling drew the same text twice"

@@ -215,6 +215,33 @@ def test_min_p_keeps_what_transformers_min_p_warper_keeps():
         assert kept[i][scaled[i].argmax()]
 
 
+def test_sampling_probs_are_what_transformers_warpers_leave():
+    """The distribution each row is drawn from (what speculative decoding's rejection sampling compares): a sampled
+    row's is the softmax of what transformers' warpers leave in their order (temperature, top-k, top-p, min-p), in
+    float64; a greedy row's is all on its argmax."""
+    from transformers.generation import logits_process as hf
+
+    V = random.randint(50, 2000)
+    kinds = [dict(temperature=0.0), dict(temperature=0.7), dict(temperature=1.3, min_p=0.2), dict(top_k=20),
+             dict(temperature=0.9, top_k=20, top_p=0.8, min_p=0.05), dict(top_p=0.9)]  # fmt: skip
+    params = [SamplingParams(**kind) for kind in kinds] + [SamplingParams(**random.choice(kinds)) for _ in range(6)]
+    batch = SamplingBatch.of(params, [None] * len(params), V, torch.device("cpu"))
+    logits = torch.randn(len(params), V) * 3
+    probs = sampling.sampling_probs(logits, batch)
+    for i, p in enumerate(params):
+        if p.greedy:
+            assert probs[i].nonzero().flatten().tolist() == [int(logits[i].argmax())]
+            continue
+        row = hf.TemperatureLogitsWarper(p.temperature)(None, logits[i : i + 1].double())
+        if p.top_k > 0:
+            row = hf.TopKLogitsWarper(p.top_k)(None, row)
+        if p.top_p < 1.0:
+            row = hf.TopPLogitsWarper(p.top_p)(None, row)
+        if p.min_p > 0:
+            row = hf.MinPLogitsWarper(p.min_p)(None, row)
+        torch.testing.assert_close(probs[i].double(), row[0].softmax(-1), atol=1e-6, rtol=1e-5)
+
+
 def test_min_p_through_the_engine(tiny_checkpoint):
     """Every sampled token is at least ``min_p`` times as likely as the most likely one (temperature 1: the
     logprobs are the sampled distribution's), and the samples are not all the favourite."""
