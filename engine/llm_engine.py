@@ -548,10 +548,14 @@ class LLMEngine:
 
     def _drafts(self, seq: Sequence) -> list[int]:
         """The tokens a decoding sequence speculates next: at most what its ``max_tokens`` leaves after the token
-        its next step samples anyway; none for a request that must not speculate."""
+        its next step samples anyway; none for a request that must not speculate, or while the batch is too large
+        to gain (``disable_by_batch_size``)."""
         p, generated = seq.params, len(seq.output_token_ids)
         room = min(self.speculative.num_speculative_tokens, p.max_tokens - generated - 1)
         if room < 1 or not speculates(p, generated, seq.generator is not None):
+            return []
+        busy = self.speculative.disable_by_batch_size
+        if busy is not None and len(self.scheduler.running) >= busy:  # a full batch is bound by compute, not weights
             return []
         return self.proposer.propose(seq, room)
 

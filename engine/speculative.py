@@ -43,6 +43,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4  # ngram: longest suffix looked up
     prompt_lookup_min: int = 1  # ngram: shortest suffix looked up
     model: str | None = None  # draft_model: a GPT-2 checkpoint (name or directory) sharing the target's vocabulary
+    disable_by_batch_size: int | None = None  # no drafts while at least this many sequences run (vLLM's key)
 
     @classmethod
     def parse(cls, config: SpeculativeConfig | Mapping | None) -> SpeculativeConfig | None:
@@ -76,6 +77,9 @@ class SpeculativeConfig:
                              f"{self.model!r}")  # fmt: skip
         if self.method == "ngram" and self.model is not None:
             raise ValueError("speculative_config: method 'ngram' takes no model")
+        size = self.disable_by_batch_size
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+            raise ValueError(f"speculative_config: disable_by_batch_size must be a positive integer, got {size!r}")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(
                 f"speculative_config: prompt_lookup_min={self.prompt_lookup_min} exceeds "

@@ -71,6 +71,7 @@ def test_the_model_key_makes_a_draft_model_config():
         ({"model": "gpt2", "num_speculative_tokens": 3, "prompt_lookup_max": 2}, "prompt_lookup_max"),
         ({"model": "", "num_speculative_tokens": 3}, "needs model"),
         ({"model": 7, "num_speculative_tokens": 3}, "needs model"),
+        ({"model": "gpt2", "num_speculative_tokens": 3, "disable_by_batch_size": 0}, "disable_by_batch_size"),
     ]:
         with pytest.raises(ValueError, match=words):
             SpeculativeConfig.parse(bad)
@@ -118,6 +119,29 @@ def test_greedy_parity_through_preemption_and_the_prefix_cache(target, near_draf
     for a, b in zip(spec.generate(longer, params, use_tqdm=False), plain.generate(longer, params, use_tqdm=False)):
         assert_same_completions(a, b)
     assert spec.llm_engine.get_stats().prefix_cache_hits > hits
+
+
+def test_no_drafts_while_the_batch_is_at_disable_by_batch_size(target, drafts):
+    """vLLM's ``disable_by_batch_size``: a step of that many running sequences or more feeds no drafts; once enough
+    of them finish, the rest speculate again. Outputs are the plain ones throughout."""
+    limit = 3
+    config = {**spec_config(drafts["self"]), "disable_by_batch_size": limit}
+    spec = LLM(str(target[1]), speculative_config=config, **ENGINE)
+    steps = []  # (sequences running, rows with drafts) of each step
+    execute = spec.llm_engine.runner.execute
+
+    def noting(step):
+        steps.append((len(step.seqs), sum(bool(seq.draft_token_ids) for seq in step.seqs)))
+        return execute(step)
+
+    spec.llm_engine.runner.execute = noting
+    prompts = random_prompts(4)
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (4, 6, 30, 30)]
+    plain = LLM(str(target[1]), **ENGINE)
+    for a, b in zip(spec.generate(prompts, params, use_tqdm=False), plain.generate(prompts, params, use_tqdm=False)):
+        assert_same_completions(a, b)
+    assert all(drafting == 0 for running, drafting in steps if running >= limit)
+    assert any(drafting for running, drafting in steps if running < limit)
 
 
 # ---------------------------------------------------------------------------------------------- the draft's cache
