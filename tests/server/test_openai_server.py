@@ -357,11 +357,14 @@ def test_structured_outputs_mistakes_are_400_naming_the_field(server, extra, par
     assert error_of(r, 400)["param"] == param
 
 
-def test_a_speculating_server_answers_what_the_engine_without_speculation_does(tiny_checkpoint, reference):
+@pytest.mark.parametrize("drafter", ["ngram", "draft_model"])
+def test_a_speculating_server_answers_what_the_engine_without_speculation_does(tiny_checkpoint, reference, drafter):
     """``serve --speculative-config`` (and ``--scheduling-policy priority``, requests with a priority): greedy
     completions, whole and streamed, are the reference's, and ``/metrics`` counts the drafts (prompts of repeated
-    words: the lookups hit)."""
+    words: the lookups hit; or the model itself drafts)."""
     spec = {"num_speculative_tokens": 3, "prompt_lookup_max": 2}
+    if drafter == "draft_model":
+        spec = {"num_speculative_tokens": 3, "model": str(tiny_checkpoint)}
     options = {"speculative_config": spec, "scheduling_policy": "priority"}
     live, stop = start_server(tiny_checkpoint, engine_args=options)
     try:
