@@ -7,6 +7,7 @@ runs unchanged::
     generator("Hello, I'm a language model,", max_length=30, num_return_sequences=5)
 
 and ``pipeline("feature-extraction")``, whose output is transformers' too (``[1, T, d_model]`` per text).
+``pipeline("text-generation", model="gpt2-xl", assistant_model="gpt2")`` drafts with gpt2 (speculative decoding).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from engine.sampling_params import SamplingParams
 # GPT-2's generation_config.json / task_specific_params["text-generation"]: sample, top-k 50, 50 tokens in all.
 DEFAULT_MAX_LENGTH = 50
 DEFAULT_TOP_K = 50
+ASSISTANT_TOKENS = 5  # drafts a step with an assistant_model (vLLM's documented example; transformers adapts it)
 
 
 def set_seed(seed: int) -> None:
@@ -151,8 +153,17 @@ class FeatureExtractionPipeline:
 TASKS = {"text-generation": TextGenerationPipeline, "feature-extraction": FeatureExtractionPipeline}
 
 
-def pipeline(task: str = "text-generation", model: str = "gpt2-medium", **llm_kwargs):
-    """``transformers.pipeline`` for the tasks this engine serves (``TASKS``); ``llm_kwargs`` go to :class:`LLM`."""
+def pipeline(task: str = "text-generation", model: str = "gpt2-medium", assistant_model: str | None = None,
+             **llm_kwargs):  # fmt: skip
+    """``transformers.pipeline`` for the tasks this engine serves (``TASKS``); ``llm_kwargs`` go to :class:`LLM`.
+    ``assistant_model`` (transformers' assisted generation: a smaller GPT-2, a name or a directory) drafts for the
+    text-generation pipeline, as ``speculative_config={"model": assistant_model, "num_speculative_tokens": 5}``."""
     if task not in TASKS:
         raise ValueError(f"task {task!r} is not supported; one of {list(TASKS)}")
+    if assistant_model is not None:
+        if task != "text-generation":
+            raise ValueError(f"assistant_model drafts for text-generation, not {task!r}")
+        if llm_kwargs.get("speculative_config") is not None:
+            raise ValueError("pass assistant_model or speculative_config, not both")
+        llm_kwargs["speculative_config"] = {"model": assistant_model, "num_speculative_tokens": ASSISTANT_TOKENS}
     return TASKS[task](LLM(model, **llm_kwargs))

@@ -170,6 +170,21 @@ def test_pipeline_matches_the_model_card(tiny_checkpoint):
     assert generator(prompt, max_new_tokens=8, min_p=1.0) == generator(prompt, max_new_tokens=8, do_sample=False)
 
 
+def test_pipeline_with_an_assistant_model_generates_what_it_generates_alone(tiny_checkpoint):
+    """transformers' ``assistant_model``: drafts from that model (here the checkpoint itself), the same text."""
+    kw = dict(device="cpu", progress=False)
+    assisted = pipeline("text-generation", model=str(tiny_checkpoint), assistant_model=str(tiny_checkpoint), **kw)
+    alone = pipeline("text-generation", model=str(tiny_checkpoint), **kw)
+    prompt = f"Hello, I'm language model number {random.randint(0, 99)},"
+    want = alone(prompt, max_new_tokens=12, do_sample=False)
+    assert assisted(prompt, max_new_tokens=12, do_sample=False) == want
+    assert assisted.llm.llm_engine.get_stats().spec_decode_num_accepted_tokens > 0
+    both = {"speculative_config": {"num_speculative_tokens": 2}}
+    for task, extra, match in [("feature-extraction", {}, "text-generation"), ("text-generation", both, "not both")]:
+        with pytest.raises(ValueError, match=match):
+            pipeline(task, model=str(tiny_checkpoint), assistant_model=str(tiny_checkpoint), **kw, **extra)
+
+
 def test_feature_extraction_pipeline_is_transformers(tiny_checkpoint, hf_model, gpt2_tokenizer_dir):
     import transformers
 
