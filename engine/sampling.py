@@ -80,7 +80,9 @@ def kept_tokens(logits: torch.Tensor, k: torch.Tensor | None, top_p: torch.Tenso
     the sorted prefix holds (a stable sort's choice), so that exactly that many are kept even among ties.
     """
     V = logits.shape[-1]
-    top = _largest(logits, width)  # [B, width], descending
+    host = logits.device.type == "cpu"
+    top = _largest(logits, width + (host and width < V))  # [B, width], descending (+ the next value on the CPU)
+    top, below = top[:, :width], top[:, width:]
     masked = top
     if k is not None:
         rank = torch.arange(width, device=logits.device)
@@ -97,9 +99,9 @@ def kept_tokens(logits: torch.Tensor, k: torch.Tensor | None, top_p: torch.Tenso
     above = torch.searchsorted(ascending, cut.neg())  # tokens above the cut (all among the width largest)
     quota = num_kept - above  # how many of the tokens equal to the cut the sorted prefix holds
     at_least = logits >= cut
-    if logits.device.type == "cpu" and width == V:  # a host check costs nothing here: are all tied tokens kept?
-        tied = torch.searchsorted(ascending, cut.neg(), side="right") - above
-        if bool((tied == quota).all()):
+    if host:  # a host check costs nothing here: are all tokens tied with the cut kept?
+        tied = torch.searchsorted(ascending, cut.neg(), side="right") - above  # those among the width largest
+        if bool((tied == quota).all()) and bool((below < cut).all()):  # and no other equals the cut
             return at_least
     tied = logits == cut
     return at_least & ~(tied & (tied.cumsum(dim=-1) > quota))
