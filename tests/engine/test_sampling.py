@@ -140,14 +140,17 @@ def stable_order(row: torch.Tensor) -> list[int]:
     return sorted(range(row.shape[0]), key=lambda t: (-row[t].item(), t))
 
 
-@pytest.mark.parametrize("V", [7, 128])
-def test_filter_logits_breaks_ties_by_token_id(V):
+@pytest.mark.parametrize("V,narrow", [(7, False), (128, False), (128, True)])
+def test_filter_logits_breaks_ties_by_token_id(V, narrow):
     """Logits with many ties (as bf16 logits have): top-k keeps exactly k tokens and the nucleus exactly its prefix's
-    length, taking equal logits by ascending token id; nothing is kept beyond the prefix."""
+    length, taking equal logits by ascending token id; nothing is kept beyond the prefix. ``narrow``: every row's
+    top-k the same small k, so that tokens tied with the cut lie beyond the k largest values the filter sorts."""
     B = 8
     logits = torch.randint(-2, 3, (B, V)).float() * 1.5
     top_k = torch.tensor([1, 2, 3, 0] + [random.randint(1, V) for _ in range(B - 4)])
     top_p = torch.tensor([1.0, 1.0, 1.0, 0.5] + [random.choice([1.0, random.uniform(0.05, 1.0)]) for _ in range(B - 4)])
+    if narrow:
+        top_k, top_p = torch.full((B,), random.randint(1, 3)), torch.ones(B)
     out = filter_logits(logits.clone(), top_k, top_p)
     for b in range(B):
         order = stable_order(logits[b])
