@@ -1,7 +1,8 @@
 """Speculative decoding with a draft model: greedy outputs and log-probs are those of decoding without it, whatever
 the draft (the target itself, a noisy copy, another shape), through forks, preemption and the prefix cache;
-sampled outputs follow the target's distribution; the draft's own KV cache holds, after every step, the K/V that
-transformers computes for each sequence's tokens; a draft that cannot serve the target is refused by name."""
+sampled outputs follow the target's distribution, and rejection sampling lands the drafts of a draft that agrees;
+the draft's own KV cache holds, after every step, the K/V that transformers computes for each sequence's tokens; a
+draft that cannot serve the target is refused by name."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from tests.helpers import (
     make_hf_model,
     random_prompts,
     save_checkpoint,
-)  # fmt: skip
+)
 
 ENGINE = dict(backend="torch", dtype="float32", device="cpu", block_size=4, progress=False)
 NUM_DRAFTS = 4
