@@ -191,6 +191,7 @@ class LLMEngine:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.spec_drafts = self.spec_draft_tokens = self.spec_accepted_tokens = 0
+        self.spec_accepted_per_pos = [0] * (self.speculative.num_speculative_tokens if self.speculative else 0)
 
     # ---------------------------------------------------------------- loading
     def _load(self, model, load_format):
@@ -541,6 +542,8 @@ class LLMEngine:
                 self.spec_drafts += 1
                 self.spec_draft_tokens += len(drafts)
                 self.spec_accepted_tokens += taken - 1
+                for j in range(taken - 1):  # draft j is accepted only with every one before it
+                    self.spec_accepted_per_pos[j] += 1
             i += rows
             seq.draft_token_ids = [] if seq.is_finished else self._drafts(seq)
             if seq.is_finished:
@@ -602,6 +605,7 @@ class LLMEngine:
             spec_decode_num_drafts=self.spec_drafts,
             spec_decode_num_draft_tokens=self.spec_draft_tokens,
             spec_decode_num_accepted_tokens=self.spec_accepted_tokens,
+            spec_decode_num_accepted_tokens_per_pos=tuple(self.spec_accepted_per_pos),
             **self._lora_stats(),
         )
 

@@ -50,6 +50,12 @@ class _EngineCollector:
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(PREFIX + name, doc, value=value)
+        if s.spec_decode_num_accepted_tokens_per_pos:  # vLLM's: how far into the drafts acceptance reaches
+            doc = "drafts accepted at each position after the token"
+            per_pos = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos", doc, labels=["position"])
+            for position, value in enumerate(s.spec_decode_num_accepted_tokens_per_pos):
+                per_pos.add_metric([str(position)], value)
+            yield per_pos
         if s.max_lora:  # vLLM's info gauge: the adapters in use as labels, the time of the reading as the value
             info = GaugeMetricFamily(PREFIX + "lora_requests_info", "LoRA adapters of the running and waiting requests",
                                      labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])  # fmt: skip

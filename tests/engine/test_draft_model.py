@@ -101,6 +101,9 @@ def test_greedy_outputs_are_those_without_speculation(target, drafts, kind):
     assert stats.spec_decode_num_draft_tokens > 0
     if kind == "near":
         assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens
+    per_pos = stats.spec_decode_num_accepted_tokens_per_pos  # a draft lands only after all those before it
+    assert len(per_pos) == NUM_DRAFTS and sum(per_pos) == stats.spec_decode_num_accepted_tokens
+    assert list(per_pos) == sorted(per_pos, reverse=True)
 
 
 def test_greedy_parity_through_preemption_and_the_prefix_cache(target, near_draft):
@@ -244,6 +247,9 @@ def test_sampled_outputs_follow_the_targets_distribution(small_vocab, kind):
     assert stats.spec_decode_num_draft_tokens > 0
     if kind == "near":
         assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens
+    per_pos = stats.spec_decode_num_accepted_tokens_per_pos  # a draft lands only after all those before it
+    assert len(per_pos) == NUM_DRAFTS and sum(per_pos) == stats.spec_decode_num_accepted_tokens
+    assert list(per_pos) == sorted(per_pos, reverse=True)
 
 
 def test_rejection_sampling_lands_nearly_every_draft_of_a_draft_that_is_the_target(target, drafts):

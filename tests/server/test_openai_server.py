@@ -380,6 +380,9 @@ def test_a_speculating_server_answers_what_the_engine_without_speculation_does(t
         assert metric(live, "spec_decode_num_draft_tokens_total") > 0
         assert metric(live, "spec_decode_num_drafts_total") <= metric(live, "spec_decode_num_draft_tokens_total")
         assert metric(live, "spec_decode_num_accepted_tokens_total") >= 0
+        text = live.get("/metrics").text
+        per_pos = [f'gpt2_triton:spec_decode_num_accepted_tokens_per_pos_total{{position="{j}"}}' for j in range(3)]
+        assert all(name in text for name in per_pos)
     finally:
         stop()
 
