@@ -203,11 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--beams", type=int, default=0, help="beam search of this many beams instead of greedy")
     ap.add_argument("--speculative", type=int, default=0, help="speculate this many tokens by n-gram lookup")
-    ap.add_argument(
-        "--draft-model",
-        choices=[*PRESETS, *(f"layers:{n}" for n in range(1, 48))],
-        help="with --speculative: drafted by this model (or the target's first N blocks) instead",
-    )
+    ap.add_argument("--draft-model", type=draft_name, metavar="PRESET|layers:N",
+                    help="with --speculative: drafted by this model (or the target's first N blocks)")  # fmt: skip
     ap.add_argument("--lora", type=int, default=0, metavar="RANK", help="every prompt with a LoRA adapter of RANK")
     ap.add_argument("--num-loras", type=int, default=1, help="with --lora: this many adapters, mixed in each batch")
     args = ap.parse_args(argv)
@@ -217,6 +214,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--draft-model needs --speculative K")
     with tempfile.TemporaryDirectory() as scratch:  # adapters (read at the first request), the draft model
         return run_benchmark(args, scratch)
+
+
+def draft_name(text: str) -> str:
+    """An argparse type: a preset's name, or ``layers:N`` with N >= 1."""
+    count = text.removeprefix("layers:")
+    if text in PRESETS or (count != text and count.isdigit() and int(count) >= 1):
+        return text
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(PRESETS)} or layers:N, got {text!r}")
 
 
 def save_draft(name: str, target: str, directory: str, device: str, dtype: str):

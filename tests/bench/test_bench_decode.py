@@ -65,3 +65,15 @@ def test_draft_model_runners_agree_with_plain_greedy(tiny_checkpoint, hf_model, 
     assert bench_decode.ours(llm)(ids, n) == greedy
     assert bench_decode.theirs_assisted(hf_model, draft, 3)(ids, n) == greedy
     assert llm.llm_engine.get_stats().spec_decode_num_drafts > 0
+
+
+def test_draft_names_are_presets_or_the_targets_first_blocks():
+    import argparse
+
+    import pytest
+
+    n = random.randint(1, 48)
+    assert [bench_decode.draft_name(name) for name in ("gpt2", f"layers:{n}")] == ["gpt2", f"layers:{n}"]
+    for bad in ("layers:0", "layers:", "layers:x", "gpt3", "2"):
+        with pytest.raises(argparse.ArgumentTypeError, match="layers:N"):
+            bench_decode.draft_name(bad)
