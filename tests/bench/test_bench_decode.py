@@ -4,8 +4,10 @@ anything. Rates are printed, never asserted."""
 
 from __future__ import annotations
 
+import argparse
 import random
 
+import pytest
 import torch
 
 from bench import bench_decode
@@ -68,10 +70,6 @@ def test_draft_model_runners_agree_with_plain_greedy(tiny_checkpoint, hf_model, 
 
 
 def test_draft_names_are_presets_or_the_targets_first_blocks():
-    import argparse
-
-    import pytest
-
     n = random.randint(1, 48)
     assert [bench_decode.draft_name(name) for name in ("gpt2", f"layers:{n}")] == ["gpt2", f"layers:{n}"]
     for bad in ("layers:0", "layers:", "layers:x", "gpt3", "2"):
