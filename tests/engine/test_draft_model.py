@@ -62,6 +62,17 @@ def drafts(target, near_draft, tmp_path_factory):
     return {"self": target[1], "near": near_draft, "other": save_checkpoint(other, tmp_path_factory.mktemp("other"))}
 
 
+def assert_drafts_landed(stats, kind: str) -> None:
+    """Drafts were fed; a near draft's landed sometimes, not always; the per-position counts add up and never
+    grow with the position (a draft lands only after all those before it)."""
+    assert stats.spec_decode_num_draft_tokens > 0
+    if kind == "near":
+        assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens
+    per_pos = stats.spec_decode_num_accepted_tokens_per_pos
+    assert len(per_pos) == NUM_DRAFTS and sum(per_pos) == stats.spec_decode_num_accepted_tokens
+    assert list(per_pos) == sorted(per_pos, reverse=True)
+
+
 # ---------------------------------------------------------------------------------------------- configuration
 def test_the_model_key_makes_a_draft_model_config():
     config = SpeculativeConfig.parse({"model": "gpt2", "num_speculative_tokens": 3})
@@ -97,13 +108,7 @@ def test_greedy_outputs_are_those_without_speculation(target, drafts, kind):
     params = greedy_params(plain, prompts)
     for a, b in zip(spec.generate(prompts, params, use_tqdm=False), plain.generate(prompts, params, use_tqdm=False)):
         assert_same_completions(a, b)
-    stats = spec.llm_engine.get_stats()
-    assert stats.spec_decode_num_draft_tokens > 0
-    if kind == "near":
-        assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens
-    per_pos = stats.spec_decode_num_accepted_tokens_per_pos  # a draft lands only after all those before it
-    assert len(per_pos) == NUM_DRAFTS and sum(per_pos) == stats.spec_decode_num_accepted_tokens
-    assert list(per_pos) == sorted(per_pos, reverse=True)
+    assert_drafts_landed(spec.llm_engine.get_stats(), kind)
 
 
 def test_greedy_parity_through_preemption_and_the_prefix_cache(target, near_draft):
@@ -243,13 +248,7 @@ def test_sampled_outputs_follow_the_targets_distribution(small_vocab, kind):
     target, paths = small_vocab
     spec = LLM(str(paths["target"]), speculative_config=spec_config(paths[kind]), max_num_seqs=256, **ENGINE)
     assert_samples_follow(spec, [random.randrange(1000) for _ in range(8)], target)
-    stats = spec.llm_engine.get_stats()
-    assert stats.spec_decode_num_draft_tokens > 0
-    if kind == "near":
-        assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens
-    per_pos = stats.spec_decode_num_accepted_tokens_per_pos  # a draft lands only after all those before it
-    assert len(per_pos) == NUM_DRAFTS and sum(per_pos) == stats.spec_decode_num_accepted_tokens
-    assert list(per_pos) == sorted(per_pos, reverse=True)
+    assert_drafts_landed(spec.llm_engine.get_stats(), kind)
 
 
 def test_rejection_sampling_lands_nearly_every_draft_of_a_draft_that_is_the_target(target, drafts):
