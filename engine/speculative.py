@@ -1,7 +1,8 @@
 """Speculative decoding's configuration, the rule that verifies drafts, and drafting by n-gram lookup (vLLM's
 ``speculative_config={"method": "ngram", ...}``, transformers' prompt lookup decoding): no draft model, the drafts
 come from the sequence's own tokens. A smaller GPT-2 drafts instead with ``{"model": "gpt2", ...}``
-(:mod:`engine.draft_model`); the verification below is the same for both.
+(:mod:`engine.draft_model`); the verification below is the same for both, except that a draft model's drafts for
+sampled requests are verified by rejection sampling, which lands more of them.
 
 After each step, a decoding sequence whose last ``n`` tokens (``prompt_lookup_max`` down to ``prompt_lookup_min``)
 occurred earlier in its prompt or output proposes the up to ``num_speculative_tokens`` tokens that followed the
