@@ -15,7 +15,7 @@ from engine.chat import ChatTemplate
 from engine.llm_engine import LLMEngine, Prompt
 from engine.lora import LoRARequest
 from engine.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput, ScoreOutput, StreamDelta
-from engine.pooling import check_pooling, embed, hidden_states, token_batches
+from engine.pooling import check_pooling, embed, greedy_groups, hidden_states
 from engine.progress import progress_bar
 from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.sequence import Sequence
@@ -205,16 +205,8 @@ class LLM:
         """Indices of the prompts, in groups whose beams all fit at once: in ``max_num_seqs``, and in the KV pool
         counting each beam as a full copy (so that the blocks kept between steps never starve the scheduler)."""
         engine, width = self.llm_engine, params.beam_width
-        group, blocks = [], 0
-        for i, ids in enumerate(items):
-            need = width * engine.blocks.blocks_needed(len(ids) + params.max_tokens)
-            if group and (blocks + need > engine.blocks.num_blocks or (len(group) + 1) * width > engine.max_num_seqs):
-                yield group
-                group, blocks = [], 0
-            group.append(i)
-            blocks += need
-        if group:
-            yield group
+        need = [width * engine.blocks.blocks_needed(len(ids) + params.max_tokens) for ids in items]
+        return greedy_groups(need, engine.blocks.num_blocks, max_size=engine.max_num_seqs // width)
 
     def _search(self, searches: list[BeamSearch], prefix: str, bar, lora_request: LoRARequest | None) -> int:
         """Run ``searches`` to their end; returns the number of steps taken.
@@ -261,7 +253,7 @@ class LLM:
     # ---------------------------------------------------------------- scoring and features
     def _batches(self, items: list[list[int]]) -> Iterator[list[int]]:
         """Indices of ``items`` grouped so each group packs at most ``max_num_batched_tokens`` tokens."""
-        return token_batches([len(item) for item in items], self.max_num_batched_tokens)
+        return greedy_groups([len(item) for item in items], self.max_num_batched_tokens)
 
     def _whole_texts(self, texts: Prompt | Seq[Prompt], lora_request: LoRARequest | None) -> list[list[int]]:
         """Texts as token ids that fit the context whole (features, embeddings), and their adapter checked."""

@@ -17,16 +17,17 @@ from engine.lora import LoRARequest
 POOLINGS = ("last", "mean")
 
 
-def token_batches(lengths: list[int], budget: int) -> Iterator[list[int]]:
-    """Indices of sequences of ``lengths``, in order, grouped so that each group packs at most ``budget`` tokens (a
-    longer sequence alone)."""
-    group, tokens = [], 0
-    for i, n in enumerate(lengths):
-        if group and tokens + n > budget:
+def greedy_groups(costs: list[int], budget: int, max_size: int | None = None) -> Iterator[list[int]]:
+    """Indices of items of ``costs``, in order, grouped so that each group's costs add up to at most ``budget`` (an
+    item over it alone) and it holds at most ``max_size`` items (and at least one): sequences by their tokens
+    against a step's token budget, say."""
+    group, total = [], 0
+    for i, cost in enumerate(costs):
+        if group and (total + cost > budget or (max_size is not None and len(group) >= max_size)):
             yield group
-            group, tokens = [], 0
+            group, total = [], 0
         group.append(i)
-        tokens += n
+        total += cost
     if group:
         yield group
 
@@ -44,7 +45,7 @@ def hidden_states(
     """``(i, final hidden states [T_i, D])`` of each token list, whole and nothing cached, computed in batches of
     at most ``max_num_batched_tokens`` tokens (features, embeddings)."""
     lengths = [len(ids) for ids in token_lists]
-    for group in token_batches(lengths, engine.max_num_batched_tokens):
+    for group in greedy_groups(lengths, engine.max_num_batched_tokens):
         hidden = engine.runner.hidden_states([token_lists[i] for i in group], lora_request)
         yield from zip(group, hidden.split([lengths[i] for i in group]))
 

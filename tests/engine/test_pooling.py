@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine import LLM
-from engine.pooling import token_batches
+from engine.pooling import greedy_groups
 from tests.helpers import rel_err
 
 ENGINE = dict(backend="torch", dtype="float32", device="cpu", progress=False)
@@ -39,10 +39,17 @@ def test_embeddings_pool_transformers_last_hidden_states(tiny_checkpoint, hf_mod
 def test_batches_hold_the_budget_and_keep_the_order():
     lengths = [random.randint(1, 50) for _ in range(60)]
     budget = random.randint(20, 80)
-    groups = list(token_batches(lengths, budget))
+    groups = list(greedy_groups(lengths, budget))
     assert [i for group in groups for i in group] == list(range(60))
     assert all(len(g) == 1 or sum(lengths[i] for i in g) <= budget for g in groups)
     assert all(sum(lengths[i] for i in a) + lengths[b[0]] > budget for a, b in zip(groups, groups[1:]))
+    size = random.randint(1, 4)  # and at most ``size`` items a group, cut only where the budget or the size says
+    groups = list(greedy_groups(lengths, budget, max_size=size))
+    assert [i for group in groups for i in group] == list(range(60))
+    assert all(len(g) <= size and (len(g) == 1 or sum(lengths[i] for i in g) <= budget) for g in groups)
+    assert all(
+        len(a) == size or sum(lengths[i] for i in a) + lengths[b[0]] > budget for a, b in zip(groups, groups[1:])
+    )
 
 
 @pytest.mark.parametrize(
