@@ -224,19 +224,25 @@ def sampling_probs(logits: torch.Tensor, batch: SamplingBatch, draw: bool = Fals
     processed them: the softmax of the temperature-scaled logits over the row's top-k / top-p / min-p set, and for a
     greedy row all the mass on its argmax (speculative decoding's rejection sampling reads it). With ``draw``, also
     a token per row drawn from it (by the race, as the sampler draws): ``(probs, tokens)``."""
-    argmax = row_argmax(logits)
-    greedy = torch.zeros_like(logits).scatter_(1, argmax[:, None], 1.0)
-    if batch.temperatures is None:
-        return (greedy, argmax) if draw else greedy
+    if batch.temperatures is None:  # every row greedy
+        argmax = row_argmax(logits)
+        return (_all_on(argmax, logits), argmax) if draw else _all_on(argmax, logits)
     scaled = logits / batch.temperatures[:, None]
     kept = _with_min_p(scaled, _kept(scaled, batch), batch.log_min_p)
     probs = (scaled if kept is None else scaled.masked_fill(~kept, float("-inf"))).softmax(dim=-1)
-    if batch.greedy_rows is not None:
-        probs = torch.where(batch.greedy_rows[:, None], greedy, probs)
+    argmax = None
+    if batch.greedy_rows is not None:  # greedy rows among sampled ones
+        argmax = row_argmax(logits)
+        probs = torch.where(batch.greedy_rows[:, None], _all_on(argmax, logits), probs)
     if not draw:
         return probs
     tokens = race(scaled, kept, [])
-    return probs, tokens if batch.greedy_rows is None else torch.where(batch.greedy_rows, argmax, tokens)
+    return probs, tokens if argmax is None else torch.where(batch.greedy_rows, argmax, tokens)
+
+
+def _all_on(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Distributions shaped as ``like`` with all the mass of row ``i`` on ``tokens[i]``."""
+    return torch.zeros_like(like).scatter_(1, tokens[:, None], 1.0)
 
 
 def draw_from(probs: torch.Tensor) -> torch.Tensor:
