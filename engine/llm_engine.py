@@ -314,7 +314,7 @@ class LLMEngine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"{what}: params must be a SamplingParams, got {type(params).__name__}")
-        ids = self._truncated(self.token_ids(prompt, what), params.truncate_prompt_tokens, what)
+        ids = self.truncated(self.token_ids(prompt, what), params.truncate_prompt_tokens, what)
         self.check_fits(len(ids), params, what)
         self._check_token_ids(params, what)
         detokenize = isinstance(prompt, str) or self.has_tokenizer()
@@ -375,7 +375,7 @@ class LLMEngine:
         encode = self.get_tokenizer().encode
         return [list(ids) for word in words for ids in {tuple(encode(word)), tuple(encode(" " + word.lstrip(" ")))}]
 
-    def _truncated(self, ids: list[int], keep: int | None, what: str) -> list[int]:
+    def truncated(self, ids: list[int], keep: int | None, what: str) -> list[int]:
         """The last ``keep`` prompt tokens (``truncate_prompt_tokens``; -1: the context's worth), as vLLM cuts."""
         if keep is None:
             return ids

@@ -26,11 +26,9 @@ def _token_lists(llm: AsyncLLM, req: EmbeddingRequest) -> list[list[int]]:
     token_lists = []
     for i, text in enumerate(prompt_list(req.input, "input")):
         try:
-            ids = llm.engine.token_ids(text, f"input {i}")
+            ids = llm.engine.truncated(llm.engine.token_ids(text, f"input {i}"), keep, f"input {i}")
         except ValueError as e:
             raise ApiError(400, str(e), "input") from None
-        if keep is not None:
-            ids = ids[-(context if keep == -1 else keep) :]
         if len(ids) > context:
             raise ApiError(400, f"input {i} has {len(ids)} tokens, more than the context of {context} "
                            "(truncate_prompt_tokens cuts it)", "input")  # fmt: skip
