@@ -315,8 +315,9 @@ def extended_latest_first(prompts: list[list[int]], outputs) -> list[list[int]]:
 
 def greedy_params(plain, prompts: list[list[int]]) -> list:
     """Greedy, random lengths, and for some prompts a stop token or stop string that the plain output meets half
-    way (the speculating engine must stop at the same token, even inside an accepted run of drafts); only the
-    others may end at EOS (a random model may favour it from the first token)."""
+    way and not before (the speculating engine must stop at the same token, even inside an accepted run of drafts;
+    an output that repeats one token has no such stop, and runs its full length); only the others may end at EOS (a
+    random model may favour it from the first token)."""
     from engine import SamplingParams
 
     params = []
@@ -324,15 +325,24 @@ def greedy_params(plain, prompts: list[list[int]]) -> list:
         n = random.randint(8, 40)
         base = dict(max_tokens=n, temperature=0, logprobs=1, n=random.choice([1, 1, 2]))
         out = plain.generate([prompt], SamplingParams(**base, ignore_eos=True), use_tqdm=False)[0].outputs[0]
-        token = out.token_ids[random.randrange(n // 2, n)]
-        text = plain.get_tokenizer().decode([token]).strip()
         choice = random.choice(["eos", "stop_token", "stop_string"])
-        if choice == "stop_token":
-            base.update(stop_token_ids=[token], ignore_eos=True)
-        elif choice == "stop_string" and text:
-            base.update(stop=[text], ignore_eos=True)
+        if choice != "eos":
+            base.update(ignore_eos=True, **late_stop(plain.get_tokenizer(), out.token_ids, choice))
         params.append(SamplingParams(**base))
     return params
+
+
+def late_stop(tokenizer, token_ids: list[int], kind: str) -> dict:
+    """A stop token (or its text) first met in the second half of ``token_ids``, or no stop when there is none."""
+    n = len(token_ids)
+    for i in random.sample(range(n // 2, n), n - n // 2):
+        token = token_ids[i]
+        text = tokenizer.decode([token]).strip()
+        if kind == "stop_token" and token not in token_ids[:i]:
+            return {"stop_token_ids": [token]}
+        if kind == "stop_string" and text and text not in tokenizer.decode(token_ids[:i]):
+            return {"stop": [text]}
+    return {}
 
 
 def reference_probs(model, prompt: list[int], length: int, top_k: int, temperature: float) -> dict[tuple, float]:
