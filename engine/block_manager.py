@@ -110,10 +110,11 @@ class BlockManager:
         num_tokens = min(num_tokens, seq.num_tokens)  # a speculating sequence's drafts are not its tokens yet
         if num_tokens // bs <= len(seq.block_hashes):  # no block newly filled (most decode steps)
             return
-        tokens = seq.all_token_ids()
-        for i in range(len(seq.block_hashes), num_tokens // bs):
+        first = len(seq.block_hashes)
+        tokens = seq.token_range(first * bs, num_tokens // bs * bs)
+        for i in range(first, num_tokens // bs):
             parent = seq.block_hashes[-1] if seq.block_hashes else seq.request.cache_root
-            chunk = tokens[i * bs : (i + 1) * bs]
+            chunk = tokens[(i - first) * bs : (i - first + 1) * bs]
             h = block_hash(parent, chunk)
             seq.block_hashes.append(h)
             block = self.blocks[seq.block_table[i]]

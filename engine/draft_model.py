@@ -59,7 +59,7 @@ class DraftModelProposer:
     def _draft(self, seqs: list[Sequence]) -> None:
         counts = [len(seq.draft_token_ids) for seq in seqs]
         starts = [min(seq.draft_computed, seq.num_computed) for seq in seqs]
-        chunks = [seq.all_token_ids()[start:] for seq, start in zip(seqs, starts)]
+        chunks = [seq.token_range(start, seq.num_tokens) for seq, start in zip(seqs, starts)]
         drafts = [[token] for token in self._choose(seqs, self.runner.last_row_logits(seqs, starts, chunks))]
         for j in range(1, max(counts)):  # draft j + 1 of each sequence that wants that many
             live = [i for i, count in enumerate(counts) if count > j]

@@ -34,6 +34,12 @@ def _cumsum(lengths: list[int]) -> list[int]:
     return out
 
 
+def decodes_first(counts: list[int]) -> list[int]:
+    """The batch order :meth:`ModelRunner.extend_batch` wants: the one-token chunks (decode rows), then the others,
+    each group in its given order."""
+    return sorted(range(len(counts)), key=lambda i: counts[i] != 1)
+
+
 class ModelRunner:
     """Owns the model and its KV cache; every step is scheduled sequences in, fp32 logits out."""
 
@@ -71,8 +77,7 @@ class ModelRunner:
         return [self.blocks.slot(seq, p) for p in range(start, start + n)]
 
     def _tokens(self, seq: Sequence, n: int) -> list[int]:
-        tokens = seq.all_token_ids() + seq.draft_token_ids if seq.draft_token_ids else seq.all_token_ids()
-        return tokens[seq.num_computed : seq.num_computed + n]
+        return seq.token_range(seq.num_computed, seq.num_computed + n)
 
     def _lora_rows(self, seqs: list[Sequence], counts: list[int]) -> list[int] | None:
         """The LoRA slot of each packed row (``counts[i]`` rows of ``seqs[i]``; -1: the base model), bringing the
@@ -142,7 +147,7 @@ class ModelRunner:
 
     def extend(self, step: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor]:
         """A mixed step: one-token sequences first (decode attention), then chunks over their cached context."""
-        order = sorted(range(len(step.seqs)), key=lambda i: step.num_tokens[i] != 1)
+        order = decodes_first(step.num_tokens)
         seqs = [step.seqs[i] for i in order]
         counts = [step.num_tokens[i] for i in order]
         batch = self.extend_batch(
@@ -183,7 +188,7 @@ class ModelRunner:
         it); the logits of each chunk's last token, ``[len(seqs), V]`` in that order. No LoRA: a draft model's."""
         if all(len(chunk) == 1 for chunk in chunks):
             return self.decode(seqs, [chunk[0] for chunk in chunks], starts)
-        order = sorted(range(len(seqs)), key=lambda i: len(chunks[i]) != 1)
+        order = decodes_first([len(chunk) for chunk in chunks])
         batch = self.extend_batch([seqs[i] for i in order], [starts[i] for i in order], [chunks[i] for i in order])
         ends = _cumsum([len(chunks[i]) for i in order])[1:]
         last = [0] * len(seqs)

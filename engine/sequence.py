@@ -86,6 +86,19 @@ class Sequence:
     def all_token_ids(self) -> list[int]:
         return self.request.prompt_token_ids + self.output_token_ids
 
+    def token_range(self, start: int, stop: int) -> list[int]:
+        """Positions ``[start, stop)`` of the prompt, then the output, then the drafts: a step's chunk, copied
+        without building the whole list (a long sequence's last few tokens cost a few, not its length)."""
+        prompt, output = self.request.prompt_token_ids, self.output_token_ids
+        p = len(prompt)
+        o = p + len(output)
+        tokens = prompt[start:stop] if start < p else []
+        if stop > p and start < o:
+            tokens += output[max(start - p, 0) : stop - p]
+        if stop > o:
+            tokens += self.draft_token_ids[max(start - o, 0) : stop - o]
+        return tokens
+
     def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
         self.status = SequenceStatus.FINISHED
         self.finish_reason = reason

@@ -203,3 +203,13 @@ def test_random_operations_keep_the_invariants(ops, bs):
         bm.free(seq)
     assert_blocks_consistent(bm, [])
     assert bm.num_free == bm.num_blocks
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 9), st.integers(0, 9), st.integers(0, 5), st.integers(0, 30), st.integers(0, 30))
+def test_a_token_range_is_that_slice_of_prompt_output_and_drafts(prompt, output, drafts, start, length):
+    seq = make_sequence(random.sample(range(1000), prompt))
+    seq.output_token_ids = random.sample(range(1000), output)
+    seq.draft_token_ids = random.sample(range(1000), drafts)
+    everything = seq.all_token_ids() + seq.draft_token_ids
+    assert seq.token_range(start, start + length) == everything[start : start + length]
