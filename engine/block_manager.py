@@ -10,7 +10,8 @@
   block holding its last token (whose logits are needed). Blocks no sequence uses stay registered, and hittable,
   in the free queue until the allocator takes them: blocks without a hash first, then cached blocks least
   recently freed first. A sequence frees its blocks last to first, so the tail of a prompt goes before its head.
-  A block taken for new contents loses its old hash.
+  A block taken for new contents loses its old hash. With a draft model (``engine.draft_model``), a block also
+  says whether the draft's cache holds its K/V, so that a hit serves the draft the blocks it filled.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Block:
     hash: int | None = None  # set once the block is full, computed and registered
     parent_hash: int | None = None  # the previous block's hash (None for a sequence's first block)
     token_ids: tuple[int, ...] = ()  # the tokens behind ``hash``, to confirm a hit
+    draft_filled: bool = False  # a draft model's cache holds its K/V too (engine.draft_model); set at registration
 
     def matches(self, parent: int | None, token_ids: Seq[int]) -> bool:
         return self.parent_hash == parent and self.token_ids == tuple(token_ids)
@@ -120,7 +122,15 @@ class BlockManager:
             block = self.blocks[seq.block_table[i]]
             if self.enable_prefix_caching and block.hash is None and h not in self.cached:
                 block.hash, block.parent_hash, block.token_ids = h, parent, tuple(chunk)
+                block.draft_filled = seq.draft_computed >= (i + 1) * bs
                 self.cached[h] = block.block_id
+
+    def mark_draft_filled(self, seq: Sequence, start: int, stop: int) -> None:
+        """A draft model's cache now holds the K/V of ``seq``'s tokens ``start`` to ``stop`` (and those before): the
+        full blocks among them serve its draft too when the prefix cache hits them."""
+        bs = self.block_size
+        for block_id in seq.block_table[start // bs : stop // bs]:
+            self.blocks[block_id].draft_filled = True
 
     def _unregister(self, block: Block) -> None:
         if block.hash is not None:
@@ -157,6 +167,8 @@ class BlockManager:
         seq.block_table = list(hits)
         seq.block_hashes = list(hashes)
         seq.num_computed = len(hits) * self.block_size
+        drafted = [self.blocks[b].draft_filled for b in hits] + [False]
+        seq.draft_computed = drafted.index(False) * self.block_size  # the hits a draft model's cache holds too
         self.append(seq, num_tokens)
 
     def _needs_copy(self, seq: Sequence, num_tokens: int) -> bool:

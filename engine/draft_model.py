@@ -6,9 +6,11 @@ block for block: it is indexed by the same block tables (a sequence's token ``t`
 where its target K/V are), so blocks are allocated, shared and freed once for both. ``Sequence.draft_computed``
 says how many of a sequence's tokens the draft cache holds: 0 at first and when the blocks are freed (preemption),
 cut to ``num_computed`` when drafts are rejected and to the full blocks at a fork (the partly filled one is copied
-for the target only). A sequence whose draft cache lacks tokens the target computed (a prompt, blocks the prefix
-cache served) has the draft compute them when it next drafts; a full block it shares is then written again with
-the same K/V.
+for the target only). The prefix cache serves both: a cached block whose draft K/V were written too
+(``Block.draft_filled``) counts for the draft as well, so a request extending a cached prompt has the draft compute
+only what follows. A sequence whose draft cache lacks tokens the target computed (a prompt, cached blocks the draft
+never filled) has the draft compute them when it next drafts; a full block it shares is then written again with the
+same K/V.
 
 Drafting happens after the scheduler has cut each sequence's drafts to the step's budget and given their rows
 blocks (:meth:`DraftModelProposer.propose` only asks for ``num_speculative_tokens`` of them): the draft first
@@ -61,6 +63,8 @@ class DraftModelProposer:
         starts = [min(seq.draft_computed, seq.num_computed) for seq in seqs]
         chunks = [seq.token_range(start, seq.num_tokens) for seq, start in zip(seqs, starts)]
         drafts = [[token] for token in self._choose(seqs, self.runner.last_row_logits(seqs, starts, chunks))]
+        for seq, start in zip(seqs, starts):
+            self.runner.blocks.mark_draft_filled(seq, start, seq.num_tokens)
         for j in range(1, max(counts)):  # draft j + 1 of each sequence that wants that many
             live = [i for i, count in enumerate(counts) if count > j]
             logits = self.runner.decode([seqs[i] for i in live], [drafts[i][-1] for i in live],

@@ -204,6 +204,44 @@ def test_the_draft_cache_holds_each_sequences_tokens_after_every_step(target, ne
     assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens
 
 
+def test_prefix_cache_hits_serve_the_draft_the_blocks_it_filled(target, near_draft):
+    """A prompt computed by the target alone (a one-token request never drafts), then asked again: the draft
+    computes it all. Then a prompt that extends that request's output: the blocks the prefix cache serves the
+    target hold the draft's K/V too, so the draft computes only the tokens after them (a few more than the target:
+    the draft's last K/V of a step, and a step without drafts, are the target's alone). Its NaN-poisoned cache
+    holds transformers' K/V for every token it claims; the outputs are the plain ones."""
+    from transformers import GPT2LMHeadModel
+
+    draft_model = GPT2LMHeadModel.from_pretrained(near_draft).eval()
+    spec = LLM(str(target[1]), speculative_config=spec_config(near_draft), **ENGINE)
+    engine = spec.llm_engine
+    engine.proposer.runner.kv.k.fill_(float("nan"))
+    engine.proposer.runner.kv.v.fill_(float("nan"))
+    prompt = random_prompts(1)[0] + [random.randrange(EOS) for _ in range(8)]
+    spec.generate([prompt], SamplingParams(max_tokens=1), use_tqdm=False)
+
+    def admitted(prompt: list[int], params: SamplingParams) -> tuple[object, int]:
+        """The request's sequence after its first step (admitted over the cached blocks, its prompt computed)."""
+        engine.add_request(str(random.random()), prompt, params)
+        engine.step()
+        seq = engine.scheduler.running[0]
+        assert seq.request.num_cached_tokens > 0
+        return seq, seq.request.num_cached_tokens
+
+    params = SamplingParams(max_tokens=random.randint(30, 40), temperature=0, ignore_eos=True)
+    seq, _ = admitted(prompt, params)
+    assert seq.draft_computed == 0
+    outputs = [out for _ in iter(engine.has_unfinished_requests, False) for out in engine.step()]
+    longer = prompt + outputs[-1].outputs[0].token_ids
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    seq, hits = admitted(longer, params)
+    assert hits - (NUM_DRAFTS + 1) - ENGINE["block_size"] < seq.draft_computed <= hits
+    assert_draft_cache_holds(engine, draft_model, seq)
+    outputs = [out for _ in iter(engine.has_unfinished_requests, False) for out in engine.step()]
+    plain = LLM(str(target[1]), **ENGINE).generate([longer], params, use_tqdm=False)
+    assert outputs[-1].outputs[0].token_ids == plain[0].outputs[0].token_ids
+
+
 @pytest.mark.parametrize("buckets", [False, True], ids=["eager", "buckets"])
 def test_the_target_as_its_own_draft_accepts_every_draft(target, drafts, buckets):
     """The draft's cache, caught up in chunks and then a row at a time, agrees with the target's, so its greedy
