@@ -5,6 +5,8 @@
     python bench/throughput.py --scenario random --num-prompts 64 --input-len 256 --output-len 128
     python bench/throughput.py --scenario prefix --max-num-batched-tokens 1024 --peers generate_batch
     python bench/throughput.py --model ./gpt2-medium --n 4 --output-json /tmp/tp.json
+    python bench/throughput.py --scenario prefix --model gpt2-medium --speculative-config '{"model": "gpt2",
+        "num_speculative_tokens": 4}'                           # ours speculating (the draft's weights random too)
 
 Requests are random token ids (no tokenizer): prompt and output lengths drawn uniformly in
 ``[len * (1 - r), len * (1 + r)]`` (vLLM's random dataset), after a random ``--prefix-len`` prefix that every prompt
@@ -45,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine import LLM, SamplingParams  # noqa: E402
+from engine.cli import add_speculative_arg  # noqa: E402
 from engine.config import PRESETS  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -145,7 +148,16 @@ def make_llm(checkpoint: Path, args, enable_prefix_caching: bool) -> LLM:
     return LLM(str(checkpoint), backend=args.backend, dtype=args.dtype, device=args.device, progress=False,
                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                block_size=args.block_size, num_blocks=args.num_blocks,
-               enable_prefix_caching=enable_prefix_caching)  # fmt: skip
+               enable_prefix_caching=enable_prefix_caching, speculative_config=args.speculative_config)  # fmt: skip
+
+
+def random_draft(args, directory: Path) -> None:
+    """With random weights, a draft model named by a preset gets random weights of its own (seed + 1): the
+    speculative config then names that checkpoint."""
+    draft = (args.speculative_config or {}).get("model")
+    if args.load_format == "dummy" and draft is not None and not os.path.isdir(draft):
+        log(f"writing the draft {draft} with random weights (seed {args.seed + 1}) as a checkpoint")
+        args.speculative_config["model"] = str(write_random_checkpoint(draft, args.seed + 1, directory))
 
 
 # ---------------------------------------------------------------------------------------------------- systems
@@ -285,6 +297,7 @@ class Result:
     prompt_tokens_computed: int | None = None  # ours: prompt tokens minus prefix-cache hits
     prefix_cache_hits: int | None = None
     num_preemptions: int | None = None
+    spec_decode_acceptance_rate: float | None = None  # ours speculating: drafts accepted / drafts fed
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -438,6 +451,11 @@ def run_scenario(name: str, w: Workload, v: Workload, systems: Systems) -> dict:
             r.prefix_cache_hits = after.prefix_cache_hits - before.prefix_cache_hits
             r.prompt_tokens_computed = (after.prompt_tokens - before.prompt_tokens) - r.prefix_cache_hits
             r.num_preemptions = after.num_preemptions - before.num_preemptions
+            fed = after.spec_decode_num_draft_tokens - before.spec_decode_num_draft_tokens
+            if fed:
+                r.spec_decode_acceptance_rate = (
+                    after.spec_decode_num_accepted_tokens - before.spec_decode_num_accepted_tokens
+                ) / fed
         if system == "ours":
             ours_outputs = outputs
         elif ours_outputs is not None and not w.sampling:
@@ -516,6 +534,8 @@ def print_scenario(name: str, s: dict) -> None:
             check += f", {r.prompt_tokens_computed} prompt tokens computed"
         if r.num_preemptions:
             check += f", {r.num_preemptions} preemptions"
+        if r.spec_decode_acceptance_rate is not None:
+            check += f", {r.spec_decode_acceptance_rate:.0%} of drafts accepted"
         print(f"  {r.label:<{width}} {r.elapsed_s:>7.2f} {r.cpu_s:>7.2f} {r.requests_per_s:>6.2f} "
               f"{r.total_tokens_per_s:>11.1f} {r.output_tokens_per_s:>9.1f} {ratio:>9}  {check}")  # fmt: skip
     for r in s["results"]:
@@ -562,6 +582,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-num-batched-tokens", type=int, help="ours' per-step token budget (default: the engine's)")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--num-blocks", type=int, help="ours' KV pool in blocks (default: the engine's)")
+    add_speculative_arg(ap)  # ours speculates (a draft preset gets random weights too with dummy weights)
     ap.add_argument(
         "--peers",
         nargs="*",
@@ -593,7 +614,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gpt2-triton throughput: {args.model} ({args.load_format} weights) {args.dtype} on {args.device}, "
           f"threads={torch.get_num_threads()}; {machine['cpu']}, {machine['cores']} cores; torch {machine['torch']}, "
           f"transformers {machine['transformers']}; {machine['date']}, commit {machine['git_commit'][:10]}"
-          f"{' (dirty)' if machine['git_dirty'] else ''}")  # fmt: skip
+          f"{' (dirty)' if machine['git_dirty'] else ''}"
+          f"{f'; ours speculating: {args.speculative_config}' if args.speculative_config else ''}")  # fmt: skip
     scenarios = {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.load_format == "dummy":
@@ -601,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint = write_random_checkpoint(args.model, args.seed, Path(tmp))
         else:
             checkpoint = Path(args.model)
+        random_draft(args, Path(tmp) / "draft")
         hf = load_hf(checkpoint, args.dtype, args.device)
         todo = {name: workloads(name, args, hf.config.vocab_size, hf.config.n_positions) for name in names}
         for name, (w, v) in todo.items():

@@ -60,7 +60,7 @@ def _lora_module(text: str) -> tuple[str, str]:
     return name, path
 
 
-def _speculative_arg(p: argparse.ArgumentParser) -> None:
+def add_speculative_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-config", type=_json_object, default=None,
                    help='speculative decoding, as vLLM\'s: by n-gram lookup, \'{"method": "ngram", '
                         '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\', or drafted by a smaller GPT-2, '
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--n", type=int, default=1, help="completions to sample")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated (n=1)")
-    _speculative_arg(gen)
+    add_speculative_arg(gen)
     gen.add_argument("--lora", default=None, metavar="DIR", help="generate with this PEFT LoRA adapter")
     structured = gen.add_argument_group(
         "structured outputs (pip install -e '.[structured]')"
@@ -164,7 +164,7 @@ def _engine_flags(p: argparse.ArgumentParser):
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV pool")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    _speculative_arg(p)
+    add_speculative_arg(p)
     p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
                    help="priority: requests' priority field orders the queue and picks who is preempted")  # fmt: skip
     p.add_argument("--chat-template", default=None, help="a Jinja chat template file: enables /v1/chat/completions")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,8 +18,8 @@ from tests.helpers import make_hf_model, save_checkpoint
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "throughput.py"
 RESULT_FIELDS = {"scenario", "system", "label", "details", "elapsed_s", "num_requests", "prompt_tokens",
                  "output_tokens", "validated", "full_length", "cpu_s", "agree_with_ours", "prompt_tokens_computed",
-                 "prefix_cache_hits", "num_preemptions", "notes", "requests_per_s", "total_tokens_per_s",
-                 "output_tokens_per_s"}  # fmt: skip
+                 "prefix_cache_hits", "num_preemptions", "spec_decode_acceptance_rate", "notes", "requests_per_s",
+                 "total_tokens_per_s", "output_tokens_per_s"}  # fmt: skip
 
 
 def load_bench(monkeypatch):
@@ -83,6 +84,42 @@ def test_throughput_bench_json(tmp_path, monkeypatch, n):
     assert [g["status"] for g in report["goals"]] and all(
         g["status"] in ("PASS", "MISS", "SKIP") for g in report["goals"]
     )
+
+
+def test_ours_speculating_over_the_prefix_cache(tmp_path, monkeypatch):
+    """``--speculative-config`` as the CLI takes it: both of ours speculate (here with the checkpoint as its own
+    draft, so every greedy draft lands), validate against transformers, and report their acceptance."""
+    checkpoint = save_checkpoint(make_hf_model(n_positions=128), tmp_path / "ckpt")
+    out = tmp_path / "throughput.json"
+    config = json.dumps({"model": str(checkpoint), "num_speculative_tokens": 3})
+    argv = ["--model", str(checkpoint), "--scenario", "prefix", "--num-prompts", "3", "--input-len", "6",
+            "--output-len", "8", "--prefix-len", "32", "--max-num-seqs", "8", "--max-num-batched-tokens", "48",
+            "--peers", "--validate-tokens", "3", "--threads", "1", "--speculative-config", config,
+            "--output-json", str(out)]  # fmt: skip
+    assert run_bench(argv, monkeypatch) == 0
+    report = json.loads(out.read_text())
+    assert report["args"]["speculative_config"]["num_speculative_tokens"] == 3
+    results = {r["system"]: r for r in report["scenarios"]["prefix"]["results"]}
+    assert set(results) == {"ours", "ours_no_prefix_caching"}
+    for r in results.values():
+        assert r["validated"] is True and r["full_length"] is True, r
+        assert r["spec_decode_acceptance_rate"] == 1.0
+    assert results["ours"]["prefix_cache_hits"] > 0
+
+
+def test_a_draft_preset_gets_random_weights_of_its_own_with_dummy_weights(tmp_path, monkeypatch):
+    module = load_bench(monkeypatch)
+    monkeypatch.setitem(module.PRESETS, "tiny", dict(n_layer=1, n_embd=32, n_head=2, vocab_size=1000))
+    for load_format, model, written in [
+        ("dummy", "tiny", True),
+        ("auto", "tiny", False),
+        ("dummy", str(tmp_path), False),
+    ]:
+        args = SimpleNamespace(load_format=load_format, seed=random.randrange(100),
+                               speculative_config={"model": model, "num_speculative_tokens": 2})  # fmt: skip
+        module.random_draft(args, tmp_path / "draft")
+        assert args.speculative_config["model"] == (str(tmp_path / "draft") if written else model)
+    assert json.loads((tmp_path / "draft" / "config.json").read_text())["n_embd"] == 32
 
 
 class FixedLogits:
