@@ -317,7 +317,7 @@ class LLMEngine:
         ids = self.truncated(self.token_ids(prompt, what), params.truncate_prompt_tokens, what)
         self.check_fits(len(ids), params, what)
         self._check_token_ids(params, what)
-        detokenize = isinstance(prompt, str) or self.has_tokenizer()
+        detokenize = params.detokenize and (isinstance(prompt, str) or self.has_tokenizer())
         if params.stop and not detokenize:
             raise ValueError(f"{what}: stop strings need a tokenizer (pass tokenizer=...) or use stop_token_ids")
         request = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, detokenize)

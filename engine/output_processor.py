@@ -5,6 +5,7 @@ stop conditions: EOS (unless ``ignore_eos``), a stop token, a stop string, ``max
 the sequence without adding their text; a stop string is cut off with what follows it
 (``include_stop_str_in_output`` keeps a stop string, and a stop token's text). None of them applies to the first
 ``min_tokens`` tokens (vLLM's rule; a stop string must end in the text of a later token), only ``max_tokens`` does.
+An EOS kept inside an output (``ignore_eos``) adds no text either, unless ``skip_special_tokens=False``.
 While a sequence runs, its visible text holds back the last ``len(longest stop string) - 1`` characters, which a
 stop string may yet claim, so a stream never shows text that the final output does not have.
 
@@ -34,7 +35,7 @@ class OutputProcessor:
         from engine.tokenizer import IncrementalDecoder
 
         for seq in request.seqs:
-            seq.detokenizer = IncrementalDecoder(tokenizer)
+            seq.detokenizer = IncrementalDecoder(tokenizer, request.params.skip_special_tokens)
 
     def append_token(self, seq: Sequence, token: int, logprob: float, top: dict[int, float] | None) -> None:
         """Record a sampled token and finish the sequence if it meets a stop condition.

@@ -87,6 +87,8 @@ class SamplingParams:
     # a JSON schema, any JSON object, a regex or a choice the completion must match (engine.structured_outputs)
     structured_outputs: StructuredOutputsParams | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # what each step's output holds (see the enum)
+    detokenize: bool = True  # False: token ids only, no text (a benchmark's choice; stop strings need the text)
+    skip_special_tokens: bool = True  # <|endoftext|> in an output (ignore_eos, a kept stop token) adds no text
 
     def __post_init__(self) -> None:
         if not _is_int(self.n) or self.n < 1:
@@ -132,10 +134,11 @@ class SamplingParams:
             ):
                 raise ValueError(f"bad_words must be a list of non-empty strings or None, got {self.bad_words!r}")
             self.bad_words = list(self.bad_words)
-        if not isinstance(self.include_stop_str_in_output, bool):
-            raise ValueError(f"include_stop_str_in_output must be a bool, got {self.include_stop_str_in_output!r}")
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        for name in ("include_stop_str_in_output", "ignore_eos", "detokenize", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings need the text: detokenize=False cannot take stop (use stop_token_ids)")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         for name in ("logprobs", "prompt_logprobs"):

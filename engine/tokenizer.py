@@ -300,8 +300,11 @@ class Tokenizer:
         except KeyError as e:
             raise ValueError(f"token id {e.args[0]} is not in the vocabulary") from None
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of ``ids``; invalid UTF-8 becomes U+FFFD, as transformers' ``errors="replace"`` does."""
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Text of ``ids``; invalid UTF-8 becomes U+FFFD, as transformers' ``errors="replace"`` does.
+        ``skip_special_tokens`` (transformers' name) leaves ``<|endoftext|>`` out."""
+        if skip_special_tokens:
+            ids = [i for i in self._ids(ids) if i != self.eos_token_id]
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def token_bytes(self, token_id: int) -> bytes:
@@ -343,19 +346,23 @@ class Tokenizer:
 
 
 class IncrementalDecoder:
-    """Streams text as tokens arrive, holding back the bytes of a UTF-8 character until it is complete."""
+    """Streams text as tokens arrive, holding back the bytes of a UTF-8 character until it is complete;
+    ``skip_special_tokens``: ``<|endoftext|>`` adds no text (as ``Tokenizer.decode`` with it leaves it out)."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
         self.tokenizer = tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._partial = False  # whether ``_utf8`` holds the first bytes of a character
         self._whole_texts = tokenizer._text_of
+        self._skipped = tokenizer.eos_token_id if skip_special_tokens else None  # a token that adds no text
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes ("" while a character is still partial).
 
         It runs for every streamed token: a token of whole characters with nothing pending is its own text, looked
         up, without the incremental UTF-8 decoder's Python-level buffering."""
+        if token_id == self._skipped:
+            return ""
         if not self._partial and 0 <= token_id < len(self._whole_texts):
             text = self._whole_texts[token_id]
             if text is not None:
@@ -366,6 +373,8 @@ class IncrementalDecoder:
         """Add tokens; return the text they complete (the same as pushing them one by one)."""
         if len(token_ids) == 1:
             return self.push(token_ids[0])
+        if self._skipped is not None:
+            token_ids = [t for t in token_ids if t != self._skipped]
         return self._decode(self.tokenizer.decode_bytes(token_ids))
 
     def _decode(self, data: bytes) -> str:

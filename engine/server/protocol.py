@@ -74,6 +74,7 @@ class SamplingFields(BaseModel):
     min_tokens: int = 0
     truncate_prompt_tokens: int | None = None
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     priority: int = 0  # with serve --scheduling-policy priority: lower is served first
@@ -136,6 +137,7 @@ class SamplingFields(BaseModel):
             prompt_logprobs=prompt_logprobs,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
             allowed_token_ids=self.allowed_token_ids,
             bad_words=self.bad_words,
             structured_outputs=self.structured_outputs_params(),

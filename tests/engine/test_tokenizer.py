@@ -191,8 +191,8 @@ def hf_encode(hf, text: str) -> list[int]:
     return hf.encode(text, add_special_tokens=False)
 
 
-def hf_decode(hf, ids: list[int]) -> str:
-    return hf.decode(ids, clean_up_tokenization_spaces=False)
+def hf_decode(hf, ids: list[int], skip_special_tokens: bool = False) -> str:
+    return hf.decode(ids, clean_up_tokenization_spaces=False, skip_special_tokens=skip_special_tokens)
 
 
 # ---------------------------------------------------------------- rank file and HF files ------------------------
@@ -285,7 +285,8 @@ def test_split_special_tokens_spells_them_as_text_like_transformers(gpt2_tokeniz
 
 
 def test_decode_invalid_utf8_matches_hf(tokenizer, hf_tokenizer):
-    """Arbitrary id sequences (partial characters included) decode with U+FFFD exactly as transformers does."""
+    """Arbitrary id sequences (partial characters included) decode with U+FFFD exactly as transformers does, with
+    ``<|endoftext|>`` and without it (``skip_special_tokens``: its neighbours' bytes then join)."""
     for _ in range(100):
         ids = [random.randrange(tokenizer.vocab_size) for _ in range(random.randint(1, 12))]
         ids += [random.randrange(188, 256) for _ in range(random.randint(0, 3))]  # lone high bytes
@@ -293,6 +294,8 @@ def test_decode_invalid_utf8_matches_hf(tokenizer, hf_tokenizer):
         random.shuffle(ids)
         assert tokenizer.decode(ids) == tokenizer.decode_bytes(ids).decode("utf-8", errors="replace")
         assert tokenizer.decode(ids) == hf_decode(hf_tokenizer, ids), ids
+        skipped = tokenizer.decode(ids, skip_special_tokens=True)
+        assert skipped == hf_decode(hf_tokenizer, ids, skip_special_tokens=True), ids
 
 
 def test_rank_file_and_hf_files_agree(gpt2_ranks_file, tokenizer):
@@ -502,17 +505,20 @@ def test_tokenizer_requires_eos():
         Tokenizer(encoding)
 
 
-def test_push_many_equals_pushing_one_by_one(tokenizer):
+@pytest.mark.parametrize("skip_special_tokens", [False, True])
+def test_push_many_equals_pushing_one_by_one(tokenizer, skip_special_tokens):
     """Byte-level tokens (ids below 256 include lone UTF-8 lead and continuation bytes) split characters across
-    tokens: the text of a run of tokens at once equals the tokens pushed one at a time, flush included."""
+    tokens: the text of a run of tokens at once equals the tokens pushed one at a time, flush included, and the
+    one-shot decode's, ``<|endoftext|>`` skipped or not."""
     from engine.tokenizer import IncrementalDecoder
 
-    ids = [random.choice([random.randrange(256), random.randrange(50257)]) for _ in range(200)]
-    one, many = IncrementalDecoder(tokenizer), IncrementalDecoder(tokenizer)
+    ids = [random.choice([random.randrange(256), random.randrange(50257), 50256]) for _ in range(200)]
+    one, many = (IncrementalDecoder(tokenizer, skip_special_tokens) for _ in range(2))
     cut = random.randrange(len(ids))
     text_one = "".join(one.push(t) for t in ids) + one.flush()
     text_many = many.push_many(ids[:cut]) + many.push_many(ids[cut:]) + many.flush()
-    assert text_one == text_many == tokenizer.decode(ids)
+    assert text_one == text_many == tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    assert ("<|endoftext|>" in text_one) != skip_special_tokens
     assert [tokenizer.token_bytes(t) for t in ids[:20]] == [tokenizer.decode_bytes([t]) for t in ids[:20]]
     with pytest.raises(ValueError, match="50257"):
         tokenizer.token_bytes(50257)

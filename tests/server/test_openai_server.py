@@ -320,6 +320,15 @@ def test_allowed_token_ids_include_stop_str_in_output_and_bad_words(client, serv
     assert out.choices[0].text != first
 
 
+def test_skip_special_tokens(client, server):
+    """vLLM's ``skip_special_tokens``: ``<|endoftext|>`` inside an output (``ignore_eos``) adds no text by default."""
+    body = dict(model=server.model, prompt=words(), max_tokens=3, temperature=0, logit_bias={"50256": 100})
+    out = client.completions.create(**body, extra_body={"ignore_eos": True})
+    assert out.choices[0].text == "" and out.usage.completion_tokens == 3
+    out = client.completions.create(**body, extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    assert out.choices[0].text == "<|endoftext|>" * 3
+
+
 def test_structured_outputs_every_way_a_client_asks(client, server):
     """OpenAI's response_format (json_schema, json_object), vLLM's structured_outputs and guided_* fields."""
     import re
