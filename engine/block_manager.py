@@ -132,6 +132,15 @@ class BlockManager:
         for block_id in seq.block_table[start // bs : stop // bs]:
             self.blocks[block_id].draft_filled = True
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (vLLM's ``reset_prefix_cache``), so the next requests compute their prompts
+        afresh: for measuring a cold cache. Refused (False, nothing changed) while any sequence holds blocks."""
+        if self.num_free < self.num_blocks:
+            return False
+        for block in self.blocks:
+            self._unregister(block)
+        return True
+
     def _unregister(self, block: Block) -> None:
         if block.hash is not None:
             if self.cached.get(block.hash) == block.block_id:

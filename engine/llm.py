@@ -52,6 +52,10 @@ class LLM:
         """The GPT-2 BPE tokenizer (tiktoken), from the checkpoint's vocab.json + merges.txt."""
         return self.llm_engine.get_tokenizer()
 
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's: forget every cached block, so the next prompts are computed afresh (True once done)."""
+        return self.llm_engine.reset_prefix_cache()
+
     def _token_ids(self, prompt: Prompt, what: str) -> list[int]:
         return self.llm_engine.token_ids(prompt, what)
 

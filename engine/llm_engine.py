@@ -466,6 +466,11 @@ class LLMEngine:
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
 
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's: forget every cached block so later prompts are computed afresh (a cold-cache measurement); False,
+        and nothing forgotten, while requests are unfinished."""
+        return not self.requests and self.blocks.reset_prefix_cache()
+
     # ---------------------------------------------------------------- one step
     def step(self) -> list[RequestOutput]:
         """Run one step; returns an output for every request that got a new token this step, as its

@@ -136,6 +136,16 @@ def test_request_larger_than_the_whole_pool_is_refused(tiny_checkpoint):
     assert len(out[0].outputs[0].token_ids) == 11
 
 
+def test_reset_prefix_cache_makes_the_next_prompts_compute_afresh(tiny_checkpoint):
+    llm = LLM(str(tiny_checkpoint), device="cpu", block_size=4, progress=False)
+    prompt = [random.randrange(50257) for _ in range(random.randint(9, 20))]
+    params = SamplingParams(max_tokens=1)
+    llm.generate(prompt, params, use_tqdm=False)
+    assert llm.generate(prompt, params, use_tqdm=False)[0].num_cached_tokens == (len(prompt) - 1) // 4 * 4
+    assert llm.reset_prefix_cache()
+    assert llm.generate(prompt, params, use_tqdm=False)[0].num_cached_tokens == 0
+
+
 def test_dummy_weights_run_without_files():
     llm = LLM("gpt2", load_format="dummy", device="cpu", progress=False)
     assert llm.config.n_layer == 12 and llm.config.n_embd == 768

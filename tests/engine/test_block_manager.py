@@ -149,6 +149,19 @@ def test_fork_shares_blocks_and_copies_only_the_partial_one_on_write():
     assert_blocks_consistent(bm, [])
 
 
+def test_reset_prefix_cache_forgets_every_block_once_none_is_held():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    tokens = random.sample(range(1000), random.randint(9, 16))
+    seq, _ = admitted(bm, tokens)
+    assert not bm.reset_prefix_cache()  # a sequence holds blocks: nothing forgotten
+    bm.free(seq)
+    assert bm.match_prefix(tokens)[0]
+    assert bm.reset_prefix_cache()
+    assert bm.match_prefix(tokens) == ([], []) and not bm.cached
+    assert all(block.hash is None for block in bm.blocks)
+    assert_blocks_consistent(bm, [])
+
+
 def test_prefix_caching_off_never_hits():
     bm = BlockManager(num_blocks=8, block_size=2, enable_prefix_caching=False)
     admitted(bm, [1, 2, 3, 4, 5])

@@ -166,6 +166,26 @@ def test_prefix_cache_hits_and_eviction(checkpoint, alone):
     assert_engine_empty(eng)
 
 
+def test_reset_prefix_cache_waits_for_the_engine_to_be_empty(checkpoint):
+    """vLLM's ``reset_prefix_cache``: refused while a request runs (its cache intact), then every prompt computes
+    afresh, to the same tokens."""
+    eng = engine(checkpoint)
+    prompt = random_ids(random.randint(2 * BLOCK, 6 * BLOCK))
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=2)
+    eng.add_request("first", prompt, params)
+    first = run(eng)["first"]
+    eng.add_request("running", prompt, params)
+    eng.step()
+    assert not eng.reset_prefix_cache()
+    assert run(eng)["running"].num_cached_tokens == ((len(prompt) - 1) // BLOCK) * BLOCK
+    assert eng.reset_prefix_cache()
+    eng.add_request("cold", prompt, params)
+    cold = run(eng)["cold"]
+    assert cold.num_cached_tokens == 0
+    assert_same_completions(cold, first)
+    assert_engine_empty(eng)
+
+
 def test_requests_admitted_in_one_step_share_a_prefix_computed_in_that_step(checkpoint, alone):
     """The first request's full blocks are registered when its step is scheduled, so the others admitted in the same
     step reuse them (each layer stores the step's K/V before attention reads the cache)."""
