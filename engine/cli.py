@@ -162,6 +162,10 @@ def _engine_flags(p: argparse.ArgumentParser):
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=None)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV pool")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="the share of the GPU's memory the engine may fill (weights, then the KV pool; default: the "
+                        "pool takes half the memory free after loading)")  # fmt: skip
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output served (<= the context)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     add_speculative_arg(p)
@@ -183,7 +187,8 @@ def _engine_args(args, enable_lora: bool) -> dict:
         model=args.model, backend=args.backend, dtype=args.dtype, device=args.device, load_format=args.load_format,
         quantization=args.quantization, tokenizer=args.tokenizer, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size, num_blocks=args.num_blocks,
-        kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=args.enable_prefix_caching,
+        kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
+        max_model_len=args.max_model_len, enable_prefix_caching=args.enable_prefix_caching,
         enforce_eager=args.enforce_eager, speculative_config=args.speculative_config,
         scheduling_policy=args.scheduling_policy, progress=False, enable_lora=enable_lora,
         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,

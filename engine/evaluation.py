@@ -92,10 +92,10 @@ class GPT2TritonLM(TemplateLM):
         self.llm = llm if llm is not None else LLM(pretrained, **llm_kwargs)
         self.pretrained = str(pretrained)
         self.engine_tokenizer = self.llm.get_tokenizer()
-        n_ctx = self.llm.config.n_positions
+        n_ctx = self.llm.max_model_len
         self._max_length = _as_int("max_length", max_length) or n_ctx
         if self._max_length > n_ctx:
-            raise ValueError(f"max_length={self._max_length} exceeds the model's context of {n_ctx}")
+            raise ValueError(f"max_length={self._max_length} exceeds the model's context of {n_ctx} (max_model_len)")
         self._max_gen_toks = _as_int("max_gen_toks", max_gen_toks)
         self.seed = None if seed is None else int(seed)
         if self.lora_request is not None:
@@ -143,7 +143,7 @@ class GPT2TritonLM(TemplateLM):
     # ---------------------------------------------------------------- loglikelihood
     def _fits_engine(self, context: list[int], continuation: list[int]) -> bool:
         """Whether the pair is scored unchanged as one engine prompt (which leaves room for the token it samples)."""
-        return len(context) + len(continuation) <= min(self.max_length, self.llm.config.n_positions - 1)
+        return len(context) + len(continuation) <= min(self.max_length, self.llm.max_model_len - 1)
 
     def _loglikelihood_tokens(self, requests: list[TokenRequest], disable_tqdm: bool = False,
                               **kwargs) -> list[tuple[float, bool]]:  # fmt: skip

@@ -47,6 +47,7 @@ class LLM:
     runner = property(lambda self: self.llm_engine.runner)
     progress = property(lambda self: self.llm_engine.progress)
     max_num_batched_tokens = property(lambda self: self.llm_engine.max_num_batched_tokens)
+    max_model_len = property(lambda self: self.llm_engine.max_model_len)
 
     def get_tokenizer(self):
         """The GPT-2 BPE tokenizer (tiktoken), from the checkpoint's vocab.json + merges.txt."""
@@ -264,8 +265,9 @@ class LLM:
         items = [self._token_ids(t, f"text {i}") for i, t in enumerate(self._prompt_list(texts))]
         self._check_lora(lora_request)
         for i, ids in enumerate(items):
-            if len(ids) > self.config.n_positions:
-                raise ValueError(f"text {i} has {len(ids)} tokens, more than the context of {self.config.n_positions}")
+            if len(ids) > self.max_model_len:
+                raise ValueError(f"text {i} has {len(ids)} tokens, more than the context of {self.max_model_len} "
+                                 "(max_model_len)")  # fmt: skip
         return items
 
     def score(
@@ -273,12 +275,12 @@ class LLM:
     ) -> list[ScoreOutput]:
         """Log-likelihood and perplexity of each text; texts longer than the context use a sliding window.
 
-        Each window spans up to ``n_positions`` tokens and advances by ``stride`` (default half the context);
-        tokens are scored once, in the first window that reaches them, with all of that window before them as
-        context (the strided evaluation of Radford et al. 2019 and transformers' perplexity guide). Under the LoRA
-        adapter ``lora_request`` if given.
+        Each window spans up to ``max_model_len`` tokens (the context) and advances by ``stride`` (default half
+        that); tokens are scored once, in the first window that reaches them, with all of that window before them
+        as context (the strided evaluation of Radford et al. 2019 and transformers' perplexity guide). Under the
+        LoRA adapter ``lora_request`` if given.
         """
-        n_ctx = self.config.n_positions
+        n_ctx = self.max_model_len
         stride = n_ctx // 2 if stride is None else stride
         if not isinstance(stride, int) or isinstance(stride, bool) or not 1 <= stride < n_ctx:
             # stride == n_ctx would start a window at a token with no context before it in its window

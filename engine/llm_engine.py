@@ -81,6 +81,44 @@ def _check_arguments(
         raise ValueError(f"enable_prefix_caching must be a bool, got {enable_prefix_caching!r}")
 
 
+def _max_model_len(value: int | None, n_positions: int) -> int:
+    """vLLM's ``max_model_len``: the longest sequence (prompt + output) served, at most the model's context."""
+    _check_positive("max_model_len", value, allow_none=True)
+    if value is not None and value > n_positions:
+        raise ValueError(f"max_model_len={value} exceeds the model's context of {n_positions} positions")
+    return n_positions if value is None else value
+
+
+def kv_budget_on_gpu(free: int, total: int, utilization: float) -> int:
+    """The KV pool's bytes under vLLM's ``gpu_memory_utilization``: what is left of that fraction of the device's
+    memory after what is in use already (the weights, and any other process); activations live in the rest."""
+    return int(utilization * total) - (total - free)
+
+
+def _kv_budget(device: torch.device, kv_cache_memory: int | None, gpu_memory_utilization: float | None) -> int:
+    """Bytes for the KV pool (``num_blocks`` aside): ``kv_cache_memory``, or ``gpu_memory_utilization``'s share of a
+    GPU, or by default half the GPU's free memory (4 GiB on CPU)."""
+    util = gpu_memory_utilization
+    if util is None:
+        if kv_cache_memory is not None:
+            return kv_cache_memory
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0] * GPU_KV_CACHE_FRACTION)
+        return CPU_KV_CACHE_BYTES
+    if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0.0 < util <= 1.0:
+        raise ValueError(f"gpu_memory_utilization must be a fraction in (0, 1], got {util!r}")
+    if kv_cache_memory is not None:
+        raise ValueError("set kv_cache_memory or gpu_memory_utilization, not both")
+    if device.type != "cuda":
+        raise ValueError(f"gpu_memory_utilization sizes a CUDA device's pool; on {device} use kv_cache_memory")
+    free, total = torch.cuda.mem_get_info(device)
+    budget = kv_budget_on_gpu(free, total, util)
+    if budget <= 0:
+        raise ValueError(f"gpu_memory_utilization={util} leaves nothing for the KV cache: "
+                         f"{(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB are in use already")  # fmt: skip
+    return budget
+
+
 def _check_lora_arguments(enable_lora, max_loras, max_lora_rank, max_cpu_loras) -> None:
     if not isinstance(enable_lora, bool):
         raise ValueError(f"enable_lora must be a bool, got {enable_lora!r}")
@@ -105,6 +143,9 @@ class LLMEngine:
     preempts the lowest-priority one.
     ``enable_lora`` serves PEFT LoRA adapters named per request (:mod:`engine.lora`): up to ``max_loras`` of them
     in a step, of rank up to ``max_lora_rank``, ``max_cpu_loras`` kept on the host (default ``max_loras``).
+    ``max_model_len`` (vLLM's) caps prompt + output below the model's context; the KV pool takes ``num_blocks``, or
+    what ``kv_cache_memory`` bytes or vLLM's ``gpu_memory_utilization`` (a fraction of the GPU, less what is in use)
+    hold, at most ``max_num_seqs`` sequences of ``max_model_len``.
     """
 
     def __init__(
@@ -132,6 +173,8 @@ class LLMEngine:
         max_loras: int = 1,
         max_lora_rank: int = 16,
         max_cpu_loras: int | None = None,
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float | None = None,
     ) -> None:
         _check_arguments(
             block_size, max_num_seqs, num_blocks, max_num_batched_tokens, load_format, quantization,
@@ -152,6 +195,7 @@ class LLMEngine:
         self.progress = progress
 
         self.model_path, self.config, weights = self._load(model, load_format)
+        self.max_model_len = _max_model_len(max_model_len, self.config.n_positions)
         self.quantization = quantization
         self.model = GPT2(self.config, weights, self.ops, quantization)
         draft = self._load_draft(load_format) if self.speculative and self.speculative.model is not None else None
@@ -166,12 +210,13 @@ class LLMEngine:
         self._grammar_lock = threading.Lock()
 
         self.block_size = block_size
-        num_blocks = num_blocks or self._num_blocks_from_budget(kv_cache_memory, max_num_seqs, draft)
+        budget = _kv_budget(self.device, kv_cache_memory, gpu_memory_utilization)
+        num_blocks = num_blocks or self._num_blocks_from_budget(budget, max_num_seqs, draft)
         self.kv = KVCache.allocate(self.config, num_blocks, block_size, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens or max(
-            MIN_BATCHED_TOKENS, self.config.n_positions, max_num_seqs
+            MIN_BATCHED_TOKENS, self.max_model_len, max_num_seqs
         )
         self._graphs = self.device.type == "cuda" and self.ops.cuda_graphs and not enforce_eager
         static = None
@@ -221,9 +266,9 @@ class LLMEngine:
         if config.vocab_size != self.config.vocab_size:
             raise ValueError(f"{what} has a vocabulary of {config.vocab_size} tokens, the target's has "
                              f"{self.config.vocab_size}: the draft must share the target's tokenizer")  # fmt: skip
-        if config.n_positions < self.config.n_positions:
+        if config.n_positions < self.max_model_len:
             raise ValueError(f"{what} reads {config.n_positions} positions, fewer than the target's "
-                             f"{self.config.n_positions}")  # fmt: skip
+                             f"{self.max_model_len} (max_model_len)")  # fmt: skip
         return GPT2(config, weights, self.ops)
 
     def _proposer(self, draft: GPT2 | None, max_num_seqs: int):
@@ -237,17 +282,11 @@ class LLMEngine:
         static = StaticDecoder(draft, kv, max_num_seqs, self.device, capture=True) if self._graphs else None
         return DraftModelProposer(ModelRunner(draft, kv, self.blocks, self.device, static), self.config.eos_token_id)
 
-    def _num_blocks_from_budget(self, budget: int | None, max_num_seqs: int, draft: GPT2 | None) -> int:
+    def _num_blocks_from_budget(self, budget: int, max_num_seqs: int, draft: GPT2 | None) -> int:
         per_block = KVCache.bytes_per_block(self.config, self.block_size, self.dtype)
         if draft is not None:  # the draft's cache has the same blocks
             per_block += KVCache.bytes_per_block(draft.config, self.block_size, self.dtype)
-        wanted = max_num_seqs * cdiv(self.config.n_positions, self.block_size)  # every slot full-length
-        if budget is None:
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                budget = int(free * GPU_KV_CACHE_FRACTION)
-            else:
-                budget = CPU_KV_CACHE_BYTES
+        wanted = max_num_seqs * cdiv(self.max_model_len, self.block_size)  # every slot full-length
         num_blocks = min(wanted, budget // per_block)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={budget} bytes holds no block of {per_block} bytes")
@@ -379,9 +418,10 @@ class LLMEngine:
         """The last ``keep`` prompt tokens (``truncate_prompt_tokens``; -1: the context's worth), as vLLM cuts."""
         if keep is None:
             return ids
-        context = self.config.n_positions
+        context = self.max_model_len
         if keep > context:
-            raise ValueError(f"{what}: truncate_prompt_tokens={keep} exceeds the model's context of {context} tokens")
+            raise ValueError(f"{what}: truncate_prompt_tokens={keep} exceeds the model's context of {context} "
+                             "tokens (max_model_len)")  # fmt: skip
         return ids[-(context if keep == -1 else keep) :]
 
     def check_fits(self, num_prompt_tokens: int, params: SamplingParams, what: str) -> None:
@@ -390,10 +430,10 @@ class LLMEngine:
         The pool check counts ``n`` full copies (no sharing), so that any one request alone always fits, whatever
         the scheduler has to preempt to run it."""
         total = num_prompt_tokens + params.max_tokens
-        if total > self.config.n_positions:
+        if total > self.max_model_len:
             raise ValueError(
                 f"{what}: {num_prompt_tokens} prompt tokens + max_tokens={params.max_tokens} = {total} exceeds the "
-                f"model's context of {self.config.n_positions} tokens"
+                f"model's context of {self.max_model_len} tokens (max_model_len)"
             )
         needed = self.blocks.blocks_needed(total - 1) * params.n
         if needed > self.blocks.num_blocks:

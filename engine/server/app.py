@@ -181,7 +181,7 @@ def build_app(llm: AsyncLLM, config: ServerConfig, exposition: Callable[[], Awai
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": served.cards(config.created, llm.engine.config.n_positions)}
+        return {"object": "list", "data": served.cards(config.created, llm.engine.max_model_len)}
 
     if config.allow_runtime_lora_updating:
 
@@ -209,7 +209,7 @@ def build_app(llm: AsyncLLM, config: ServerConfig, exposition: Callable[[], Awai
     async def tokenize(req: TokenizeRequest):
         served.resolve(req.model)
         tokens = llm.get_tokenizer().encode(req.prompt)
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": llm.engine.config.n_positions}
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": llm.engine.max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):

@@ -18,7 +18,7 @@ from engine.server.serving import prompt_list
 def _token_lists(llm: AsyncLLM, req: EmbeddingRequest) -> list[list[int]]:
     """Each input as token ids that fit the context (truncated as ``truncate_prompt_tokens`` asks); 400 naming the
     input that cannot be embedded."""
-    context = llm.engine.config.n_positions
+    context = llm.engine.max_model_len
     keep = req.truncate_prompt_tokens
     if keep is not None and not (keep == -1 or 1 <= keep <= context):
         message = f"truncate_prompt_tokens must be -1 or in [1, {context}], got {keep}"

@@ -35,6 +35,12 @@ def llm(tiny_checkpoint):
         (dict(load_format="pt"), "load_format"),
         (dict(quantization="fp8"), "quantization"),
         (dict(split_special_tokens="yes"), "split_special_tokens"),
+        (dict(max_model_len=0), "max_model_len"),
+        (dict(max_model_len=129), "max_model_len=129 exceeds the model's context of 128"),
+        (dict(kv_cache_memory=16), "kv_cache_memory"),
+        (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
+        (dict(gpu_memory_utilization=0.5, kv_cache_memory=1 << 20), "not both"),
+        (dict(gpu_memory_utilization=0.5, device="cpu"), "gpu_memory_utilization sizes a CUDA device's pool"),
     ],
 )
 def test_bad_llm_arguments(tiny_checkpoint, kwargs, match):
@@ -124,6 +130,36 @@ def test_priority_scheduling(tiny_checkpoint):
         LLM(str(tiny_checkpoint), **kw).generate(prompts, params, priority=ranks)
     with pytest.raises(ValueError, match="scheduling_policy must be"):
         LLM(str(tiny_checkpoint), scheduling_policy="lifo", **kw)
+
+
+def test_max_model_len_bounds_requests_and_sizes_the_pool(tiny_checkpoint):
+    """vLLM's ``max_model_len`` below the context: longer requests are refused naming it, the pool holds
+    ``max_num_seqs`` sequences of that length (when memory allows), and requests within it run."""
+    from engine.kv_cache import KVCache
+
+    cap = random.randint(16, 120)
+    kw = dict(device="cpu", block_size=4, max_num_seqs=3, progress=False)
+    llm = LLM(str(tiny_checkpoint), max_model_len=cap, kv_cache_memory=1 << 30, **kw)
+    assert llm.max_model_len == cap and llm.blocks.num_blocks == 3 * -(-cap // 4)
+    with pytest.raises(ValueError, match=f"context of {cap} tokens \\(max_model_len\\)"):
+        llm.generate([1] * (cap - 3), SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.features([[1] * (cap + 1)])
+    out = llm.generate([1] * (cap - 4), SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+    per_block = KVCache.bytes_per_block(llm.config, 4, llm.dtype)
+    blocks = random.randint(2, 9)
+    assert LLM(str(tiny_checkpoint), kv_cache_memory=per_block * blocks + 7, **kw).blocks.num_blocks == blocks
+
+
+def test_kv_budget_under_gpu_memory_utilization():
+    """vLLM's rule: the fraction of the whole device, less what is in use already (weights, other processes)."""
+    from engine.llm_engine import kv_budget_on_gpu
+
+    total = random.randint(40, 140) << 30
+    used = random.randint(1, 10) << 30
+    assert kv_budget_on_gpu(total - used, total, 0.5) == total // 2 - used
+    assert kv_budget_on_gpu(total - used, total, 1.0) == total - used
 
 
 def test_request_larger_than_the_whole_pool_is_refused(tiny_checkpoint):

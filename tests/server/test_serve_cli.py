@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -43,10 +44,11 @@ def wait_for_port(proc: subprocess.Popen, timeout: float = 120) -> int:
 
 
 def test_sigterm_with_requests_in_flight_exits_0(tiny_checkpoint):
+    """Also: vLLM's ``--max-model-len`` reaches the engine (``/v1/models`` reports it)."""
+    cap = random.randint(80, 127)
+    flags = ["--port", "0", "--backend", "torch", "--device", "cpu", "--shutdown-grace", "20", "--max-model-len"]
     proc = subprocess.Popen(
-        serve_cmd(
-            str(tiny_checkpoint), "--port", "0", "--backend", "torch", "--device", "cpu", "--shutdown-grace", "20"
-        ),  # fmt: skip
+        serve_cmd(str(tiny_checkpoint), *flags, str(cap)),
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
@@ -55,6 +57,10 @@ def test_sigterm_with_requests_in_flight_exits_0(tiny_checkpoint):
     )
     try:
         port = wait_for_port(proc)
+        models = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        models.request("GET", "/v1/models")
+        assert json.loads(models.getresponse().read())["data"][0]["max_model_len"] == cap
+        models.close()
         conns = []
         for _ in range(3):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
