@@ -201,3 +201,19 @@ def test_triton_engine_under_pressure_matches_requests_alone(narrow_model):
                     progress=False, enable_prefix_caching=False)  # fmt: skip
     for request_id, prompt, params in requests:
         assert_same_completions(final[request_id], reference.generate(prompt, params, use_tqdm=False)[0], rel=1e-4)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="sizes a GPU's pool (on CPU the argument is refused: test_api)")
+def test_gpu_memory_utilization_bounds_the_pool(small_model):
+    """vLLM's rule: the pool fits in that fraction of the GPU less what is in use; a fraction smaller than what the
+    weights already take is refused by name."""
+    from engine.kv_cache import KVCache
+
+    _, path = small_model
+    total = torch.cuda.mem_get_info()[1]
+    fraction = random.uniform(0.5, 0.9)
+    llm = triton_llm(path, gpu_memory_utilization=fraction)  # a small pool: the device tests share the GPU
+    per_block = KVCache.bytes_per_block(llm.config, 16, llm.dtype)
+    assert 0 < llm.blocks.num_blocks * per_block <= fraction * total
+    with pytest.raises(ValueError, match="gpu_memory_utilization=1e-09 leaves nothing"):
+        triton_llm(path, gpu_memory_utilization=1e-9)
