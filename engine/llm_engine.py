@@ -289,7 +289,8 @@ class LLMEngine:
         wanted = max_num_seqs * cdiv(self.max_model_len, self.block_size)  # every slot full-length
         num_blocks = min(wanted, budget // per_block)
         if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory={budget} bytes holds no block of {per_block} bytes")
+            raise ValueError(f"a KV budget of {budget} bytes (kv_cache_memory / gpu_memory_utilization) holds no "
+                             f"block of {per_block} bytes")  # fmt: skip
         return num_blocks
 
     def get_tokenizer(self):
