@@ -63,6 +63,10 @@ def test_every_feature_at_once(tiny_checkpoint):
     plain = LLM(str(tiny_checkpoint), **ENGINE)
     tok = busy.get_tokenizer()
     requests = [random_request(tok) for _ in range(40)]
+    for _ in range(4):  # long greedy pairs that outgrow the pool together (preemption), their prompts' ends repeated
+        head = [random.randrange(EOS) for _ in range(12)]  # earlier (the first lookups find drafts)
+        requests.append((head + head[:3], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, n=2)))
+    random.shuffle(requests)
     prompts, params = [p for p, _ in requests], [sp for _, sp in requests]
     outs = busy.generate(prompts, params, priority=[random.randint(-2, 2) for _ in requests], use_tqdm=False)
     for sp, out in zip(params, outs):
