@@ -61,12 +61,13 @@ class LLM:
         return self.llm_engine.token_ids(prompt, what)
 
     def _prompt_list(self, prompts) -> list[Prompt]:
-        if isinstance(prompts, str) or (
+        if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts)
         ):
             return [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError("prompts must be a string, a list of token ids, or a non-empty list of those")
+            raise ValueError("prompts must be a string, a list of token ids, a prompt dict, or a non-empty list of "
+                             "those")  # fmt: skip
         return list(prompts)
 
     # ---------------------------------------------------------------- generation
@@ -82,7 +83,7 @@ class LLM:
         if params is None or isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         elif not isinstance(params, (list, tuple)) or len(params) != len(prompts):
-            raise ValueError("params must be one SamplingParams or a list with one per prompt")
+            raise ValueError("sampling_params must be one SamplingParams or a list with one per prompt")
         params = [
             dataclasses.replace(p, output_kind=output_kind) if isinstance(p, SamplingParams) else p  # make_request
             for p in (SamplingParams() if p is None else p for p in params)  # refuses anything else, naming it
@@ -115,15 +116,16 @@ class LLM:
     def generate(
         self,
         prompts: Prompt | Seq[Prompt],
-        params: SamplingParams | Seq[SamplingParams] | None = None,
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: Seq[int] | None = None,
         lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Complete each prompt; returns one :class:`RequestOutput` per prompt, in order. ``priority``: one per
-        prompt, lower first (with ``scheduling_policy="priority"``). ``lora_request``: the LoRA adapter of every
-        prompt, or one (or None) per prompt (with ``enable_lora=True``)."""
-        request_ids = self._add_requests(prompts, params, RequestOutputKind.FINAL_ONLY, priority, lora_request)
+        """Complete each prompt (a string, token ids, or vLLM's ``{"prompt": ...}`` / ``{"prompt_token_ids": ...}``
+        dicts); returns one :class:`RequestOutput` per prompt, in order. ``sampling_params``: one for all, or one per
+        prompt. ``priority``: one per prompt, lower first (with ``scheduling_policy="priority"``).
+        ``lora_request``: the LoRA adapter of every prompt, or one (or None) per prompt (with ``enable_lora=True``)."""
+        request_ids = self._add_requests(prompts, sampling_params, RequestOutputKind.FINAL_ONLY, priority, lora_request)
         final: dict[str, RequestOutput] = {}
         with progress_bar(total=len(request_ids), desc="generate", unit="req",
                           disable=not (use_tqdm and self.progress)) as bar:  # fmt: skip
@@ -136,7 +138,7 @@ class LLM:
     def chat(
         self,
         messages: list[dict] | Seq[list[dict]],
-        params: SamplingParams | Seq[SamplingParams] | None = None,
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
         lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
         chat_template: str | None = None,
@@ -155,17 +157,17 @@ class LLM:
             raise ValueError("messages must be a conversation (a list of dicts) or a non-empty list of them")
         prompts = [template.render(list(c) if isinstance(c, tuple) else c, add_generation_prompt)
                    for c in conversations]  # fmt: skip
-        return self.generate(prompts, params, use_tqdm, lora_request=lora_request)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request=lora_request)
 
     def generate_stream(
         self,
         prompts: Prompt | Seq[Prompt],
-        params: SamplingParams | Seq[SamplingParams] | None = None,
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
     ) -> Iterator[StreamDelta]:
         """Yield text deltas as tokens are produced; a stop string is never partly emitted."""
         self.get_tokenizer()
-        request_ids = self._add_requests(prompts, params, RequestOutputKind.DELTA, lora_request=lora_request)
+        request_ids = self._add_requests(prompts, sampling_params, RequestOutputKind.DELTA, lora_request=lora_request)
         index = {request_id: i for i, request_id in enumerate(request_ids)}
         for outputs in self._steps(request_ids):
             for out in outputs:

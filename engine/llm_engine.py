@@ -47,7 +47,7 @@ CPU_KV_CACHE_BYTES = 4 << 30  # default KV pool on CPU (vLLM's CPU backend defau
 GPU_KV_CACHE_FRACTION = 0.5  # of the free device memory left after loading weights
 MIN_BATCHED_TOKENS = 4096  # default per-step token budget (at least the context, and max_num_seqs)
 
-Prompt = str | list[int]
+Prompt = str | list[int] | dict  # text, token ids, or vLLM's {"prompt": text} / {"prompt_token_ids": ids}
 
 
 def _check_positive(name: str, value, allow_none: bool = False) -> None:
@@ -79,6 +79,16 @@ def _check_arguments(
         raise ValueError(f"split_special_tokens must be a bool, got {split_special_tokens!r}")
     if not isinstance(enable_prefix_caching, bool):
         raise ValueError(f"enable_prefix_caching must be a bool, got {enable_prefix_caching!r}")
+
+
+def unwrapped(prompt: Prompt, what: str) -> str | list[int]:
+    """vLLM's prompt dicts (``TextPrompt``, ``TokensPrompt``) as the text or token ids they hold."""
+    if not isinstance(prompt, dict):
+        return prompt
+    if set(prompt) in ({"prompt"}, {"prompt_token_ids"}):
+        return next(iter(prompt.values()))
+    keys = sorted(map(str, prompt))
+    raise ValueError(f"{what}: a prompt dict holds 'prompt' (text) or 'prompt_token_ids', got keys {keys}")
 
 
 def _max_model_len(value: int | None, n_positions: int) -> int:
@@ -318,6 +328,7 @@ class LLMEngine:
     # ---------------------------------------------------------------- requests in
     def token_ids(self, prompt: Prompt, what: str = "prompt") -> list[int]:
         """``prompt`` as token ids, checked against the vocabulary; ``ValueError`` naming ``what`` if unusable."""
+        prompt = unwrapped(prompt, what)
         if isinstance(prompt, str):
             ids = self.get_tokenizer().encode(prompt)
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
@@ -343,6 +354,7 @@ class LLMEngine:
         """Validate a request without adding it (``ValueError`` naming what is wrong); ``add`` it afterwards.
         ``priority`` (lower first) needs ``scheduling_policy="priority"``; ``lora_request`` needs ``enable_lora``."""
         what = what or f"request {request_id!r}"
+        prompt = unwrapped(prompt, what)
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"{what}: priority must be an integer, got {priority!r}")
         if priority and self.scheduling_policy != "priority":

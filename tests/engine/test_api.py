@@ -82,6 +82,21 @@ def test_bad_requests(llm):
     assert llm.blocks.num_free == llm.blocks.num_blocks
 
 
+def test_prompts_as_vllm_dicts_and_sampling_params_by_name(llm):
+    """vLLM's ``TextPrompt`` / ``TokensPrompt`` dicts, alone or in a list, and its keyword ``sampling_params``."""
+    text = f"Hello world, number {random.randrange(1000)}"
+    ids = llm.get_tokenizer().encode(text)
+    params = SamplingParams(max_tokens=4, temperature=0)
+    want = [o.outputs[0].token_ids for o in llm.generate([text, ids], params, use_tqdm=False)]
+    got = llm.generate([{"prompt": text}, {"prompt_token_ids": ids}], sampling_params=params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == want
+    assert (got[0].prompt, got[1].prompt) == (text, None)
+    alone = llm.generate({"prompt_token_ids": ids}, sampling_params=params, use_tqdm=False)
+    assert alone[0].outputs[0].token_ids == want[1]
+    with pytest.raises(ValueError, match=r"prompt 0: a prompt dict .* got keys \['multi_modal_data', 'prompt'\]"):
+        llm.generate({"prompt": text, "multi_modal_data": {}}, params)
+
+
 def test_truncate_prompt_tokens_keeps_the_prompts_end(llm):
     """vLLM's left truncation: a prompt past the context, cut to its last k tokens, is generated from as those k
     tokens alone would be; -1 cuts it to the context's worth (which leaves no room for new tokens, as in vLLM)."""
