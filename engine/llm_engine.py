@@ -47,7 +47,8 @@ CPU_KV_CACHE_BYTES = 4 << 30  # default KV pool on CPU (vLLM's CPU backend defau
 GPU_KV_CACHE_FRACTION = 0.5  # of the free device memory left after loading weights
 MIN_BATCHED_TOKENS = 4096  # default per-step token budget (at least the context, and max_num_seqs)
 
-Prompt = str | list[int] | dict  # text, token ids, or vLLM's {"prompt": text} / {"prompt_token_ids": ids}
+# text, token ids, or vLLM's {"prompt": text} / {"prompt_token_ids": ids} dicts (with an optional "cache_salt")
+Prompt = str | list[int] | dict
 
 
 def _check_positive(name: str, value, allow_none: bool = False) -> None:
@@ -81,14 +82,19 @@ def _check_arguments(
         raise ValueError(f"enable_prefix_caching must be a bool, got {enable_prefix_caching!r}")
 
 
-def unwrapped(prompt: Prompt, what: str) -> str | list[int]:
-    """vLLM's prompt dicts (``TextPrompt``, ``TokensPrompt``) as the text or token ids they hold."""
+def unwrapped(prompt: Prompt, what: str) -> tuple[str | list[int], str | None]:
+    """vLLM's prompt dicts (``TextPrompt``, ``TokensPrompt``) as the text or token ids they hold, and their
+    ``cache_salt`` (None for a plain prompt)."""
     if not isinstance(prompt, dict):
-        return prompt
-    if set(prompt) in ({"prompt"}, {"prompt_token_ids"}):
-        return next(iter(prompt.values()))
-    keys = sorted(map(str, prompt))
-    raise ValueError(f"{what}: a prompt dict holds 'prompt' (text) or 'prompt_token_ids', got keys {keys}")
+        return prompt, None
+    keys = set(prompt) - {"cache_salt"}
+    if keys not in ({"prompt"}, {"prompt_token_ids"}):
+        names = sorted(map(str, prompt))
+        raise ValueError(f"{what}: a prompt dict holds 'prompt' (text) or 'prompt_token_ids', got keys {names}")
+    salt = prompt.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise ValueError(f"{what}: cache_salt must be a non-empty string, got {salt!r}")
+    return prompt[keys.pop()], salt
 
 
 def _max_model_len(value: int | None, n_positions: int) -> int:
@@ -328,7 +334,9 @@ class LLMEngine:
     # ---------------------------------------------------------------- requests in
     def token_ids(self, prompt: Prompt, what: str = "prompt") -> list[int]:
         """``prompt`` as token ids, checked against the vocabulary; ``ValueError`` naming ``what`` if unusable."""
-        prompt = unwrapped(prompt, what)
+        prompt, salt = unwrapped(prompt, what)
+        if salt is not None:  # make_request applies it; a caller that only wants the ids would lose it
+            raise ValueError(f"{what}: cache_salt applies to generation requests (generate, the server)")
         if isinstance(prompt, str):
             ids = self.get_tokenizer().encode(prompt)
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
@@ -354,7 +362,7 @@ class LLMEngine:
         """Validate a request without adding it (``ValueError`` naming what is wrong); ``add`` it afterwards.
         ``priority`` (lower first) needs ``scheduling_policy="priority"``; ``lora_request`` needs ``enable_lora``."""
         what = what or f"request {request_id!r}"
-        prompt = unwrapped(prompt, what)
+        prompt, salt = unwrapped(prompt, what)
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"{what}: priority must be an integer, got {priority!r}")
         if priority and self.scheduling_policy != "priority":
@@ -378,6 +386,8 @@ class LLMEngine:
             self.check_lora(lora_request, what)
             request.lora_request = lora_request
             request.cache_root = hash(("lora", lora_request.lora_int_id))
+        if salt is not None:  # vLLM's cache_salt: only requests of the same salt share cached blocks
+            request.cache_root = hash((request.cache_root, "salt", salt))
         if params.bad_words:
             request.bad_word_ids = self._bad_word_ids(params.bad_words, what)
         if params.prompt_logprobs is not None:

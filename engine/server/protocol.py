@@ -78,6 +78,7 @@ class SamplingFields(BaseModel):
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     priority: int = 0  # with serve --scheduling-policy priority: lower is served first
+    cache_salt: str | None = None  # only requests of the same salt share prefix-cache blocks
     # vLLM's beam search: the n best beams, n being the beam width (transformers' algorithm and length_penalty)
     use_beam_search: bool = False
     length_penalty: float = 1.0
@@ -146,6 +147,7 @@ class SamplingFields(BaseModel):
     def beam_search_params(self, max_tokens: int) -> BeamSearchParams:
         """As :class:`BeamSearchParams` (beam width ``n``); an ``ApiError`` names the field that cannot be."""
         unsupported = {"stream": self.stream, "stop": self.stop, "stop_token_ids": self.stop_token_ids,
+                       "cache_salt": self.cache_salt,
                        "logit_bias": self.logit_bias, "allowed_token_ids": self.allowed_token_ids,
                        "bad_words": self.bad_words,
                        "presence_penalty": self.presence_penalty,

@@ -279,6 +279,8 @@ def prompt_list(prompt, field: str = "prompt") -> list[str | list[int]]:
 def check_common(req: SamplingFields) -> None:
     if req.stream_options is not None and not req.stream:
         raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
+    if req.cache_salt == "":
+        raise ApiError(400, "cache_salt must be a non-empty string", "cache_salt")
 
 
 async def compile_structured_outputs(llm: AsyncLLM, req: SamplingFields) -> None:
@@ -316,6 +318,8 @@ def make_job(llm: AsyncLLM, model: Served, req: SamplingFields, prompts: list, m
     job_id = f"cmpl-{uuid.uuid4().hex}"
     requests = []
     for i, prompt in enumerate(prompts):
+        if req.cache_salt is not None:  # vLLM's prompt dict carries it
+            prompt = {"prompt" if isinstance(prompt, str) else "prompt_token_ids": prompt, "cache_salt": req.cache_salt}
         try:
             requests.append(llm.make_request(f"{job_id}-{i}", prompt, params, priority=req.priority,
                                              lora_request=model.lora_request))  # fmt: skip

@@ -166,6 +166,27 @@ def test_prefix_cache_hits_and_eviction(checkpoint, alone):
     assert_engine_empty(eng)
 
 
+def test_cache_salt_keeps_prefix_caches_apart(checkpoint):
+    """vLLM's ``cache_salt`` in a prompt dict: only requests of the same salt (or both without one) hit each other's
+    blocks; the tokens are the same either way."""
+    eng = engine(checkpoint)
+    prompt = random_ids(random.randint(2 * BLOCK, 6 * BLOCK))
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    full = (len(prompt) - 1) // BLOCK * BLOCK
+    salts = [None, "tenant-a", "tenant-a", "tenant-b", None, f"{random.random()}"]
+    outs = []
+    for i, salt in enumerate(salts):
+        eng.add_request(str(i), prompt if salt is None else {"prompt_token_ids": prompt, "cache_salt": salt}, params)
+        outs.append(run(eng)[str(i)])
+    assert [out.num_cached_tokens for out in outs] == [0, 0, full, 0, full, 0]
+    assert len({tuple(out.outputs[0].token_ids) for out in outs}) == 1
+    with pytest.raises(ValueError, match="cache_salt must be a non-empty string"):
+        eng.add_request("empty", {"prompt_token_ids": prompt, "cache_salt": ""}, params)
+    with pytest.raises(ValueError, match="cache_salt applies to generation requests"):
+        eng.token_ids({"prompt_token_ids": prompt, "cache_salt": "tenant-a"})
+    assert_engine_empty(eng)
+
+
 def test_reset_prefix_cache_waits_for_the_engine_to_be_empty(checkpoint):
     """vLLM's ``reset_prefix_cache``: refused while a request runs (its cache intact), then every prompt computes
     afresh, to the same tokens."""

@@ -329,6 +329,18 @@ def test_skip_special_tokens(client, server):
     assert out.choices[0].text == "<|endoftext|>" * 3
 
 
+def test_cache_salt(client, server, reference):
+    """vLLM's ``cache_salt``: the same completion (its prefix cache apart); an empty one, or one with beam search,
+    is a 400 naming it."""
+    prompt = words()
+    out = client.completions.create(model=server.model, prompt=prompt, max_tokens=6, temperature=0,
+                                    extra_body={"cache_salt": f"tenant-{random.randrange(100)}"})  # fmt: skip
+    assert out.choices[0].text == expected(reference, prompt, max_tokens=6, temperature=0)[0]
+    for extra in ({"cache_salt": ""}, {"cache_salt": "a", "use_beam_search": True}):
+        r = server.post("/v1/completions", json={"model": server.model, "prompt": prompt, "max_tokens": 2, **extra})
+        assert error_of(r, 400)["param"] == "cache_salt"
+
+
 def test_structured_outputs_every_way_a_client_asks(client, server):
     """OpenAI's response_format (json_schema, json_object), vLLM's structured_outputs and guided_* fields."""
     import re
