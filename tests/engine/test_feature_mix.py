@@ -63,8 +63,8 @@ def test_every_feature_at_once(tiny_checkpoint):
     plain = LLM(str(tiny_checkpoint), **ENGINE)
     tok = busy.get_tokenizer()
     requests = [random_request(tok) for _ in range(40)]
-    for _ in range(4):  # long greedy pairs that outgrow the pool together (preemption), their prompts' ends repeated
-        head = [random.randrange(EOS) for _ in range(12)]  # earlier (the first lookups find drafts)
+    for _ in range(4):  # long greedy pairs that outgrow the pool together: preemption
+        head = [random.randrange(EOS) for _ in range(12)]  # the prompt ends as it began: the first lookups hit
         requests.append((head + head[:3], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, n=2)))
     random.shuffle(requests)
     prompts, params = [p for p, _ in requests], [sp for _, sp in requests]
