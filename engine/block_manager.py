@@ -36,7 +36,7 @@ class Block:
     hash: int | None = None  # set once the block is full, computed and registered
     parent_hash: int | None = None  # the previous block's hash (None for a sequence's first block)
     token_ids: tuple[int, ...] = ()  # the tokens behind ``hash``, to confirm a hit
-    draft_filled: bool = False  # a draft model's cache holds its K/V too (engine.draft_model); set at registration
+    draft_filled: bool = False  # a draft model's cache holds its K/V too (engine.draft_model)
 
     def matches(self, parent: int | None, token_ids: Seq[int]) -> bool:
         return self.parent_hash == parent and self.token_ids == tuple(token_ids)
@@ -121,16 +121,39 @@ class BlockManager:
             seq.block_hashes.append(h)
             block = self.blocks[seq.block_table[i]]
             if self.enable_prefix_caching and block.hash is None and h not in self.cached:
-                block.hash, block.parent_hash, block.token_ids = h, parent, tuple(chunk)
+                self._register(block, h, parent, chunk)
                 block.draft_filled = seq.draft_computed >= (i + 1) * bs
-                self.cached[h] = block.block_id
 
     def mark_draft_filled(self, seq: Sequence, start: int, stop: int) -> None:
         """A draft model's cache now holds the K/V of ``seq``'s tokens ``start`` to ``stop`` (and those before): the
-        full blocks among them serve its draft too when the prefix cache hits them."""
+        full blocks among them serve its draft too when the prefix cache hits them.
+
+        A block left unregistered because another held its tokens first (a prompt's last full block, computed again
+        by a request that hit the rest) takes the registration over when that other block lacks the draft's K/V."""
         bs = self.block_size
-        for block_id in seq.block_table[start // bs : stop // bs]:
-            self.blocks[block_id].draft_filled = True
+        for i in range(start // bs, stop // bs):
+            block = self.blocks[seq.block_table[i]]
+            block.draft_filled = True
+            if self.enable_prefix_caching and block.hash is None and i < len(seq.block_hashes):
+                self._take_over(block, seq, i)
+
+    def _take_over(self, block: Block, seq: Sequence, i: int) -> None:
+        """Register ``block``, ``seq``'s full block ``i``, in place of the block registered under its hash, if that
+        one does not serve the draft (or is gone)."""
+        h = seq.block_hashes[i]
+        holder = self.cached.get(h)
+        if holder is not None:
+            if self.blocks[holder].draft_filled:
+                return
+            self._unregister(self.blocks[holder])
+            if self.blocks[holder].ref_count == 0:  # worthless to keep now: reuse before any cached block
+                self.free_queue.move_to_end(holder, last=False)
+        parent = seq.block_hashes[i - 1] if i else seq.request.cache_root
+        self._register(block, h, parent, seq.token_range(i * self.block_size, (i + 1) * self.block_size))
+
+    def _register(self, block: Block, h: int, parent: int | None, token_ids: Seq[int]) -> None:
+        block.hash, block.parent_hash, block.token_ids = h, parent, tuple(token_ids)
+        self.cached[h] = block.block_id
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block (vLLM's ``reset_prefix_cache``), so the next requests compute their prompts

@@ -120,6 +120,32 @@ def test_freed_blocks_stay_hittable_until_reused_least_recently_freed_first():
     assert_blocks_consistent(bm, [fresh])
 
 
+def test_a_block_the_draft_filled_takes_over_the_hash_from_one_it_did_not():
+    """A prompt of whole blocks asked twice: the second request computes its last block again (a hit never holds
+    the last token), beside the registered one. Once a draft model has filled it (and the hits), that block serves
+    the hash, so a longer prompt hits only draft-filled blocks; the block it replaced is reused first. A block the
+    draft filled keeps its hash."""
+    bs = 4
+    bm = BlockManager(num_blocks=16, block_size=bs)
+    prompt = [random.randrange(50257) for _ in range(3 * bs)]
+    first, _ = admitted(bm, prompt)  # computed by the target alone
+    second, hits = admitted(bm, prompt)
+    assert hits == 2 and bm.blocks[second.block_table[2]].hash is None
+    longer = prompt + [random.randrange(50257) for _ in range(bs)]
+    replaced = first.block_table[2]
+    assert bm.match_prefix(longer)[0] == second.block_table[:2] + [replaced]
+    bm.free(first)
+    assert next(iter(bm.free_queue)) != replaced  # still cached
+    bm.mark_draft_filled(second, 0, len(prompt))
+    assert bm.match_prefix(longer)[0] == second.block_table
+    assert all(bm.blocks[b].draft_filled for b in second.block_table)
+    assert bm.blocks[replaced].hash is None and next(iter(bm.free_queue)) == replaced
+    third, _ = admitted(bm, prompt)
+    bm.mark_draft_filled(third, 0, len(prompt))
+    assert bm.match_prefix(longer)[0] == second.block_table
+    assert_blocks_consistent(bm, [second, third])
+
+
 def test_fork_shares_blocks_and_copies_only_the_partial_one_on_write():
     bs = 4
     bm = BlockManager(num_blocks=16, block_size=bs)

@@ -205,11 +205,13 @@ def test_the_draft_cache_holds_each_sequences_tokens_after_every_step(target, ne
 
 
 def test_prefix_cache_hits_serve_the_draft_the_blocks_it_filled(target, near_draft):
-    """A prompt computed by the target alone (a one-token request never drafts), then asked again: the draft
-    computes it all. Then a prompt that extends that request's output: the blocks the prefix cache serves the
-    target hold the draft's K/V too, so the draft computes only the tokens after them (a few more than the target:
-    the draft's last K/V of a step, and a step without drafts, are the target's alone). Its NaN-poisoned cache
-    holds transformers' K/V for every token it claims; the outputs are the plain ones."""
+    """A prompt of whole blocks computed by the target alone (a one-token request never drafts), then asked again:
+    the draft computes it all (the target only its last block, again: a hit never holds the last token). Then a
+    prompt that extends that request's output: the blocks the prefix cache serves the target hold the draft's K/V
+    too (the last block of the prompt included: the one computed again serves the hash), so the draft computes
+    only the tokens after them (a few more than the target: the draft's last K/V of a step, and a step without
+    drafts, are the target's alone). Its NaN-poisoned cache holds transformers' K/V for every token it claims; the
+    outputs are the plain ones."""
     from transformers import GPT2LMHeadModel
 
     draft_model = GPT2LMHeadModel.from_pretrained(near_draft).eval()
@@ -217,7 +219,8 @@ def test_prefix_cache_hits_serve_the_draft_the_blocks_it_filled(target, near_dra
     engine = spec.llm_engine
     engine.proposer.runner.kv.k.fill_(float("nan"))
     engine.proposer.runner.kv.v.fill_(float("nan"))
-    prompt = random_prompts(1)[0] + [random.randrange(EOS) for _ in range(8)]
+    prompt = random_prompts(1)[0]
+    prompt += [random.randrange(EOS) for _ in range(8 + -len(prompt) % ENGINE["block_size"])]
     spec.generate([prompt], SamplingParams(max_tokens=1), use_tqdm=False)
 
     def admitted(prompt: list[int], params: SamplingParams) -> tuple[object, int]:
