@@ -5,7 +5,8 @@ A decode step of GPT-2 Medium is ~200 small kernel launches; at small batch thei
 exceeds the math. So each batch-size bucket gets static input buffers and one captured graph of
 ``decode -> ln_f -> LM head``. A batch of B sequences runs in the smallest bucket >= B: pad rows store nothing
 (slot -1) and attend over nothing (context 0), and their logits are dropped. Every capture uses
-``max_context_len = n_positions``, so the kernels' launch grids never depend on the step.
+``max_context_len`` = the engine's ``max_model_len`` (the model's ``n_positions`` unless lowered), so the kernels'
+launch grids never depend on the step.
 
 Without CUDA (or to test the padding on CPU) the same buckets run eagerly: ``capture=False``.
 """
@@ -38,13 +39,16 @@ class _Bucket:
 class StaticDecoder:
     """Runs decode steps in padded, fixed-shape buckets; captures each bucket as a CUDA graph on first use."""
 
-    def __init__(self, model: GPT2, kv: KVCache, max_batch: int, device: torch.device, capture: bool) -> None:
+    def __init__(
+        self, model: GPT2, kv: KVCache, max_batch: int, device: torch.device, capture: bool, max_context: int = 0
+    ) -> None:
+        """``max_context``: the longest sequence decoded (0: the model's ``n_positions``)."""
         self.model = model
         self.kv = kv
         self.device = device
         self.capture = capture
         self.sizes = buckets(max_batch)
-        self.max_context = model.config.n_positions
+        self.max_context = max_context or model.config.n_positions
         self.max_blocks = cdiv(self.max_context, kv.block_size)
         self._buckets: dict[int, _Bucket] = {}
 

@@ -239,7 +239,7 @@ class LLMEngine:
         if self._graphs:  # decode as CUDA graphs
             rows = max_num_seqs * (1 + (self.speculative.num_speculative_tokens if self.speculative else 0))
             rows = min(rows, self.max_num_batched_tokens)  # a sequence's drafts are decode rows too
-            static = StaticDecoder(self.model, self.kv, rows, self.device, capture=True)
+            static = StaticDecoder(self.model, self.kv, rows, self.device, capture=True, max_context=self.max_model_len)
         self.runner = ModelRunner(self.model, self.kv, self.blocks, self.device, static, self.loras)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, self.max_num_batched_tokens, scheduling_policy,
                                    max_loras if enable_lora else None)  # fmt: skip
@@ -295,7 +295,9 @@ class LLMEngine:
         if draft is None:
             return NgramProposer(self.speculative)
         kv = KVCache.allocate(draft.config, self.blocks.num_blocks, self.block_size, self.dtype, self.device)
-        static = StaticDecoder(draft, kv, max_num_seqs, self.device, capture=True) if self._graphs else None
+        static = None
+        if self._graphs:
+            static = StaticDecoder(draft, kv, max_num_seqs, self.device, capture=True, max_context=self.max_model_len)
         return DraftModelProposer(ModelRunner(draft, kv, self.blocks, self.device, static), self.config.eos_token_id)
 
     def _num_blocks_from_budget(self, budget: int, max_num_seqs: int, draft: GPT2 | None) -> int:

@@ -28,14 +28,16 @@ def assert_static_decode_matches_eager(make, max_num_seqs: int, prompts: list[li
     here) chooses the tokens eager decoding does, with the same log-probs; returns the ``StaticDecoder``.
 
     ``make(max_num_seqs)`` builds an ``LLM``. Its buckets go up to ``max_num_seqs + 1``, so even a full batch
-    decodes with a pad row; random lengths make the batch shrink too, so rows go from real to padding. The
-    NaN-filled pool catches a pad row that stored, or a read of a slot that was never written.
+    decodes with a pad row; random lengths make the batch shrink too, so rows go from real to padding. The longest
+    prompt gets ``max_tokens``: it fills an ``LLM``'s ``max_model_len`` of the longest prompt + ``max_tokens``,
+    the buckets' width. The NaN-filled pool catches a pad row that stored, or a read of a slot that was never
+    written.
     """
     from engine import SamplingParams
     from engine.cuda_graphs import StaticDecoder
 
     eager, static = make(max_num_seqs), make(max_num_seqs)
-    decoder = StaticDecoder(static.model, static.kv, max_num_seqs + 1, static.device, capture=False)
+    decoder = StaticDecoder(static.model, static.kv, max_num_seqs + 1, static.device, False, static.max_model_len)
     static.runner.static_decoder = decoder
     static.kv.k.fill_(float("nan"))
     static.kv.v.fill_(float("nan"))
@@ -47,7 +49,9 @@ def assert_static_decode_matches_eager(make, max_num_seqs: int, prompts: list[li
         return decode(input_ids, *rest)
 
     decoder.decode = noting_padding
-    lengths = random.sample(range(2, max_tokens + 1), len(prompts))
+    lengths = random.sample(range(2, max_tokens), len(prompts) - 1)
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    lengths.insert(longest, max_tokens)
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=0) for n in lengths]
     outs = eager.generate(prompts, params, use_tqdm=False), static.generate(prompts, params, use_tqdm=False)
     for a, b in zip(*outs, strict=True):

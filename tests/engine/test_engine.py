@@ -192,14 +192,17 @@ def test_more_sequences_than_fit_at_once(tiny_checkpoint):
 
 def test_fixed_shape_decode_matches_eager(tiny_checkpoint):
     """The padded fixed-size buckets that CUDA graphs replay give eager decode's results (run eagerly here):
-    14 requests through a 7-sequence batch (buckets 1, 2, 4, 8)."""
+    14 requests through a 7-sequence batch (buckets 1, 2, 4, 8), whose block tables are as wide as
+    ``max_model_len`` needs (the longest request fills it), not the model's 128 positions."""
+    prompts = [random_ids(random.randint(1, 20)) for _ in range(14)]
+    max_model_len = max(map(len, prompts)) + 16
 
     def make(max_num_seqs):
         return LLM(str(tiny_checkpoint), backend="torch", dtype="float32", device="cpu", block_size=4,
-                   max_num_seqs=max_num_seqs, progress=False)  # fmt: skip
+                   max_num_seqs=max_num_seqs, max_model_len=max_model_len, progress=False)  # fmt: skip
 
-    prompts = [random_ids(random.randint(1, 20)) for _ in range(14)]
-    assert assert_static_decode_matches_eager(make, 7, prompts, 16).sizes == [1, 2, 4, 8]
+    decoder = assert_static_decode_matches_eager(make, 7, prompts, 16)
+    assert decoder.sizes == [1, 2, 4, 8] and decoder.max_blocks == -(-max_model_len // 4)
 
 
 @pytest.fixture(scope="module")
