@@ -195,7 +195,7 @@ def test_prefix_caching_off_never_hits():
 
 
 OPS = st.lists(
-    st.tuples(st.sampled_from(["new", "grow", "fork", "free"]), st.integers(0, 10**6), st.integers(1, 12)),
+    st.tuples(st.sampled_from(["new", "grow", "fork", "free", "draft"]), st.integers(0, 10**6), st.integers(1, 12)),
     max_size=60,
 )
 
@@ -203,8 +203,9 @@ OPS = st.lists(
 @settings(max_examples=150, deadline=None)
 @given(OPS, st.sampled_from([1, 2, 4]))
 def test_random_operations_keep_the_invariants(ops, bs):
-    """Random admit (with prefix hits) / grow / fork / free / evict sequences over a small pool and vocabulary (so
-    prefixes repeat): no block is handed out twice or leaked, and reference counts always equal their users."""
+    """Random admit (with prefix hits) / grow / fork / free / evict / draft-fill sequences over a small pool and
+    vocabulary (so prefixes repeat): no block is handed out twice or leaked, reference counts always equal their
+    users, and a registered block in a table is registered under that table's hash for it."""
     bm = BlockManager(num_blocks=12, block_size=bs)
     live = []
     for op, pick, size in ops:
@@ -235,9 +236,15 @@ def test_random_operations_keep_the_invariants(ops, bs):
                 live.append(child)
         elif live and op == "free":
             bm.free(live.pop(pick % len(live)))
+        elif live and op == "draft":  # a draft model catches up (may take registrations over)
+            seq = live[pick % len(live)]
+            bm.mark_draft_filled(seq, seq.draft_computed, seq.num_computed)
+            seq.draft_computed = seq.num_computed
         assert_blocks_consistent(bm, live)
         for seq in live:  # every table covers its computed tokens
             assert len(seq.block_table) == bm.blocks_needed(seq.num_computed)
+            for block_id, h in zip(seq.block_table, seq.block_hashes):
+                assert bm.blocks[block_id].hash in (None, h)
     for seq in live:
         bm.free(seq)
     assert_blocks_consistent(bm, [])
