@@ -194,23 +194,24 @@ def test_prefix_caching_off_never_hits():
     assert bm.match_prefix([1, 2, 3, 4, 5]) == ([], []) and not bm.cached
 
 
-OPS = st.lists(
-    st.tuples(st.sampled_from(["new", "grow", "fork", "free", "draft"]), st.integers(0, 10**6), st.integers(1, 12)),
-    max_size=60,
-)
+OP_NAMES = ["new", "again", "grow", "fork", "free", "draft"]
+OPS = st.lists(st.tuples(st.sampled_from(OP_NAMES), st.integers(0, 10**6), st.integers(1, 12)), max_size=60)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(OPS, st.sampled_from([1, 2, 4]))
 def test_random_operations_keep_the_invariants(ops, bs):
-    """Random admit (with prefix hits) / grow / fork / free / evict / draft-fill sequences over a small pool and
-    vocabulary (so prefixes repeat): no block is handed out twice or leaked, reference counts always equal their
-    users, and a registered block in a table is registered under that table's hash for it."""
+    """Random admit (with prefix hits; of new tokens, or of a live sequence's) / grow / fork / free / evict /
+    draft-fill sequences over a small pool and vocabulary (so prefixes repeat): no block is handed out twice or
+    leaked, reference counts always equal their users, and a registered block in a table is registered under that
+    table's hash for it."""
     bm = BlockManager(num_blocks=12, block_size=bs)
     live = []
     for op, pick, size in ops:
-        if op == "new":
+        if op == "new" or op == "again" and live:
             tokens = [(pick >> i) % 3 for i in range(size)]  # tiny vocabulary: shared prefixes are common
+            if op == "again":  # another sequence's tokens: its last full block is computed again
+                tokens = live[pick % len(live)].token_range(0, live[pick % len(live)].num_tokens)
             seq = make_sequence(tokens, n=2)
             hits, hashes = bm.match_prefix(tokens)
             if bm.can_admit(hits, len(tokens)):
