@@ -171,6 +171,11 @@ class AsyncLLM:
         check_pooling(pooling, normalize)
         return await self._in_engine_thread(lambda: embed(self.engine, token_lists, pooling, normalize, lora_request))
 
+    async def reset_prefix_cache(self) -> bool:
+        """The engine's :meth:`~engine.llm_engine.LLMEngine.reset_prefix_cache`, between two steps: False (nothing
+        forgotten) while requests are unfinished."""
+        return await self._in_engine_thread(self.engine.reset_prefix_cache)
+
     async def _in_engine_thread(self, fn: Callable[[], T]) -> T:
         """``fn()``'s result, run by the engine thread between two steps (the model is the thread's alone)."""
         self.check_accepting()

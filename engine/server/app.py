@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP app (FastAPI): routes translate HTTP to :class:`AsyncLLM`, errors to OpenAI's body.
 
 A client's mistake is a 4xx with ``{"error": {"message", "type", "param", "code"}}``, never a 500: invalid fields and
-malformed JSON 400, a missing or wrong API key 401, an unknown model or path 404, a body over the limit 413, a full
-queue or a shutdown 503. A client that disconnects aborts its request (vLLM's ``with_cancellation``).
+malformed JSON 400, a missing or wrong API key 401, an unknown model or path 404, a prefix-cache reset while requests
+run 409, a body over the limit 413, a full queue or a shutdown 503. A client that disconnects aborts its request
+(vLLM's ``with_cancellation``).
 """
 
 from __future__ import annotations
@@ -219,6 +220,12 @@ def build_app(llm: AsyncLLM, config: ServerConfig, exposition: Callable[[], Awai
         if bad:
             raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "tokens")
         return {"prompt": llm.get_tokenizer().decode(req.tokens)}
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        if not await llm.reset_prefix_cache():
+            raise ApiError(409, "requests are running: the prefix cache can be reset only while the engine is idle")
+        return Response(status_code=200)
 
     @app.get("/metrics")
     async def prometheus_metrics():

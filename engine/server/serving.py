@@ -93,9 +93,12 @@ class Job:
         return [len(c.token_ids) for c in final.outputs]
 
     def usage(self, finals: list[RequestOutput]) -> dict:
+        """OpenAI's usage, with ``prompt_tokens_details.cached_tokens``: the prompt tokens the prefix cache served."""
         prompt = sum(len(out.prompt_token_ids) for out in finals)
         completion = sum(sum(self.completion_tokens(out)) for out in finals)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        cached = sum(out.num_cached_tokens for out in finals)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
 
     async def finals(self) -> list[RequestOutput]:
         """Every request's final output, in prompt order."""

@@ -408,6 +408,46 @@ def test_a_speculating_server_answers_what_the_engine_without_speculation_does(t
         stop()
 
 
+def wait_until_idle(server) -> None:
+    deadline = time.monotonic() + 20
+    while metric(server, "num_requests_running") or metric(server, "num_requests_waiting"):
+        assert time.monotonic() < deadline, "the engine did not go idle"
+        time.sleep(0.05)
+
+
+def test_usage_counts_cached_prompt_tokens_until_the_prefix_cache_is_reset(client, server, reference):
+    """A prompt asked again has its whole blocks served by the prefix cache: OpenAI's
+    ``usage.prompt_tokens_details.cached_tokens`` says how many; after ``POST /reset_prefix_cache`` none are. While
+    a request runs the reset is refused (409) and forgets nothing."""
+    prompt = " ".join(words() for _ in range(8))
+    whole_blocks = (len(reference.get_tokenizer().encode(prompt)) - 1) // 16 * 16  # the server's block_size
+
+    def cached_tokens(**extra) -> int:
+        out = client.completions.create(model=server.model, prompt=prompt, max_tokens=2, **extra)
+        return out.usage.prompt_tokens_details.cached_tokens
+
+    wait_until_idle(server)
+    assert server.post("/reset_prefix_cache").status_code == 200
+    assert whole_blocks > 0 and cached_tokens() == 0
+    assert cached_tokens(n=2) == whole_blocks
+    stream = client.completions.create(model=server.model, prompt=prompt, max_tokens=2, stream=True,
+                                       stream_options={"include_usage": True})  # fmt: skip
+    (usage,) = [chunk.usage for chunk in stream if chunk.usage is not None]
+    assert usage.prompt_tokens_details.cached_tokens == whole_blocks
+    assert server.post("/reset_prefix_cache").status_code == 200
+    assert cached_tokens() == 0
+    body = {"model": server.model, "prompt": words(), "max_tokens": 100, "stream": True, "ignore_eos": True}
+    conn, r = server.send("POST", "/v1/completions", json=body)
+    try:
+        assert r.status == 200 and r.readline().startswith(b"data: ")  # running
+        assert error_of(server.post("/reset_prefix_cache"), 409)["type"] == "conflict_error"
+    finally:
+        conn.sock.shutdown(2)
+        conn.close()
+    wait_until_idle(server)
+    assert cached_tokens() == whole_blocks
+
+
 def test_disconnect_mid_stream_aborts_and_frees_blocks(server):
     short = {"model": server.model, "prompt": words(), "max_tokens": 2, "ignore_eos": True}
     assert server.post("/v1/completions", json=short).status_code == 200  # one success by "length" for the counter
