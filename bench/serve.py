@@ -97,6 +97,9 @@ def add_workload_args(ap: argparse.ArgumentParser) -> None:
                      "ours given --ours-args '--lora-modules NAME=DIR ...'; the base model may be one)")  # fmt: skip
     req.add_argument("--timeout", type=float, default=300.0, help="seconds each request may take")
     req.add_argument("--num-warmups", type=int, default=1, help="untimed requests before the runs")
+    req.add_argument("--reset-prefix-cache", action="store_true",
+                     help="POST /reset_prefix_cache before each run (ours, vLLM): a cold cache even for prompts an "
+                     "earlier invocation sent to a --base-url server")  # fmt: skip
 
 
 def add_load_and_result_args(ap: argparse.ArgumentParser) -> None:

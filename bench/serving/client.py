@@ -32,6 +32,7 @@ class RequestResult:
     output_tokens: int = 0  # usage.completion_tokens, else chunks
     output_tokens_from: str = "chunks"
     server_prompt_tokens: int | None = None  # usage.prompt_tokens
+    server_cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens: prefix-cache hits
     finish_reason: str | None = None
     text: str = ""
 
@@ -62,6 +63,7 @@ class RequestResult:
             self.output_tokens, self.output_tokens_from = usage["completion_tokens"], "usage"
         if usage:
             self.server_prompt_tokens = usage.get("prompt_tokens")
+            self.server_cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
         return last_text
 
 

@@ -58,11 +58,14 @@ def latencies(ok: list[RequestResult], percentiles: list[float]) -> dict:
 
 
 def checks(ok: list[RequestResult]) -> dict:
-    """Did every completion run to max_tokens (EOS ignored), and did the server see our prompt lengths?"""
+    """Did every completion run to max_tokens (EOS ignored), did the server see our prompt lengths, and how many
+    prompt tokens did its prefix cache serve (None: it does not say)?"""
+    cached = [r.server_cached_tokens for r in ok if r.server_cached_tokens is not None]
     return dict(
         full_length=sum(r.output_tokens == r.expected_output_tokens for r in ok),
         output_tokens_from_usage=sum(r.output_tokens_from == "usage" for r in ok),
         prompt_tokens_mismatched=sum(r.server_prompt_tokens not in (None, r.prompt_tokens) for r in ok),
+        cached_prompt_tokens=sum(cached) if cached else None,
     )
 
 

@@ -26,7 +26,8 @@ LATENCY_TITLES = {"ttft": "Time to First Token", "tpot": "Time per Output Token 
 NOTES = [
     "TTFT: to the first SSE chunk with text; ITL: gaps between such chunks; TPOT: (e2e - TTFT) / (output tokens - 1); "
     "output tokens: usage.completion_tokens, else text chunks",
-    "each run label has its own prompts (seed + run index): no server sees a prompt twice",
+    "each run label has its own prompts (seed + run index): no server sees a prompt twice in one invocation "
+    "(--reset-prefix-cache also forgets an earlier invocation's)",
     "throughputs count completed requests over the run's wall time, from the first send to the last answer",
 ]
 
@@ -53,6 +54,8 @@ def print_run_block(run: Run, percentiles: list[float]) -> None:
              ("Total token throughput (tok/s)", f"{s['total_token_throughput']:.2f}")]  # fmt: skip
     if s["request_goodput"] is not None:
         lines.append(("Request goodput (req/s)", f"{s['request_goodput']:.2f}"))
+    if s["cached_prompt_tokens"] is not None:
+        lines.append(("Prefix cache hit tokens", s["cached_prompt_tokens"]))
     lines += [(f"Error ({count}x)", error) for error, count in s["errors"].items()]
     for name, value in lines:
         print(f"{name + ':':<40}{value:<10}")
@@ -74,6 +77,8 @@ def throughput_row(r: Run, width: int) -> str:
     checks = f"{s['full_length']}/{s['completed']} full length"
     if s["prompt_tokens_mismatched"]:
         checks += f", {s['prompt_tokens_mismatched']} prompt-length mismatches"
+    if s["cached_prompt_tokens"]:
+        checks += f", {s['cached_prompt_tokens']}/{s['total_input_tokens']} prompt tokens from the prefix cache"
     return (f"{head} {s['completed']:>4} {s['failed']:>4} {s['duration_s']:>7.1f} {s['request_throughput']:>6.2f} "
             f"{s['output_throughput']:>9.1f} {s['total_token_throughput']:>9.1f} {goodput:>7}  {checks}")  # fmt: skip
 

@@ -21,6 +21,7 @@ from .servers import (
     launched,
     launched_server,
     ray_server,
+    reset_prefix_cache,
 )
 from .workload import Workload, file_workload, random_workload
 
@@ -138,6 +139,8 @@ def benchmark_server(server: Server, workloads: dict[str, Workload], runs: list[
                 runs.append(Run(server.name, label, math.nan, workloads[label].describe(), error=why))
                 continue
             log(f"[{server.name}] moderate rate {rate:.3f} req/s: {why}")
+        if args.reset_prefix_cache:
+            log(f"[{server.name}] {reset_prefix_cache(server)}")
         # the same arrival times on every server for the same run
         runs.append(execute_run(server, workloads[label], label, rate, args, arrival_seed=args.seed + k))
 

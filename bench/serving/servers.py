@@ -137,6 +137,27 @@ def http_get_json(url: str, timeout: float = 5.0) -> tuple[int, object]:
         return status, None
 
 
+def http_post(url: str, timeout: float = 10.0) -> int:
+    """The status of a POST without a body; 0 when nothing answered."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=b"", method="POST"), timeout=timeout) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (OSError, ValueError):
+        return 0
+
+
+def reset_prefix_cache(server: Server) -> str:
+    """``POST /reset_prefix_cache`` (ours and vLLM's): how it went, in words for the log."""
+    status = http_post(server.base_url + "/reset_prefix_cache")
+    if status == 200:
+        return "prefix cache reset"
+    if status == 404:
+        return "no /reset_prefix_cache (404): its prefix cache, if any, is kept"
+    return f"prefix cache not reset (HTTP {status})"
+
+
 def discover_model(base_url: str) -> str | None:
     """The first model id ``/v1/models`` lists (transformers serve wants its checkpoint path; ours its served name)."""
     status, body = http_get_json(base_url + "/v1/models")

@@ -24,7 +24,8 @@ CHUNKS = 3  # text chunks the stub streams per request (= max_tokens of the test
 SUMMARY_FIELDS = {"completed", "failed", "errors", "duration_s", "total_input_tokens", "total_output_tokens",
                   "request_throughput", "output_throughput", "total_token_throughput", "goodput_slos_ms",
                   "good_requests", "request_goodput", "full_length", "output_tokens_from_usage",
-                  "prompt_tokens_mismatched", "ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"}  # fmt: skip
+                  "prompt_tokens_mismatched", "cached_prompt_tokens", "ttft_ms", "tpot_ms", "itl_ms",
+                  "e2el_ms"}  # fmt: skip
 
 
 @pytest.fixture
@@ -38,14 +39,20 @@ def bench(monkeypatch):
                            servers=servers, workload=workload)  # fmt: skip
 
 
-def stub_app(bodies: list[dict], fail: set[int], hang: set[int], no_usage: set[int]):
-    """A /v1/completions that streams ``CHUNKS`` text chunks 10 ms apart, a finish chunk, usage and [DONE]; the
-    ``k``-th request it receives (from 0) answers 500 if ``k`` is in ``fail``, stops after one chunk for a minute if
-    in ``hang``, and sends no usage if in ``no_usage``."""
+def stub_app(bodies: list[dict], fail: set[int], hang: set[int], no_usage: set[int], resets: list[int]):
+    """A /v1/completions that streams ``CHUNKS`` text chunks 10 ms apart, a finish chunk, usage (``k`` cached prompt
+    tokens) and [DONE]; the ``k``-th request it receives (from 0) answers 500 if ``k`` is in ``fail``, stops after one
+    chunk for a minute if in ``hang``, and sends no usage if in ``no_usage``. ``POST /reset_prefix_cache`` appends
+    the number of requests received so far to ``resets``."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
 
     app = FastAPI()
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        resets.append(len(bodies))
+        return {}
 
     @app.get("/health")
     async def health():
@@ -75,7 +82,8 @@ def stub_app(bodies: list[dict], fail: set[int], hang: set[int], no_usage: set[i
             yield event({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]})
             if k not in no_usage:
                 usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": CHUNKS}
-                yield event({"choices": [], "usage": {**usage, "total_tokens": sum(usage.values())}})
+                usage |= {"total_tokens": sum(usage.values()), "prompt_tokens_details": {"cached_tokens": k}}
+                yield event({"choices": [], "usage": usage})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream")
@@ -108,17 +116,18 @@ def test_client_end_to_end(bench, tmp_path, gpt2_ranks_file):
     bodies: list[dict] = []
     # request 0 is the warm-up; then the run's requests 1..6 one at a time (max concurrency 1), so the k-th request the
     # stub receives is the run's (k - 1)-th: #3 fails, #5 hangs past the timeout, #6 sends no usage
-    app = stub_app(bodies, fail={3}, hang={5}, no_usage={6})
+    resets: list[int] = []
+    app = stub_app(bodies, fail={3}, hang={5}, no_usage={6}, resets=resets)
     out = tmp_path / "serve.json"
     with running(app, bench.servers.free_port()) as url:
         argv = ["--base-url", url, "--num-prompts", "6", "--input-len", "8", "--output-len", str(CHUNKS),
                 "--range-ratio", "0", "--max-concurrency", "1", "--timeout", "1.5", "--goodput", "ttft:60000",
                 "e2e:60000", "--percentiles", "50", "90", "--save-requests", "--seed", str(random.randrange(1000)),
-                "--output-json", str(out)]  # fmt: skip
+                "--reset-prefix-cache", "--output-json", str(out)]  # fmt: skip
         assert bench.serve.main(argv) == 0
     report = json.loads(out.read_text())
 
-    assert len(bodies) == 7
+    assert len(bodies) == 7 and resets == [1]  # after the warm-up, before the run
     warm, first = bodies[0], bodies[1]
     assert first["model"] == "stub-model"  # from /v1/models
     assert first["stream"] is True and first["stream_options"] == {"include_usage": True}
@@ -140,6 +149,7 @@ def test_client_end_to_end(bench, tmp_path, gpt2_ranks_file):
     assert s["good_requests"] == 4 and s["request_goodput"] > 0  # every completed request is within 60 s SLOs
     assert s["full_length"] == 4 and s["output_tokens_from_usage"] == 3  # request 6 is counted from its chunks
     assert s["total_output_tokens"] == 4 * CHUNKS and s["prompt_tokens_mismatched"] == 0
+    assert s["cached_prompt_tokens"] == 1 + 2 + 4  # requests 1, 2 and 4 said how many (6 sent no usage)
     assert s["total_input_tokens"] == sum(len(b["prompt"]) for k, b in enumerate(bodies) if k in (1, 2, 4, 6))
     assert s["ttft_ms"]["count"] == 4 and s["tpot_ms"]["count"] == 4 and s["e2el_ms"]["count"] == 4
     assert s["itl_ms"]["count"] == 4 * (CHUNKS - 1)  # gaps between text chunks
@@ -183,6 +193,7 @@ def test_against_our_server(bench, tmp_path, tiny_checkpoint):
         s, w = run["summary"], report["workloads"][run["label"]]
         assert w["num_prompts"] == n and s["completed"] == n and s["failed"] == 0 and not s["errors"]
         assert s["full_length"] == n and s["output_tokens_from_usage"] == n and s["prompt_tokens_mismatched"] == 0
+        assert s["cached_prompt_tokens"] == 0  # said, and none: no prompt repeats another's start
         assert s["total_output_tokens"] == w["output_tokens"] and s["total_input_tokens"] == w["prompt_tokens"]
         assert s["ttft_ms"]["count"] == n and s["e2el_ms"]["count"] == n
         assert s["itl_ms"]["count"] <= w["output_tokens"] - n  # text chunks: at most one per token after the first
