@@ -61,8 +61,9 @@ def _read_template(path: str | None) -> str | None:
         raise ValueError(f"--chat-template: cannot read {path}: {e.strerror}") from None
 
 
-def build(options: ServeOptions, engine_args: dict, exposition=None):
-    """The app and its ``AsyncLLM`` (the engine loaded, its thread started); ``exposition``: see ``build_app``."""
+def build(options: ServeOptions, engine_args: dict, exposition=None, reset_prefix_cache=None):
+    """The app and its ``AsyncLLM`` (the engine loaded, its thread started); ``exposition`` and
+    ``reset_prefix_cache``: see ``build_app``."""
     from engine.async_llm import AsyncLLM
     from engine.lora import LoRARequest
     from engine.server.app import ServerConfig, build_app
@@ -80,7 +81,7 @@ def build(options: ServeOptions, engine_args: dict, exposition=None):
         config = ServerConfig(names, options.api_key or os.environ.get(API_KEY_ENV) or None, template,
                               options.max_body_bytes, options.shutdown_grace_s, lora_modules=loras,
                               allow_runtime_lora_updating=options.allow_runtime_lora_updating)  # fmt: skip
-        return build_app(llm, config, exposition), llm
+        return build_app(llm, config, exposition, reset_prefix_cache), llm
     except ValueError:
         llm.stop()
         raise

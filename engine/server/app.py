@@ -127,9 +127,15 @@ class Guard:
 
 
 # --------------------------------------------------------------------------------------------- the app
-def build_app(llm: AsyncLLM, config: ServerConfig, exposition: Callable[[], Awaitable[bytes]] | None = None) -> Guard:
+def build_app(
+    llm: AsyncLLM,
+    config: ServerConfig,
+    exposition: Callable[[], Awaitable[bytes]] | None = None,
+    reset_prefix_cache: Callable[[], Awaitable[bool]] | None = None,
+) -> Guard:
     """The app over ``llm``; its ``.metrics`` record its requests. ``exposition`` makes the body of ``GET /metrics``
-    (default: those metrics; a Ray replica answers for every replica)."""
+    (default: those metrics), ``reset_prefix_cache`` serves ``POST /reset_prefix_cache`` (default: ``llm``'s): a Ray
+    replica answers for every replica."""
     metrics = Metrics(llm)
     render_chat = _chat_renderer(llm, config.chat_template) if config.chat_template else None
 
@@ -222,8 +228,8 @@ def build_app(llm: AsyncLLM, config: ServerConfig, exposition: Callable[[], Awai
         return {"prompt": llm.get_tokenizer().decode(req.tokens)}
 
     @app.post("/reset_prefix_cache")
-    async def reset_prefix_cache():
-        if not await llm.reset_prefix_cache():
+    async def reset():
+        if not await (reset_prefix_cache or llm.reset_prefix_cache)():
             raise ApiError(409, "requests are running: the prefix cache can be reset only while the engine is idle")
         return Response(status_code=200)
 

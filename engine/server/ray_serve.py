@@ -6,8 +6,8 @@ the same OpenAI-compatible app as ``gpt2-triton serve``, Serve's proxy routing r
 
 A replica takes one GPU (``num_gpus=1``) on a GPU cluster, else a share of the CPUs. Serve's health check asks the
 replica whether its engine thread still runs; a replica that fails it, or whose process dies, is replaced by Serve.
-Every response names its replica in the ``x-gpt2-triton-replica`` header, and ``GET /metrics`` answers for every
-replica at once, each sample labelled ``replica="..."``.
+Every response names its replica in the ``x-gpt2-triton-replica`` header, ``GET /metrics`` answers for every
+replica at once, each sample labelled ``replica="..."``, and ``POST /reset_prefix_cache`` resets every replica's.
 
 Serve's proxy routes each request to a :class:`Front` (as many as engine replicas, no CPUs of their own), which hands
 it to an engine replica through a deployment handle and relays its answer. The front is there for one thing: a
@@ -44,7 +44,7 @@ DEPLOYMENT_NAME = "GPT2TritonReplica"
 FRONT_NAME = "GPT2TritonFront"
 UNAVAILABLE = (RayActorError, BackPressureError, DeploymentUnavailableError)  # no live replica to answer: 503
 REPLICA_HEADER = b"x-gpt2-triton-replica"
-METRICS_TIMEOUT_S = 10.0
+BROADCAST_TIMEOUT_S = 10.0  # a call on every replica (metrics, a prefix-cache reset)
 DEFAULT_MAX_NUM_SEQS = 256  # LLMEngine's default
 
 
@@ -114,7 +114,7 @@ class EngineReplica:
 
     async def __init__(self, options: ServeOptions, engine_args: dict) -> None:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        app, self.llm = build(options, engine_args, exposition=self.all_replicas_metrics)
+        app, self.llm = build(options, engine_args, self.all_replicas_metrics, self.reset_every_prefix_cache)
         self.metrics: Metrics = app.metrics
         self.asgi_app = ReplicaHeader(app, self.replica_id)
         self.lifespan = LifespanOn(uvicorn.Config(app, lifespan="on", log_level=None, log_config=None))
@@ -164,9 +164,21 @@ class EngineReplica:
         return self.replica_id, self.metrics.render()
 
     async def all_replicas_metrics(self) -> bytes:
+        return merge_expositions(dict(await self._broadcast("replica_metrics")))
+
+    async def reset_own_prefix_cache(self) -> bool:
+        return await self.llm.reset_prefix_cache()
+
+    async def reset_every_prefix_cache(self) -> bool:
+        """``POST /reset_prefix_cache`` on any replica resets them all; False if one was busy (the idle ones are
+        reset)."""
+        return all(await self._broadcast("reset_own_prefix_cache"))
+
+    @staticmethod
+    async def _broadcast(method: str) -> list:
+        """``method``'s result on every replica (Serve's broadcast, made for control calls such as cache resets)."""
         handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=APP_NAME)
-        results = await handle.broadcast("replica_metrics").results_async(timeout_s=METRICS_TIMEOUT_S)
-        return merge_expositions(dict(results))
+        return await handle.broadcast(method).results_async(timeout_s=BROADCAST_TIMEOUT_S)
 
 
 class Relay:

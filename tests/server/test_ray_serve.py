@@ -144,6 +144,27 @@ def test_metrics_answer_for_every_replica(ray_server):
     assert body.decode().count("# TYPE gpt2_triton:generation_tokens_total counter") == 1
 
 
+def test_a_prefix_cache_reset_reaches_every_replica(ray_server):
+    """Both replicas cache a prompt (each one's second answer to it says so in ``usage``); one ``POST
+    /reset_prefix_cache`` empties both, so each one's next answer computes it afresh."""
+    prompt = " ".join(words() for _ in range(12))  # at least 24 tokens: a whole 16-token block
+
+    def first_answer_of_each() -> dict[str, int]:
+        """Each replica's cached prompt tokens in its first answer to ``prompt`` (the router picks the replica)."""
+        seen: dict[str, int] = {}
+        for _ in range(40):
+            raw = ray_server.client.completions.with_raw_response.create(model="tiny", prompt=prompt, max_tokens=1)
+            seen.setdefault(raw.headers[HEADER], raw.parse().usage.prompt_tokens_details.cached_tokens)
+            if len(seen) == 2:
+                return seen
+        raise AssertionError("40 requests did not reach both replicas")
+
+    first_answer_of_each()
+    assert all(first_answer_of_each().values())
+    assert post(ray_server.url + "/reset_prefix_cache", {})[0] == 200
+    assert not any(first_answer_of_each().values())
+
+
 def post(url: str, body: dict, timeout: float = 120) -> tuple[int, dict, bytes]:
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     try:
