@@ -436,7 +436,9 @@ def test_usage_counts_cached_prompt_tokens_until_the_prefix_cache_is_reset(clien
     assert usage.prompt_tokens_details.cached_tokens == whole_blocks
     assert server.post("/reset_prefix_cache").status_code == 200
     assert cached_tokens() == 0
-    body = {"model": server.model, "prompt": words(), "max_tokens": 100, "stream": True, "ignore_eos": True}
+    # 32 sequences of 100 tokens: about a second of work, against the milliseconds the reset takes to arrive
+    body = {"model": server.model, "prompt": [words() for _ in range(16)], "n": 2, "max_tokens": 100, "stream": True,
+            "ignore_eos": True}  # fmt: skip
     conn, r = server.send("POST", "/v1/completions", json=body)
     try:
         assert r.status == 200 and r.readline().startswith(b"data: ")  # running
