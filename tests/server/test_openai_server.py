@@ -408,10 +408,12 @@ def test_a_speculating_server_answers_what_the_engine_without_speculation_does(t
         stop()
 
 
-def wait_until_idle(server) -> None:
+def wait_until_idle(server, why: str = "the engine did not go idle") -> None:
+    """Until no request runs or waits and the KV pool is empty (20 s at most, else fail with ``why``)."""
     deadline = time.monotonic() + 20
-    while metric(server, "num_requests_running") or metric(server, "num_requests_waiting"):
-        assert time.monotonic() < deadline, "the engine did not go idle"
+    busy = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
+    while any(metric(server, name) for name in busy):
+        assert time.monotonic() < deadline, why
         time.sleep(0.05)
 
 
@@ -458,10 +460,7 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(server):
     assert r.status == 200 and r.readline().startswith(b"data: ")  # the first token arrived
     conn.sock.shutdown(2)  # the client goes away mid-stream
     conn.close()
-    deadline = time.monotonic() + 20
-    while metric(server, "num_requests_running") or metric(server, "kv_cache_usage_perc"):
-        assert time.monotonic() < deadline, "the disconnected request was not aborted"
-        time.sleep(0.05)
+    wait_until_idle(server, "the disconnected request was not aborted")
     assert metric(server, "generation_tokens_total") > 0 and metric(server, "prompt_tokens_total") > 0
     text = server.get("/metrics").text
     for name in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds"):
