@@ -170,15 +170,21 @@ def test_the_prefix_cache_keeps_each_adapter_s_blocks_its_own(setup):
 
 
 def test_score_and_features_under_an_adapter_are_peft_s(setup):
+    """Against PEFT's float64 model. The final hidden states come out of ln_f, which divides a row's rounding error
+    by its spread: where that is small, fp32 itself errs past 1e-5 (8.7e-6 in 48 draws, 1.1e-5 in a CI run, PEFT's
+    own fp32 model as much), so ours may err up to twice what PEFT's fp32 model does there (FlashAttention's rule)."""
     root, _, refs, requests = setup
     llm = LLM(root / "base", enable_lora=True, max_lora_rank=8, **ENGINE)
     ids = random_prompt(random.randint(10, 30))
     x = torch.tensor([ids])
     with torch.no_grad():
         out = refs["rs"](x, output_hidden_states=True)
+        fp32_hidden = copy.deepcopy(refs["rs"]).float()(x, output_hidden_states=True).hidden_states[-1][0]
     want = out.logits[0, :-1].log_softmax(-1).gather(1, x[0, 1:, None]).squeeze(1)
     assert rel_err(torch.tensor(llm.score(ids, lora_request=requests["rs"])[0].logprobs), want) < 1e-5
-    assert rel_err(llm.features(ids, lora_request=requests["rs"])[0], out.hidden_states[-1][0]) < 1e-5
+    fp32_err = rel_err(fp32_hidden, out.hidden_states[-1][0])
+    ours = rel_err(llm.features(ids, lora_request=requests["rs"])[0], out.hidden_states[-1][0])
+    assert ours < max(1e-5, 2 * fp32_err), (ours, fp32_err)
 
 
 def test_beam_search_under_an_adapter_finds_peft_s_beams(setup):
