@@ -163,8 +163,8 @@ def _engine_flags(p: argparse.ArgumentParser):
     p.add_argument("--num-blocks", type=int, default=None)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV pool")
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
-                   help="the share of the GPU's memory the engine may fill (weights, then the KV pool; default: the "
-                        "pool takes half the memory free after loading)")  # fmt: skip
+                   help="the share of the GPU's memory the engine may fill (weights, a step's activations, the KV "
+                        "pool; default: the pool takes half the memory free after loading)")  # fmt: skip
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output served (<= the context)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")

@@ -18,7 +18,7 @@ import operator
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 import torch
@@ -105,15 +105,21 @@ def _max_model_len(value: int | None, n_positions: int) -> int:
     return n_positions if value is None else value
 
 
-def kv_budget_on_gpu(free: int, total: int, utilization: float) -> int:
-    """The KV pool's bytes under vLLM's ``gpu_memory_utilization``: what is left of that fraction of the device's
-    memory after what is in use already (the weights, and any other process); activations live in the rest."""
-    return int(utilization * total) - (total - free)
+def kv_budget_on_gpu(free: int, total: int, utilization: float, step_bytes: int = 0) -> int:
+    """The KV pool's bytes under vLLM's ``gpu_memory_utilization``: that fraction of the device's memory less what
+    is in use already (the weights, and any other process) and less ``step_bytes``, the peak of the largest step
+    (:mod:`engine.memory_profile`), which must still fit once the pool is allocated."""
+    return int(utilization * total) - (total - free) - step_bytes
 
 
-def _kv_budget(device: torch.device, kv_cache_memory: int | None, gpu_memory_utilization: float | None) -> int:
+def _kv_budget(
+    device: torch.device,
+    kv_cache_memory: int | None,
+    gpu_memory_utilization: float | None,
+    step_bytes: Callable[[], int],
+) -> int:
     """Bytes for the KV pool (``num_blocks`` aside): ``kv_cache_memory``, or ``gpu_memory_utilization``'s share of a
-    GPU, or by default half the GPU's free memory (4 GiB on CPU)."""
+    GPU less what ``step_bytes()`` measures, or by default half the GPU's free memory (4 GiB on CPU)."""
     util = gpu_memory_utilization
     if util is None:
         if kv_cache_memory is not None:
@@ -127,11 +133,14 @@ def _kv_budget(device: torch.device, kv_cache_memory: int | None, gpu_memory_uti
         raise ValueError("set kv_cache_memory or gpu_memory_utilization, not both")
     if device.type != "cuda":
         raise ValueError(f"gpu_memory_utilization sizes a CUDA device's pool; on {device} use kv_cache_memory")
+    step = step_bytes()  # first: its memory is free again when the device is asked
     free, total = torch.cuda.mem_get_info(device)
-    budget = kv_budget_on_gpu(free, total, util)
+    budget = kv_budget_on_gpu(free, total, util, step)
     if budget <= 0:
         raise ValueError(f"gpu_memory_utilization={util} leaves nothing for the KV cache: "
-                         f"{(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB are in use already")  # fmt: skip
+                         f"{(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB are in use already and the largest "
+                         f"step needs {step / 2**30:.2f} GiB more (lower max_num_batched_tokens, or raise the "
+                         "fraction)")  # fmt: skip
     return budget
 
 
@@ -160,8 +169,9 @@ class LLMEngine:
     ``enable_lora`` serves PEFT LoRA adapters named per request (:mod:`engine.lora`): up to ``max_loras`` of them
     in a step, of rank up to ``max_lora_rank``, ``max_cpu_loras`` kept on the host (default ``max_loras``).
     ``max_model_len`` (vLLM's) caps prompt + output below the model's context; the KV pool takes ``num_blocks``, or
-    what ``kv_cache_memory`` bytes or vLLM's ``gpu_memory_utilization`` (a fraction of the GPU, less what is in use)
-    hold, at most ``max_num_seqs`` sequences of ``max_model_len``.
+    what ``kv_cache_memory`` bytes or vLLM's ``gpu_memory_utilization`` (a fraction of the GPU, less what is in use
+    and the largest step's peak, :mod:`engine.memory_profile`) hold, at most ``max_num_seqs`` sequences of
+    ``max_model_len``.
     """
 
     def __init__(
@@ -226,14 +236,14 @@ class LLMEngine:
         self._grammar_lock = threading.Lock()
 
         self.block_size = block_size
-        budget = _kv_budget(self.device, kv_cache_memory, gpu_memory_utilization)
-        num_blocks = num_blocks or self._num_blocks_from_budget(budget, max_num_seqs, draft)
-        self.kv = KVCache.allocate(self.config, num_blocks, block_size, self.dtype, self.device)
-        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens or max(
             MIN_BATCHED_TOKENS, self.max_model_len, max_num_seqs
         )
+        budget = _kv_budget(self.device, kv_cache_memory, gpu_memory_utilization, self._step_peak_bytes)
+        num_blocks = num_blocks or self._num_blocks_from_budget(budget, max_num_seqs, draft)
+        self.kv = KVCache.allocate(self.config, num_blocks, block_size, self.dtype, self.device)
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self._graphs = self.device.type == "cuda" and self.ops.cuda_graphs and not enforce_eager
         static = None
         if self._graphs:  # decode as CUDA graphs
@@ -299,6 +309,11 @@ class LLMEngine:
         if self._graphs:
             static = StaticDecoder(draft, kv, max_num_seqs, self.device, capture=True, max_context=self.max_model_len)
         return DraftModelProposer(ModelRunner(draft, kv, self.blocks, self.device, static), self.config.eos_token_id)
+
+    def _step_peak_bytes(self) -> int:
+        from engine.memory_profile import step_peak_bytes
+
+        return step_peak_bytes(self.model, self.max_num_batched_tokens, self.max_num_seqs, self.max_model_len)
 
     def _num_blocks_from_budget(self, budget: int, max_num_seqs: int, draft: GPT2 | None) -> int:
         per_block = KVCache.bytes_per_block(self.config, self.block_size, self.dtype)

@@ -167,14 +167,24 @@ def test_max_model_len_bounds_requests_and_sizes_the_pool(tiny_checkpoint):
     assert LLM(str(tiny_checkpoint), kv_cache_memory=per_block * blocks + 7, **kw).blocks.num_blocks == blocks
 
 
-def test_kv_budget_under_gpu_memory_utilization():
-    """vLLM's rule: the fraction of the whole device, less what is in use already (weights, other processes)."""
-    from engine.llm_engine import kv_budget_on_gpu
+def test_kv_budget_under_gpu_memory_utilization(monkeypatch):
+    """vLLM's rule: the fraction of the whole device, less what is in use already (weights, other processes) and
+    less the largest step's peak, measured before the device is asked what is free (its memory is free again then).
+    The device is faked: on CPU the engine refuses the argument (below)."""
+    from engine import llm_engine
 
     total = random.randint(40, 140) << 30
-    used = random.randint(1, 10) << 30
-    assert kv_budget_on_gpu(total - used, total, 0.5) == total // 2 - used
-    assert kv_budget_on_gpu(total - used, total, 1.0) == total - used
+    used, step = random.randint(1, 10) << 30, random.randint(1, 3 << 30)
+    assert llm_engine.kv_budget_on_gpu(total - used, total, 0.5) == total // 2 - used
+    assert llm_engine.kv_budget_on_gpu(total - used, total, 1.0, step) == total - used - step
+    calls = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: calls.append("free?") or (total - used, total))
+    measure = lambda: calls.append("step") or step  # noqa: E731
+    fraction = random.uniform(0.5, 1.0)
+    got = llm_engine._kv_budget(torch.device("cuda"), None, fraction, measure)
+    assert (got, calls) == (int(fraction * total) - used - step, ["step", "free?"])
+    with pytest.raises(ValueError, match=r"leaves nothing for the KV cache: .* the largest step needs"):
+        llm_engine._kv_budget(torch.device("cuda"), None, (used + step - 1) / total, measure)
 
 
 def test_request_larger_than_the_whole_pool_is_refused(tiny_checkpoint):

@@ -217,3 +217,28 @@ def test_gpu_memory_utilization_bounds_the_pool(small_model):
     assert 0 < llm.blocks.num_blocks * per_block <= fraction * total
     with pytest.raises(ValueError, match="gpu_memory_utilization=1e-09 leaves nothing"):
         triton_llm(path, gpu_memory_utilization=1e-9)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="reads CUDA's allocator (the profile's step on CPU: test_memory_profile)")
+def test_the_profiled_peak_covers_the_largest_real_step(tmp_path):
+    """What ``gpu_memory_utilization`` leaves beside the pool is at least what the engine's largest step holds at
+    once: ``max_num_batched_tokens`` prompt tokens, every row's prompt logprobs, over GPT-2's whole vocabulary."""
+    from engine.memory_profile import TUNING_BUFFER_BYTES, step_peak_bytes
+    from engine.sampling_params import MAX_LOGPROBS
+
+    path = save_checkpoint(make_hf_model(**{**SMALL, "vocab_size": 50257, "n_positions": 512}), tmp_path)
+    llm = triton_llm(path, "float16", max_num_seqs=4, max_num_batched_tokens=1024, gpu_memory_utilization=0.5)
+    engine = llm.llm_engine
+    args = engine.model, engine.max_num_batched_tokens, engine.max_num_seqs, engine.max_model_len
+    reserved = step_peak_bytes(*args) - TUNING_BUFFER_BYTES  # the step's own part (its logits, 2 x 206 MB, lead)
+    prompts = [torch.randint(0, 50257, (256,)).tolist() for _ in range(4)]  # one step of 1024 tokens
+    params = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9, logprobs=5, prompt_logprobs=MAX_LOGPROBS)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    torch.cuda.synchronize()
+    used = torch.cuda.max_memory_allocated() - before
+    assert [len(out.prompt_logprobs) for out in outs] == [256] * 4
+    assert engine.get_stats().num_preemptions == 0
+    assert 0 < used <= reserved, (used, reserved)
