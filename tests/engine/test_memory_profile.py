@@ -39,4 +39,4 @@ def test_worst_case_step_is_the_model_s_forward(tmp_path, backend):
     with torch.no_grad():
         want = torch.cat([model(torch.tensor([p])).logits[0].double() for p in prompts])
     assert logits.shape == want.shape and logits.dtype == torch.float32
-    assert rel_err(logits, want) < 1e-5
+    assert rel_err(logits.cpu(), want) < (1e-5 if backend == "torch" else 1e-4)  # test_triton_model's bound
