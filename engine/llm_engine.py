@@ -14,6 +14,7 @@ aborted between any two steps. ``LLM`` is the offline front over it.
 from __future__ import annotations
 
 import itertools
+import logging
 import operator
 import os
 import threading
@@ -41,6 +42,7 @@ from engine.scheduler import POLICIES, Scheduler
 from engine.sequence import Request, Sequence, SequenceStatus
 from engine.speculative import NgramProposer, SpeculativeConfig, accepted_length, speculates
 
+logger = logging.getLogger("gpt2_triton.engine")
 LOAD_FORMATS = ("auto", "dummy")
 QUANTIZATIONS = (None, "int8", "int4")
 CPU_KV_CACHE_BYTES = 4 << 30  # default KV pool on CPU (vLLM's CPU backend default)
@@ -240,10 +242,12 @@ class LLMEngine:
         self.max_num_batched_tokens = max_num_batched_tokens or max(
             MIN_BATCHED_TOKENS, self.max_model_len, max_num_seqs
         )
+        self.step_reserve_bytes = 0  # what gpu_memory_utilization leaves beside the pool for the largest step
         budget = _kv_budget(self.device, kv_cache_memory, gpu_memory_utilization, self._step_peak_bytes)
         num_blocks = num_blocks or self._num_blocks_from_budget(budget, max_num_seqs, draft)
         self.kv = KVCache.allocate(self.config, num_blocks, block_size, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self._log_kv_cache()
         self._graphs = self.device.type == "cuda" and self.ops.cuda_graphs and not enforce_eager
         static = None
         if self._graphs:  # decode as CUDA graphs
@@ -313,7 +317,21 @@ class LLMEngine:
     def _step_peak_bytes(self) -> int:
         from engine.memory_profile import step_peak_bytes
 
-        return step_peak_bytes(self.model, self.max_num_batched_tokens, self.max_num_seqs, self.max_model_len)
+        args = self.model, self.max_num_batched_tokens, self.max_num_seqs, self.max_model_len
+        self.step_reserve_bytes = step_peak_bytes(*args)
+        return self.step_reserve_bytes
+
+    def _log_kv_cache(self) -> None:
+        """vLLM's start-up lines: the pool's size, how many full-length requests it holds at once."""
+        tokens = self.blocks.num_blocks * self.block_size
+        gib = 2 * self.kv.k.numel() * self.kv.k.element_size() / 2**30
+        per_request = cdiv(self.max_model_len, self.block_size) * self.block_size
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB); maximum concurrency for %d tokens per "
+                    "request: %.2fx", self.blocks.num_blocks, self.block_size, tokens, gib, self.max_model_len,
+                    tokens / per_request)  # fmt: skip
+        if self.step_reserve_bytes:
+            logger.info("the largest step (%d tokens) peaks at %.2f GiB, left free beside the pool",
+                        self.max_num_batched_tokens, self.step_reserve_bytes / 2**30)  # fmt: skip
 
     def _num_blocks_from_budget(self, budget: int, max_num_seqs: int, draft: GPT2 | None) -> int:
         per_block = KVCache.bytes_per_block(self.config, self.block_size, self.dtype)

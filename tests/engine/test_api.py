@@ -167,6 +167,17 @@ def test_max_model_len_bounds_requests_and_sizes_the_pool(tiny_checkpoint):
     assert LLM(str(tiny_checkpoint), kv_cache_memory=per_block * blocks + 7, **kw).blocks.num_blocks == blocks
 
 
+def test_start_up_logs_the_pool_and_its_concurrency(tiny_checkpoint, caplog):
+    """vLLM's start-up line: how many tokens the pool holds and how many full-length requests at once."""
+    blocks, max_len = random.randint(5, 200), random.randint(5, 64)
+    with caplog.at_level("INFO", logger="gpt2_triton.engine"):
+        LLM(str(tiny_checkpoint), device="cpu", block_size=4, num_blocks=blocks, max_model_len=max_len, progress=False)
+    want = f"KV cache: {blocks} blocks of 4 tokens ({4 * blocks} tokens, "
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("KV cache")]
+    assert line.startswith(want), line
+    assert line.endswith(f"maximum concurrency for {max_len} tokens per request: {blocks / -(-max_len // 4):.2f}x")
+
+
 def test_kv_budget_under_gpu_memory_utilization(monkeypatch):
     """vLLM's rule: the fraction of the whole device, less what is in use already (weights, other processes) and
     less the largest step's peak, measured before the device is asked what is free (its memory is free again then).

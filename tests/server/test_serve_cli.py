@@ -26,12 +26,14 @@ def env() -> dict:
     return {**os.environ, "PYTHONPATH": ROOT}
 
 
-def wait_for_port(proc: subprocess.Popen, timeout: float = 120) -> int:
-    """Read the server's log until it says where it listens."""
+def wait_for_port(proc: subprocess.Popen, timeout: float = 120, log: list[str] | None = None) -> int:
+    """Read the server's log until it says where it listens (its lines before that appended to ``log``)."""
     found: list[int] = []
 
     def read():
         for line in proc.stderr:
+            if log is not None:
+                log.append(line)
             if "serving on http://" in line:
                 found.append(int(line.rsplit(":", 1)[1].strip().strip("/")))
                 return
@@ -44,7 +46,8 @@ def wait_for_port(proc: subprocess.Popen, timeout: float = 120) -> int:
 
 
 def test_sigterm_with_requests_in_flight_exits_0(tiny_checkpoint):
-    """Also: vLLM's ``--max-model-len`` reaches the engine (``/v1/models`` reports it)."""
+    """Also: vLLM's ``--max-model-len`` reaches the engine (``/v1/models`` reports it, and the start-up log line
+    of the KV pool's concurrency)."""
     cap = random.randint(80, 127)
     flags = ["--port", "0", "--backend", "torch", "--device", "cpu", "--shutdown-grace", "20", "--max-model-len"]
     proc = subprocess.Popen(
@@ -56,7 +59,9 @@ def test_sigterm_with_requests_in_flight_exits_0(tiny_checkpoint):
         cwd=ROOT,
     )
     try:
-        port = wait_for_port(proc)
+        log: list[str] = []
+        port = wait_for_port(proc, log=log)
+        assert any("KV cache: " in line and f"for {cap} tokens per request" in line for line in log), log
         models = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         models.request("GET", "/v1/models")
         assert json.loads(models.getresponse().read())["data"][0]["max_model_len"] == cap
