@@ -19,7 +19,7 @@ import operator
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import replace
 
 import torch
@@ -30,6 +30,7 @@ from engine.cuda_graphs import StaticDecoder
 from engine.device import make_ops, resolve_device, resolve_dtype
 from engine.draft_model import DraftModelProposer
 from engine.host_tensors import list_tensor
+from engine.kv_budget import kv_budget, step_peak_bytes
 from engine.kv_cache import KVCache, cdiv
 from engine.lora import LoRARequest, LoRASlots
 from engine.model import GPT2
@@ -45,8 +46,6 @@ from engine.speculative import NgramProposer, SpeculativeConfig, accepted_length
 logger = logging.getLogger("gpt2_triton.engine")
 LOAD_FORMATS = ("auto", "dummy")
 QUANTIZATIONS = (None, "int8", "int4")
-CPU_KV_CACHE_BYTES = 4 << 30  # default KV pool on CPU (vLLM's CPU backend default)
-GPU_KV_CACHE_FRACTION = 0.5  # of the free device memory left after loading weights
 MIN_BATCHED_TOKENS = 4096  # default per-step token budget (at least the context, and max_num_seqs)
 
 # text, token ids, or vLLM's {"prompt": text} / {"prompt_token_ids": ids} dicts (with an optional "cache_salt")
@@ -107,45 +106,6 @@ def _max_model_len(value: int | None, n_positions: int) -> int:
     return n_positions if value is None else value
 
 
-def kv_budget_on_gpu(free: int, total: int, utilization: float, step_bytes: int = 0) -> int:
-    """The KV pool's bytes under vLLM's ``gpu_memory_utilization``: that fraction of the device's memory less what
-    is in use already (the weights, and any other process) and less ``step_bytes``, the peak of the largest step
-    (:mod:`engine.memory_profile`), which must still fit once the pool is allocated."""
-    return int(utilization * total) - (total - free) - step_bytes
-
-
-def _kv_budget(
-    device: torch.device,
-    kv_cache_memory: int | None,
-    gpu_memory_utilization: float | None,
-    step_bytes: Callable[[], int],
-) -> int:
-    """Bytes for the KV pool (``num_blocks`` aside): ``kv_cache_memory``, or ``gpu_memory_utilization``'s share of a
-    GPU less what ``step_bytes()`` measures, or by default half the GPU's free memory (4 GiB on CPU)."""
-    util = gpu_memory_utilization
-    if util is None:
-        if kv_cache_memory is not None:
-            return kv_cache_memory
-        if device.type == "cuda":
-            return int(torch.cuda.mem_get_info(device)[0] * GPU_KV_CACHE_FRACTION)
-        return CPU_KV_CACHE_BYTES
-    if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0.0 < util <= 1.0:
-        raise ValueError(f"gpu_memory_utilization must be a fraction in (0, 1], got {util!r}")
-    if kv_cache_memory is not None:
-        raise ValueError("set kv_cache_memory or gpu_memory_utilization, not both")
-    if device.type != "cuda":
-        raise ValueError(f"gpu_memory_utilization sizes a CUDA device's pool; on {device} use kv_cache_memory")
-    step = step_bytes()  # first: its memory is free again when the device is asked
-    free, total = torch.cuda.mem_get_info(device)
-    budget = kv_budget_on_gpu(free, total, util, step)
-    if budget <= 0:
-        raise ValueError(f"gpu_memory_utilization={util} leaves nothing for the KV cache: "
-                         f"{(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB are in use already and the largest "
-                         f"step needs {step / 2**30:.2f} GiB more (lower max_num_batched_tokens, or raise the "
-                         "fraction)")  # fmt: skip
-    return budget
-
-
 def _check_lora_arguments(enable_lora, max_loras, max_lora_rank, max_cpu_loras) -> None:
     if not isinstance(enable_lora, bool):
         raise ValueError(f"enable_lora must be a bool, got {enable_lora!r}")
@@ -172,7 +132,7 @@ class LLMEngine:
     in a step, of rank up to ``max_lora_rank``, ``max_cpu_loras`` kept on the host (default ``max_loras``).
     ``max_model_len`` (vLLM's) caps prompt + output below the model's context; the KV pool takes ``num_blocks``, or
     what ``kv_cache_memory`` bytes or vLLM's ``gpu_memory_utilization`` (a fraction of the GPU, less what is in use
-    and the largest step's peak, :mod:`engine.memory_profile`) hold, at most ``max_num_seqs`` sequences of
+    and the largest step's peak, :mod:`engine.kv_budget`) hold, at most ``max_num_seqs`` sequences of
     ``max_model_len``.
     """
 
@@ -243,7 +203,7 @@ class LLMEngine:
             MIN_BATCHED_TOKENS, self.max_model_len, max_num_seqs
         )
         self.step_reserve_bytes = 0  # what gpu_memory_utilization leaves beside the pool for the largest step
-        budget = _kv_budget(self.device, kv_cache_memory, gpu_memory_utilization, self._step_peak_bytes)
+        budget = kv_budget(self.device, kv_cache_memory, gpu_memory_utilization, self._step_peak_bytes)
         num_blocks = num_blocks or self._num_blocks_from_budget(budget, max_num_seqs, draft)
         self.kv = KVCache.allocate(self.config, num_blocks, block_size, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
@@ -315,8 +275,6 @@ class LLMEngine:
         return DraftModelProposer(ModelRunner(draft, kv, self.blocks, self.device, static), self.config.eos_token_id)
 
     def _step_peak_bytes(self) -> int:
-        from engine.memory_profile import step_peak_bytes
-
         args = self.model, self.max_num_batched_tokens, self.max_num_seqs, self.max_model_len
         self.step_reserve_bytes = step_peak_bytes(*args)
         return self.step_reserve_bytes

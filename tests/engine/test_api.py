@@ -178,26 +178,6 @@ def test_start_up_logs_the_pool_and_its_concurrency(tiny_checkpoint, caplog):
     assert line.endswith(f"maximum concurrency for {max_len} tokens per request: {blocks / -(-max_len // 4):.2f}x")
 
 
-def test_kv_budget_under_gpu_memory_utilization(monkeypatch):
-    """vLLM's rule: the fraction of the whole device, less what is in use already (weights, other processes) and
-    less the largest step's peak, measured before the device is asked what is free (its memory is free again then).
-    The device is faked: on CPU the engine refuses the argument (below)."""
-    from engine import llm_engine
-
-    total = random.randint(40, 140) << 30
-    used, step = random.randint(1, 10) << 30, random.randint(1, 3 << 30)
-    assert llm_engine.kv_budget_on_gpu(total - used, total, 0.5) == total // 2 - used
-    assert llm_engine.kv_budget_on_gpu(total - used, total, 1.0, step) == total - used - step
-    calls = []
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: calls.append("free?") or (total - used, total))
-    measure = lambda: calls.append("step") or step  # noqa: E731
-    fraction = random.uniform(0.5, 1.0)
-    got = llm_engine._kv_budget(torch.device("cuda"), None, fraction, measure)
-    assert (got, calls) == (int(fraction * total) - used - step, ["step", "free?"])
-    with pytest.raises(ValueError, match=r"leaves nothing for the KV cache: .* the largest step needs"):
-        llm_engine._kv_budget(torch.device("cuda"), None, (used + step - 1) / total, measure)
-
-
 def test_request_larger_than_the_whole_pool_is_refused(tiny_checkpoint):
     llm = LLM(str(tiny_checkpoint), device="cpu", block_size=4, num_blocks=5, progress=False)
     with pytest.raises(ValueError, match="KV blocks"):

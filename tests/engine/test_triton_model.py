@@ -219,11 +219,11 @@ def test_gpu_memory_utilization_bounds_the_pool(small_model):
         triton_llm(path, gpu_memory_utilization=1e-9)
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="reads CUDA's allocator (the profile's step on CPU: test_memory_profile)")
+@pytest.mark.skipif(DEVICE != "cuda", reason="reads CUDA's allocator (the profile's step on CPU: test_kv_budget)")
 def test_the_profiled_peak_covers_the_largest_real_step(tmp_path):
     """What ``gpu_memory_utilization`` leaves beside the pool is at least what the engine's largest step holds at
     once: ``max_num_batched_tokens`` prompt tokens, every row's prompt logprobs, over GPT-2's whole vocabulary."""
-    from engine.memory_profile import TUNING_BUFFER_BYTES, step_peak_bytes
+    from engine.kv_budget import TUNING_BUFFER_BYTES, step_peak_bytes
     from engine.sampling_params import MAX_LOGPROBS
 
     path = save_checkpoint(make_hf_model(**{**SMALL, "vocab_size": 50257, "n_positions": 512}), tmp_path)
