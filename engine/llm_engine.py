@@ -207,7 +207,7 @@ class LLMEngine:
         num_blocks = num_blocks or self._num_blocks_from_budget(budget, max_num_seqs, draft)
         self.kv = KVCache.allocate(self.config, num_blocks, block_size, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self._log_kv_cache()
+        logger.info("%s", self.kv_cache_summary())
         self._graphs = self.device.type == "cuda" and self.ops.cuda_graphs and not enforce_eager
         static = None
         if self._graphs:  # decode as CUDA graphs
@@ -279,17 +279,20 @@ class LLMEngine:
         self.step_reserve_bytes = step_peak_bytes(*args)
         return self.step_reserve_bytes
 
-    def _log_kv_cache(self) -> None:
-        """vLLM's start-up lines: the pool's size, how many full-length requests it holds at once."""
+    def kv_cache_summary(self) -> str:
+        """vLLM's start-up line: the pool's size, how many full-length requests it holds at once, and what
+        ``gpu_memory_utilization`` left free beside it for the largest step. Logged at INFO when the engine is
+        built (logger ``gpt2_triton.engine``); ``serve`` logs it once its log is set up."""
         tokens = self.blocks.num_blocks * self.block_size
         gib = 2 * self.kv.k.numel() * self.kv.k.element_size() / 2**30
-        per_request = cdiv(self.max_model_len, self.block_size) * self.block_size
-        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB); maximum concurrency for %d tokens per "
-                    "request: %.2fx", self.blocks.num_blocks, self.block_size, tokens, gib, self.max_model_len,
-                    tokens / per_request)  # fmt: skip
+        concurrency = tokens / (cdiv(self.max_model_len, self.block_size) * self.block_size)
+        line = (f"KV cache: {self.blocks.num_blocks} blocks of {self.block_size} tokens ({tokens} tokens, {gib:.2f} "
+                f"GiB); maximum concurrency for {self.max_model_len} tokens per request: "
+                f"{concurrency:.2f}x")  # fmt: skip
         if self.step_reserve_bytes:
-            logger.info("the largest step (%d tokens) peaks at %.2f GiB, left free beside the pool",
-                        self.max_num_batched_tokens, self.step_reserve_bytes / 2**30)  # fmt: skip
+            line += (f"; {self.step_reserve_bytes / 2**30:.2f} GiB left free for the largest step "
+                     f"({self.max_num_batched_tokens} tokens)")  # fmt: skip
+        return line
 
     def _num_blocks_from_budget(self, budget: int, max_num_seqs: int, draft: GPT2 | None) -> int:
         per_block = KVCache.bytes_per_block(self.config, self.block_size, self.dtype)

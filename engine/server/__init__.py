@@ -114,9 +114,9 @@ def serve(options: ServeOptions, engine_args: dict) -> int:
 
     sock = bind(options.host, options.port)
     try:
-        # before the engine is built: its start-up lines (the KV pool's size) go to the same log
+        app, llm = build(options, engine_args)  # first: a mistake found building it is all stderr says
         logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        app, _ = build(options, engine_args)
+        logging.getLogger("gpt2_triton.server").info("%s", llm.engine.kv_cache_summary())
         config = uvicorn.Config(app, log_level=options.log_level, timeout_graceful_shutdown=options.shutdown_grace_s,
                                 lifespan="on")  # fmt: skip
         host, port = sock.getsockname()[:2]
