@@ -275,6 +275,7 @@ class LLMEngine:
         return DraftModelProposer(ModelRunner(draft, kv, self.blocks, self.device, static), self.config.eos_token_id)
 
     def _step_peak_bytes(self) -> int:
+        # the target's step only: a draft model's steps run before it (their memory free again) and keep fewer logits
         args = self.model, self.max_num_batched_tokens, self.max_num_seqs, self.max_model_len
         self.step_reserve_bytes = step_peak_bytes(*args)
         return self.step_reserve_bytes
