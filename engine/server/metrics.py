@@ -56,12 +56,24 @@ class _EngineCollector:
             for position, value in enumerate(s.spec_decode_num_accepted_tokens_per_pos):
                 per_pos.add_metric([str(position)], value)
             yield per_pos
+        yield self._cache_config()
         if s.max_lora:  # vLLM's info gauge: the adapters in use as labels, the time of the reading as the value
             info = GaugeMetricFamily(PREFIX + "lora_requests_info", "LoRA adapters of the running and waiting requests",
                                      labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])  # fmt: skip
             labels = [str(s.max_lora), ",".join(s.running_lora_adapters), ",".join(s.waiting_lora_adapters)]
             info.add_metric(labels, time.time())
             yield info
+
+    def _cache_config(self) -> GaugeMetricFamily:
+        """vLLM's ``cache_config_info``: the KV cache's configuration as labels (value 1), the size of the pool
+        whose use ``kv_cache_usage_perc`` gives."""
+        engine = self.llm.engine
+        labels = {"block_size": engine.block_size, "cache_dtype": str(engine.dtype).removeprefix("torch."),
+                  "enable_prefix_caching": engine.blocks.enable_prefix_caching,
+                  "num_gpu_blocks": engine.blocks.num_blocks}  # fmt: skip
+        info = GaugeMetricFamily(PREFIX + "cache_config_info", "the KV cache's configuration", labels=list(labels))
+        info.add_metric([str(v) for v in labels.values()], 1.0)
+        return info
 
 
 class Metrics:

@@ -468,6 +468,14 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(server):
     assert 'gpt2_triton:request_success_total{finished_reason="length"}' in text
 
 
+def test_metrics_name_the_kv_cache_s_configuration(server):
+    """vLLM's ``cache_config_info`` gauge: the pool the engine was built with, as labels."""
+    engine = server.llm.engine
+    want = (f'gpt2_triton:cache_config_info{{block_size="16",cache_dtype="float32",enable_prefix_caching="True",'
+            f'num_gpu_blocks="{engine.blocks.num_blocks}"}} 1.0')  # fmt: skip
+    assert want in server.get("/metrics").text.splitlines()
+
+
 def test_a_stream_is_measured_on_all_its_tokens(server):
     """A stream's outputs are deltas, one token each: its time per output token is still observed (it is for any
     finished request of more than one token), as is its success."""
