@@ -70,8 +70,8 @@ def test_worst_case_tokens_fill_the_budget_in_longest_prompts():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_worst_case_step_is_the_model_s_forward(tmp_path, backend):
-    """The profile's logits are transformers' for its prompts (drawn again from the same seed), every row of them;
-    its 1-block cache stores nothing and the sampler pass leaves them as they are."""
+    """The profile's logits are transformers' for its prompts (drawn again from the same seed), every row of them,
+    after the sampler's pass over them."""
     model = make_hf_model(**SMALL)
     llm = LLM(str(save_checkpoint(model, tmp_path)), backend=backend, dtype="float32", device=DEVICE, progress=False)
     max_len = random.randint(8, SMALL["n_positions"])
