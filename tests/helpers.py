@@ -301,6 +301,11 @@ def reference_processed(logits, params, histories, eos) -> torch.Tensor:
 EOS = 50256
 
 
+def random_ids(n: int, vocab: int = 50257) -> list[int]:
+    """``n`` token ids drawn uniformly from ``[0, vocab)``."""
+    return torch.randint(0, vocab, (n,)).tolist()
+
+
 def random_prompts(count: int) -> list[list[int]]:
     """Prompts with a repeat inside, so that lookups hit from the first step."""
     prompts = []

@@ -9,13 +9,16 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.reference import ReferenceGPT2
-from tests.helpers import assert_static_decode_matches_eager, hf_greedy, make_hf_model, rel_err, save_checkpoint
+from tests.helpers import (
+    assert_static_decode_matches_eager,
+    hf_greedy,
+    make_hf_model,
+    random_ids,
+    rel_err,
+    save_checkpoint,
+)
 
 TEXT = "Hello, I'm a language model, and these are my   words:\n\tcafé, 1234 🙂 — don't stop."
-
-
-def random_ids(n: int, vocab: int = 50257) -> list[int]:
-    return torch.randint(0, vocab, (n,)).tolist()
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from tests.helpers import (
     assert_engine_empty,
     assert_same_completions,
     make_hf_model,
+    random_ids,
     save_checkpoint,
 )
 
@@ -32,10 +33,6 @@ def checkpoint(tmp_path_factory, gpt2_tokenizer_dir):
 
 def engine(path, **kw) -> LLMEngine:
     return LLMEngine(str(path), backend="torch", dtype="float32", device="cpu", block_size=BLOCK, progress=False, **kw)
-
-
-def random_ids(n: int) -> list[int]:
-    return [random.randrange(50257) for _ in range(n)]
 
 
 def random_params(max_tokens: int) -> SamplingParams:

@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 
 from engine import LLM, SamplingParams
 from engine.logits_processing import repeated_ngram_tokens
-from tests.helpers import History, assert_engine_empty, prompt_with_a_repeat_ahead, reference_processed
+from tests.helpers import (
+    History,
+    assert_engine_empty,
+    prompt_with_a_repeat_ahead,
+    random_ids,
+    reference_processed,
+)
 
 EOS = 50256
 
@@ -21,10 +27,6 @@ EOS = 50256
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoint):
     return LLM(str(tiny_checkpoint), backend="torch", dtype="float32", device="cpu", block_size=16, progress=False)
-
-
-def random_ids(n: int) -> list[int]:
-    return torch.randint(0, EOS, (n,)).tolist()
 
 
 def generate(llm, prompts, params):
@@ -36,7 +38,7 @@ def repeats(tokens: list[int]) -> int:
 
 
 def test_logit_bias_forces_a_greedy_token_and_shows_in_the_logprobs(llm):
-    prompt = random_ids(5)
+    prompt = random_ids(5, EOS)
     plain = generate(llm, prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0].token_ids
     token = random.choice([t for t in range(EOS) if t not in plain])
     for key in (token, str(token)):  # JSON gives string keys
@@ -52,7 +54,7 @@ def test_frequency_penalty_cuts_greedy_repeats_with_the_engine_feeding_output_co
     """Greedy runs of 60 tokens repeat themselves; with frequency_penalty 2 they repeat less. Every step the sampler
     got the raw logits and each sequence's own prompt and outputs so far: its tokens are the argmax of the float64
     reference on exactly those."""
-    prompts = [random_ids(random.randint(3, 12)) for _ in range(4)]
+    prompts = [random_ids(random.randint(3, 12), EOS) for _ in range(4)]
     free = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
     penalized = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True, frequency_penalty=2.0,
                                presence_penalty=random.uniform(-0.5, 0.5))  # fmt: skip
@@ -86,7 +88,7 @@ def test_frequency_penalty_cuts_greedy_repeats_with_the_engine_feeding_output_co
 
 def test_min_tokens_holds_back_a_forced_eos_or_stop_token(llm):
     """EOS (or a stop token) pushed to the top by logit_bias comes right after exactly min_tokens tokens."""
-    prompt = random_ids(6)
+    prompt = random_ids(6, EOS)
     m = random.randint(1, 8)
     stop_token = random.randrange(EOS)
     for params, last, reason in [
@@ -118,15 +120,15 @@ def test_min_tokens_holds_back_a_forced_eos_or_stop_token(llm):
 
 def test_seeded_sampling_with_penalties_is_reproducible_and_batch_independent(llm):
     seed = random.randrange(1 << 30)
-    prompt = random_ids(9)
+    prompt = random_ids(9, EOS)
     params = SamplingParams(
         n=2, max_tokens=16, temperature=1.0, top_k=50, seed=seed, presence_penalty=random.uniform(-2, 2),
         frequency_penalty=random.uniform(-2, 2), repetition_penalty=random.uniform(0.8, 1.5), min_tokens=5,
-        logit_bias={t: random.uniform(-3, 3) for t in random_ids(20)},
+        logit_bias={t: random.uniform(-3, 3) for t in random_ids(20, EOS)},
     )  # fmt: skip
     alone = llm.generate(prompt, params, use_tqdm=False)[0]
     again = llm.generate(prompt, params, use_tqdm=False)[0]
-    others = [random_ids(n) for n in (3, 17)]
+    others = [random_ids(n, EOS) for n in (3, 17)]
     other_params = [SamplingParams(max_tokens=20, ignore_eos=True),
                     SamplingParams(max_tokens=12, frequency_penalty=1.0, logit_bias={EOS: 5}, seed=seed)]  # fmt: skip
     mixed = llm.generate([others[0], prompt, others[1]], [other_params[0], params, other_params[1]], use_tqdm=False)
@@ -166,9 +168,9 @@ def test_logit_bias_ids_outside_the_vocabulary_are_refused(llm):
     V = llm.config.vocab_size
     for bias in ({V: 1.0}, {str(V + random.randrange(1000)): -1.0}):
         with pytest.raises(ValueError, match="logit_bias"):
-            engine.add_request("bad", random_ids(3), SamplingParams(logit_bias=bias))
+            engine.add_request("bad", random_ids(3, EOS), SamplingParams(logit_bias=bias))
         with pytest.raises(ValueError, match="logit_bias"):
-            llm.generate(random_ids(3), SamplingParams(logit_bias=bias))
+            llm.generate(random_ids(3, EOS), SamplingParams(logit_bias=bias))
     assert_engine_empty(engine)
-    out = generate(llm, random_ids(3), SamplingParams(max_tokens=2, temperature=0, logit_bias={V - 1: 100}))
+    out = generate(llm, random_ids(3, EOS), SamplingParams(max_tokens=2, temperature=0, logit_bias={V - 1: 100}))
     assert out[0].token_ids == [V - 1]  # the last id is fine (and is EOS here: it stops)
