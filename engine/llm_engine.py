@@ -285,7 +285,7 @@ class LLMEngine:
         ``gpu_memory_utilization`` left free beside it for the largest step. Logged at INFO when the engine is
         built (logger ``gpt2_triton.engine``); ``serve`` logs it once its log is set up."""
         tokens = self.blocks.num_blocks * self.block_size
-        gib = 2 * self.kv.k.numel() * self.kv.k.element_size() / 2**30
+        gib = self.blocks.num_blocks * KVCache.bytes_per_block(self.config, self.block_size, self.dtype) / 2**30
         concurrency = tokens / (cdiv(self.max_model_len, self.block_size) * self.block_size)
         line = (f"KV cache: {self.blocks.num_blocks} blocks of {self.block_size} tokens ({tokens} tokens, {gib:.2f} "
                 f"GiB); maximum concurrency for {self.max_model_len} tokens per request: "

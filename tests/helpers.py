@@ -299,6 +299,8 @@ def reference_processed(logits, params, histories, eos) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- speculation
 EOS = 50256
+# a model the interpreter runs in seconds, yet with GPT-2's head dim (64) and a vocabulary that is not a power of two
+SMALL = dict(n_embd=128, n_head=2, n_layer=2, vocab_size=1000, n_positions=64)
 
 
 def random_ids(n: int, vocab: int = 50257) -> list[int]:

@@ -18,9 +18,7 @@ from engine.kv_budget import (
     worst_case_step,
     worst_case_tokens,
 )
-from tests.helpers import DEVICE, make_hf_model, rel_err, save_checkpoint
-
-SMALL = dict(n_embd=128, n_head=2, n_layer=2, vocab_size=1000, n_positions=64)
+from tests.helpers import DEVICE, SMALL, make_hf_model, rel_err, save_checkpoint
 
 
 def test_kv_budget_under_gpu_memory_utilization(monkeypatch):

@@ -11,9 +11,8 @@ import torch
 
 from engine import LLM, SamplingParams, cpu_kernels
 from engine.torch_ops import Fp16PackedWeight, TorchOps
-from tests.helpers import half_precision_errors, make_hf_model, rel_err, save_checkpoint
+from tests.helpers import SMALL, half_precision_errors, make_hf_model, rel_err, save_checkpoint
 
-SMALL = dict(n_embd=128, n_head=2, n_layer=2, vocab_size=1000, n_positions=64)
 HALF = [torch.float16, torch.bfloat16]
 WEIGHT_CLASS = {"cpu_gemm": cpu_kernels.GemmWeight, "fbgemm": Fp16PackedWeight}  # each path's prepared 16-bit weight
 

@@ -14,16 +14,16 @@ import torch
 from engine import LLM, BeamSearchParams, SamplingParams
 from tests.helpers import (
     DEVICE,
+    SMALL,
     assert_engine_empty,
     assert_same_completions,
     assert_static_decode_matches_eager,
     hf_greedy,
     make_hf_model,
+    random_ids,
     rel_err,
     save_checkpoint,
 )
-
-SMALL = dict(n_embd=128, n_head=2, n_layer=2, vocab_size=1000, n_positions=64)
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +231,7 @@ def test_the_profiled_peak_covers_the_largest_real_step(tmp_path):
     engine = llm.llm_engine
     args = engine.model, engine.max_num_batched_tokens, engine.max_num_seqs, engine.max_model_len
     reserved = step_peak_bytes(*args) - TUNING_BUFFER_BYTES  # the step's own part (its logits, 2 x 206 MB, lead)
-    prompts = [torch.randint(0, 50257, (256,)).tolist() for _ in range(4)]  # one step of 1024 tokens
+    prompts = [random_ids(256) for _ in range(4)]  # one step of 1024 tokens
     params = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9, logprobs=5, prompt_logprobs=MAX_LOGPROBS)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
